@@ -1,0 +1,499 @@
+#pragma once
+// Kernels<Cpu>: the op set on the host. Eigen does the matrix products, OpenMP spreads
+// the bandwidth-bound ones (GEMV, attention) over the cores; everything else is plain
+// loops over strided rows. Arithmetic is float (double for statistics) whatever T is.
+#include <Eigen/Core>
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <numeric>
+#include <vector>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#include "ttt/backend/cpu/strided.hpp"
+#include "ttt/backend/math.hpp"
+#include "ttt/backend/ops.hpp"
+#include "ttt/core/rng.hpp"
+
+namespace ttt {
+
+namespace cpu {
+
+template <class T>
+inline float ld(const T* p) {
+  return to_f32(*p);
+}
+template <class T>
+inline void st(T* p, float v) {
+  *p = from_f32<T>(v);
+}
+
+// Contiguous float copy of a strided tensor (what Eigen gets when T is not float).
+template <class T>
+std::vector<float> to_float_rows(const Tensor<T, Cpu>& t) {
+  std::vector<float> out(static_cast<size_t>(t.numel()));
+  size_t i = 0;
+  const T* base = t.data();
+  for_each_row<1>(t.shape(), {t.strides()}, [&](auto off, auto inner, int64_t n) {
+    const T* p = base + off[0];
+    for (int64_t j = 0; j < n; ++j) out[i++] = to_f32(p[j * inner[0]]);
+  });
+  return out;
+}
+
+using RowMajorMap = Eigen::Map<const Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>, 0,
+                               Eigen::Stride<Eigen::Dynamic, Eigen::Dynamic>>;
+using RowMajorMutMap = Eigen::Map<Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>, 0,
+                                  Eigen::Stride<Eigen::Dynamic, Eigen::Dynamic>>;
+using DenseRowMap = Eigen::Map<const Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>>;
+using DenseRowMutMap = Eigen::Map<Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>>;
+
+inline int num_threads() {
+#ifdef _OPENMP
+  return omp_get_max_threads();
+#else
+  return 1;
+#endif
+}
+
+}  // namespace cpu
+
+template <>
+struct Kernels<Cpu> {
+  template <class T>
+  static void copy(const Tensor<T, Cpu>& out, const Tensor<T, Cpu>& in) {
+    T* o = out.data();
+    const T* a = in.data();
+    cpu::for_each_row<2>(out.shape(), {out.strides(), in.strides()}, [&](auto off, auto inner, int64_t n) {
+      for (int64_t j = 0; j < n; ++j) o[off[0] + j * inner[0]] = a[off[1] + j * inner[1]];
+    });
+  }
+
+  template <class To, class From>
+  static void cast(const Tensor<To, Cpu>& out, const Tensor<From, Cpu>& in) {
+    To* o = out.data();
+    const From* a = in.data();
+    cpu::for_each_row<2>(out.shape(), {out.strides(), in.strides()}, [&](auto off, auto inner, int64_t n) {
+      for (int64_t j = 0; j < n; ++j) {
+        const From v = a[off[1] + j * inner[1]];
+        if constexpr (is_floating_v<To> && is_floating_v<From>) {
+          if constexpr (std::is_same_v<To, double>) o[off[0] + j * inner[0]] = double(to_f32(v));
+          else if constexpr (std::is_same_v<From, double>) o[off[0] + j * inner[0]] = from_f32<To>(float(v));
+          else o[off[0] + j * inner[0]] = from_f32<To>(to_f32(v));
+        } else if constexpr (is_floating_v<From>) {
+          o[off[0] + j * inner[0]] = To(to_f32(v));
+        } else if constexpr (is_floating_v<To>) {
+          o[off[0] + j * inner[0]] = from_f32<To>(float(v));
+        } else {
+          o[off[0] + j * inner[0]] = To(v);
+        }
+      }
+    });
+  }
+
+  template <class T>
+  static void fill(const Tensor<T, Cpu>& out, double value) {
+    T v;
+    if constexpr (is_floating_v<T> && !std::is_same_v<T, double>) v = from_f32<T>(float(value));
+    else v = T(value);
+    T* o = out.data();
+    cpu::for_each_row<1>(out.shape(), {out.strides()}, [&](auto off, auto inner, int64_t n) {
+      for (int64_t j = 0; j < n; ++j) o[off[0] + j * inner[0]] = v;
+    });
+  }
+
+  template <class T>
+  static void unary(const Tensor<T, Cpu>& out, const Tensor<T, Cpu>& in, Unary op, float alpha) {
+    T* o = out.data();
+    const T* a = in.data();
+    cpu::for_each_row<2>(out.shape(), {out.strides(), in.strides()}, [&](auto off, auto inner, int64_t n) {
+      for (int64_t j = 0; j < n; ++j)
+        o[off[0] + j * inner[0]] = from_f32<T>(math::apply(op, to_f32(a[off[1] + j * inner[1]]), alpha));
+    });
+  }
+
+  template <class T>
+  static void binary(const Tensor<T, Cpu>& out, const Tensor<T, Cpu>& a, const Tensor<T, Cpu>& b, Binary op) {
+    T* o = out.data();
+    const T* pa = a.data();
+    const T* pb = b.data();
+    cpu::for_each_row<3>(out.shape(), {out.strides(), a.strides(), b.strides()},
+                         [&](auto off, auto inner, int64_t n) {
+                           for (int64_t j = 0; j < n; ++j)
+                             o[off[0] + j * inner[0]] = from_f32<T>(math::apply(
+                                 op, to_f32(pa[off[1] + j * inner[1]]), to_f32(pb[off[2] + j * inner[2]])));
+                         });
+  }
+
+  template <class T>
+  static void glu(const Tensor<T, Cpu>& out, const Tensor<T, Cpu>& in, Unary act) {
+    const int64_t H = out.size(-1), rows = cpu::num_rows(out.shape());
+    for (int64_t r = 0; r < rows; ++r) {
+      T* o = out.data() + cpu::row_offset(out.shape(), out.strides(), r);
+      const T* g = in.data() + cpu::row_offset(in.shape(), in.strides(), r);
+      for (int64_t j = 0; j < H; ++j) o[j] = from_f32<T>(math::apply(act, to_f32(g[j]), 1.f) * to_f32(g[H + j]));
+    }
+  }
+
+  // out, a, b are rank 4 (batch dims broadcast with stride 0); out's last stride is 1.
+  template <class T>
+  static void matmul(const Tensor<T, Cpu>& out, const Tensor<T, Cpu>& a, const Tensor<T, Cpu>& b, float alpha,
+                     float beta) {
+    const int64_t B0 = out.size(0), B1 = out.size(1), M = out.size(2), N = out.size(3), K = a.size(3);
+    if constexpr (std::is_same_v<T, float>) {
+      for (int64_t i = 0; i < B0; ++i)
+        for (int64_t j = 0; j < B1; ++j) {
+          const float* pa = a.data() + i * a.stride(0) + j * a.stride(1);
+          const float* pb = b.data() + i * b.stride(0) + j * b.stride(1);
+          float* po = out.data() + i * out.stride(0) + j * out.stride(1);
+          cpu::RowMajorMap A(pa, M, K, {a.stride(2), a.stride(3)});
+          cpu::RowMajorMap Bm(pb, K, N, {b.stride(2), b.stride(3)});
+          cpu::RowMajorMutMap O(po, M, N, {out.stride(2), 1});
+          if (beta == 0.f) {
+            O.noalias() = alpha * (A * Bm);
+          } else {
+            if (beta != 1.f) O *= beta;
+            O.noalias() += alpha * (A * Bm);
+          }
+        }
+    } else {
+      // Narrow types: widen to float, multiply, round once.
+      auto fa = cpu::to_float_rows(a), fb = cpu::to_float_rows(b);
+      std::vector<float> fo(static_cast<size_t>(M * N));
+      for (int64_t i = 0; i < B0; ++i)
+        for (int64_t j = 0; j < B1; ++j) {
+          cpu::DenseRowMap A(fa.data() + (i * B1 + j) * M * K, M, K);
+          cpu::DenseRowMap Bm(fb.data() + (i * B1 + j) * K * N, K, N);
+          cpu::DenseRowMutMap O(fo.data(), M, N);
+          O.noalias() = alpha * (A * Bm);
+          T* po = out.data() + i * out.stride(0) + j * out.stride(1);
+          for (int64_t m = 0; m < M; ++m)
+            for (int64_t n = 0; n < N; ++n) {
+              T* d = po + m * out.stride(2) + n;
+              float prev = beta == 0.f ? 0.f : beta * to_f32(*d);
+              *d = from_f32<T>(prev + fo[size_t(m * N + n)]);
+            }
+        }
+    }
+  }
+
+  // y [R, N] (+)= x [R, K] @ W^T, W [N, K]; all contiguous. Split over output rows of W
+  // so a batch-1 GEMV uses every core (Eigen only threads large GEMMs).
+  template <class T>
+  static void linear(const Tensor<T, Cpu>& y, const Tensor<T, Cpu>& x, const Tensor<T, Cpu>& w, float beta) {
+    const int64_t R = x.size(0), K = x.size(1), N = w.size(0);
+    std::vector<float> xbuf;
+    const float* xf;
+    if constexpr (std::is_same_v<T, float>) {
+      xf = x.data();
+    } else {
+      xbuf = cpu::to_float_rows(x);
+      xf = xbuf.data();
+    }
+    const int64_t work = N * K * R;
+    const int nt = work > (int64_t(1) << 15) ? cpu::num_threads() : 1;
+    // Blocks of rows sized to stay in L2 for the narrow-type conversion.
+    const int64_t blk = std::max<int64_t>(16, std::min<int64_t>((N + nt - 1) / nt, 256));
+    const int64_t nblk = (N + blk - 1) / blk;
+#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
+    for (int64_t ib = 0; ib < nblk; ++ib) {
+      const int64_t n0 = ib * blk, nb = std::min(blk, N - n0);
+      cpu::DenseRowMap X(xf, R, K);
+      Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor> Yb(R, nb);
+      if constexpr (std::is_same_v<T, float>) {
+        cpu::DenseRowMap Wb(w.data() + n0 * K, nb, K);
+        if (R == 1) Yb.noalias() = (Wb * X.row(0).transpose()).transpose();
+        else Yb.noalias() = X * Wb.transpose();
+      } else {
+        Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor> Wf(nb, K);
+        const T* pw = w.data() + n0 * K;
+        for (int64_t i = 0; i < nb * K; ++i) Wf.data()[i] = to_f32(pw[i]);
+        if (R == 1) Yb.noalias() = (Wf * X.row(0).transpose()).transpose();
+        else Yb.noalias() = X * Wf.transpose();
+      }
+      for (int64_t r = 0; r < R; ++r) {
+        T* py = y.data() + r * N + n0;
+        for (int64_t j = 0; j < nb; ++j) {
+          float v = Yb(r, j);
+          if (beta != 0.f) v += beta * to_f32(py[j]);
+          py[j] = from_f32<T>(v);
+        }
+      }
+    }
+  }
+
+  template <class T>
+  static void reduce(const Tensor<T, Cpu>& out, const Tensor<T, Cpu>& in, Reduce op) {
+    const int64_t rows = cpu::num_rows(in.shape()), n = in.size(-1), s = in.stride(-1);
+    for (int64_t r = 0; r < rows; ++r) {
+      const T* p = in.data() + cpu::row_offset(in.shape(), in.strides(), r);
+      double acc = op == Reduce::max ? -std::numeric_limits<double>::infinity() : 0.0;
+      for (int64_t j = 0; j < n; ++j) {
+        double v = to_f32(p[j * s]);
+        if (op == Reduce::max) acc = (v > acc || std::isnan(v)) ? v : acc;
+        else acc += v;
+      }
+      if (op == Reduce::mean) acc /= double(n);
+      // out has rank-1 shape; walk it as rows of length 1 by flat index.
+      T* o = out.data() + (out.rank() ? cpu::row_offset(out.unsqueeze(-1).shape(), out.unsqueeze(-1).strides(), r) : 0);
+      *o = from_f32<T>(float(acc));
+    }
+  }
+
+  template <class T>
+  static void argmax(const Tensor<int64_t, Cpu>& out, const Tensor<T, Cpu>& in) {
+    const int64_t rows = cpu::num_rows(in.shape()), n = in.size(-1), s = in.stride(-1);
+    auto o1 = out.unsqueeze(-1);
+    for (int64_t r = 0; r < rows; ++r) {
+      const T* p = in.data() + cpu::row_offset(in.shape(), in.strides(), r);
+      int64_t best = 0;
+      float bv = -std::numeric_limits<float>::infinity();
+      bool found = false;
+      for (int64_t j = 0; j < n; ++j) {
+        float v = to_f32(p[j * s]);
+        if (std::isnan(v)) continue;
+        if (!found || v > bv) {
+          bv = v;
+          best = j;
+          found = true;
+        }
+      }
+      out.data()[cpu::row_offset(o1.shape(), o1.strides(), r)] = best;
+    }
+  }
+
+  template <class T>
+  static void softmax(const Tensor<T, Cpu>& out, const Tensor<T, Cpu>& in) {
+    const int64_t rows = cpu::num_rows(in.shape()), n = in.size(-1), s = in.stride(-1);
+    std::vector<float> buf(static_cast<size_t>(n));
+    for (int64_t r = 0; r < rows; ++r) {
+      const T* p = in.data() + cpu::row_offset(in.shape(), in.strides(), r);
+      T* o = out.data() + cpu::row_offset(out.shape(), out.strides(), r);
+      float m = -std::numeric_limits<float>::infinity();
+      for (int64_t j = 0; j < n; ++j) m = std::max(m, buf[size_t(j)] = to_f32(p[j * s]));
+      double z = 0;
+      for (int64_t j = 0; j < n; ++j) z += (buf[size_t(j)] = std::exp(buf[size_t(j)] - m));
+      const float inv = float(1.0 / z);
+      for (int64_t j = 0; j < n; ++j) o[j] = from_f32<T>(buf[size_t(j)] * inv);
+    }
+  }
+
+  template <class T>
+  static void layer_norm(const Tensor<T, Cpu>& out, const Tensor<T, Cpu>& in, const Tensor<T, Cpu>& weight,
+                         const Tensor<T, Cpu>& bias, float eps) {
+    const int64_t rows = cpu::num_rows(in.shape()), n = in.size(-1), s = in.stride(-1);
+    for (int64_t r = 0; r < rows; ++r) {
+      const T* p = in.data() + cpu::row_offset(in.shape(), in.strides(), r);
+      T* o = out.data() + cpu::row_offset(out.shape(), out.strides(), r);
+      double mu = 0;
+      for (int64_t j = 0; j < n; ++j) mu += to_f32(p[j * s]);
+      mu /= double(n);
+      double var = 0;
+      for (int64_t j = 0; j < n; ++j) {
+        double d = to_f32(p[j * s]) - mu;
+        var += d * d;
+      }
+      var /= double(n);
+      const float rstd = float(1.0 / std::sqrt(var + double(eps)));
+      const float muf = float(mu);
+      for (int64_t j = 0; j < n; ++j) {
+        float v = (to_f32(p[j * s]) - muf) * rstd;
+        if (weight.defined()) v *= to_f32(weight.data()[j]);
+        if (bias.defined()) v += to_f32(bias.data()[j]);
+        o[j] = from_f32<T>(v);
+      }
+    }
+  }
+
+  template <class T>
+  static void rms_norm(const Tensor<T, Cpu>& out, const Tensor<T, Cpu>& in, const Tensor<T, Cpu>& alpha, float eps) {
+    const int64_t rows = cpu::num_rows(in.shape()), n = in.size(-1), s = in.stride(-1);
+    for (int64_t r = 0; r < rows; ++r) {
+      const T* p = in.data() + cpu::row_offset(in.shape(), in.strides(), r);
+      T* o = out.data() + cpu::row_offset(out.shape(), out.strides(), r);
+      double ss = 0;
+      for (int64_t j = 0; j < n; ++j) {
+        double v = to_f32(p[j * s]);
+        ss += v * v;
+      }
+      const float rs = float(1.0 / std::sqrt(double(eps) + ss / double(n)));
+      for (int64_t j = 0; j < n; ++j) o[j] = from_f32<T>(to_f32(p[j * s]) * (to_f32(alpha.data()[j]) * rs));
+    }
+  }
+
+  template <class T>
+  static void rope(const Tensor<T, Cpu>& out, const Tensor<T, Cpu>& x, const Tensor<int64_t, Cpu>& positions,
+                   float max_period) {
+    const int64_t Bn = x.size(0), Tn = x.size(1), H = x.size(2), D = x.size(3);
+    std::vector<float> freq(static_cast<size_t>(D / 2));
+    for (int64_t i = 0; i < D / 2; ++i) freq[size_t(i)] = math::rope_freq(int(i), int(D), max_period);
+    for (int64_t b = 0; b < Bn; ++b)
+      for (int64_t t = 0; t < Tn; ++t) {
+        const float pos = float(positions(b, t));
+        for (int64_t h = 0; h < H; ++h) {
+          const T* pi = x.data() + b * x.stride(0) + t * x.stride(1) + h * x.stride(2);
+          T* po = out.data() + b * out.stride(0) + t * out.stride(1) + h * out.stride(2);
+          for (int64_t i = 0; i < D / 2; ++i) {
+            const float ang = freq[size_t(i)] * pos;
+            const float c = std::cos(ang), sn = std::sin(ang);
+            const float re = to_f32(pi[2 * i]), im = to_f32(pi[2 * i + 1]);
+            po[2 * i] = from_f32<T>(re * c - im * sn);
+            po[2 * i + 1] = from_f32<T>(re * sn + im * c);
+          }
+        }
+      }
+  }
+
+  template <class T>
+  static void add_sin_embedding(const Tensor<T, Cpu>& x, const Tensor<int64_t, Cpu>& positions, float max_period,
+                                float scale) {
+    const int64_t Bn = x.size(0), Tn = x.size(1), C = x.size(2), half = C / 2;
+    for (int64_t b = 0; b < Bn; ++b)
+      for (int64_t t = 0; t < Tn; ++t) {
+        T* p = x.data() + (b * Tn + t) * C;
+        const float pos = float(positions(b, t));
+        for (int64_t i = 0; i < half; ++i) {
+          // torch: positions / (max_period ** (adim / (half_dim - 1))), all in fp32.
+          const float phase = pos / std::pow(max_period, float(i) / float(half - 1));
+          p[i] = from_f32<T>(to_f32(p[i]) + scale * std::cos(phase));
+          p[half + i] = from_f32<T>(to_f32(p[half + i]) + scale * std::sin(phase));
+        }
+      }
+  }
+
+  template <class T>
+  static void embedding(const Tensor<T, Cpu>& out, const Tensor<T, Cpu>& table, const Tensor<int64_t, Cpu>& ids) {
+    const int64_t V = table.size(0), D = table.size(1), n = ids.numel();
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t id = ids.data()[i];
+      T* o = out.data() + i * D;
+      if (id < 0 || id >= V) std::fill(o, o + D, from_f32<T>(0.f));
+      else std::copy(table.data() + id * D, table.data() + (id + 1) * D, o);
+    }
+  }
+
+  template <class T>
+  static void attention(const Tensor<T, Cpu>& out, const Tensor<T, Cpu>& q, const Tensor<T, Cpu>& k,
+                        const Tensor<T, Cpu>& v, const Tensor<int64_t, Cpu>& q_pos, const Tensor<int64_t, Cpu>& k_pos,
+                        const AttentionParams& p) {
+    const int64_t Bn = q.size(0), Tn = q.size(1), H = q.size(2), D = q.size(3), Hk = k.size(1), S = k.size(2);
+    const int64_t rep = H / Hk;
+    const int64_t work = Bn * H * Tn * S * D;
+    const int nt = work > (int64_t(1) << 16) ? cpu::num_threads() : 1;
+#pragma omp parallel num_threads(nt) if (nt > 1)
+    {
+      std::vector<float> sc(static_cast<size_t>(S)), acc(static_cast<size_t>(D)), qf(static_cast<size_t>(D));
+#pragma omp for schedule(static) collapse(2)
+      for (int64_t b = 0; b < Bn; ++b)
+        for (int64_t h = 0; h < H; ++h) {
+          const int64_t hk = h / rep;
+          const T* kb = k.data() + b * k.stride(0) + hk * k.stride(1);
+          const T* vb = v.data() + b * v.stride(0) + hk * v.stride(1);
+          for (int64_t t = 0; t < Tn; ++t) {
+            const int64_t qp = q_pos(b, t);
+            const T* qv = q.data() + b * q.stride(0) + t * q.stride(1) + h * q.stride(2);
+            for (int64_t d = 0; d < D; ++d) qf[size_t(d)] = to_f32(qv[d]);
+            float m = -std::numeric_limits<float>::infinity();
+            for (int64_t s = 0; s < S; ++s) {
+              const int64_t kp = k_pos(b, s), delta = qp - kp;
+              if (kp < 0 || delta < 0 || (p.context > 0 && delta >= p.context)) {
+                sc[size_t(s)] = -std::numeric_limits<float>::infinity();
+                continue;
+              }
+              const T* kv = kb + s * k.stride(2);
+              float dot = 0.f;
+              for (int64_t d = 0; d < D; ++d) dot += qf[size_t(d)] * to_f32(kv[d]);
+              sc[size_t(s)] = dot * p.scale;
+              m = std::max(m, sc[size_t(s)]);
+            }
+            std::fill(acc.begin(), acc.end(), 0.f);
+            T* o = out.data() + b * out.stride(0) + t * out.stride(1) + h * out.stride(2);
+            if (m == -std::numeric_limits<float>::infinity()) {
+              for (int64_t d = 0; d < D; ++d) o[d] = from_f32<T>(0.f);
+              continue;
+            }
+            float z = 0.f;
+            for (int64_t s = 0; s < S; ++s) {
+              if (sc[size_t(s)] == -std::numeric_limits<float>::infinity()) continue;
+              const float w = std::exp(sc[size_t(s)] - m);
+              z += w;
+              const T* vv = vb + s * v.stride(2);
+              for (int64_t d = 0; d < D; ++d) acc[size_t(d)] += w * to_f32(vv[d]);
+            }
+            const float inv = 1.f / z;
+            for (int64_t d = 0; d < D; ++d) o[d] = from_f32<T>(acc[size_t(d)] * inv);
+          }
+        }
+    }
+  }
+
+  template <class T>
+  static void kv_write(const Tensor<T, Cpu>& ring_k, const Tensor<T, Cpu>& ring_v, const Tensor<int64_t, Cpu>& ring_pos,
+                       const Tensor<T, Cpu>& k, const Tensor<T, Cpu>& v, const Tensor<int64_t, Cpu>& positions,
+                       const Tensor<uint8_t, Cpu>& exec_mask) {
+    const int64_t Bn = ring_k.size(0), H = ring_k.size(1), C = ring_k.size(2), D = ring_k.size(3), Tn = k.size(1);
+    for (int64_t b = 0; b < Bn; ++b) {
+      if (exec_mask.defined() && !exec_mask.data()[b]) continue;
+      for (int64_t t = 0; t < Tn; ++t) {
+        const int64_t pos = positions(b, t);
+        const int64_t slot = ((pos % C) + C) % C;
+        ring_pos.data()[b * C + slot] = pos;
+        for (int64_t h = 0; h < H; ++h) {
+          T* dk = ring_k.data() + ((b * H + h) * C + slot) * D;
+          T* dv = ring_v.data() + ((b * H + h) * C + slot) * D;
+          const T* sk = k.data() + b * k.stride(0) + t * k.stride(1) + h * k.stride(2);
+          const T* sv = v.data() + b * v.stride(0) + t * v.stride(1) + h * v.stride(2);
+          std::copy(sk, sk + D, dk);
+          std::copy(sv, sv + D, dv);
+        }
+      }
+    }
+  }
+
+  template <class T>
+  static void sample(const Tensor<int64_t, Cpu>& out, const Tensor<T, Cpu>& logits, const SampleParams& p,
+                     const Tensor<int64_t, Cpu>& counter) {
+    const int64_t N = logits.size(0), V = logits.size(1);
+    const uint64_t ctr = uint64_t(counter.data()[0]) * 64u + p.salt;
+    std::vector<int64_t> idx(static_cast<size_t>(V));
+    for (int64_t r = 0; r < N; ++r) {
+      const T* l = logits.data() + r * logits.stride(0);
+      auto lv = [&](int64_t i) {
+        float x = to_f32(l[i]);
+        return std::isnan(x) ? -std::numeric_limits<float>::infinity() : x;
+      };
+      const int64_t k = (p.top_k <= 0 || p.top_k > V) ? V : p.top_k;
+      if (p.temperature <= 0.f || k == 1) {
+        int64_t best = 0;
+        for (int64_t i = 1; i < V; ++i)
+          if (lv(i) > lv(best)) best = i;
+        out.data()[r] = best;
+        continue;
+      }
+      // Top-k by (logit desc, index asc): a total order, so every backend picks the same set.
+      std::iota(idx.begin(), idx.end(), int64_t(0));
+      auto better = [&](int64_t a, int64_t b) { return lv(a) > lv(b) || (lv(a) == lv(b) && a < b); };
+      if (k < V) std::nth_element(idx.begin(), idx.begin() + (k - 1), idx.end(), better);
+      float m = -std::numeric_limits<float>::infinity();
+      for (int64_t j = 0; j < k; ++j) m = std::max(m, lv(idx[size_t(j)]));
+      int64_t best = idx[0];
+      float best_score = -std::numeric_limits<float>::infinity();
+      for (int64_t j = 0; j < k; ++j) {
+        const int64_t i = idx[size_t(j)];
+        // log(p_i / E_i) up to a constant: (l_i - m) / temp - log(E_i).
+        const float e = Philox::exponential(p.seed, ctr, uint64_t(r * V + i));
+        const float score = (lv(i) - m) / p.temperature - std::log(e);
+        if (score > best_score || (score == best_score && i < best)) {
+          best_score = score;
+          best = i;
+        }
+      }
+      out.data()[r] = best;
+    }
+  }
+};
+
+}  // namespace ttt
