@@ -1,0 +1,94 @@
+#pragma once
+// CUDA runtime plumbing usable from any C++ compiler (no kernels here): error checks,
+// the per-thread stream and library handles, and device discovery.
+#include <cublasLt.h>
+#include <cublas_v2.h>
+#include <cuda_runtime_api.h>
+
+#include <string>
+
+#include "ttt/core/error.hpp"
+
+#define TTT_CUDA_CHECK(expr)                                                                              \
+  do {                                                                                                    \
+    cudaError_t ttt_err_ = (expr);                                                                        \
+    if (ttt_err_ != cudaSuccess)                                                                          \
+      ::ttt::fail("CUDA error ", cudaGetErrorName(ttt_err_), " (", cudaGetErrorString(ttt_err_), ") at ", \
+                  __FILE__, ":", __LINE__, ": ", #expr);                                                  \
+  } while (0)
+
+#define TTT_CUBLAS_CHECK(expr)                                                                  \
+  do {                                                                                          \
+    cublasStatus_t ttt_st_ = (expr);                                                            \
+    if (ttt_st_ != CUBLAS_STATUS_SUCCESS)                                                       \
+      ::ttt::fail("cuBLAS error ", int(ttt_st_), " at ", __FILE__, ":", __LINE__, ": ", #expr); \
+  } while (0)
+
+namespace ttt::cuda {
+
+// True when a CUDA device can be used (tests skip, CLIs refuse --backend cuda otherwise).
+inline bool device_available() {
+  int n = 0;
+  if (cudaGetDeviceCount(&n) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return false;
+  }
+  return n > 0;
+}
+
+inline std::string device_name() {
+  cudaDeviceProp p{};
+  int dev = 0;
+  TTT_CUDA_CHECK(cudaGetDevice(&dev));
+  TTT_CUDA_CHECK(cudaGetDeviceProperties(&p, dev));
+  return p.name;
+}
+
+// One stream and one set of library handles per host thread. All ops of a thread are
+// ordered on its stream; a CUDA graph captures exactly that stream.
+class Context {
+ public:
+  static Context& get() {
+    thread_local Context ctx;
+    return ctx;
+  }
+  cudaStream_t stream() const { return stream_; }
+  cublasHandle_t cublas() const { return cublas_; }
+  cublasLtHandle_t cublaslt() const { return cublaslt_; }
+  void* workspace() const { return workspace_; }
+  size_t workspace_bytes() const { return kWorkspace; }
+  int sm_count() const { return sm_count_; }
+  void synchronize() const { TTT_CUDA_CHECK(cudaStreamSynchronize(stream_)); }
+
+  Context(const Context&) = delete;
+  Context& operator=(const Context&) = delete;
+  ~Context() {
+    // Process teardown may already have destroyed the CUDA context: ignore errors.
+    if (workspace_) cudaFree(workspace_);
+    if (cublaslt_) cublasLtDestroy(cublaslt_);
+    if (cublas_) cublasDestroy(cublas_);
+    if (stream_) cudaStreamDestroy(stream_);
+  }
+
+ private:
+  static constexpr size_t kWorkspace = size_t(32) << 20;
+  Context() {
+    if (!device_available()) fail("no CUDA device available");
+    TTT_CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
+    TTT_CUBLAS_CHECK(cublasCreate(&cublas_));
+    TTT_CUBLAS_CHECK(cublasSetStream(cublas_, stream_));
+    TTT_CUBLAS_CHECK(cublasLtCreate(&cublaslt_));
+    TTT_CUDA_CHECK(cudaMalloc(&workspace_, kWorkspace));
+    TTT_CUBLAS_CHECK(cublasSetWorkspace(cublas_, workspace_, kWorkspace));
+    int dev = 0;
+    TTT_CUDA_CHECK(cudaGetDevice(&dev));
+    TTT_CUDA_CHECK(cudaDeviceGetAttribute(&sm_count_, cudaDevAttrMultiProcessorCount, dev));
+  }
+  cudaStream_t stream_ = nullptr;
+  cublasHandle_t cublas_ = nullptr;
+  cublasLtHandle_t cublaslt_ = nullptr;
+  void* workspace_ = nullptr;
+  int sm_count_ = 0;
+};
+
+}  // namespace ttt::cuda

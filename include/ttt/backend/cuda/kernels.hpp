@@ -1,0 +1,61 @@
+#pragma once
+// Kernels<Cuda>: declarations only, so that any C++ translation unit can call the CUDA
+// backend. The definitions live in kernels.cuh and are instantiated for the supported
+// element types by including ttt/cuda.cuh in exactly one nvcc-compiled file.
+#include "ttt/backend/cuda/memory.hpp"
+#include "ttt/backend/ops.hpp"
+
+namespace ttt {
+
+template <>
+struct Kernels<Cuda> {
+  template <class T>
+  static void copy(const Tensor<T, Cuda>& out, const Tensor<T, Cuda>& in);
+  template <class To, class From>
+  static void cast(const Tensor<To, Cuda>& out, const Tensor<From, Cuda>& in);
+  template <class T>
+  static void fill(const Tensor<T, Cuda>& out, double value);
+  template <class T>
+  static void unary(const Tensor<T, Cuda>& out, const Tensor<T, Cuda>& in, Unary op, float alpha);
+  template <class T>
+  static void binary(const Tensor<T, Cuda>& out, const Tensor<T, Cuda>& a, const Tensor<T, Cuda>& b, Binary op);
+  template <class T>
+  static void glu(const Tensor<T, Cuda>& out, const Tensor<T, Cuda>& in, Unary act);
+  template <class T>
+  static void matmul(const Tensor<T, Cuda>& out, const Tensor<T, Cuda>& a, const Tensor<T, Cuda>& b, float alpha,
+                     float beta);
+  template <class T>
+  static void linear(const Tensor<T, Cuda>& y, const Tensor<T, Cuda>& x, const Tensor<T, Cuda>& w, float beta);
+  template <class T>
+  static void reduce(const Tensor<T, Cuda>& out, const Tensor<T, Cuda>& in, Reduce op);
+  template <class T>
+  static void argmax(const Tensor<int64_t, Cuda>& out, const Tensor<T, Cuda>& in);
+  template <class T>
+  static void softmax(const Tensor<T, Cuda>& out, const Tensor<T, Cuda>& in);
+  template <class T>
+  static void layer_norm(const Tensor<T, Cuda>& out, const Tensor<T, Cuda>& in, const Tensor<T, Cuda>& weight,
+                         const Tensor<T, Cuda>& bias, float eps);
+  template <class T>
+  static void rms_norm(const Tensor<T, Cuda>& out, const Tensor<T, Cuda>& in, const Tensor<T, Cuda>& alpha, float eps);
+  template <class T>
+  static void rope(const Tensor<T, Cuda>& out, const Tensor<T, Cuda>& x, const Tensor<int64_t, Cuda>& positions,
+                   float max_period);
+  template <class T>
+  static void add_sin_embedding(const Tensor<T, Cuda>& x, const Tensor<int64_t, Cuda>& positions, float max_period,
+                                float scale);
+  template <class T>
+  static void embedding(const Tensor<T, Cuda>& out, const Tensor<T, Cuda>& table, const Tensor<int64_t, Cuda>& ids);
+  template <class T>
+  static void attention(const Tensor<T, Cuda>& out, const Tensor<T, Cuda>& q, const Tensor<T, Cuda>& k,
+                        const Tensor<T, Cuda>& v, const Tensor<int64_t, Cuda>& q_pos,
+                        const Tensor<int64_t, Cuda>& k_pos, const AttentionParams& p);
+  template <class T>
+  static void kv_write(const Tensor<T, Cuda>& ring_k, const Tensor<T, Cuda>& ring_v,
+                       const Tensor<int64_t, Cuda>& ring_pos, const Tensor<T, Cuda>& k, const Tensor<T, Cuda>& v,
+                       const Tensor<int64_t, Cuda>& positions, const Tensor<uint8_t, Cuda>& exec_mask);
+  template <class T>
+  static void sample(const Tensor<int64_t, Cuda>& out, const Tensor<T, Cuda>& logits, const SampleParams& p,
+                     const Tensor<int64_t, Cuda>& counter);
+};
+
+}  // namespace ttt
