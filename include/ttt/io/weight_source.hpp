@@ -1,0 +1,140 @@
+#pragma once
+// WeightSource: the one place where the names a module asks for meet what a checkpoint
+// holds. It converts dtypes, checks shapes, merges LoRA adapters, accepts synthesised
+// tensors (initialised weights a checkpoint lacks) and remembers which keys were used, so
+// a loader can report every missing, mis-shaped or unused key with the file it came from.
+#include <map>
+#include <memory>
+#include <set>
+#include <string>
+#include <vector>
+
+#include "ttt/backend/cpu/kernels.hpp"
+#include "ttt/io/safetensors.hpp"
+
+namespace ttt::io {
+
+class WeightSource {
+ public:
+  WeightSource() = default;
+  explicit WeightSource(const std::string& path) { add_file(path); }
+
+  void add_file(const std::string& path) {
+    auto st = std::make_shared<SafeTensors>(SafeTensors::open(path));
+    for (const auto& t : st->tensors()) {
+      if (where_.count(t.name))
+        fail(path, ": tensor '", t.name, "' also present in ", files_[where_[t.name]]->path());
+      where_[t.name] = files_.size();
+    }
+    files_.push_back(st);
+  }
+
+  // LoRA adapters `<p>.lora_A.weight` [r, in] and `<p>.lora_B.weight` [out, r] beside a
+  // frozen `<p>.frozen_W.weight` are merged as W + scaling * B @ A (moshi's lora.py).
+  void set_lora_scaling(float s) { lora_scaling_ = s; }
+
+  // A tensor the checkpoint does not have (e.g. freshly initialised TTT weights).
+  void put(const std::string& name, Tensor<float, Cpu> t) { synth_[name] = std::move(t); }
+
+  bool has(const std::string& name) const {
+    return where_.count(name) || synth_.count(name) || where_.count(lora_base(name));
+  }
+
+  // The tensor `name` converted to T; `shape` may contain -1 wildcards. Throws naming the
+  // file, key, expected and found shapes.
+  template <class T>
+  Tensor<T, Cpu> get(const std::string& name, const Shape& shape) {
+    Tensor<T, Cpu> t = fetch<T>(name);
+    check_shape(name, t.shape(), shape);
+    return t;
+  }
+  // Same, reshaped to `shape` when the element counts agree ([1, 1, D] norms as [D]).
+  template <class T>
+  Tensor<T, Cpu> get_as(const std::string& name, const Shape& shape) {
+    Tensor<T, Cpu> t = fetch<T>(name);
+    if (t.numel() != shape.numel())
+      fail(source(name), ": tensor '", name, "' has shape ", t.shape().str(), ", expected ", shape.str(), " (",
+           shape.numel(), " elements)");
+    return t.contiguous().reshape(shape);
+  }
+
+  // Shape of a stored tensor (for configs inferred from checkpoints).
+  Shape shape_of(const std::string& name) const {
+    if (auto it = synth_.find(name); it != synth_.end()) return it->second.shape();
+    auto it = where_.find(name);
+    if (it == where_.end()) fail("weights: missing tensor '", name, "'");
+    return files_[it->second]->info(name).shape;
+  }
+
+  std::vector<std::string> unused() const {
+    std::vector<std::string> out;
+    for (auto& [n, i] : where_)
+      if (!used_.count(n)) out.push_back(n);
+    return out;
+  }
+  std::vector<std::string> names() const {
+    std::vector<std::string> out;
+    for (auto& [n, i] : where_) out.push_back(n);
+    return out;
+  }
+  std::string description() const {
+    std::string s;
+    for (auto& f : files_) s += (s.empty() ? "" : ", ") + f->path();
+    return s.empty() ? "<no file>" : s;
+  }
+  std::string source(const std::string& name) const {
+    auto it = where_.find(name);
+    if (it != where_.end()) return files_[it->second]->path();
+    return description();
+  }
+
+ private:
+  static std::string lora_base(const std::string& name) {
+    const std::string suf = ".weight";
+    if (name.size() < suf.size() || name.compare(name.size() - suf.size(), suf.size(), suf) != 0) return "";
+    return name.substr(0, name.size() - suf.size()) + ".frozen_W.weight";
+  }
+
+  void check_shape(const std::string& name, const Shape& got, const Shape& want) const {
+    bool ok = got.rank == want.rank;
+    for (int i = 0; ok && i < want.rank; ++i) ok = want.d[i] < 0 || want.d[i] == got.d[i];
+    if (!ok) fail(source(name), ": tensor '", name, "' has shape ", got.str(), ", expected ", want.str());
+  }
+
+  template <class T>
+  Tensor<T, Cpu> fetch(const std::string& name) {
+    if (auto it = synth_.find(name); it != synth_.end()) return ops::cast<T>(it->second);
+    if (auto it = where_.find(name); it != where_.end()) {
+      used_.insert(name);
+      return files_[it->second]->load<T>(name);
+    }
+    const std::string base = lora_base(name);
+    if (!base.empty() && where_.count(base)) {
+      const std::string p = name.substr(0, name.size() - 7);
+      const std::string a = p + ".lora_A.weight", b = p + ".lora_B.weight";
+      if (!where_.count(a) || !where_.count(b))
+        fail(source(base), ": LoRA tensor '", base, "' without its '", a, "' and '", b, "'");
+      auto W = files_[where_[base]]->load<float>(base).contiguous();
+      auto A = files_[where_[a]]->load<float>(a), Bm = files_[where_[b]]->load<float>(b);
+      TTT_CHECK(A.rank() == 2 && Bm.rank() == 2 && W.rank() == 2 && Bm.size(1) == A.size(0) &&
+                    Bm.size(0) == W.size(0) && A.size(1) == W.size(1),
+                source(base), ": LoRA shapes do not fit: W ", W.shape().str(), ", A ", A.shape().str(), ", B ",
+                Bm.shape().str(), " for '", p, "'");
+      auto merged = W.clone();
+      ops::matmul(merged, Bm, A, lora_scaling_, 1.f);
+      used_.insert(base);
+      used_.insert(a);
+      used_.insert(b);
+      return ops::cast<T>(merged);
+    }
+    fail("weights (", description(), "): missing tensor '", name, "'");
+  }
+
+  std::vector<std::shared_ptr<SafeTensors>> files_;
+  std::map<std::string, size_t> where_;
+  std::map<std::string, Tensor<float, Cpu>> synth_;
+  std::set<std::string> used_;
+  float lora_scaling_ = 2.f;
+};
+
+}  // namespace ttt::io
