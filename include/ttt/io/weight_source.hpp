@@ -3,6 +3,7 @@
 // holds. It converts dtypes, checks shapes, merges LoRA adapters, accepts synthesised
 // tensors (initialised weights a checkpoint lacks) and remembers which keys were used, so
 // a loader can report every missing, mis-shaped or unused key with the file it came from.
+#include <cmath>
 #include <map>
 #include <memory>
 #include <set>
@@ -13,6 +14,51 @@
 #include "ttt/io/safetensors.hpp"
 
 namespace ttt::io {
+
+// How to make a tensor a checkpoint does not have: random normal (truncated at 3 std,
+// like moshi's trunc_normal_ init) or a constant.
+struct Init {
+  enum class Kind { normal, constant } kind = Kind::normal;
+  float value = 0.02f;  // std for normal, the value for constant
+  static Init normal(float std) { return {Kind::normal, std}; }
+  static Init constant(float v) { return {Kind::constant, v}; }
+};
+
+namespace detail {
+inline uint64_t splitmix64(uint64_t& x) {
+  uint64_t z = (x += 0x9E3779B97F4A7C15ull);
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+  return z ^ (z >> 31);
+}
+inline uint64_t fnv1a(const std::string& s) {
+  uint64_t h = 1469598103934665603ull;
+  for (unsigned char c : s) h = (h ^ c) * 1099511628211ull;
+  return h;
+}
+// Deterministic in (seed, name): the same model comes out whatever order modules load in.
+inline Tensor<float, Cpu> make_init(const Shape& shape, const Init& init, uint64_t seed, const std::string& name) {
+  auto t = Tensor<float, Cpu>::empty(shape);
+  float* p = t.data();
+  const int64_t n = t.numel();
+  if (init.kind == Init::Kind::constant) {
+    std::fill(p, p + n, init.value);
+    return t;
+  }
+  uint64_t state = seed * 0x2545F4914F6CDD1Dull ^ fnv1a(name);
+  for (int64_t i = 0; i < n;) {
+    const double u1 = (double(splitmix64(state) >> 11) + 0.5) * (1.0 / 9007199254740992.0);
+    const double u2 = double(splitmix64(state) >> 11) * (1.0 / 9007199254740992.0);
+    const double r = std::sqrt(-2.0 * std::log(u1));
+    for (double z : {r * std::cos(6.283185307179586 * u2), r * std::sin(6.283185307179586 * u2)}) {
+      if (i >= n) break;
+      if (std::abs(z) > 3.0) continue;  // truncated normal: redraw
+      p[i++] = float(z) * init.value;
+    }
+  }
+  return t;
+}
+}  // namespace detail
 
 class WeightSource {
  public:
@@ -35,6 +81,29 @@ class WeightSource {
 
   // A tensor the checkpoint does not have (e.g. freshly initialised TTT weights).
   void put(const std::string& name, Tensor<float, Cpu> t) { synth_[name] = std::move(t); }
+
+  // With no checkpoint at all: every tensor asked for with an Init is made from `seed`.
+  void enable_random_init(uint64_t seed) {
+    random_ = true;
+    seed_ = seed;
+  }
+  bool random_init() const { return random_; }
+  uint64_t seed() const { return seed_; }
+  void set_seed(uint64_t seed) { seed_ = seed; }
+
+  // Like get(), but a missing tensor is initialised (from the seed) when random init is
+  // on or `allow_missing` says the checkpoint may lack it (new TTT weights in a released
+  // Moshi checkpoint). Initialised names are listed by initialised().
+  template <class T>
+  Tensor<T, Cpu> get_or_init(const std::string& name, const Shape& shape, const Init& init,
+                             bool allow_missing = false) {
+    if (!has(name) && (random_ || allow_missing)) {
+      synth_[name] = detail::make_init(shape, init, seed_, name);
+      initialised_.push_back(name);
+    }
+    return get<T>(name, shape);
+  }
+  const std::vector<std::string>& initialised() const { return initialised_; }
 
   bool has(const std::string& name) const {
     return where_.count(name) || synth_.count(name) || where_.count(lora_base(name));
@@ -135,6 +204,9 @@ class WeightSource {
   std::map<std::string, Tensor<float, Cpu>> synth_;
   std::set<std::string> used_;
   float lora_scaling_ = 2.f;
+  bool random_ = false;
+  uint64_t seed_ = 0;
+  std::vector<std::string> initialised_;
 };
 
 }  // namespace ttt::io

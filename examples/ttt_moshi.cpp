@@ -1,0 +1,409 @@
+// ttt-moshi: the streaming Moshi engine from the command line.
+//   forward   teacher-forced LMModel.forward over a codes file
+//   generate  streaming generation (LMGen), printing progress (and text with --tokenizer)
+//   info      the model's structure, parameter count, bytes and a checkpoint key check
+//   bench     (CUDA) frame time on random weights made on the device
+#include <sys/resource.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cstdio>
+#include <cxxopts.hpp>
+#include <fstream>
+#include <memory>
+#include <string>
+
+#include "ttt/io/safetensors.hpp"
+#include "ttt/io/weight_source.hpp"
+#include "ttt/moshi/generator.hpp"
+#include "ttt/moshi/policies.hpp"
+#include "ttt/ttt.hpp"
+#if TTT_WITH_CUDA
+#include "ttt/cuda.hpp"
+#endif
+#if TTT_HAVE_SENTENCEPIECE
+#include <sentencepiece_processor.h>
+#endif
+
+namespace {
+
+using namespace ttt;
+using moshi::LmConfig;
+
+struct Common {
+  std::string config, weights, backend = "cpu", dtype = "f32";
+  uint64_t init_seed = 0;
+};
+
+void add_common(cxxopts::Options& o) {
+  o.add_options()("config", "Kyutai config.json (default: the Moshi 7B settings)", cxxopts::value<std::string>())(
+      "weights", "model.safetensors (default: seeded random weights)", cxxopts::value<std::string>())(
+      "backend", "cpu or cuda", cxxopts::value<std::string>()->default_value("cpu"))(
+      "dtype", "f32 or bf16 (engine dtype; checkpoints are converted at load)",
+      cxxopts::value<std::string>()->default_value("f32"))(
+      "init-seed", "seed of the random weights used when --weights is absent",
+      cxxopts::value<uint64_t>()->default_value("0"))("h,help", "this help");
+}
+
+Common read_common(const cxxopts::ParseResult& r) {
+  Common c;
+  if (r.count("config")) c.config = r["config"].as<std::string>();
+  if (r.count("weights")) c.weights = r["weights"].as<std::string>();
+  c.backend = r["backend"].as<std::string>();
+  c.dtype = r["dtype"].as<std::string>();
+  c.init_seed = r["init-seed"].as<uint64_t>();
+  if (c.backend != "cpu" && c.backend != "cuda") fail("--backend must be cpu or cuda, got '", c.backend, "'");
+  if (c.dtype != "f32" && c.dtype != "bf16") fail("--dtype must be f32 or bf16, got '", c.dtype, "'");
+  return c;
+}
+
+LmConfig load_config(const Common& c) {
+  if (c.config.empty()) {
+    std::fprintf(stderr, "note: no --config, using the Moshi 7B settings\n");
+    return LmConfig::moshi_7b();
+  }
+  return LmConfig::load(c.config);
+}
+
+io::WeightSource load_weights(const Common& c, const LmConfig& cfg) {
+  io::WeightSource ws;
+  if (c.weights.empty()) {
+    ws.enable_random_init(c.init_seed);
+  } else {
+    ws.add_file(c.weights);
+  }
+  ws.set_lora_scaling(cfg.lora_scaling);
+  return ws;
+}
+
+void report_unused(const io::WeightSource& ws) {
+  auto unused = ws.unused();
+  if (unused.empty()) return;
+  std::fprintf(stderr, "warning: %zu checkpoint tensors were not used, e.g. '%s'\n", unused.size(), unused[0].c_str());
+}
+
+double rss_mib() {
+  long pages = 0, resident = 0;
+  std::ifstream f("/proc/self/statm");
+  f >> pages >> resident;
+  return double(resident) * double(sysconf(_SC_PAGESIZE)) / (1024.0 * 1024.0);
+}
+
+template <class B>
+double backend_mib() {
+  return double(Memory<B>::bytes_in_use()) / (1024.0 * 1024.0);
+}
+
+template <class T, class B>
+using Model = moshi::LmModel<T, B, moshi::DefaultPolicies>;
+
+template <class T, class B>
+Model<T, B> build_model(const Common& c, const LmConfig& cfg, io::WeightSource& ws) {
+  auto t0 = std::chrono::steady_clock::now();
+  auto m = Model<T, B>::load(cfg, ws);
+  report_unused(ws);
+  const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  std::fprintf(stderr, "loaded %s model (%s, %s) in %.2f s\n", ws.random_init() ? "random-weight" : "checkpoint",
+               B::name, c.dtype.c_str(), s);
+  return m;
+}
+
+// ---- forward ---------------------------------------------------------------------------
+
+template <class T, class B>
+int run_forward(const Common& c, const cxxopts::ParseResult& r) {
+  if (!r.count("codes") || !r.count("out")) fail("forward needs --codes IN and --out OUT");
+  if (c.weights.empty()) fail("forward needs --weights");
+  const LmConfig cfg = load_config(c);
+  auto ws = load_weights(c, cfg);
+  auto model = build_model<T, B>(c, cfg, ws);
+  const std::string in = r["codes"].as<std::string>();
+  auto codes_file = io::SafeTensors::open(in);
+  if (!codes_file.contains("codes")) fail(in, ": missing tensor 'codes'");
+  auto codes = codes_file.load<int64_t>("codes");
+  if (codes.rank() != 3) fail(in, ": 'codes' must be [B, K, T], got ", codes.shape().str());
+  if (codes.size(1) != cfg.num_codebooks())
+    fail(in, ": 'codes' has ", codes.size(1), " codebooks, the model needs ", cfg.num_codebooks(), " (text + n_q)");
+  auto t0 = std::chrono::steady_clock::now();
+  auto out = model.forward(codes.contiguous());
+  const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  io::SafeTensorsWriter w;
+  w.add("logits", out.logits);
+  w.add("text_logits", out.text_logits);
+  w.add("mask", out.mask);
+  w.add("text_mask", out.text_mask);
+  w.write(r["out"].as<std::string>());
+  std::fprintf(stderr, "forward: %lld x %lld frames in %.3f s -> %s\n", (long long)codes.size(0),
+               (long long)codes.size(2), s, r["out"].as<std::string>().c_str());
+  return 0;
+}
+
+// ---- generate --------------------------------------------------------------------------
+
+struct TextPrinter {
+#if TTT_HAVE_SENTENCEPIECE
+  std::unique_ptr<sentencepiece::SentencePieceProcessor> sp;
+#endif
+  int64_t pad = 3, epad = 0;
+  bool enabled = false;
+
+  void open(const std::string& path, const LmConfig& cfg) {
+#if TTT_HAVE_SENTENCEPIECE
+    sp = std::make_unique<sentencepiece::SentencePieceProcessor>();
+    auto st = sp->Load(path);
+    if (!st.ok()) fail(path, ": cannot load SentencePiece model (", st.ToString(), ")");
+    pad = cfg.existing_text_padding_id;
+    epad = cfg.existing_text_end_padding_id;
+    enabled = true;
+#else
+    (void)cfg;
+    fail("--tokenizer: this build has no SentencePiece support (install libsentencepiece-dev and rebuild)");
+#endif
+  }
+  // Prints the piece of `tok` (PAD and EPAD are silence, as in Kyutai's server).
+  void print(int64_t tok) {
+#if TTT_HAVE_SENTENCEPIECE
+    if (!enabled || tok == pad || tok == epad || tok < 0 || tok >= sp->GetPieceSize()) return;
+    std::string piece = sp->IdToPiece(int(tok));
+    // U+2581 marks a word start.
+    for (size_t p; (p = piece.find("\xe2\x96\x81")) != std::string::npos;) piece.replace(p, 3, " ");
+    std::fputs(piece.c_str(), stdout);
+    std::fflush(stdout);
+#else
+    (void)tok;
+#endif
+  }
+};
+
+template <class T, class B>
+int run_generate(const Common& c, const cxxopts::ParseResult& r) {
+  if (!r.count("out")) fail("generate needs --out OUT");
+  const LmConfig cfg = load_config(c);
+  auto ws = load_weights(c, cfg);
+  auto model = build_model<T, B>(c, cfg, ws);
+  moshi::GenOptions opt = moshi::GenOptions::from(cfg.gen);
+  if (r.count("greedy")) opt.use_sampling = false;
+  if (r.count("temp")) opt.temp = r["temp"].as<float>();
+  if (r.count("temp-text")) opt.temp_text = r["temp-text"].as<float>();
+  if (r.count("top-k")) opt.top_k = r["top-k"].as<int>();
+  if (r.count("top-k-text")) opt.top_k_text = r["top-k-text"].as<int>();
+  opt.seed = r["seed"].as<uint64_t>();
+  if (opt.top_k < 0 || opt.top_k_text < 0) fail("--top-k and --top-k-text must be >= 0");
+  moshi::LmGen<T, B, moshi::DefaultPolicies> gen(model, opt);
+  const int64_t nu = gen.num_user_codebooks();
+
+  Tensor<int64_t, Cpu> user;
+  int64_t batch = r["batch"].as<int64_t>(), steps = -1;
+  if (r.count("steps")) {
+    steps = r["steps"].as<int64_t>();
+    if (steps <= 0) fail("--steps must be positive, got ", steps);
+  }
+  if (r.count("user-codes")) {
+    const std::string in = r["user-codes"].as<std::string>();
+    auto f = io::SafeTensors::open(in);
+    if (!f.contains("user_codes")) fail(in, ": missing tensor 'user_codes'");
+    user = f.load<int64_t>("user_codes").contiguous();
+    if (user.rank() != 3 || user.size(1) < nu)
+      fail(in, ": 'user_codes' must be [B, ", nu, ", S], got ", user.shape().str());
+    if (r.count("batch") && batch != user.size(0))
+      fail("--batch ", batch, " does not match the ", user.size(0), " items of ", in);
+    batch = user.size(0);
+    if (steps < 0) steps = user.size(2);
+    if (steps > user.size(2)) fail("--steps ", steps, " exceeds the ", user.size(2), " frames of ", in);
+  }
+  if (steps < 0) steps = 100;
+  if (batch <= 0) fail("--batch must be positive, got ", batch);
+
+  TextPrinter text;
+  if (r.count("tokenizer")) text.open(r["tokenizer"].as<std::string>(), cfg);
+
+  const int64_t every = r.count("progress-every") ? r["progress-every"].as<int64_t>() : (steps <= 200 ? 1 : steps / 100);
+  auto session = gen.start(batch);
+  const int64_t n_out = std::max<int64_t>(0, steps - cfg.max_delay());
+  auto tokens = Tensor<int64_t, Cpu>::empty({batch, 1 + cfg.dep_q, n_out});
+  auto frame = Tensor<int64_t, Cpu>::empty({batch, nu});
+  int64_t produced = 0;
+  auto t_start = std::chrono::steady_clock::now();
+  auto t_window = t_start;
+  double sum_ms = 0;
+  for (int64_t s = 0; s < steps; ++s) {
+    for (int64_t b = 0; b < batch; ++b)
+      for (int64_t i = 0; i < nu; ++i) frame(b, i) = user.defined() ? user(b, i, s) : -1;
+    auto t0 = std::chrono::steady_clock::now();
+    auto out = gen.step(session, frame);
+    const double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+    sum_ms += ms;
+    if (out) {
+      for (int64_t b = 0; b < batch; ++b)
+        for (int64_t k = 0; k <= cfg.dep_q; ++k) tokens(b, k, produced) = (*out)(b, k);
+      text.print((*out)(0, 0));
+      ++produced;
+    }
+    if (every > 0 && ((s + 1) % every == 0 || s + 1 == steps)) {
+      auto now = std::chrono::steady_clock::now();
+      const double total = std::chrono::duration<double>(now - t_start).count();
+      const double win = std::chrono::duration<double>(now - t_window).count();
+      t_window = now;
+      std::fprintf(stderr, "%sframe %lld/%lld  %.1f frames/s (window %.1f)  step %.2f ms (mean %.2f)  rss %.0f MiB%s\n",
+                   text.enabled ? "\n" : "", (long long)(s + 1), (long long)steps, double(s + 1) / total,
+                   double(std::min<int64_t>(every, s + 1)) / win, ms, sum_ms / double(s + 1), rss_mib(),
+                   B::is_host ? "" : str("  device ", backend_mib<B>(), " MiB").c_str());
+    }
+  }
+  if (text.enabled) std::fputc('\n', stdout);
+  io::SafeTensorsWriter w;
+  w.add("tokens", tokens);
+  w.write(r["out"].as<std::string>());
+  if (r.count("save-session")) gen.save(session, r["save-session"].as<std::string>());
+  const double total = std::chrono::duration<double>(std::chrono::steady_clock::now() - t_start).count();
+  std::fprintf(stderr, "generated %lld frames x %lld items in %.2f s (%.1f frames/s, real time needs 12.5) -> %s\n",
+               (long long)steps, (long long)batch, total, double(steps) / total, r["out"].as<std::string>().c_str());
+  return 0;
+}
+
+// ---- info ------------------------------------------------------------------------------
+
+int run_info(const Common& c) {
+  const LmConfig cfg = load_config(c);
+  io::WeightSource ws = load_weights(c, cfg);
+  auto model = Model<float, Cpu>::load(cfg, ws);
+  auto count = [](const auto& t) { return t.defined() ? t.numel() : int64_t(0); };
+  int64_t n_temporal = 0, n_dep = 0, n_emb = 0, n_heads = 0;
+  auto count_block = [&](const auto& p) {
+    int64_t n = count(p.norm1.weight) + count(p.norm1.bias) + count(p.norm2.weight) + count(p.norm2.bias) +
+                count(p.ls1) + count(p.ls2);
+    for (auto& w : p.attn.in_proj) n += w.numel();
+    for (auto& w : p.attn.out_proj) n += w.numel();
+    for (auto& w : p.ffn.w_in) n += w.numel();
+    for (auto& w : p.ffn.w_out) n += w.numel();
+    return n;
+  };
+  for (auto& l : model.transformer.layers) std::visit([&](const auto& p) { n_temporal += count_block(p); }, l);
+  for (auto& l : model.depformer.layers) std::visit([&](const auto& p) { n_dep += count_block(p); }, l);
+  auto count_emb = [&](const auto& e) { return count(e.table) + count(e.low_rank) + count(e.norm_w) + count(e.norm_b); };
+  for (auto& e : model.emb) n_emb += count_emb(e);
+  n_emb += count_emb(model.text_emb) + count_emb(model.depformer_text_emb);
+  for (auto& e : model.depformer_emb) n_emb += count_emb(e);
+  n_heads += count(model.text_linear) + count(model.out_norm.weight) + count(model.out_norm.bias);
+  for (auto& w : model.depformer_in) n_heads += w.numel();
+  for (auto& w : model.linears) n_heads += w.numel();
+  const int64_t total = n_temporal + n_dep + n_emb + n_heads;
+  std::printf("model: %s  (%s)\n", cfg.model_type.c_str(), c.weights.empty() ? "random weights" : c.weights.c_str());
+  std::printf("streams: text + %lld audio codebooks (%lld generated by the depformer), delays [", (long long)cfg.n_q,
+              (long long)cfg.dep_q);
+  for (size_t i = 0; i < cfg.delays.size(); ++i) std::printf("%s%lld", i ? ", " : "", (long long)cfg.delays[i]);
+  std::printf("]\n");
+  auto show = [](const char* name, const moshi::TransformerConfig& t) {
+    static const char* norms[] = {"layer_norm", "layer_norm_f32", "rms_norm", "rms_norm_f32"};
+    static const char* pos[] = {"none", "sin", "rope", "sin_rope"};
+    std::printf("%s: %lld layers, dim %lld, %lld heads (head_dim %lld, kv_repeat %lld), ffn %s %lld, norm %s, pos %s, "
+                "context %lld%s\n",
+                name, (long long)t.num_layers, (long long)t.d_model, (long long)t.num_heads, (long long)t.head_dim(),
+                (long long)t.kv_repeat, t.gated ? "gated" : "plain", (long long)t.dim_feedforward[0],
+                norms[int(t.norm)], pos[int(t.pos_emb)], (long long)t.context,
+                t.weights_per_step ? str(", weights per step ", t.weights_per_step).c_str() : "");
+  };
+  show("temporal", cfg.transformer);
+  show("depformer", cfg.depformer);
+  std::printf("layers:");
+  for (auto& l : model.transformer.layers) std::printf(" %s", Model<float, Cpu>::TemporalT::design_of(l));
+  std::printf("\n");
+  std::printf("parameters: %lld (%.3f B): temporal %lld, depformer %lld, embeddings %lld, heads %lld\n",
+              (long long)total, double(total) / 1e9, (long long)n_temporal, (long long)n_dep, (long long)n_emb,
+              (long long)n_heads);
+  std::printf("bytes: %.2f GB in bf16, %.2f GB in f32; KV cache per item %.2f GB (bf16)\n", double(total) * 2 / 1e9,
+              double(total) * 4 / 1e9,
+              double(cfg.transformer.num_layers * 2 * cfg.transformer.context * cfg.dim / cfg.transformer.kv_repeat) * 2 / 1e9);
+  if (!c.weights.empty()) {
+    auto unused = ws.unused();
+    std::printf("checkpoint: %zu tensors, %zu unused%s\n", ws.names().size(), unused.size(), unused.empty() ? " (all keys match)" : ":");
+    for (auto& u : unused) std::printf("  unused: %s\n", u.c_str());
+  }
+  return 0;
+}
+
+template <template <class, class> class Fn>
+int dispatch(const Common& c, const cxxopts::ParseResult& r) {
+  if (c.backend == "cpu") {
+    if (c.dtype == "bf16") return Fn<bf16, Cpu>::run(c, r);
+    return Fn<float, Cpu>::run(c, r);
+  }
+#if TTT_WITH_CUDA
+  if (!cuda::device_available()) fail("--backend cuda: no CUDA device available");
+  if (c.dtype == "bf16") return Fn<bf16, Cuda>::run(c, r);
+  return Fn<float, Cuda>::run(c, r);
+#else
+  fail("--backend cuda: this build has no CUDA backend");
+#endif
+}
+template <class T, class B>
+struct Forward {
+  static int run(const Common& c, const cxxopts::ParseResult& r) { return run_forward<T, B>(c, r); }
+};
+template <class T, class B>
+struct Generate {
+  static int run(const Common& c, const cxxopts::ParseResult& r) { return run_generate<T, B>(c, r); }
+};
+
+int usage() {
+  std::fprintf(stderr,
+               "usage: ttt-moshi <command> [options]\n"
+               "  forward   --config C --weights W --codes IN --out OUT [--backend cpu|cuda] [--dtype f32|bf16]\n"
+               "  generate  [--config C] [--weights W] [--user-codes IN] [--steps N] [--batch B] [--greedy] [--seed S]\n"
+               "            [--temp X] [--temp-text X] [--top-k K] [--top-k-text K] [--tokenizer SPM] --out OUT\n"
+               "  info      [--config C] [--weights W]\n"
+               "Run `ttt-moshi <command> --help` for the options of a command.\n");
+  return 2;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  if (argc < 2) return usage();
+  const std::string cmd = argv[1];
+  try {
+    cxxopts::Options o("ttt-moshi " + cmd, "");
+    add_common(o);
+    if (cmd == "forward") {
+      o.add_options()("codes", "safetensors with codes int64 [B, K, T]", cxxopts::value<std::string>())(
+          "out", "output safetensors", cxxopts::value<std::string>());
+    } else if (cmd == "generate") {
+      o.add_options()("user-codes", "safetensors with user_codes int64 [B, n_q - dep_q, S]", cxxopts::value<std::string>())(
+          "steps", "frames to run (default: S, or 100)", cxxopts::value<int64_t>())(
+          "batch", "batch size without --user-codes", cxxopts::value<int64_t>()->default_value("1"))(
+          "greedy", "argmax instead of sampling")("seed", "sampling seed", cxxopts::value<uint64_t>()->default_value("0"))(
+          "temp", "audio temperature", cxxopts::value<float>())("temp-text", "text temperature", cxxopts::value<float>())(
+          "top-k", "audio top-k", cxxopts::value<int>())("top-k-text", "text top-k", cxxopts::value<int>())(
+          "tokenizer", "SentencePiece model: print the text stream live", cxxopts::value<std::string>())(
+          "progress-every", "progress line every N frames", cxxopts::value<int64_t>())(
+          "save-session", "save the streaming session here at the end", cxxopts::value<std::string>())(
+          "out", "output safetensors (tokens)", cxxopts::value<std::string>());
+    } else if (cmd == "info") {
+    } else if (cmd == "-h" || cmd == "--help" || cmd == "help") {
+      usage();
+      return 0;
+    } else {
+      std::fprintf(stderr, "ttt-moshi: unknown command '%s'\n", cmd.c_str());
+      return usage();
+    }
+    auto r = o.parse(argc - 1, argv + 1);
+    if (r.count("help")) {
+      std::printf("%s\n", o.help().c_str());
+      return 0;
+    }
+    if (!r.unmatched().empty()) fail("unexpected argument '", r.unmatched()[0], "'");
+    Common c = read_common(r);
+    if (cmd == "forward") return dispatch<Forward>(c, r);
+    if (cmd == "generate") return dispatch<Generate>(c, r);
+    return run_info(c);
+  } catch (const ttt::Error& e) {
+    std::fprintf(stderr, "ttt-moshi %s: error: %s\n", cmd.c_str(), e.what());
+    return 1;
+  } catch (const cxxopts::exceptions::exception& e) {
+    std::fprintf(stderr, "ttt-moshi %s: error: %s\n", cmd.c_str(), e.what());
+    return 2;
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "ttt-moshi %s: error: %s\n", cmd.c_str(), e.what());
+    return 1;
+  }
+}

@@ -1,0 +1,321 @@
+#pragma once
+// Moshi's LMModel configuration, read from Kyutai's config.json (the LMModel keyword
+// arguments plus loader keys). Every setting of the released models is driven from here
+// and from tensor shapes; the 7B values are only the defaults for a missing config.
+#include <cstdio>
+#include <optional>
+#include <set>
+#include <string>
+#include <vector>
+
+#include "ttt/backend/ops.hpp"
+#include "ttt/io/json.hpp"
+
+namespace ttt::moshi {
+
+enum class NormKind { layer_norm, layer_norm_f32, rms_norm, rms_norm_f32 };
+enum class PosEmb { none, sin, rope, sin_rope };
+
+inline NormKind parse_norm(const std::string& s, const std::string& where) {
+  if (s == "layer_norm") return NormKind::layer_norm;
+  if (s == "layer_norm_f32") return NormKind::layer_norm_f32;
+  if (s == "rms_norm") return NormKind::rms_norm;
+  if (s == "rms_norm_f32") return NormKind::rms_norm_f32;
+  fail(where, ": unknown norm '", s, "' (layer_norm, layer_norm_f32, rms_norm, rms_norm_f32)");
+}
+inline float norm_eps(NormKind k) {
+  return (k == NormKind::layer_norm || k == NormKind::rms_norm) ? 1e-5f : 1e-8f;
+}
+inline bool is_rms(NormKind k) { return k == NormKind::rms_norm || k == NormKind::rms_norm_f32; }
+
+inline PosEmb parse_pos_emb(const std::string& s, const std::string& where) {
+  if (s == "none") return PosEmb::none;
+  if (s == "sin") return PosEmb::sin;
+  if (s == "rope") return PosEmb::rope;
+  if (s == "sin_rope") return PosEmb::sin_rope;
+  if (s == "rope_concat") fail(where, ": positional_embedding 'rope_concat' is not supported (no released Moshi uses it)");
+  fail(where, ": unknown positional_embedding '", s, "' (none, sin, rope, sin_rope)");
+}
+
+// Activation of a gated FFN ("silu" = SwiGLU), or "none" for the plain GELU FFN.
+inline bool parse_gating(const std::string& s, Unary& act, const std::string& where) {
+  if (s == "none") return false;
+  if (s == "silu") act = Unary::silu;
+  else if (s == "gelu") act = Unary::gelu;
+  else if (s == "sigmoid") act = Unary::sigmoid;
+  else if (s == "tanh") act = Unary::tanh;
+  else if (s == "relu") act = Unary::relu;
+  else if (s == "identity") act = Unary::identity;
+  else fail(where, ": unsupported gating '", s, "' (none, silu, gelu, sigmoid, tanh, relu, identity)");
+  return true;
+}
+
+// One StreamingTransformer (the temporal one or the depformer).
+struct TransformerConfig {
+  int64_t d_model = 0, num_heads = 0, num_layers = 0, kv_repeat = 1;
+  std::vector<int64_t> dim_feedforward;  // one per weight set (the per-step FFNs may differ)
+  NormKind norm = NormKind::layer_norm;
+  bool gated = false;
+  Unary activation = Unary::gelu;
+  PosEmb pos_emb = PosEmb::sin;
+  float max_period = 10000.f, positional_scale = 1.f;
+  std::optional<float> layer_scale;
+  int64_t context = 0;  // 0: unlimited (the depformer)
+  bool causal = true;
+  int64_t weights_per_step = 0;             // 0: one weight set
+  std::vector<int64_t> weights_schedule;    // step -> weight index (empty: identity)
+
+  int64_t head_dim() const { return d_model / num_heads; }
+  int64_t num_weight_sets() const {
+    if (!weights_per_step) return 1;
+    if (!weights_schedule.empty()) {
+      int64_t m = 0;
+      for (auto v : weights_schedule) m = std::max(m, v);
+      return m + 1;
+    }
+    return weights_per_step;
+  }
+  int64_t weight_index(int64_t step) const {
+    if (!weights_per_step) return 0;
+    TTT_CHECK(step >= 0 && step < weights_per_step, "weights_per_step: step ", step, " out of range [0, ",
+              weights_per_step, ")");
+    return weights_schedule.empty() ? step : weights_schedule[size_t(step)];
+  }
+  // ActivationGating's hidden size rule (used only when no checkpoint gives the shape).
+  int64_t gated_hidden(int64_t dff) const { return dff == 4 * d_model ? (21 * d_model) / 8 : (2 * dff) / 3; }
+};
+
+// LMGen sampling settings (lm_gen_config in config.json can override the defaults).
+struct GenConfig {
+  bool use_sampling = true;
+  float temp = 0.8f, temp_text = 0.7f;
+  int top_k = 250, top_k_text = 25;
+};
+
+struct LmConfig {
+  std::vector<int64_t> delays;
+  int64_t n_q = 8, dep_q = 8, card = 1024, text_card = 32000, text_card_out = 32000;
+  int64_t dim = 128;
+  bool norm_emb = false, bias_proj = false;
+  bool depformer_multi_linear = false, depformer_weights_per_step = false;
+  std::optional<int64_t> depformer_low_rank_embeddings;
+  std::optional<NormKind> depformer_norm;
+  int64_t existing_text_padding_id = 3, existing_text_end_padding_id = 0;
+  int64_t extra_heads_num_heads = 0, extra_heads_dim = 6;
+  TransformerConfig transformer, depformer;
+  GenConfig gen;
+  // Loader keys kept for `info`.
+  std::string moshi_name, mimi_name, tokenizer_name, model_type;
+  float lora_scaling = 2.f;
+  io::Json ttt;  // the "ttt" list (validated by the TTT designs), null when absent
+
+  int64_t num_codebooks() const { return n_q + 1; }
+  int64_t max_delay() const {
+    int64_t m = 0;
+    for (auto d : delays) m = std::max(m, d);
+    return m;
+  }
+  int64_t num_depformer_in() const {
+    if (!depformer_multi_linear) return 1;
+    if (!depformer.weights_schedule.empty()) return depformer.num_weight_sets();
+    return dep_q;
+  }
+
+  // Moshi 7B (moshiko/moshika 2024-09), loaders._lm_kwargs: used when no config is given.
+  static io::Json moshi_7b_json() {
+    return io::Json{{"dim", 4096},
+                    {"text_card", 32000},
+                    {"existing_text_padding_id", 3},
+                    {"n_q", 16},
+                    {"dep_q", 8},
+                    {"card", 2048},
+                    {"num_heads", 32},
+                    {"num_layers", 32},
+                    {"hidden_scale", 4.125},
+                    {"causal", true},
+                    {"layer_scale", nullptr},
+                    {"context", 3000},
+                    {"max_period", 10000},
+                    {"gating", "silu"},
+                    {"norm", "rms_norm_f32"},
+                    {"positional_embedding", "rope"},
+                    {"depformer_dim", 1024},
+                    {"depformer_dim_feedforward", int(4.125 * 1024)},
+                    {"depformer_num_heads", 16},
+                    {"depformer_num_layers", 6},
+                    {"depformer_layer_scale", nullptr},
+                    {"depformer_multi_linear", true},
+                    {"depformer_context", 8},
+                    {"depformer_max_period", 10000},
+                    {"depformer_gating", "silu"},
+                    {"depformer_pos_emb", "none"},
+                    {"depformer_weights_per_step", true},
+                    {"delays", {0, 0, 1, 1, 1, 1, 1, 1, 1, 0, 1, 1, 1, 1, 1, 1, 1}}};
+  }
+
+  // Parses Kyutai's config.json. Unknown keys only warn (newer checkpoints add keys);
+  // wrong types, unsupported features and inconsistent values are errors naming the key.
+  static LmConfig from_json(const io::Json& j, const std::string& where, bool warn_unknown = true) {
+    io::JsonView v(j, where);
+    LmConfig c;
+    static const std::set<std::string> known = {
+        // LMModel
+        "delays", "n_q", "dep_q", "card", "text_card", "text_card_out", "demux_second_text_stream", "dim", "num_heads",
+        "hidden_scale", "norm", "norm_emb", "bias_proj", "depformer_dim", "depformer_dim_feedforward",
+        "depformer_multi_linear", "depformer_weights_per_step", "depformer_weights_per_step_schedule",
+        "depformer_low_rank_embeddings", "depformer_pos_emb", "depformer_norm", "existing_text_padding_id",
+        "existing_text_end_padding_id", "extra_heads_num_heads", "extra_heads_dim", "context", "causal",
+        "quantize", "gradient_checkpointing",
+        // StreamingTransformer / layer kwargs (the depformer_ prefixed ones override for the depformer)
+        "num_layers", "gating", "positional_embedding", "max_period", "positional_scale", "layer_scale", "kv_repeat",
+        "weights_per_step", "weights_per_step_schedule", "skip_self_attn", "cross_attention", "betas",
+        "depformer_num_heads", "depformer_num_layers", "depformer_gating", "depformer_layer_scale",
+        "depformer_max_period", "depformer_context", "depformer_causal", "depformer_kv_repeat",
+        "depformer_positional_scale", "depformer_norm_emb",
+        // loader keys
+        "moshi_name", "mimi_name", "mimi_config_name", "tokenizer_name", "lora_name", "model_type", "lm_gen_config",
+        "tts_config", "stt_config", "model_id", "lora", "lora_rank", "lora_scaling", "conditioners", "fuser",
+        "demux_second_stream", "ttt"};
+    if (warn_unknown)
+      for (auto it = j.begin(); it != j.end(); ++it)
+        if (!known.count(it.key()))
+          std::fprintf(stderr, "warning: %s: unknown key '%s' ignored\n", where.c_str(), it.key().c_str());
+
+    auto unsupported = [&](const char* key, const char* why) {
+      if (v.has(key) && !(v.raw()[key].is_boolean() && !v.raw()[key].get<bool>()) &&
+          !(v.raw()[key].is_number() && v.raw()[key].get<double>() == 0))
+        fail(where, ": key '", key, "' is not supported: ", why);
+    };
+    unsupported("demux_second_text_stream", "two muxed text streams (Hibiki-style) are not implemented");
+    unsupported("demux_second_stream", "two muxed text streams (Hibiki-style) are not implemented");
+    unsupported("cross_attention", "cross-attention conditioning is not implemented");
+    unsupported("conditioners", "conditioners / fusers are not implemented");
+    unsupported("fuser", "conditioners / fusers are not implemented");
+    unsupported("quantize", "load a bf16/f16/f32 checkpoint (int8 q8 checkpoints are not supported)");
+    unsupported("skip_self_attn", "layers without self-attention are not implemented");
+
+    c.n_q = v.get<int64_t>("n_q", 8);
+    c.dep_q = v.get<int64_t>("dep_q", 8);
+    c.card = v.get<int64_t>("card", 1024);
+    c.text_card = v.get<int64_t>("text_card", 32000);
+    c.text_card_out = v.get<int64_t>("text_card_out", c.text_card);
+    c.dim = v.get<int64_t>("dim", 128);
+    c.delays = v.get<std::vector<int64_t>>("delays", std::vector<int64_t>{0});
+    c.norm_emb = v.get<bool>("norm_emb", false);
+    c.bias_proj = v.get<bool>("bias_proj", false);
+    c.depformer_multi_linear = v.get<bool>("depformer_multi_linear", false);
+    c.depformer_weights_per_step = v.get<bool>("depformer_weights_per_step", false);
+    c.depformer_low_rank_embeddings = v.get_optional<int64_t>("depformer_low_rank_embeddings");
+    if (auto dn = v.get_optional<std::string>("depformer_norm")) c.depformer_norm = parse_norm(*dn, where + ": depformer_norm");
+    c.existing_text_padding_id = v.get<int64_t>("existing_text_padding_id", 3);
+    c.existing_text_end_padding_id = v.get<int64_t>("existing_text_end_padding_id", 0);
+    c.extra_heads_num_heads = v.get<int64_t>("extra_heads_num_heads", 0);
+    c.extra_heads_dim = v.get<int64_t>("extra_heads_dim", 6);
+    c.moshi_name = v.get<std::string>("moshi_name", "");
+    c.mimi_name = v.get<std::string>("mimi_name", "");
+    c.tokenizer_name = v.get<std::string>("tokenizer_name", "");
+    c.model_type = v.get<std::string>("model_type", "moshi");
+    c.lora_scaling = v.get<float>("lora_scaling", 2.f);
+    if (v.has("ttt")) c.ttt = v.raw()["ttt"];
+
+    auto pos = [&](const char* key, int64_t val) {
+      if (val <= 0) fail(where, ": key '", key, "' must be positive, got ", val);
+    };
+    pos("n_q", c.n_q);
+    pos("card", c.card);
+    pos("text_card", c.text_card);
+    pos("dim", c.dim);
+    if (c.dep_q < 0 || c.dep_q > c.n_q) fail(where, ": key 'dep_q' must be in [0, n_q], got ", c.dep_q);
+    if (int64_t(c.delays.size()) != c.num_codebooks())
+      fail(where, ": key 'delays' has ", c.delays.size(), " entries, expected n_q + 1 = ", c.num_codebooks());
+    for (auto d : c.delays)
+      if (d < 0) fail(where, ": key 'delays' has a negative delay ", d);
+
+    const float hidden_scale = v.get<float>("hidden_scale", 4.f);
+    const std::string norm = v.get<std::string>("norm", "layer_norm");
+
+    // Main transformer: LMModel passes the non-depformer kwargs.
+    TransformerConfig& t = c.transformer;
+    t.d_model = c.dim;
+    t.num_heads = v.get<int64_t>("num_heads", 8);
+    t.num_layers = v.get<int64_t>("num_layers", 2);  // no LMModel default: required in practice
+    if (!v.has("num_layers")) fail(where, ": missing key 'num_layers'");
+    t.dim_feedforward = {int64_t(hidden_scale * float(c.dim))};
+    t.norm = parse_norm(norm, where + ": norm");
+    const std::string gating = v.get<std::string>("gating", "none");
+    t.gated = parse_gating(gating, t.activation, where + ": gating");
+    if (!t.gated) t.activation = Unary::gelu;
+    t.pos_emb = parse_pos_emb(v.get<std::string>("positional_embedding", "sin"), where + ": positional_embedding");
+    t.max_period = v.get<float>("max_period", 10000.f);
+    t.positional_scale = v.get<float>("positional_scale", 1.f);
+    t.layer_scale = v.get_optional<float>("layer_scale");
+    t.kv_repeat = v.get<int64_t>("kv_repeat", 1);
+    t.context = v.get<int64_t>("context", 0);
+    t.causal = v.get<bool>("causal", true);
+    if (v.has("weights_per_step") && v.get<int64_t>("weights_per_step") != 0)
+      fail(where, ": key 'weights_per_step' is only supported for the depformer");
+
+    // Depformer: main kwargs overridden by the depformer_ ones, with LMModel's own rules.
+    TransformerConfig& d = c.depformer;
+    d = t;
+    d.d_model = v.get<int64_t>("depformer_dim", 256);
+    d.num_heads = v.get<int64_t>("depformer_num_heads", t.num_heads);
+    d.num_layers = v.get<int64_t>("depformer_num_layers", t.num_layers);
+    d.kv_repeat = v.get<int64_t>("depformer_kv_repeat", t.kv_repeat);
+    if (v.has("depformer_gating")) {
+      d.gated = parse_gating(v.get<std::string>("depformer_gating"), d.activation, where + ": depformer_gating");
+      if (!d.gated) d.activation = Unary::gelu;
+    }
+    if (v.raw().contains("depformer_layer_scale")) d.layer_scale = v.get_optional<float>("depformer_layer_scale");
+    d.max_period = v.get<float>("depformer_max_period", t.max_period);
+    d.positional_scale = v.get<float>("depformer_positional_scale", t.positional_scale);
+    d.pos_emb = parse_pos_emb(v.get<std::string>("depformer_pos_emb", "sin"), where + ": depformer_pos_emb");
+    d.context = 0;  // LMModel forces context=None: the depformer sees every earlier codebook
+    d.weights_per_step = c.depformer_weights_per_step ? c.dep_q : 0;
+    d.weights_schedule = v.get<std::vector<int64_t>>("depformer_weights_per_step_schedule", std::vector<int64_t>{});
+    if (!d.weights_schedule.empty()) {
+      if (int64_t(d.weights_schedule.size()) != c.dep_q)
+        fail(where, ": key 'depformer_weights_per_step_schedule' has ", d.weights_schedule.size(),
+             " entries, expected dep_q = ", c.dep_q);
+      for (auto s : d.weights_schedule)
+        if (s < 0) fail(where, ": key 'depformer_weights_per_step_schedule' has a negative entry");
+      if (!d.weights_per_step) fail(where, ": 'depformer_weights_per_step_schedule' needs depformer_weights_per_step");
+    }
+    const int64_t nsets = d.num_weight_sets();
+    if (v.has("depformer_dim_feedforward") && v.raw()["depformer_dim_feedforward"].is_array()) {
+      d.dim_feedforward = v.get<std::vector<int64_t>>("depformer_dim_feedforward");
+      if (int64_t(d.dim_feedforward.size()) != nsets)
+        fail(where, ": key 'depformer_dim_feedforward' has ", d.dim_feedforward.size(), " entries, expected ", nsets);
+    } else {
+      d.dim_feedforward = {v.get<int64_t>("depformer_dim_feedforward", int64_t(hidden_scale * float(d.d_model)))};
+    }
+    if (!d.gated && d.weights_per_step) fail(where, ": depformer weights_per_step without gating is not supported (as in moshi)");
+
+    for (const TransformerConfig* tc : {&c.transformer, &c.depformer}) {
+      const char* which = tc == &c.transformer ? "transformer" : "depformer";
+      if (tc->num_heads <= 0 || tc->d_model % tc->num_heads != 0)
+        fail(where, ": ", which, " dim ", tc->d_model, " is not divisible by num_heads ", tc->num_heads);
+      if (tc->kv_repeat <= 0 || tc->num_heads % tc->kv_repeat != 0)
+        fail(where, ": ", which, " num_heads ", tc->num_heads, " is not divisible by kv_repeat ", tc->kv_repeat);
+      if (tc->num_layers < 0) fail(where, ": ", which, " num_layers must be >= 0");
+      if ((tc->pos_emb == PosEmb::rope || tc->pos_emb == PosEmb::sin_rope) && tc->head_dim() % 2)
+        fail(where, ": ", which, " RoPE needs an even head dimension, got ", tc->head_dim());
+    }
+    if (c.transformer.context < 0) fail(where, ": key 'context' must be >= 0");
+
+    if (v.has("lm_gen_config")) {
+      io::JsonView g = v.child("lm_gen_config");
+      c.gen.temp = g.get<float>("temp", c.gen.temp);
+      c.gen.temp_text = g.get<float>("temp_text", c.gen.temp_text);
+      c.gen.top_k = g.get<int>("top_k", c.gen.top_k);
+      c.gen.top_k_text = g.get<int>("top_k_text", c.gen.top_k_text);
+      c.gen.use_sampling = g.get<bool>("use_sampling", c.gen.use_sampling);
+    }
+    return c;
+  }
+
+  static LmConfig load(const std::string& path) { return from_json(io::read_json_file(path), path); }
+  static LmConfig moshi_7b() { return from_json(moshi_7b_json(), "moshi 7B defaults"); }
+};
+
+}  // namespace ttt::moshi

@@ -1,0 +1,226 @@
+#pragma once
+// LmGen: moshi's LMGen.step, one frame per call. The token ring with the codebook
+// delays lives on the host (a frame's inputs are 17 integers); the transformer state,
+// the sampling and the depformer run on the backend, and one copy back per frame brings
+// the new tokens. The whole session (KV rings, layer states, token ring, offsets, RNG
+// counter) is a value: snapshot() forks it, save()/load() move it across processes.
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "ttt/io/safetensors.hpp"
+#include "ttt/moshi/lm.hpp"
+
+namespace ttt::moshi {
+
+struct GenOptions {
+  bool use_sampling = true;
+  float temp = 0.8f, temp_text = 0.7f;
+  int top_k = 250, top_k_text = 25;
+  uint64_t seed = 0;
+
+  static GenOptions from(const GenConfig& g) {
+    GenOptions o;
+    o.use_sampling = g.use_sampling;
+    o.temp = g.temp;
+    o.temp_text = g.temp_text;
+    o.top_k = g.top_k;
+    o.top_k_text = g.top_k_text;
+    return o;
+  }
+};
+
+template <class T, class B, class Policies>
+class LmGen {
+ public:
+  using Model = LmModel<T, B, Policies>;
+  using TemporalT = typename Model::TemporalT;
+  using DepformerT = typename Model::DepformerT;
+
+  static constexpr int64_t kUngenerated = -2;
+
+  struct Session {
+    typename TemporalT::State temporal;
+    typename DepformerT::State depformer;  // scratch: reset every frame
+    std::vector<int64_t> cache;            // [B, K, CT] token ring, -2 = not generated yet
+    std::vector<int64_t> offsets;          // [B] frames done per item
+    std::vector<uint8_t> exec;             // [B] exec mask
+    int64_t offset_cpu = 0;                // calls since the last full reset
+    int64_t frame = 0;                     // RNG counter: never reset, so forks can diverge by seed only
+    int64_t batch() const { return int64_t(offsets.size()); }
+  };
+
+  LmGen(const Model& model, GenOptions opt) : m_(model), opt_(opt) {}
+
+  const Model& model() const { return m_; }
+  const GenOptions& options() const { return opt_; }
+  int64_t ring_size() const { return m_.cfg.max_delay() + 2; }
+  int64_t num_user_codebooks() const { return m_.cfg.num_codebooks() - m_.cfg.dep_q - 1; }
+
+  Session start(int64_t batch) const {
+    TTT_CHECK(batch > 0, "generate: batch must be positive, got ", batch);
+    Session s;
+    s.temporal = TemporalT::init_state(m_.transformer, batch, true);
+    if (m_.cfg.dep_q > 0) s.depformer = DepformerT::init_state(m_.depformer, batch, true);
+    s.cache.assign(size_t(batch * m_.cfg.num_codebooks() * ring_size()), kUngenerated);
+    s.offsets.assign(size_t(batch), 0);
+    s.exec.assign(size_t(batch), 1);
+    return s;
+  }
+
+  // user [B, Ki >= n_q - dep_q] host codes for this frame (extra codebooks are ignored).
+  // Returns [B, 1 + dep_q] = [text, audio 0..dep_q-1] of frame o - max_delay, or nothing
+  // while the delays are filling (items not executing get -2).
+  std::optional<Tensor<int64_t, Cpu>> step(Session& s, const Tensor<int64_t, Cpu>& user) const {
+    const auto& c = m_.cfg;
+    const int64_t Bn = s.batch(), K = c.num_codebooks(), CT = ring_size(), nu = num_user_codebooks();
+    TTT_CHECK(user.rank() == 2 && user.size(0) == Bn, "generate: user codes ", user.shape().str(), " for batch ", Bn);
+    TTT_CHECK(user.size(1) >= nu, "generate: expected ", nu, " user codebooks, got ", user.size(1));
+    for (int64_t b = 0; b < Bn; ++b)
+      for (int64_t i = 0; i < nu; ++i) {
+        const int64_t v = user(b, i);
+        if (v < -1 || v >= c.card)
+          fail("generate: user code ", v, " (item ", b, ", codebook ", i, ") is out of range [-1, ", c.card, ")");
+      }
+    auto at = [&](int64_t b, int64_t k, int64_t slot) -> int64_t& {
+      return s.cache[size_t((b * K + k) * CT + ((slot % CT) + CT) % CT)];
+    };
+    // 1. user codes enter the ring at their delay; 2. read this frame's inputs.
+    auto tokens = Tensor<int64_t, Cpu>::empty({K, Bn, 1});
+    for (int64_t b = 0; b < Bn; ++b) {
+      const int64_t o = s.offsets[size_t(b)];
+      if (s.exec[size_t(b)])
+        for (int64_t k = c.dep_q + 1; k < K; ++k) at(b, k, o + c.delays[size_t(k)]) = user(b, k - c.dep_q - 1);
+      for (int64_t k = 0; k < K; ++k) {
+        const bool init = o <= c.delays[size_t(k)] || !s.exec[size_t(b)];
+        const int64_t v = init ? (k == 0 ? c.text_card : c.card) : at(b, k, o);
+        TTT_CHECK(v != kUngenerated, "generate: internal error: ungenerated token fed at item ", b, " codebook ", k);
+        tokens(k, b, 0) = v;
+      }
+    }
+    auto gen = run_frame(s, tokens);  // [B, 1 + dep_q]
+    // 3. commit this frame's tokens.
+    for (int64_t b = 0; b < Bn; ++b) {
+      if (!s.exec[size_t(b)]) continue;
+      const int64_t o = ++s.offsets[size_t(b)];
+      for (int64_t k = 0; k <= c.dep_q; ++k) at(b, k, o) = gen(b, k);
+    }
+    ++s.offset_cpu;
+    ++s.frame;
+    if (s.offset_cpu <= c.max_delay()) return std::nullopt;
+    auto out = Tensor<int64_t, Cpu>::empty({Bn, 1 + c.dep_q});
+    for (int64_t b = 0; b < Bn; ++b) {
+      const int64_t o = s.offsets[size_t(b)];
+      const bool masked = o <= c.max_delay() || !s.exec[size_t(b)];
+      for (int64_t k = 0; k <= c.dep_q; ++k)
+        out(b, k) = masked ? kUngenerated : at(b, k, o - c.max_delay() + c.delays[size_t(k)]);
+    }
+    return out;
+  }
+
+  // Per-item reset: the item starts a new conversation; the others continue.
+  void reset(Session& s, const std::vector<uint8_t>& mask) const {
+    TTT_CHECK(int64_t(mask.size()) == s.batch(), "reset: mask has ", mask.size(), " entries for batch ", s.batch());
+    bool all = true;
+    for (int64_t b = 0; b < s.batch(); ++b) {
+      if (!mask[size_t(b)]) {
+        all = false;
+        continue;
+      }
+      s.offsets[size_t(b)] = 0;
+      const int64_t K = m_.cfg.num_codebooks(), CT = ring_size();
+      std::fill(s.cache.begin() + b * K * CT, s.cache.begin() + (b + 1) * K * CT, kUngenerated);
+    }
+    const int64_t keep_step = s.temporal.step;
+    TemporalT::reset(m_.transformer, s.temporal, mask);
+    // moshi resets offset_cpu whatever the mask (it only gates the first returns).
+    s.offset_cpu = 0;
+    if (!all) s.temporal.step = keep_step;
+  }
+
+  // Items with mask 0 still compute but change nothing (asynchronous batching).
+  void set_exec_mask(Session& s, const std::vector<uint8_t>& mask) const {
+    TTT_CHECK(int64_t(mask.size()) == s.batch(), "set_exec_mask: mask has ", mask.size(), " entries for batch ",
+              s.batch());
+    s.exec = mask;
+  }
+
+  Session snapshot(const Session& s) const {
+    Session c = s;
+    c.temporal = TemporalT::clone(s.temporal);
+    if (m_.cfg.dep_q > 0) c.depformer = DepformerT::clone(s.depformer);
+    return c;
+  }
+
+  void save(const Session& s, const std::string& path) const {
+    io::SafeTensorsWriter w;
+    w.add_metadata("format", "ttt-moshi-session");
+    w.add_metadata("version", "1");
+    w.add("lmgen.cache", Tensor<int64_t, Cpu>::from_vector({s.batch(), m_.cfg.num_codebooks(), ring_size()}, s.cache));
+    w.add("lmgen.offsets", Tensor<int64_t, Cpu>::from_vector({s.batch()}, s.offsets));
+    w.add("lmgen.exec", Tensor<uint8_t, Cpu>::from_vector({s.batch()}, s.exec));
+    w.add("lmgen.counters", Tensor<int64_t, Cpu>::from_vector({2}, {s.offset_cpu, s.frame}));
+    TemporalT::save(s.temporal, w, "temporal");
+    w.write(path);
+  }
+
+  // Loads a session saved by save() for the same model and batch size.
+  Session load(const std::string& path) const {
+    auto st = io::SafeTensors::open(path);
+    auto meta = st.metadata();
+    if (meta["format"] != "ttt-moshi-session") fail(path, ": not a ttt-moshi session file");
+    auto off = st.load<int64_t>("lmgen.offsets");
+    TTT_CHECK(off.rank() == 1 && off.numel() > 0, path, ": bad 'lmgen.offsets'");
+    Session s = start(off.numel());
+    auto cache = st.load<int64_t>("lmgen.cache");
+    TTT_CHECK(cache.shape() == Shape({s.batch(), m_.cfg.num_codebooks(), ring_size()}), path, ": 'lmgen.cache' has shape ",
+              cache.shape().str(), ", this model needs ", Shape({s.batch(), m_.cfg.num_codebooks(), ring_size()}).str());
+    s.cache = cache.to_vector();
+    s.offsets = off.to_vector();
+    auto ex = st.load<uint8_t>("lmgen.exec");
+    TTT_CHECK(ex.numel() == s.batch(), path, ": 'lmgen.exec' does not match the batch");
+    s.exec = ex.to_vector();
+    auto ctr = st.load<int64_t>("lmgen.counters").to_vector();
+    TTT_CHECK(ctr.size() == 2, path, ": bad 'lmgen.counters'");
+    s.offset_cpu = ctr[0];
+    s.frame = ctr[1];
+    TemporalT::load_state(s.temporal, st, "temporal");
+    return s;
+  }
+
+ private:
+  // One frame: temporal step, text sampling, depformer. tokens [K, B, 1] host.
+  Tensor<int64_t, Cpu> run_frame(Session& s, const Tensor<int64_t, Cpu>& tokens) const {
+    const auto& c = m_.cfg;
+    const int64_t Bn = s.batch();
+    auto exec_dev = Tensor<uint8_t, B>::from_vector({Bn}, s.exec);
+    auto counter = Tensor<int64_t, B>::from_vector({1}, {s.frame});
+    auto [h, text_logits] = m_.forward_text(nn::to_backend<B>(tokens), s.temporal, s.exec, exec_dev);
+    auto out = Tensor<int64_t, B>::empty({Bn, 1 + c.dep_q});
+    auto text_tok = Tensor<int64_t, B>::empty({Bn});
+    ops::sample(text_tok, text_logits.reshape({Bn, c.text_card_out}),
+                SampleParams{opt_.use_sampling ? opt_.temp_text : 0.f, opt_.top_k_text, opt_.seed, 0}, counter);
+    out.select(1, 0).copy_from(text_tok);
+    if (c.dep_q > 0) {
+      DepformerT::reset(m_.depformer, s.depformer, std::vector<uint8_t>(size_t(Bn), 1));
+      auto hr = h.reshape({Bn, c.dim});
+      Tensor<int64_t, B> prev = text_tok;
+      for (int64_t k = 0; k < c.dep_q; ++k) {
+        auto x = m_.depformer_input(k, hr, prev).reshape({Bn, 1, c.depformer.d_model});
+        DepformerT::forward(m_.depformer, s.depformer, x, {}, {});
+        auto logits = m_.audio_logits(k, x.reshape({Bn, c.depformer.d_model}));
+        auto tok = Tensor<int64_t, B>::empty({Bn});
+        ops::sample(tok, logits, SampleParams{opt_.use_sampling ? opt_.temp : 0.f, opt_.top_k, opt_.seed, uint32_t(1 + k)},
+                    counter);
+        out.select(1, 1 + k).copy_from(tok);
+        prev = tok;
+      }
+    }
+    return out.template to<Cpu>();
+  }
+
+  const Model& m_;
+  GenOptions opt_;
+};
+
+}  // namespace ttt::moshi

@@ -1,0 +1,167 @@
+#pragma once
+// Moshi's StreamingTransformer over a compile-time list of layer policies. Each layer is
+// a std::variant over the policies' Params; the config's "ttt" list picks the policy per
+// layer (plain attention when a layer is not listed).
+#include <string>
+#include <variant>
+#include <vector>
+
+#include "ttt/moshi/layer.hpp"
+
+namespace ttt::moshi {
+
+template <class T, class B, class List>
+class Transformer;
+
+template <class T, class B, template <class, class> class... Ps>
+class Transformer<T, B, PolicyList<Ps...>> {
+ public:
+  using LayerParams = std::variant<typename Ps<T, B>::Params...>;
+  using LayerState = std::variant<typename Ps<T, B>::State...>;
+
+  struct Params {
+    TransformerConfig cfg;
+    std::vector<LayerParams> layers;
+  };
+
+  struct State {
+    std::vector<LayerState> layers;
+    std::vector<int64_t> offsets;  // [B] steps since reset (positions), host side
+    int64_t step = 0;              // calls' total length (moshi's offset_cpu)
+    bool streaming = false;
+    int64_t batch() const { return int64_t(offsets.size()); }
+  };
+
+  // `entries[i]` is layer i's "ttt" entry (null for plain attention) and `designs[i]` its
+  // design name.
+  static Params load(io::WeightSource& ws, const std::string& prefix, const TransformerConfig& cfg,
+                     const std::vector<io::Json>& entries = {}, const std::vector<std::string>& designs = {},
+                     const std::string& where = "config") {
+    Params p;
+    p.cfg = cfg;
+    for (int64_t i = 0; i < cfg.num_layers; ++i) {
+      LayerSpec spec{cfg, i, size_t(i) < entries.size() ? entries[size_t(i)] : io::Json(), where};
+      const std::string design = size_t(i) < designs.size() && !designs[size_t(i)].empty() ? designs[size_t(i)] : "attention";
+      const std::string lp = prefix + ".layers." + std::to_string(i);
+      bool found = false;
+      (try_load<Ps>(p, ws, lp, spec, design, found), ...);
+      if (!found) fail(where, ": layer ", i, ": design '", design, "' is not in this engine's policy list");
+    }
+    return p;
+  }
+
+  static State init_state(const Params& p, int64_t batch, bool streaming) {
+    State s;
+    s.streaming = streaming;
+    s.offsets.assign(size_t(batch), 0);
+    for (const auto& lp : p.layers)
+      s.layers.push_back(std::visit(
+          [&](const auto& params) -> LayerState { return policy_of(params).init_state(params, batch, streaming); }, lp));
+    return s;
+  }
+
+  // x [B, T, D] in place. exec_host [B] (empty: all execute) freezes items' state.
+  static void forward(const Params& p, State& s, const Tensor<T, B>& x, const std::vector<uint8_t>& exec_host,
+                      const Tensor<uint8_t, B>& exec_mask, const Tensor<T, B>& embeddings = {}) {
+    const int64_t Bn = x.size(0), Tn = x.size(1);
+    TTT_CHECK(Bn == s.batch(), "transformer: batch ", Bn, " but the state was made for ", s.batch());
+    LayerInput<T, B> in;
+    std::vector<int64_t> pos(size_t(Bn * Tn));
+    for (int64_t b = 0; b < Bn; ++b)
+      for (int64_t t = 0; t < Tn; ++t) pos[size_t(b * Tn + t)] = s.offsets[size_t(b)] + t;
+    in.positions = Tensor<int64_t, B>::from_vector({Bn, Tn}, pos);
+    in.exec_mask = exec_mask;
+    in.exec_host = exec_host;
+    in.step = s.step;
+    in.embeddings = embeddings;
+    forward_with(p, s, x, in);
+  }
+
+  // Same with caller-made inputs (positions already on the backend).
+  static void forward_with(const Params& p, State& s, const Tensor<T, B>& x, const LayerInput<T, B>& in) {
+    const auto& c = p.cfg;
+    if (c.pos_emb == PosEmb::sin || c.pos_emb == PosEmb::sin_rope)
+      ops::add_sin_embedding(x, in.positions, c.max_period, c.positional_scale);
+    for (size_t i = 0; i < p.layers.size(); ++i)
+      std::visit(
+          [&](const auto& params) {
+            using P = decltype(policy_of(params));
+            P::forward(params, std::get<typename P::State>(s.layers[i]), x, in);
+          },
+          p.layers[i]);
+    const int64_t Tn = x.size(1);
+    for (size_t b = 0; b < s.offsets.size(); ++b)
+      if (in.exec_host.empty() || in.exec_host[b]) s.offsets[b] += Tn;
+    s.step += Tn;
+  }
+
+  static void reset(const Params& p, State& s, const std::vector<uint8_t>& mask) {
+    for (size_t b = 0; b < s.offsets.size(); ++b)
+      if (mask[b]) s.offsets[b] = 0;
+    s.step = 0;
+    for (size_t i = 0; i < s.layers.size(); ++i)
+      std::visit([&](auto& st) { policy_of_state(st).reset(st, mask); }, s.layers[i]);
+  }
+
+  static State clone(const State& s) {
+    State c;
+    c.offsets = s.offsets;
+    c.step = s.step;
+    c.streaming = s.streaming;
+    for (const auto& l : s.layers)
+      c.layers.push_back(std::visit([](const auto& st) -> LayerState { return policy_of_state(st).clone(st); }, l));
+    return c;
+  }
+
+  static void save(const State& s, io::SafeTensorsWriter& w, const std::string& prefix) {
+    w.add(prefix + ".offsets", Tensor<int64_t, Cpu>::from_vector({int64_t(s.offsets.size())}, s.offsets));
+    w.add(prefix + ".step", Tensor<int64_t, Cpu>::from_vector({1}, {s.step}));
+    for (size_t i = 0; i < s.layers.size(); ++i)
+      std::visit([&](const auto& st) { policy_of_state(st).save(st, w, prefix + ".layers." + std::to_string(i)); },
+                 s.layers[i]);
+  }
+  static void load_state(State& s, const io::SafeTensors& st, const std::string& prefix) {
+    auto off = st.load<int64_t>(prefix + ".offsets");
+    TTT_CHECK(off.numel() == int64_t(s.offsets.size()), st.path(), ": '", prefix, ".offsets' holds ", off.numel(),
+              " batch items, this session has ", s.offsets.size());
+    s.offsets = off.to_vector();
+    s.step = st.load<int64_t>(prefix + ".step").to_vector().at(0);
+    for (size_t i = 0; i < s.layers.size(); ++i)
+      std::visit([&](auto& ls) { policy_of_state(ls).load_state(ls, st, prefix + ".layers." + std::to_string(i)); },
+                 s.layers[i]);
+  }
+
+  // Index of the policy a layer uses (for `info`).
+  static const char* design_of(const LayerParams& lp) {
+    return std::visit([](const auto& params) { return decltype(policy_of(params))::design; }, lp);
+  }
+
+ private:
+  template <template <class, class> class P>
+  static void try_load(Params& p, io::WeightSource& ws, const std::string& prefix, const LayerSpec& spec,
+                       const std::string& design, bool& found) {
+    if (found || design != P<T, B>::design) return;
+    found = true;
+    p.layers.emplace_back(std::in_place_type<typename P<T, B>::Params>, P<T, B>::load(ws, prefix, spec));
+  }
+
+  // Maps a Params / State type back to its policy (each policy's types are distinct).
+  template <class X>
+  static auto policy_of(const X&) {
+    return find_policy<X, true, Ps...>();
+  }
+  template <class X>
+  static auto policy_of_state(const X&) {
+    return find_policy<X, false, Ps...>();
+  }
+  template <class X, bool ByParams, template <class, class> class P, template <class, class> class... Rest>
+  static auto find_policy() {
+    using Pol = P<T, B>;
+    if constexpr (std::is_same_v<X, std::conditional_t<ByParams, typename Pol::Params, typename Pol::State>>)
+      return Pol{};
+    else
+      return find_policy<X, ByParams, Rest...>();
+  }
+};
+
+}  // namespace ttt::moshi

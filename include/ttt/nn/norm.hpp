@@ -1,0 +1,44 @@
+#pragma once
+// Moshi's norms: LayerNorm (weight, bias) and RMSNorm (alpha [1, 1, D]); statistics in
+// fp32 for every engine dtype.
+#include <string>
+
+#include "ttt/backend/ops.hpp"
+#include "ttt/io/weight_source.hpp"
+#include "ttt/moshi/config.hpp"
+#include "ttt/nn/module.hpp"
+
+namespace ttt::nn {
+
+template <class T, class B>
+struct Norm {
+  moshi::NormKind kind = moshi::NormKind::layer_norm;
+  float eps = 1e-5f;
+  Tensor<T, B> weight;  // [D] (alpha for RMS norms)
+  Tensor<T, B> bias;    // [D] (layer norms only)
+
+  static Norm load(io::WeightSource& ws, const std::string& prefix, int64_t dim, moshi::NormKind kind) {
+    Norm n;
+    n.kind = kind;
+    n.eps = moshi::norm_eps(kind);
+    if (moshi::is_rms(kind)) {
+      n.weight = to_backend<B>(ws.get_or_init<T>(prefix + ".alpha", {1, 1, dim}, io::Init::constant(1.f)).reshape({dim}));
+    } else {
+      n.weight = to_backend<B>(ws.get_or_init<T>(prefix + ".weight", {dim}, io::Init::constant(1.f)));
+      n.bias = to_backend<B>(ws.get_or_init<T>(prefix + ".bias", {dim}, io::Init::constant(0.f)));
+    }
+    return n;
+  }
+
+  void operator()(const Tensor<T, B>& out, const Tensor<T, B>& in) const {
+    if (moshi::is_rms(kind)) ops::rms_norm(out, in, weight, eps);
+    else ops::layer_norm(out, in, weight, bias, eps);
+  }
+  Tensor<T, B> operator()(const Tensor<T, B>& in) const {
+    auto out = Tensor<T, B>::empty(in.shape());
+    (*this)(out, in);
+    return out;
+  }
+};
+
+}  // namespace ttt::nn
