@@ -142,13 +142,11 @@ struct LmModel {
     Tensor<uint8_t, Cpu> text_mask;  // [B, 1, T]
   };
 
-  // LMModel.forward(codes): codes [B, K, T] on the host.
-  Output forward(const Tensor<int64_t, Cpu>& codes) const {
+  // Delays each codebook and prepends the initial tokens (moshi's _delay_sequence):
+  // returns (transformer inputs = delayed[:, :, :-1], depformer inputs = delayed[:, :, 1:]),
+  // both codebook-major [K, B, T].
+  std::pair<Tensor<int64_t, Cpu>, Tensor<int64_t, Cpu>> delayed_inputs(const Tensor<int64_t, Cpu>& codes) const {
     const int64_t Bn = codes.size(0), K = codes.size(1), Tn = codes.size(2);
-    TTT_CHECK(K == cfg.num_codebooks(), "forward: codes have ", K, " codebooks, the model expects ", cfg.num_codebooks());
-    check_tokens(codes, "forward: codes");
-    // Delay each codebook, prepend the initial tokens: input = delayed[:, :, :-1],
-    // depformer targets-as-inputs = delayed[:, :, 1:]. Stored codebook-major [K, B, T].
     auto in = Tensor<int64_t, Cpu>::empty({K, Bn, Tn}), dep = Tensor<int64_t, Cpu>::empty({K, Bn, Tn});
     for (int64_t k = 0; k < K; ++k) {
       const int64_t d = cfg.delays[size_t(k)], init = k == 0 ? cfg.text_card : cfg.card;
@@ -159,6 +157,15 @@ struct LmModel {
           if (s > 0) dep(k, b, s - 1) = v;
         }
     }
+    return {in, dep};
+  }
+
+  // LMModel.forward(codes): codes [B, K, T] on the host.
+  Output forward(const Tensor<int64_t, Cpu>& codes) const {
+    const int64_t Bn = codes.size(0), K = codes.size(1), Tn = codes.size(2);
+    TTT_CHECK(K == cfg.num_codebooks(), "forward: codes have ", K, " codebooks, the model expects ", cfg.num_codebooks());
+    check_tokens(codes, "forward: codes");
+    auto [in, dep] = delayed_inputs(codes);
     auto st = TemporalT::init_state(transformer, Bn, false);
     auto [h, text_logits] = forward_text(nn::to_backend<B>(in), st, {}, {});
 
