@@ -6,9 +6,11 @@
 #include <catch2/generators/catch_generators.hpp>
 #include <catch2/matchers/catch_matchers_string.hpp>
 #define TTT_CATCH3 1
+#define TTT_CONTAINS(s) Catch::Matchers::ContainsSubstring(s)
 #else
 #include <catch2/catch.hpp>
 #define TTT_CATCH3 0
+#define TTT_CONTAINS(s) Catch::Matchers::Contains(s)
 #endif
 #include <cstdlib>
 #include <string>
