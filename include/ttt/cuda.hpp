@@ -6,3 +6,4 @@
 #include "ttt/backend/cuda/context.hpp"
 #include "ttt/backend/cuda/memory.hpp"
 #include "ttt/backend/cuda/kernels.hpp"
+#include "ttt/backend/cuda/graph.hpp"

@@ -43,6 +43,11 @@ struct Memory<Cpu> {
     if (bytes) std::memset(dst, 0, bytes);
   }
   static void synchronize() {}
+  // Staging memory for the per-frame transfers and the ordered copies through it (on the
+  // host both are plain).
+  static std::shared_ptr<void> allocate_pinned(size_t bytes) { return allocate(bytes); }
+  static void from_host_async(void* dst, const void* src, size_t bytes) { copy(dst, src, bytes); }
+  static void to_host_async(void* dst, const void* src, size_t bytes) { copy(dst, src, bytes); }
   static int64_t bytes_in_use() { return detail::host_bytes_in_use().load(); }
 };
 

@@ -8,6 +8,8 @@
 #include <string>
 #include <vector>
 
+#include "ttt/core/arena.hpp"
+#include "ttt/core/graph.hpp"
 #include "ttt/io/safetensors.hpp"
 #include "ttt/moshi/lm.hpp"
 
@@ -39,7 +41,20 @@ class LmGen {
 
   static constexpr int64_t kUngenerated = -2;
 
+  // Per-session device plumbing of a frame: staging buffers (pinned on CUDA), the arena
+  // that makes a frame's allocations replayable, and the captured graph. Never shared
+  // between sessions: a graph bakes in the addresses of one session's state.
+  struct FrameRuntime {
+    Arena<B> arena{size_t(16) << 20};
+    FrameGraph<B> graph;
+    std::shared_ptr<void> host_in, host_out;  // staging
+    std::shared_ptr<void> dev_in, dev_out;
+    Tensor<int64_t, B> dep_positions;  // [dep_q, B, 1]: the depformer's step k is position k
+    size_t in_bytes = 0, out_bytes = 0;
+  };
+
   struct Session {
+    std::shared_ptr<FrameRuntime> rt;
     typename TemporalT::State temporal;
     typename DepformerT::State depformer;  // scratch: reset every frame
     std::vector<int64_t> cache;            // [B, K, CT] token ring, -2 = not generated yet
@@ -65,8 +80,12 @@ class LmGen {
     s.cache.assign(size_t(batch * m_.cfg.num_codebooks() * ring_size()), kUngenerated);
     s.offsets.assign(size_t(batch), 0);
     s.exec.assign(size_t(batch), 1);
+    s.rt = make_runtime(batch);
     return s;
   }
+
+  // Capturing frames into CUDA graphs is on by default where the layers allow it.
+  void set_graphs(bool on) { graphs_ = on; }
 
   // user [B, Ki >= n_q - dep_q] host codes for this frame (extra codebooks are ignored).
   // Returns [B, 1 + dep_q] = [text, audio 0..dep_q-1] of frame o - max_delay, or nothing
@@ -99,6 +118,7 @@ class LmGen {
       }
     }
     auto gen = run_frame(s, tokens);  // [B, 1 + dep_q]
+    TemporalT::advance(s.temporal, 1, s.exec);
     // 3. commit this frame's tokens.
     for (int64_t b = 0; b < Bn; ++b) {
       if (!s.exec[size_t(b)]) continue;
@@ -147,6 +167,7 @@ class LmGen {
 
   Session snapshot(const Session& s) const {
     Session c = s;
+    c.rt = make_runtime(s.batch());
     c.temporal = TemporalT::clone(s.temporal);
     if (m_.cfg.dep_q > 0) c.depformer = DepformerT::clone(s.depformer);
     return c;
@@ -189,26 +210,83 @@ class LmGen {
   }
 
  private:
-  // One frame: temporal step, text sampling, depformer. tokens [K, B, 1] host.
+  std::shared_ptr<FrameRuntime> make_runtime(int64_t batch) const {
+    const auto& c = m_.cfg;
+    NoArenaScope<B> persistent;
+    auto rt = std::make_shared<FrameRuntime>();
+    const int64_t K = c.num_codebooks();
+    // in: tokens [K, B] | positions [B] | counter [1] (int64), then exec [B] (u8); out: [B, 1 + dep_q]
+    rt->in_bytes = size_t(K * batch + batch + 1) * 8 + size_t(batch);
+    rt->out_bytes = size_t(batch * (1 + c.dep_q)) * 8;
+    rt->host_in = Memory<B>::allocate_pinned(rt->in_bytes);
+    rt->host_out = Memory<B>::allocate_pinned(rt->out_bytes);
+    rt->dev_in = Memory<B>::allocate(rt->in_bytes);
+    rt->dev_out = Memory<B>::allocate(rt->out_bytes);
+    if (c.dep_q > 0) {
+      std::vector<int64_t> pos(size_t(c.dep_q * batch));
+      for (int64_t k = 0; k < c.dep_q; ++k)
+        for (int64_t b = 0; b < batch; ++b) pos[size_t(k * batch + b)] = k;
+      rt->dep_positions = Tensor<int64_t, B>::from_vector({c.dep_q, batch, 1}, pos);
+    }
+    rt->graph.set_enabled(graphs_ && TemporalT::graph_safe(m_.transformer));
+    return rt;
+  }
+
+  // One frame: stage the inputs, run the device work (captured and replayed as a graph on
+  // CUDA), one synchronisation, read the new tokens. tokens [K, B, 1] host.
   Tensor<int64_t, Cpu> run_frame(Session& s, const Tensor<int64_t, Cpu>& tokens) const {
     const auto& c = m_.cfg;
-    const int64_t Bn = s.batch();
-    auto exec_dev = Tensor<uint8_t, B>::from_vector({Bn}, s.exec);
-    auto counter = Tensor<int64_t, B>::from_vector({1}, {s.frame});
-    auto [h, text_logits] = m_.forward_text(nn::to_backend<B>(tokens), s.temporal, s.exec, exec_dev);
-    auto out = Tensor<int64_t, B>::empty({Bn, 1 + c.dep_q});
+    const int64_t Bn = s.batch(), K = c.num_codebooks();
+    FrameRuntime& rt = *s.rt;
+    int64_t* hin = static_cast<int64_t*>(rt.host_in.get());
+    std::copy(tokens.data(), tokens.data() + K * Bn, hin);
+    std::copy(s.temporal.offsets.begin(), s.temporal.offsets.end(), hin + K * Bn);
+    hin[K * Bn + Bn] = s.frame;
+    std::copy(s.exec.begin(), s.exec.end(), reinterpret_cast<uint8_t*>(hin + K * Bn + Bn + 1));
+    rt.graph.run([&] { frame_work(s); });
+    Memory<B>::synchronize();
+    auto out = Tensor<int64_t, Cpu>::empty({Bn, 1 + c.dep_q});
+    const int64_t* hout = static_cast<const int64_t*>(rt.host_out.get());
+    std::copy(hout, hout + out.numel(), out.data());
+    return out;
+  }
+
+  // The device work of a frame (see FrameGraph for the rules it follows).
+  void frame_work(Session& s) const {
+    const auto& c = m_.cfg;
+    const int64_t Bn = s.batch(), K = c.num_codebooks();
+    FrameRuntime& rt = *s.rt;
+    ArenaScope<B> scope(rt.arena);
+    Memory<B>::from_host_async(rt.dev_in.get(), rt.host_in.get(), rt.in_bytes);
+    int64_t* din = static_cast<int64_t*>(rt.dev_in.get());
+    auto tokens = Tensor<int64_t, B>::borrow(din, {K, Bn, 1});
+    LayerInput<T, B> in;
+    in.positions = Tensor<int64_t, B>::borrow(din + K * Bn, {Bn, 1});
+    auto counter = Tensor<int64_t, B>::borrow(din + K * Bn + Bn, {1});
+    in.exec_mask = Tensor<uint8_t, B>::borrow(reinterpret_cast<uint8_t*>(din + K * Bn + Bn + 1), {Bn});
+    in.exec_host = s.exec;
+    in.step = s.temporal.step;
+    auto out = Tensor<int64_t, B>::borrow(static_cast<int64_t*>(rt.dev_out.get()), {Bn, 1 + c.dep_q});
+
+    auto x = m_.embed(tokens);
+    if (TemporalT::needs_embeddings(m_.transformer)) in.embeddings = x.clone();
+    TemporalT::run(m_.transformer, s.temporal, x, in);
+    auto h = m_.out_norm(x).reshape({Bn, c.dim});
+    auto text_logits = m_.text_head(h);
     auto text_tok = Tensor<int64_t, B>::empty({Bn});
-    ops::sample(text_tok, text_logits.reshape({Bn, c.text_card_out}),
-                SampleParams{opt_.use_sampling ? opt_.temp_text : 0.f, opt_.top_k_text, opt_.seed, 0}, counter);
+    ops::sample(text_tok, text_logits, SampleParams{opt_.use_sampling ? opt_.temp_text : 0.f, opt_.top_k_text, opt_.seed, 0},
+                counter);
     out.select(1, 0).copy_from(text_tok);
     if (c.dep_q > 0) {
       DepformerT::reset(m_.depformer, s.depformer, std::vector<uint8_t>(size_t(Bn), 1));
-      auto hr = h.reshape({Bn, c.dim});
       Tensor<int64_t, B> prev = text_tok;
+      LayerInput<T, B> din_k;
       for (int64_t k = 0; k < c.dep_q; ++k) {
-        auto x = m_.depformer_input(k, hr, prev).reshape({Bn, 1, c.depformer.d_model});
-        DepformerT::forward(m_.depformer, s.depformer, x, {}, {});
-        auto logits = m_.audio_logits(k, x.reshape({Bn, c.depformer.d_model}));
+        auto xk = m_.depformer_input(k, h, prev).reshape({Bn, 1, c.depformer.d_model});
+        din_k.positions = rt.dep_positions.select(0, k);
+        din_k.step = k;
+        DepformerT::run(m_.depformer, s.depformer, xk, din_k);
+        auto logits = m_.audio_logits(k, xk.reshape({Bn, c.depformer.d_model}));
         auto tok = Tensor<int64_t, B>::empty({Bn});
         ops::sample(tok, logits, SampleParams{opt_.use_sampling ? opt_.temp : 0.f, opt_.top_k, opt_.seed, uint32_t(1 + k)},
                     counter);
@@ -216,11 +294,12 @@ class LmGen {
         prev = tok;
       }
     }
-    return out.template to<Cpu>();
+    Memory<B>::to_host_async(rt.host_out.get(), rt.dev_out.get(), rt.out_bytes);
   }
 
   const Model& m_;
   GenOptions opt_;
+  bool graphs_ = true;
 };
 
 }  // namespace ttt::moshi

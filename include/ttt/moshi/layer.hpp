@@ -3,6 +3,8 @@
 //
 // A policy P<T, B> is a class with:
 //   static constexpr const char* design;          // the "design" name in the config's "ttt" list
+//   static constexpr bool needs_embeddings;       // reads LayerInput::embeddings
+//   static constexpr bool graph_safe;             // forward() is pure device work (CUDA graphs)
 //   struct Params;                                 // immutable weights
 //   struct State;                                  // what changes while streaming
 //   static Params load(io::WeightSource&, const std::string& prefix, const LayerSpec&);
@@ -127,6 +129,8 @@ struct AttentionBlock {
 template <class T, class B>
 struct AttentionLayer {
   static constexpr const char* design = "attention";
+  static constexpr bool needs_embeddings = false;
+  static constexpr bool graph_safe = true;
   using Params = AttentionBlock<T, B>;
   struct State {
     nn::KvRing<T, B> ring;  // undefined in teacher forcing

@@ -107,16 +107,22 @@ struct LmModel {
                                                      const std::vector<uint8_t>& exec_host,
                                                      const Tensor<uint8_t, B>& exec_mask) const {
     auto x = embed(tokens);
-    TemporalT::forward(transformer, st, x, exec_host, exec_mask, x.clone());
+    TemporalT::forward(transformer, st, x, exec_host, exec_mask,
+                       TemporalT::needs_embeddings(transformer) ? x.clone() : Tensor<T, B>{});
     auto h = out_norm(x);
-    auto logits = ops::linear(h, text_linear);
-    if (text_linear_bias.defined()) ops::add_(logits, text_linear_bias);
-    return {h, logits};
+    return {h, text_head(h)};
   }
 
   int64_t depformer_in_index(int64_t k) const {
     if (!cfg.depformer_multi_linear) return 0;
     return cfg.depformer.weights_schedule.empty() ? k : cfg.depformer.weights_schedule[size_t(k)];
+  }
+
+  // Text logits [R, text_card_out] from the normalised temporal output h [R, D].
+  Tensor<T, B> text_head(const Tensor<T, B>& h) const {
+    auto logits = ops::linear(h, text_linear);
+    if (text_linear_bias.defined()) ops::add_(logits, text_linear_bias);
+    return logits;
   }
 
   // logits [R, card] of codebook k from the depformer output y [R, Dd].

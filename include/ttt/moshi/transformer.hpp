@@ -79,6 +79,13 @@ class Transformer<T, B, PolicyList<Ps...>> {
 
   // Same with caller-made inputs (positions already on the backend).
   static void forward_with(const Params& p, State& s, const Tensor<T, B>& x, const LayerInput<T, B>& in) {
+    run(p, s, x, in);
+    advance(s, x.size(1), in.exec_host);
+  }
+
+  // The device work of a call, without the host bookkeeping: this is what a CUDA graph
+  // captures, so it must not branch on host state that changes from frame to frame.
+  static void run(const Params& p, State& s, const Tensor<T, B>& x, const LayerInput<T, B>& in) {
     const auto& c = p.cfg;
     if (c.pos_emb == PosEmb::sin || c.pos_emb == PosEmb::sin_rope)
       ops::add_sin_embedding(x, in.positions, c.max_period, c.positional_scale);
@@ -89,10 +96,29 @@ class Transformer<T, B, PolicyList<Ps...>> {
             P::forward(params, std::get<typename P::State>(s.layers[i]), x, in);
           },
           p.layers[i]);
-    const int64_t Tn = x.size(1);
+  }
+
+  // Host bookkeeping after a call of T steps.
+  static void advance(State& s, int64_t Tn, const std::vector<uint8_t>& exec_host) {
     for (size_t b = 0; b < s.offsets.size(); ++b)
-      if (in.exec_host.empty() || in.exec_host[b]) s.offsets[b] += Tn;
+      if (exec_host.empty() || exec_host[b]) s.offsets[b] += Tn;
     s.step += Tn;
+  }
+
+  // True when some layer's policy reads the frame's token-embedding sum.
+  static bool needs_embeddings(const Params& p) {
+    bool any = false;
+    for (const auto& lp : p.layers)
+      any = any || std::visit([](const auto& params) { return decltype(policy_of(params))::needs_embeddings; }, lp);
+    return any;
+  }
+  // False when some layer's forward depends on host state that a replayed graph would not
+  // update (the engine then runs frames eagerly).
+  static bool graph_safe(const Params& p) {
+    bool ok = true;
+    for (const auto& lp : p.layers)
+      ok = ok && std::visit([](const auto& params) { return decltype(policy_of(params))::graph_safe; }, lp);
+    return ok;
   }
 
   static void reset(const Params& p, State& s, const std::vector<uint8_t>& mask) {

@@ -21,7 +21,6 @@ template <class T, class B>
 struct KvRing {
   Tensor<T, B> k, v;       // [B, Hk, C, hd]
   Tensor<int64_t, B> pos;  // [B, C]
-  bool empty = true;       // nothing written for any item: a prefill may skip the ring
 
   static KvRing make(int64_t batch, int64_t heads, int64_t capacity, int64_t head_dim) {
     NoArenaScope<B> persistent;  // outlives the step that may create it
@@ -37,11 +36,13 @@ struct KvRing {
 
   void reset(const std::vector<uint8_t>& mask) {
     bool all = true;
-    for (int64_t b = 0; b < pos.size(0); ++b) {
-      if (mask[size_t(b)]) ops::fill(pos.slice(0, b, b + 1), -1.0);
-      else all = false;
+    for (size_t b = 0; b < mask.size(); ++b) all = all && mask[b];
+    if (all) {
+      ops::fill(pos, -1.0);
+      return;
     }
-    if (all) empty = true;
+    for (int64_t b = 0; b < pos.size(0); ++b)
+      if (mask[size_t(b)]) ops::fill(pos.slice(0, b, b + 1), -1.0);
   }
   KvRing clone() const {
     NoArenaScope<B> persistent;
@@ -49,7 +50,6 @@ struct KvRing {
     r.k = k.clone();
     r.v = v.clone();
     r.pos = pos.clone();
-    r.empty = empty;
     return r;
   }
   void save(io::SafeTensorsWriter& w, const std::string& prefix) const {
@@ -68,7 +68,6 @@ struct KvRing {
     get(k, prefix + ".k");
     get(v, prefix + ".v");
     get(pos, prefix + ".pos");
-    empty = false;
   }
 };
 
@@ -138,19 +137,17 @@ struct Mha {
     }
     auto o = Tensor<T, B>::empty({Bn, Tn, H, hd});
     const AttentionParams ap{context, 1.f / std::sqrt(float(hd))};
-    if (!ring || ring->empty) {
+    // The code path depends only on (ring?, T): a frame captured in a CUDA graph stays valid
+    // across resets, which only rewrite slot positions on the device.
+    if (!ring) {
       ops::attention(o, q, k.transpose(1, 2), v.transpose(1, 2), positions, positions, ap);
-      if (ring) {
-        ops::kv_write(ring->k, ring->v, ring->pos, k, v, positions, exec_mask);
-        ring->empty = false;
-      }
     } else if (Tn == 1) {
       // One new step cannot evict a key it still needs (capacity >= context).
       ops::kv_write(ring->k, ring->v, ring->pos, k, v, positions, exec_mask);
       ops::attention(o, q, ring->k, ring->v, positions, ring->pos, ap);
     } else {
-      // Several steps after earlier ones: attend over the ring plus this call's keys, so
-      // no key is evicted before the queries of this call have seen it.
+      // Several steps: attend over the ring plus this call's keys, so no key is evicted
+      // before the queries of this call have seen it.
       const int64_t C = ring->capacity();
       auto kc = Tensor<T, B>::empty({Bn, Hk, C + Tn, hd}), vc = Tensor<T, B>::empty({Bn, Hk, C + Tn, hd});
       auto pc = Tensor<int64_t, B>::empty({Bn, C + Tn});

@@ -108,6 +108,23 @@ struct Memory<Cuda> {
     if (bytes) TTT_CUDA_CHECK(cudaMemsetAsync(dst, 0, bytes, cuda::Context::get().stream()));
   }
   static void synchronize() { cuda::Context::get().synchronize(); }
+  // Page-locked host memory: copies from and to it are truly asynchronous and can be
+  // captured in a CUDA graph (the frame's inputs and outputs travel through it).
+  static std::shared_ptr<void> allocate_pinned(size_t bytes) {
+    void* p = nullptr;
+    TTT_CUDA_CHECK(cudaMallocHost(&p, bytes ? bytes : 1));
+    return std::shared_ptr<void>(p, [](void* q) { cudaFreeHost(q); });
+  }
+  // Ordered on the stream, no synchronisation: `src`/`dst` must be pinned and stay valid
+  // until the stream reaches the copy.
+  static void from_host_async(void* dst, const void* src, size_t bytes) {
+    if (bytes)
+      TTT_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, cuda::Context::get().stream()));
+  }
+  static void to_host_async(void* dst, const void* src, size_t bytes) {
+    if (bytes)
+      TTT_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, cuda::Context::get().stream()));
+  }
   static int64_t bytes_in_use() { return int64_t(cuda::CachingAllocator::get().in_use()); }
 };
 
