@@ -4,6 +4,7 @@
 
 #include "ttt/backend/ops.hpp"
 #include "ttt/config.hpp"
+#include "ttt/core/rng.hpp"
 
 namespace ttt::math {
 
@@ -45,6 +46,19 @@ TTT_HD inline float rope_freq(int i, int D, float max_period) {
   // moshi: ds * (-math.log(max_period) * 2 / D) -- the constant in double, rounded once.
   const float c = float(-log(double(max_period)) * 2.0 / double(D));
   return expf(float(i) * c);
+}
+
+// Element i of ops::random_normal: Box-Muller on Philox words, redrawn (next attempt
+// counter) while |z| > 3.
+TTT_HD inline float truncated_normal(uint64_t seed, uint64_t key, uint64_t i) {
+  for (uint32_t attempt = 0;; ++attempt) {
+    uint32_t c[4] = {uint32_t(i), uint32_t(i >> 32), uint32_t(key) ^ attempt * 0x9E3779B9u, uint32_t(key >> 32)};
+    Philox::generate(c, uint32_t(seed), uint32_t(seed >> 32));
+    const float u1 = (float(c[0] >> 8) + 0.5f) * (1.0f / 16777216.0f);
+    const float u2 = float(c[1] >> 8) * (1.0f / 16777216.0f);
+    const float z = sqrtf(-2.f * logf(u1)) * cosf(6.2831853071795865f * u2);
+    if (fabsf(z) <= 3.f || attempt >= 64) return fabsf(z) <= 3.f ? z : 0.f;
+  }
 }
 
 }  // namespace ttt::math

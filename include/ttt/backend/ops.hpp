@@ -446,5 +446,14 @@ void sample(const Tensor<int64_t, B>& out, const Tensor<T, B>& logits, const Sam
   if (out.numel()) Kernels<B>::sample(out, logits, p, counter);
 }
 
+// Seeded weights: element i is a normal draw of standard deviation `std`, truncated at
+// 3 std, from Philox(seed, key, i) -- the same tensor on every backend, made where it lives
+// (a 7B model's random weights never cross the PCIe bus).
+template <class T, class B>
+void random_normal(const Tensor<T, B>& out, float std, uint64_t seed, uint64_t key) {
+  TTT_CHECK(out.is_contiguous(), "random_normal: needs a contiguous tensor");
+  if (out.numel()) Kernels<B>::random_normal(out, std, seed, key);
+}
+
 }  // namespace ops
 }  // namespace ttt

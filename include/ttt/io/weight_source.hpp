@@ -36,26 +36,12 @@ inline uint64_t fnv1a(const std::string& s) {
   for (unsigned char c : s) h = (h ^ c) * 1099511628211ull;
   return h;
 }
-// Deterministic in (seed, name): the same model comes out whatever order modules load in.
+// Deterministic in (seed, name): the same model comes out whatever order modules load in,
+// and on whichever backend it is made (ops::random_normal).
 inline Tensor<float, Cpu> make_init(const Shape& shape, const Init& init, uint64_t seed, const std::string& name) {
   auto t = Tensor<float, Cpu>::empty(shape);
-  float* p = t.data();
-  const int64_t n = t.numel();
-  if (init.kind == Init::Kind::constant) {
-    std::fill(p, p + n, init.value);
-    return t;
-  }
-  uint64_t state = seed * 0x2545F4914F6CDD1Dull ^ fnv1a(name);
-  for (int64_t i = 0; i < n;) {
-    const double u1 = (double(splitmix64(state) >> 11) + 0.5) * (1.0 / 9007199254740992.0);
-    const double u2 = double(splitmix64(state) >> 11) * (1.0 / 9007199254740992.0);
-    const double r = std::sqrt(-2.0 * std::log(u1));
-    for (double z : {r * std::cos(6.283185307179586 * u2), r * std::sin(6.283185307179586 * u2)}) {
-      if (i >= n) break;
-      if (std::abs(z) > 3.0) continue;  // truncated normal: redraw
-      p[i++] = float(z) * init.value;
-    }
-  }
+  if (init.kind == Init::Kind::constant) ops::fill(t, init.value);
+  else ops::random_normal(t, init.value, seed, fnv1a(name));
   return t;
 }
 }  // namespace detail
@@ -104,6 +90,13 @@ class WeightSource {
     return get<T>(name, shape);
   }
   const std::vector<std::string>& initialised() const { return initialised_; }
+  // For modules that make a missing tensor themselves (on the device): true when `name`
+  // should be initialised; the name is then recorded as initialised.
+  bool claim_init(const std::string& name) {
+    if (has(name) || !random_) return false;
+    initialised_.push_back(name);
+    return true;
+  }
 
   bool has(const std::string& name) const {
     return where_.count(name) || synth_.count(name) || where_.count(lora_base(name));

@@ -73,8 +73,8 @@ struct AttentionBlock {
     p.attn = nn::Mha<T, B>::load(ws, prefix + ".self_attn", c);
     p.ffn = nn::Ffn<T, B>::load(ws, prefix, c);
     if (c.layer_scale) {
-      p.ls1 = nn::to_backend<B>(ws.get_or_init<T>(prefix + ".layer_scale_1.scale", {c.d_model}, io::Init::constant(*c.layer_scale)));
-      p.ls2 = nn::to_backend<B>(ws.get_or_init<T>(prefix + ".layer_scale_2.scale", {c.d_model}, io::Init::constant(*c.layer_scale)));
+      p.ls1 = nn::weight<T, B>(ws, prefix + ".layer_scale_1.scale", {c.d_model}, io::Init::constant(*c.layer_scale));
+      p.ls2 = nn::weight<T, B>(ws, prefix + ".layer_scale_2.scale", {c.d_model}, io::Init::constant(*c.layer_scale));
     }
     return p;
   }

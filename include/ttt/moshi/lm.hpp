@@ -45,7 +45,7 @@ struct LmModel {
     m.cfg = c;
     const int64_t D = c.dim, Dd = c.depformer.d_model;
     auto lin = [&](const std::string& name, int64_t out, int64_t in) {
-      return nn::to_backend<B>(ws.get_or_init<T>(name, {out, in}, io::Init::normal(1.f / std::sqrt(float(in)))));
+      return nn::weight<T, B>(ws, name, {out, in}, io::Init::normal(1.f / std::sqrt(float(in))));
     };
     for (int64_t i = 0; i < c.n_q; ++i)
       m.emb.push_back(nn::Embedding<T, B>::load(ws, "emb." + std::to_string(i), c.card + 1, D, std::nullopt, c.norm_emb));
@@ -54,7 +54,7 @@ struct LmModel {
     m.out_norm = nn::Norm<T, B>::load(ws, "out_norm", D, c.transformer.norm);
     m.text_linear = lin("text_linear.weight", c.text_card_out, D);
     if (c.bias_proj)
-      m.text_linear_bias = nn::to_backend<B>(ws.get_or_init<T>("text_linear.bias", {c.text_card_out}, io::Init::constant(0.f)));
+      m.text_linear_bias = nn::weight<T, B>(ws, "text_linear.bias", {c.text_card_out}, io::Init::constant(0.f));
     if (c.dep_q > 0) {
       for (int64_t i = 0; i < c.num_depformer_in(); ++i)
         m.depformer_in.push_back(lin("depformer_in." + std::to_string(i) + ".weight", Dd, D));
@@ -72,7 +72,7 @@ struct LmModel {
       m.linears.push_back(lin("linears." + std::to_string(i) + ".weight", c.card, Dd));
       if (c.bias_proj)
         m.linears_bias.push_back(
-            nn::to_backend<B>(ws.get_or_init<T>("linears." + std::to_string(i) + ".bias", {c.card}, io::Init::constant(0.f))));
+            nn::weight<T, B>(ws, "linears." + std::to_string(i) + ".bias", {c.card}, io::Init::constant(0.f)));
     }
     for (int64_t i = 0; i < c.extra_heads_num_heads; ++i)
       m.extra_heads.push_back(lin("extra_heads." + std::to_string(i) + ".weight", c.extra_heads_dim, D));

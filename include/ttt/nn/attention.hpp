@@ -104,13 +104,13 @@ struct Mha {
     }
     if (m.in_proj.empty())
       for (int64_t i = 0; i < sets; ++i)
-        m.in_proj.push_back(to_backend<B>(ws.get_or_init<T>(prefix + ".in_projs." + std::to_string(i) + ".weight", {Q, D}, init)));
+        m.in_proj.push_back(nn::weight<T, B>(ws, prefix + ".in_projs." + std::to_string(i) + ".weight", {Q, D}, init));
     if (ws.has(prefix + ".out_proj.weight")) {
       auto w = ws.get<T>(prefix + ".out_proj.weight", {sets * D, D});
       for (int64_t i = 0; i < sets; ++i) m.out_proj.push_back(to_backend<B>(w.slice(0, i * D, (i + 1) * D)));
     } else {
       for (int64_t i = 0; i < sets; ++i)
-        m.out_proj.push_back(to_backend<B>(ws.get_or_init<T>(prefix + ".out_projs." + std::to_string(i) + ".weight", {D, D}, init)));
+        m.out_proj.push_back(nn::weight<T, B>(ws, prefix + ".out_projs." + std::to_string(i) + ".weight", {D, D}, init));
     }
     return m;
   }

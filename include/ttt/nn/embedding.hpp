@@ -25,13 +25,13 @@ struct Embedding {
     Embedding e;
     e.dim = dim;
     const int64_t r = low_rank.value_or(dim);
-    e.table = to_backend<B>(ws.get_or_init<T>(prefix + ".weight", {vocab, r}, io::Init::normal(1.f / std::sqrt(float(r)))));
+    e.table = nn::weight<T, B>(ws, prefix + ".weight", {vocab, r}, io::Init::normal(1.f / std::sqrt(float(r))));
     if (norm) {
-      e.norm_w = to_backend<B>(ws.get_or_init<T>(prefix + ".norm.weight", {r}, io::Init::constant(1.f)));
-      e.norm_b = to_backend<B>(ws.get_or_init<T>(prefix + ".norm.bias", {r}, io::Init::constant(0.f)));
+      e.norm_w = nn::weight<T, B>(ws, prefix + ".norm.weight", {r}, io::Init::constant(1.f));
+      e.norm_b = nn::weight<T, B>(ws, prefix + ".norm.bias", {r}, io::Init::constant(0.f));
     }
     if (low_rank)
-      e.low_rank = to_backend<B>(ws.get_or_init<T>(prefix + ".low_rank.weight", {dim, r}, io::Init::normal(1.f / std::sqrt(float(r)))));
+      e.low_rank = nn::weight<T, B>(ws, prefix + ".low_rank.weight", {dim, r}, io::Init::normal(1.f / std::sqrt(float(r))));
     return e;
   }
 

@@ -34,11 +34,11 @@ struct Ffn {
         // between moshi, candle and mlx for unusual sizes).
         int64_t H = c.gated_hidden(dff);
         if (ws.has(p + ".linear_out.weight")) H = ws.shape_of(p + ".linear_out.weight").d[1];
-        f.w_in.push_back(to_backend<B>(ws.get_or_init<T>(p + ".linear_in.weight", {2 * H, D}, io::Init::normal(1.f / std::sqrt(float(D))))));
-        f.w_out.push_back(to_backend<B>(ws.get_or_init<T>(p + ".linear_out.weight", {D, H}, io::Init::normal(1.f / std::sqrt(float(H))))));
+        f.w_in.push_back(nn::weight<T, B>(ws, p + ".linear_in.weight", {2 * H, D}, io::Init::normal(1.f / std::sqrt(float(D)))));
+        f.w_out.push_back(nn::weight<T, B>(ws, p + ".linear_out.weight", {D, H}, io::Init::normal(1.f / std::sqrt(float(H)))));
       } else {
-        f.w_in.push_back(to_backend<B>(ws.get_or_init<T>(prefix + ".linear1.weight", {dff, D}, io::Init::normal(1.f / std::sqrt(float(D))))));
-        f.w_out.push_back(to_backend<B>(ws.get_or_init<T>(prefix + ".linear2.weight", {D, dff}, io::Init::normal(1.f / std::sqrt(float(dff))))));
+        f.w_in.push_back(nn::weight<T, B>(ws, prefix + ".linear1.weight", {dff, D}, io::Init::normal(1.f / std::sqrt(float(D)))));
+        f.w_out.push_back(nn::weight<T, B>(ws, prefix + ".linear2.weight", {D, dff}, io::Init::normal(1.f / std::sqrt(float(dff)))));
       }
     }
     return f;

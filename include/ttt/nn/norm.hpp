@@ -22,10 +22,10 @@ struct Norm {
     n.kind = kind;
     n.eps = moshi::norm_eps(kind);
     if (moshi::is_rms(kind)) {
-      n.weight = to_backend<B>(ws.get_or_init<T>(prefix + ".alpha", {1, 1, dim}, io::Init::constant(1.f)).reshape({dim}));
+      n.weight = nn::weight<T, B>(ws, prefix + ".alpha", {1, 1, dim}, io::Init::constant(1.f)).reshape({dim});
     } else {
-      n.weight = to_backend<B>(ws.get_or_init<T>(prefix + ".weight", {dim}, io::Init::constant(1.f)));
-      n.bias = to_backend<B>(ws.get_or_init<T>(prefix + ".bias", {dim}, io::Init::constant(0.f)));
+      n.weight = nn::weight<T, B>(ws, prefix + ".weight", {dim}, io::Init::constant(1.f));
+      n.bias = nn::weight<T, B>(ws, prefix + ".bias", {dim}, io::Init::constant(0.f));
     }
     return n;
   }

@@ -330,18 +330,24 @@ struct Kernels<Cpu> {
     const int64_t Bn = x.size(0), Tn = x.size(1), H = x.size(2), D = x.size(3);
     std::vector<float> freq(static_cast<size_t>(D / 2));
     for (int64_t i = 0; i < D / 2; ++i) freq[size_t(i)] = math::rope_freq(int(i), int(D), max_period);
+    // cos/sin once per position, shared by the heads (the trig dominated this op).
+    std::vector<float> cs(static_cast<size_t>(D / 2)), sn(static_cast<size_t>(D / 2));
     for (int64_t b = 0; b < Bn; ++b)
       for (int64_t t = 0; t < Tn; ++t) {
         const float pos = float(positions(b, t));
+        for (int64_t i = 0; i < D / 2; ++i) {
+          const float ang = freq[size_t(i)] * pos;
+          cs[size_t(i)] = std::cos(ang);
+          sn[size_t(i)] = std::sin(ang);
+        }
         for (int64_t h = 0; h < H; ++h) {
           const T* pi = x.data() + b * x.stride(0) + t * x.stride(1) + h * x.stride(2);
           T* po = out.data() + b * out.stride(0) + t * out.stride(1) + h * out.stride(2);
           for (int64_t i = 0; i < D / 2; ++i) {
-            const float ang = freq[size_t(i)] * pos;
-            const float c = std::cos(ang), sn = std::sin(ang);
+            const float c = cs[size_t(i)], s = sn[size_t(i)];
             const float re = to_f32(pi[2 * i]), im = to_f32(pi[2 * i + 1]);
-            po[2 * i] = from_f32<T>(re * c - im * sn);
-            po[2 * i + 1] = from_f32<T>(re * sn + im * c);
+            po[2 * i] = from_f32<T>(re * c - im * s);
+            po[2 * i + 1] = from_f32<T>(re * s + im * c);
           }
         }
       }
@@ -454,6 +460,14 @@ struct Kernels<Cpu> {
   }
 
   template <class T>
+  static void random_normal(const Tensor<T, Cpu>& out, float std, uint64_t seed, uint64_t key) {
+    T* o = out.data();
+    const int64_t n = out.numel();
+#pragma omp parallel for schedule(static) if (n > (int64_t(1) << 16))
+    for (int64_t i = 0; i < n; ++i) o[i] = from_f32<T>(std * math::truncated_normal(seed, key, uint64_t(i)));
+  }
+
+  template <class T>
   static void sample(const Tensor<int64_t, Cpu>& out, const Tensor<T, Cpu>& logits, const SampleParams& p,
                      const Tensor<int64_t, Cpu>& counter) {
     const int64_t N = logits.size(0), V = logits.size(1);
@@ -479,13 +493,21 @@ struct Kernels<Cpu> {
       if (k < V) std::nth_element(idx.begin(), idx.begin() + (k - 1), idx.end(), better);
       float m = -std::numeric_limits<float>::infinity();
       for (int64_t j = 0; j < k; ++j) m = std::max(m, lv(idx[size_t(j)]));
-      int64_t best = idx[0];
-      float best_score = -std::numeric_limits<float>::infinity();
+      // log(p_i / E_i) up to a constant: (l_i - m) / temp - log(E_i).
+      auto score_of = [&](int64_t i) {
+        const float e = Philox::exponential(p.seed, ctr, uint64_t(r * V + i));
+        return (lv(i) - m) / p.temperature - std::log(e);
+      };
+      // The race starts from the top token (first index of the maximum), not from
+      // nth_element's arbitrary idx[0]: when m is infinite the top's score is NaN, no
+      // score compares above it, and the start is the answer on every backend.
+      int64_t best = V;
+      for (int64_t j = 0; j < k; ++j)
+        if (lv(idx[size_t(j)]) == m) best = std::min(best, idx[size_t(j)]);
+      float best_score = score_of(best);
       for (int64_t j = 0; j < k; ++j) {
         const int64_t i = idx[size_t(j)];
-        // log(p_i / E_i) up to a constant: (l_i - m) / temp - log(E_i).
-        const float e = Philox::exponential(p.seed, ctr, uint64_t(r * V + i));
-        const float score = (lv(i) - m) / p.temperature - std::log(e);
+        const float score = score_of(i);
         if (score > best_score || (score == best_score && i < best)) {
           best_score = score;
           best = i;

@@ -54,6 +54,8 @@ struct Kernels<Cuda> {
                        const Tensor<int64_t, Cuda>& ring_pos, const Tensor<T, Cuda>& k, const Tensor<T, Cuda>& v,
                        const Tensor<int64_t, Cuda>& positions, const Tensor<uint8_t, Cuda>& exec_mask);
   template <class T>
+  static void random_normal(const Tensor<T, Cuda>& out, float std, uint64_t seed, uint64_t key);
+  template <class T>
   static void sample(const Tensor<int64_t, Cuda>& out, const Tensor<T, Cuda>& logits, const SampleParams& p,
                      const Tensor<int64_t, Cuda>& counter);
 };

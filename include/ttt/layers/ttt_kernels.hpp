@@ -1,0 +1,73 @@
+#pragma once
+// The inner loop of the TTT layers behind a backend-templated interface. TttKernels<B> is
+// declared here and refuses to compile until a backend specialises it
+// (ttt/layers/ttt_kernels_cpu.hpp for the host; a CUDA specialisation can be dropped in
+// beside it). Everything around the inner loop (projections, RoPE, post_norm, gate,
+// o_proj) is written with the backend-generic ops in ttt_layer.hpp.
+//
+// Contract of TttKernels<B>::inner, per (batch item b, head h), all float32:
+//   the item's tokens start at phase p_b = offset_b mod K inside a mini-batch. The call is
+//   cut at mini-batch boundaries into segments; a segment of n tokens starting at phase p
+//   (p + n <= K) computes, with (W, b) the mini-batch-start state and (S_W, S_b) the
+//   running sums of the tokens of this mini-batch already seen (zero when p = 0):
+//     gradients at the mini-batch-start state:  g_j = ln_fused_l2_bwd(k_j W + b, v_j - k_j)
+//     z̄_i = q_i W + b - τ_{p+i} (q_i S_W + S_b) - Σ_{j<=i} τ_{p+i} lr_j (q_i·k_j + 1) g_j
+//     o_i = q_i + LN(z̄_i)
+//     S_W += Σ_j lr_j k_jᵀ g_j ;  S_b += Σ_j lr_j g_j
+//     if p + n == K (the mini-batch completes): W -= τ_{K-1} S_W, b -= τ_{K-1} S_b, sums = 0
+//   A whole mini-batch (p = 0, n = K) is exactly ttt-lm-pytorch's dual form; a partial one
+//   is its primal form batched over the segment (ttt_reference b.5, b.7, d.2). TTT-MLP is
+//   the same with the two-layer forward and the gradient of both layers (ttt_reference c).
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+#include "ttt/config.hpp"
+#include "ttt/core/backend.hpp"
+#include "ttt/core/tensor.hpp"
+#include "ttt/layers/ttt_config.hpp"
+
+namespace ttt::layers {
+
+// Per-item fast weights and running gradient sums (views into a TttState).
+template <class B>
+struct TttFastWeights {
+  Tensor<float, B> W1, b1;            // [B, nh, f, F], [B, nh, 1, F]  (F = f linear, e*f mlp)
+  Tensor<float, B> W2, b2;            // [B, nh, F, f], [B, nh, 1, f]  (mlp only)
+  Tensor<float, B> W1_grad, b1_grad;  // running sums Σ lr_j k_jᵀ g_j, Σ lr_j g_j; shapes of W1, b1
+  Tensor<float, B> W2_grad, b2_grad;  // (mlp only)
+};
+
+template <class B>
+struct TttInnerArgs {
+  TttConfig::Kind kind = TttConfig::Kind::linear;
+  int64_t mini_batch_size = 16;  // K
+  float eps = 1e-6f;             // ttt_norm eps
+  Tensor<float, B> xq, xk, xv;   // [B, nh, L, f] contiguous, after RoPE
+  Tensor<float, B> lr;           // [B, nh, L]  base_lr * sigmoid(x w_h + b_h) / f
+  Tensor<float, B> tau;          // [K]  max(0, 1/(i+1) + learnable_token_idx[i])
+  Tensor<float, B> ln_weight;    // [nh, f]
+  Tensor<float, B> ln_bias;      // [nh, f]
+  Tensor<float, B> out;          // [B, nh, L, f]  q + LN(z̄)
+  // Host-side, one entry per batch item: where its first token sits in its mini-batch, and
+  // whether its state is written back (0: computed from the state, state left untouched).
+  std::vector<int64_t> phase;
+  std::vector<uint8_t> commit;
+};
+
+// Primary template: a backend without TTT kernels is a compile error, not a link error.
+template <class B>
+struct TttKernels {
+  static_assert(always_false_v<B>,
+                "no TttKernels<B> for this backend: include ttt/layers/ttt_kernels_cpu.hpp (cpu) or the "
+                "backend's TTT kernel header");
+};
+
+// d/dx gelu_tanh(x) with the truncated constants of ttt-lm-pytorch's gelu_bwd (ttt_reference
+// b.9): matching them keeps TTT-MLP within fp32 rounding of the reference.
+TTT_HD inline float gelu_tanh_bwd(float x) {
+  const float t = tanhf(0.79788456f * x * (1.f + 0.044715f * x * x));
+  return 0.5f * x * ((1.f - t * t) * (0.79788456f + 0.1070322243f * x * x)) + 0.5f * (1.f + t);
+}
+
+}  // namespace ttt::layers

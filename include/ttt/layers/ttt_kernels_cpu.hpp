@@ -1,0 +1,346 @@
+#pragma once
+// TttKernels<Cpu>: the TTT inner loop on the host. One task per (batch item, head) runs
+// that head's whole chain of mini-batches (the chain is sequential, heads are
+// independent), with Eigen for the small matrix products and OpenMP over the tasks.
+#include <Eigen/Core>
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#include "ttt/backend/cpu/kernels.hpp"
+#include "ttt/backend/math.hpp"
+#include "ttt/layers/ttt_kernels.hpp"
+
+namespace ttt::layers {
+
+namespace cpu_detail {
+
+using Mat = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+using RowVec = Eigen::Matrix<float, 1, Eigen::Dynamic>;
+using MatMap = Eigen::Map<Mat>;
+using ConstMatMap = Eigen::Map<const Mat>;
+using RowVecMap = Eigen::Map<RowVec>;
+
+// Mean and 1/sqrt(biased var + eps) of one row; double sums because the fixtures are fp64
+// and the row statistics are where fp32 loses the most.
+inline void row_stats(const float* x, int64_t n, float eps, float& mu, float& rstd) {
+  double s = 0;
+  for (int64_t j = 0; j < n; ++j) s += x[j];
+  const double m = s / double(n);
+  double v = 0;
+  for (int64_t j = 0; j < n; ++j) {
+    const double d = double(x[j]) - m;
+    v += d * d;
+  }
+  mu = float(m);
+  rstd = float(1.0 / std::sqrt(v / double(n) + double(eps)));
+}
+
+// out = q + LN_{γ,β}(z), row by row (the layer's o_i = q_i + LN(z̄_i)).
+inline void residual_ln_rows(float* out, const float* q, const Mat& z, const float* gamma, const float* beta,
+                             float eps) {
+  const int64_t n = z.rows(), f = z.cols();
+  for (int64_t i = 0; i < n; ++i) {
+    const float* zi = z.data() + i * f;
+    float mu, rstd;
+    row_stats(zi, f, eps, mu, rstd);
+    for (int64_t d = 0; d < f; ++d) out[i * f + d] = q[i * f + d] + (gamma[d] * ((zi[d] - mu) * rstd) + beta[d]);
+  }
+}
+
+// g = d/dz ½‖LN_{γ,β}(z) − target‖² row by row (ttt-lm-pytorch's ln_fused_l2_bwd):
+// g = (f ĝ − Σĝ − ẑ Σ(ĝ ẑ)) / (f σ), ĝ = (γ ẑ + β − target) γ.
+inline void ln_l2_bwd_rows(Mat& g, const Mat& z, const Mat& target, const float* gamma, const float* beta,
+                           float eps) {
+  const int64_t n = z.rows(), f = z.cols();
+  g.resize(n, f);
+  std::vector<float> zh(static_cast<size_t>(f)), gh(static_cast<size_t>(f));
+  for (int64_t i = 0; i < n; ++i) {
+    const float* zi = z.data() + i * f;
+    const float* ti = target.data() + i * f;
+    float mu, rstd;
+    row_stats(zi, f, eps, mu, rstd);
+    double sg = 0, sgz = 0;
+    for (int64_t d = 0; d < f; ++d) {
+      const float xh = (zi[d] - mu) * rstd;
+      const float gg = (gamma[d] * xh + beta[d] - ti[d]) * gamma[d];
+      zh[size_t(d)] = xh;
+      gh[size_t(d)] = gg;
+      sg += gg;
+      sgz += double(gg) * xh;
+    }
+    const float a = float(sg), c = float(sgz), inv = rstd / float(f);
+    float* gi = g.data() + i * f;
+    for (int64_t d = 0; d < f; ++d) gi[d] = (float(f) * gh[size_t(d)] - a - zh[size_t(d)] * c) * inv;
+  }
+}
+
+// In place: A(i, j) <- τ_{p+i} lr_j (A(i, j) + 1) for j <= i, 0 above the diagonal. The +1
+// folds the bias path (tril(η) G) into the same product as the attention path ((η⊙A) G).
+inline void eta_mask(Mat& A, const float* tau_p, const float* lr) {
+  const int64_t n = A.rows();
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t j = 0; j < n; ++j) A(i, j) = j <= i ? tau_p[i] * lr[j] * (A(i, j) + 1.f) : 0.f;
+}
+
+// gelu_tanh and the reference's gelu_bwd as Eigen array expressions: Eigen's vectorised
+// tanh (|error| <= 3e-7) instead of libm's scalar tanhf, which dominated TTT-MLP.
+using RowArr = Eigen::Array<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+inline void gelu_rows(Mat& out, const Mat& in) {
+  const auto x = in.array();
+  out = (0.5f * x * (1.f + (0.79788456080286536f * (x + 0.044715f * x.cube())).tanh())).matrix();
+}
+// g <- g ⊙ gelu_bwd(z) (truncated constants, see gelu_tanh_bwd).
+inline void mul_gelu_bwd(Mat& g, const Mat& z, RowArr& t) {
+  const auto x = z.array();
+  t = (0.79788456f * x * (1.f + 0.044715f * x.square())).tanh();
+  g.array() *= 0.5f * x * ((1.f - t.square()) * (0.79788456f + 0.1070322243f * x.square())) + 0.5f * (1.f + t);
+}
+
+// Scratch of one (b, h) task, reused across its segments.
+struct Scratch {
+  Mat z1, a1, z2, target, g1, g2, attn, zb1, ab, zb2, carry, lg;
+  RowArr tmp;
+  std::vector<float> local;  // private copy of the state when it must not be written back
+};
+
+struct HeadState {
+  float* W1;
+  float* b1;
+  float* W2;
+  float* b2;
+  float* S1;
+  float* Sb1;
+  float* S2;
+  float* Sb2;
+};
+
+// Runs the whole call for one (b, h): segments cut at mini-batch boundaries.
+inline void run_head(const TttInnerArgs<Cpu>& a, const TttFastWeights<Cpu>& s, int64_t b, int64_t h, Scratch& sc) {
+  const bool mlp = a.kind == TttConfig::Kind::mlp;
+  const int64_t nh = a.xq.size(1), L = a.xq.size(2), f = a.xq.size(3), K = a.mini_batch_size;
+  const int64_t F = s.W1.size(3);
+  const int64_t bh = b * nh + h;
+  const float* q = a.xq.data() + bh * L * f;
+  const float* k = a.xk.data() + bh * L * f;
+  const float* v = a.xv.data() + bh * L * f;
+  const float* lr = a.lr.data() + bh * L;
+  const float* tau = a.tau.data();
+  const float* gamma = a.ln_weight.data() + h * f;
+  const float* beta = a.ln_bias.data() + h * f;
+  float* out = a.out.data() + bh * L * f;
+
+  const int64_t n_w1 = f * F, n_w2 = mlp ? F * f : 0, n_b2 = mlp ? f : 0;
+  HeadState st{s.W1.data() + bh * n_w1,
+               s.b1.data() + bh * F,
+               mlp ? s.W2.data() + bh * n_w2 : nullptr,
+               mlp ? s.b2.data() + bh * n_b2 : nullptr,
+               s.W1_grad.data() + bh * n_w1,
+               s.b1_grad.data() + bh * F,
+               mlp ? s.W2_grad.data() + bh * n_w2 : nullptr,
+               mlp ? s.b2_grad.data() + bh * n_b2 : nullptr};
+  const bool commit = a.commit.empty() || a.commit[size_t(b)];
+  if (!commit) {
+    // Work on a private copy: the outputs are those of a normal call, the state stays.
+    const size_t per = size_t(2 * (n_w1 + F + n_w2 + n_b2));
+    sc.local.resize(per);
+    float* p = sc.local.data();
+    auto take = [&](float*& ptr, int64_t n) {
+      if (!ptr) return;
+      std::memcpy(p, ptr, size_t(n) * sizeof(float));
+      ptr = p;
+      p += n;
+    };
+    take(st.W1, n_w1), take(st.b1, F), take(st.W2, n_w2), take(st.b2, n_b2);
+    take(st.S1, n_w1), take(st.Sb1, F), take(st.S2, n_w2), take(st.Sb2, n_b2);
+  }
+  MatMap W1(st.W1, f, F), S1(st.S1, f, F);
+  RowVecMap b1(st.b1, F), Sb1(st.Sb1, F);
+  MatMap W2(st.W2, mlp ? F : 0, mlp ? f : 0), S2(st.S2, mlp ? F : 0, mlp ? f : 0);
+  RowVecMap b2(st.b2, mlp ? f : 0), Sb2(st.Sb2, mlp ? f : 0);
+
+  int64_t p = ((a.phase[size_t(b)] % K) + K) % K;
+  for (int64_t t = 0; t < L;) {
+    const int64_t n = std::min(L - t, K - p);
+    ConstMatMap Q(q + t * f, n, f), Kx(k + t * f, n, f), V(v + t * f, n, f);
+    const float* lr_t = lr + t;
+    const float* tau_p = tau + p;
+    // Gradients of the self-supervised loss at the mini-batch-start weights.
+    sc.target.noalias() = V - Kx;
+    sc.z1.noalias() = Kx * W1;
+    sc.z1.rowwise() += b1;
+    Mat* last_g;   // gradient of the layer whose output feeds the LN (G for linear, G2 for mlp)
+    if (mlp) {
+      gelu_rows(sc.a1, sc.z1);
+      sc.z2.noalias() = sc.a1 * W2;
+      sc.z2.rowwise() += b2;
+      ln_l2_bwd_rows(sc.g2, sc.z2, sc.target, gamma, beta, a.eps);
+      sc.g1.noalias() = sc.g2 * W2.transpose();
+      mul_gelu_bwd(sc.g1, sc.z1, sc.tmp);
+      last_g = &sc.g2;
+    } else {
+      ln_l2_bwd_rows(sc.g1, sc.z1, sc.target, gamma, beta, a.eps);
+      last_g = &sc.g1;
+    }
+    // First (or only) layer on the queries.
+    sc.attn.noalias() = Q * Kx.transpose();
+    eta_mask(sc.attn, tau_p, lr_t);
+    sc.zb1.noalias() = Q * W1;
+    sc.zb1.rowwise() += b1;
+    sc.zb1.noalias() -= sc.attn * sc.g1;
+    if (p > 0) {
+      sc.carry.noalias() = Q * S1;
+      sc.carry.rowwise() += Sb1;
+      for (int64_t i = 0; i < n; ++i) sc.zb1.row(i) -= tau_p[i] * sc.carry.row(i);
+    }
+    const Mat* zout = &sc.zb1;
+    if (mlp) {
+      gelu_rows(sc.ab, sc.zb1);
+      // Attn2 pairs the query-path activations with the key-path ones (ttt_reference c).
+      sc.attn.noalias() = sc.ab * sc.a1.transpose();
+      eta_mask(sc.attn, tau_p, lr_t);
+      sc.zb2.noalias() = sc.ab * W2;
+      sc.zb2.rowwise() += b2;
+      sc.zb2.noalias() -= sc.attn * sc.g2;
+      if (p > 0) {
+        sc.carry.noalias() = sc.ab * S2;
+        sc.carry.rowwise() += Sb2;
+        for (int64_t i = 0; i < n; ++i) sc.zb2.row(i) -= tau_p[i] * sc.carry.row(i);
+      }
+      zout = &sc.zb2;
+    }
+    residual_ln_rows(out + t * f, q + t * f, *zout, gamma, beta, a.eps);
+    // Running sums (not scaled by τ: the reference's W1_grad / b1_grad).
+    sc.lg = sc.g1;
+    for (int64_t i = 0; i < n; ++i) sc.lg.row(i) *= lr_t[i];
+    S1.noalias() += Kx.transpose() * sc.lg;
+    Sb1 += sc.lg.colwise().sum();
+    if (mlp) {
+      sc.lg = *last_g;
+      for (int64_t i = 0; i < n; ++i) sc.lg.row(i) *= lr_t[i];
+      S2.noalias() += sc.a1.transpose() * sc.lg;
+      Sb2 += sc.lg.colwise().sum();
+    }
+    t += n;
+    p += n;
+    if (p == K) {
+      // The mini-batch is complete: its last row of η moves the weights (commit).
+      const float tl = tau[K - 1];
+      W1 -= tl * S1;
+      b1 -= tl * Sb1;
+      S1.setZero();
+      Sb1.setZero();
+      if (mlp) {
+        W2 -= tl * S2;
+        b2 -= tl * Sb2;
+        S2.setZero();
+        Sb2.setZero();
+      }
+      p = 0;
+    }
+  }
+}
+
+}  // namespace cpu_detail
+
+template <>
+struct TttKernels<Cpu> {
+  // The inner loop over a call for every (b, h); see ttt_kernels.hpp for the contract.
+  static void inner(const TttInnerArgs<Cpu>& a, const TttFastWeights<Cpu>& s) {
+    const int64_t Bn = a.xq.size(0), nh = a.xq.size(1), L = a.xq.size(2), f = a.xq.size(3);
+    const int64_t F = s.W1.size(3);
+    const int64_t tasks = Bn * nh;
+    const int64_t work = tasks * L * f * F;
+    // Threads only for work worth a fork/join (~1 ms): on a busy machine a parallel region
+    // can wait tens of ms for a core, which would dominate a decode step.
+    const int nt = work >= (int64_t(1) << 20) ? int(std::min<int64_t>(cpu::num_threads(), tasks)) : 1;
+#pragma omp parallel num_threads(nt) if (nt > 1)
+    {
+      cpu_detail::Scratch sc;
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t i = 0; i < tasks; ++i) cpu_detail::run_head(a, s, i / nh, i % nh, sc);
+    }
+  }
+
+  // Causal depthwise convs of share_qk on xqk [B, L, C] with history [B, C, kc] (the last kc
+  // inputs before this call, oldest first, zeros at the stream start): out[t, c] =
+  // bias[c] + Σ_m w[c, m] x[t - kc + 1 + m, c]. The history of items with commit = 1 moves on.
+  static void causal_conv(const Tensor<float, Cpu>& out_q, const Tensor<float, Cpu>& out_k,
+                          const Tensor<float, Cpu>& x, const Tensor<float, Cpu>& history,
+                          const Tensor<float, Cpu>& wq, const Tensor<float, Cpu>& bq, const Tensor<float, Cpu>& wk,
+                          const Tensor<float, Cpu>& bk, const std::vector<uint8_t>& commit) {
+    const int64_t Bn = x.size(0), L = x.size(1), C = x.size(2), kc = history.size(2);
+    std::vector<float> win(static_cast<size_t>(kc - 1 + L));
+    for (int64_t b = 0; b < Bn; ++b)
+      for (int64_t c = 0; c < C; ++c) {
+        float* hist = history.data() + (b * C + c) * kc;
+        // win = [x[-kc+1], ..., x[-1], x[0], ..., x[L-1]]
+        for (int64_t j = 0; j < kc - 1; ++j) win[size_t(j)] = hist[j + 1];
+        for (int64_t t = 0; t < L; ++t) win[size_t(kc - 1 + t)] = x.data()[(b * L + t) * C + c];
+        const float* pwq = wq.data() + c * kc;
+        const float* pwk = wk.data() + c * kc;
+        for (int64_t t = 0; t < L; ++t) {
+          float aq = bq.data()[c], ak = bk.data()[c];
+          for (int64_t m = 0; m < kc; ++m) {
+            const float xv = win[size_t(t + m)];
+            aq += pwq[m] * xv;
+            ak += pwk[m] * xv;
+          }
+          out_q.data()[(b * L + t) * C + c] = aq;
+          out_k.data()[(b * L + t) * C + c] = ak;
+        }
+        if (commit.empty() || commit[size_t(b)]) {
+          // The last kc inputs of [hist[0], win...]: hist[0] is x[-kc], only needed when L == 0.
+          const int64_t total = kc + L;  // conceptual sequence hist[0..kc-1], x[0..L-1]
+          std::vector<float> seq(static_cast<size_t>(kc));
+          for (int64_t j = 0; j < kc; ++j) {
+            const int64_t idx = total - kc + j;  // index into [hist, x]
+            seq[size_t(j)] = idx < kc ? hist[idx] : x.data()[(b * L + (idx - kc)) * C + c];
+          }
+          std::copy(seq.begin(), seq.end(), hist);
+        }
+      }
+  }
+
+  // x / max(‖x‖₂, 1e-12) over the last dimension, in place (torch F.normalize).
+  static void l2_normalize(const Tensor<float, Cpu>& x) {
+    const int64_t rows = cpu::num_rows(x.shape()), n = x.size(-1);
+    for (int64_t r = 0; r < rows; ++r) {
+      float* p = x.data() + cpu::row_offset(x.shape(), x.strides(), r);
+      double ss = 0;
+      for (int64_t j = 0; j < n; ++j) ss += double(p[j]) * p[j];
+      const float inv = float(1.0 / std::max(std::sqrt(ss), 1e-12));
+      for (int64_t j = 0; j < n; ++j) p[j] *= inv;
+    }
+  }
+
+  // ttt-video-dit's ln_reconstruction_target on [B, L, nh, f], in place on xv:
+  // xv <- xk + γ_h ⊙ (d − mean(d)) / (std_unbiased(d) + eps) + β_h, d = xv − xk.
+  static void ln_target(const Tensor<float, Cpu>& xv, const Tensor<float, Cpu>& xk, const Tensor<float, Cpu>& weight,
+                        const Tensor<float, Cpu>& bias, float eps) {
+    const int64_t Bn = xv.size(0), L = xv.size(1), nh = xv.size(2), f = xv.size(3);
+    std::vector<double> d(static_cast<size_t>(f));
+    for (int64_t b = 0; b < Bn; ++b)
+      for (int64_t t = 0; t < L; ++t)
+        for (int64_t h = 0; h < nh; ++h) {
+          float* pv = xv.data() + ((b * L + t) * nh + h) * f;
+          const float* pk = xk.data() + ((b * L + t) * nh + h) * f;
+          double m = 0;
+          for (int64_t j = 0; j < f; ++j) m += (d[size_t(j)] = double(pv[j]) - pk[j]);
+          m /= double(f);
+          double var = 0;
+          for (int64_t j = 0; j < f; ++j) var += (d[size_t(j)] - m) * (d[size_t(j)] - m);
+          const double sd = std::sqrt(var / double(f > 1 ? f - 1 : 1));
+          const float inv = float(1.0 / (sd + double(eps)));
+          for (int64_t j = 0; j < f; ++j)
+            pv[j] = pk[j] + (weight.data()[h * f + j] * (float(d[size_t(j)] - m) * inv) + bias.data()[h * f + j]);
+        }
+  }
+};
+
+}  // namespace ttt::layers
