@@ -1,6 +1,7 @@
 #pragma once
 // JSON config access with errors that name the file and key. Thin over nlohmann-json.
 #include <fstream>
+#include <limits>
 #include <nlohmann/json.hpp>
 #include <optional>
 #include <sstream>
@@ -65,11 +66,18 @@ class JsonView {
       if (!v.is_boolean()) return bad("true or false");
       return v.get<bool>();
     } else if constexpr (std::is_integral_v<T>) {
+      const double lo = double(std::numeric_limits<T>::min()), hi = double(std::numeric_limits<T>::max());
       if (!v.is_number_integer()) {
-        // 4.0 is accepted as 4; 4.5 is not.
-        if (v.is_number_float() && double(int64_t(v.get<double>())) == v.get<double>()) return T(v.get<double>());
+        // 4.0 is accepted as 4; 4.5 is not (range first: the cast of a huge double is UB).
+        if (v.is_number_float()) {
+          const double d = v.get<double>();
+          if (d >= lo && d <= hi && double(int64_t(d)) == d) return T(d);
+        }
         return bad("an integer");
       }
+      if (v.is_number_unsigned() ? double(v.get<uint64_t>()) > hi
+                                 : (double(v.get<int64_t>()) < lo || double(v.get<int64_t>()) > hi))
+        return bad("an integer in range");
       return v.get<T>();
     } else if constexpr (std::is_floating_point_v<T>) {
       if (!v.is_number()) return bad("a number");

@@ -61,11 +61,17 @@ class MappedFile {
         fail(path, ": cannot map (", std::strerror(e), ")");
       }
       data_ = static_cast<const uint8_t*>(p);
+      mapped_ = true;
     }
     ::close(fd);
   }
+  // An in-memory "file" (fuzzing, network buffers): the bytes are copied.
+  MappedFile(const uint8_t* data, size_t size, std::string name) : path_(std::move(name)), size_(size) {
+    owned_.assign(data, data + size);
+    data_ = owned_.data();
+  }
   ~MappedFile() {
-    if (data_) ::munmap(const_cast<uint8_t*>(data_), size_);
+    if (mapped_) ::munmap(const_cast<uint8_t*>(data_), size_);
   }
   MappedFile(const MappedFile&) = delete;
   MappedFile& operator=(const MappedFile&) = delete;
@@ -77,6 +83,8 @@ class MappedFile {
   std::string path_;
   const uint8_t* data_ = nullptr;
   size_t size_ = 0;
+  std::vector<uint8_t> owned_;
+  bool mapped_ = false;
 };
 
 inline uint64_t read_le64(const uint8_t* p) {
@@ -134,6 +142,14 @@ class SafeTensors {
   static SafeTensors open(const std::string& path) {
     SafeTensors st;
     st.file_ = std::make_shared<detail::MappedFile>(path);
+    st.parse();
+    return st;
+  }
+
+  // The same from bytes in memory; `name` stands for the path in messages.
+  static SafeTensors from_bytes(const uint8_t* data, size_t size, const std::string& name) {
+    SafeTensors st;
+    st.file_ = std::make_shared<detail::MappedFile>(data, size, name);
     st.parse();
     return st;
   }

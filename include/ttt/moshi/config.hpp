@@ -2,6 +2,7 @@
 // Moshi's LMModel configuration, read from Kyutai's config.json (the LMModel keyword
 // arguments plus loader keys). Every setting of the released models is driven from here
 // and from tensor shapes; the 7B values are only the defaults for a missing config.
+#include <cmath>
 #include <cstdio>
 #include <optional>
 #include <set>
@@ -223,6 +224,16 @@ struct LmConfig {
     };
     pos("n_q", c.n_q);
     pos("card", c.card);
+    // Bounds that keep a hostile config from asking for absurd allocations.
+    auto cap = [&](const char* key, int64_t val, int64_t hi) {
+      if (val > hi) fail(where, ": key '", key, "' = ", val, " exceeds the supported maximum ", hi);
+    };
+    cap("n_q", c.n_q, 256);
+    cap("card", c.card, int64_t(1) << 20);
+    cap("text_card", c.text_card, int64_t(1) << 22);
+    cap("text_card_out", c.text_card_out, int64_t(1) << 22);
+    cap("dim", c.dim, 65536);
+    if (c.text_card_out <= 0) fail(where, ": key 'text_card_out' must be positive");
     pos("text_card", c.text_card);
     pos("dim", c.dim);
     if (c.dep_q < 0 || c.dep_q > c.n_q) fail(where, ": key 'dep_q' must be in [0, n_q], got ", c.dep_q);
@@ -293,6 +304,10 @@ struct LmConfig {
 
     for (const TransformerConfig* tc : {&c.transformer, &c.depformer}) {
       const char* which = tc == &c.transformer ? "transformer" : "depformer";
+      if (tc->d_model <= 0 || tc->d_model > 65536) fail(where, ": ", which, " dim ", tc->d_model, " out of range [1, 65536]");
+      if (tc->num_layers > 4096) fail(where, ": ", which, " num_layers ", tc->num_layers, " exceeds 4096");
+      for (auto f : tc->dim_feedforward)
+        if (f <= 0 || f > (int64_t(1) << 20)) fail(where, ": ", which, " feed-forward size ", f, " out of range");
       if (tc->num_heads <= 0 || tc->d_model % tc->num_heads != 0)
         fail(where, ": ", which, " dim ", tc->d_model, " is not divisible by num_heads ", tc->num_heads);
       if (tc->kv_repeat <= 0 || tc->num_heads % tc->kv_repeat != 0)
@@ -301,7 +316,12 @@ struct LmConfig {
       if ((tc->pos_emb == PosEmb::rope || tc->pos_emb == PosEmb::sin_rope) && tc->head_dim() % 2)
         fail(where, ": ", which, " RoPE needs an even head dimension, got ", tc->head_dim());
     }
-    if (c.transformer.context < 0) fail(where, ": key 'context' must be >= 0");
+    if (c.transformer.context < 0 || c.transformer.context > (int64_t(1) << 24))
+      fail(where, ": key 'context' must be in [0, 2^24]");
+    for (auto d : c.delays)
+      if (d > 1024) fail(where, ": key 'delays' has a delay ", d, " above 1024");
+    if (!std::isfinite(c.transformer.max_period) || c.transformer.max_period <= 1.f)
+      fail(where, ": key 'max_period' must be > 1");
 
     if (v.has("lm_gen_config")) {
       io::JsonView g = v.child("lm_gen_config");

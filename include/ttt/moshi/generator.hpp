@@ -186,12 +186,17 @@ class LmGen {
   }
 
   // Loads a session saved by save() for the same model and batch size.
-  Session load(const std::string& path) const {
-    auto st = io::SafeTensors::open(path);
+  Session load(const std::string& path) const { return load(io::SafeTensors::open(path)); }
+  Session load(const io::SafeTensors& st) const {
+    const std::string& path = st.path();
     auto meta = st.metadata();
     if (meta["format"] != "ttt-moshi-session") fail(path, ": not a ttt-moshi session file");
+    for (const char* key : {"lmgen.offsets", "lmgen.cache", "lmgen.exec", "lmgen.counters"})
+      if (!st.contains(key)) fail(path, ": missing tensor '", key, "'");
     auto off = st.load<int64_t>("lmgen.offsets");
-    TTT_CHECK(off.rank() == 1 && off.numel() > 0, path, ": bad 'lmgen.offsets'");
+    TTT_CHECK(off.rank() == 1 && off.numel() > 0 && off.numel() <= 4096, path, ": bad 'lmgen.offsets' ", off.shape().str());
+    for (int64_t b = 0; b < off.numel(); ++b)
+      TTT_CHECK(off.data()[b] >= 0, path, ": negative offset in 'lmgen.offsets'");
     Session s = start(off.numel());
     auto cache = st.load<int64_t>("lmgen.cache");
     TTT_CHECK(cache.shape() == Shape({s.batch(), m_.cfg.num_codebooks(), ring_size()}), path, ": 'lmgen.cache' has shape ",
@@ -202,7 +207,10 @@ class LmGen {
     TTT_CHECK(ex.numel() == s.batch(), path, ": 'lmgen.exec' does not match the batch");
     s.exec = ex.to_vector();
     auto ctr = st.load<int64_t>("lmgen.counters").to_vector();
-    TTT_CHECK(ctr.size() == 2, path, ": bad 'lmgen.counters'");
+    TTT_CHECK(ctr.size() == 2 && ctr[0] >= 0 && ctr[1] >= 0, path, ": bad 'lmgen.counters'");
+    for (int64_t v : s.cache)
+      TTT_CHECK(v >= kUngenerated && v <= std::max(m_.cfg.card, m_.cfg.text_card), path,
+                ": token ", v, " in 'lmgen.cache' is out of range");
     s.offset_cpu = ctr[0];
     s.frame = ctr[1];
     TemporalT::load_state(s.temporal, st, "temporal");

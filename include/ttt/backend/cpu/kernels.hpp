@@ -404,8 +404,9 @@ struct Kernels<Cpu> {
             for (int64_t d = 0; d < D; ++d) qf[size_t(d)] = to_f32(qv[d]);
             float m = -std::numeric_limits<float>::infinity();
             for (int64_t s = 0; s < S; ++s) {
-              const int64_t kp = k_pos(b, s), delta = qp - kp;
-              if (kp < 0 || delta < 0 || (p.context > 0 && delta >= p.context)) {
+              // kp <= qp before subtracting: positions from a loaded session are arbitrary.
+              const int64_t kp = k_pos(b, s);
+              if (kp < 0 || kp > qp || (p.context > 0 && qp - kp >= p.context)) {
                 sc[size_t(s)] = -std::numeric_limits<float>::infinity();
                 continue;
               }

@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Builds the libFuzzer targets with clang (ASan + UBSan) and runs each for SECONDS
+# (default 60) from its seed corpus of real files. Prints the executions of each run.
+#   tests/fuzz/run.sh [SECONDS] [TARGET...]
+# Needs: clang, libclang-rt-dev (Debian: clang libclang-rt-14-dev), Eigen, nlohmann-json.
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+root=$(cd "$here/../.." && pwd)
+secs=${1:-60}
+shift || true
+targets=("$@")
+[ ${#targets[@]} -eq 0 ] && targets=(safetensors config session)
+cxx=${CLANGXX:-clang++}
+out=${FUZZ_OUT:-$root/build-fuzz}
+mkdir -p "$out"
+flags=(-std=c++20 -O1 -g -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined
+       -I"$root/include" -I/usr/include/eigen3 -DTTT_FIXTURES="\"$root/tests/data/fixtures\"")
+for t in "${targets[@]}"; do
+  if [ ! -x "$out/fuzz_$t" ] || [ "$here/fuzz_$t.cpp" -nt "$out/fuzz_$t" ] || \
+     [ -n "$(find "$root/include" -newer "$out/fuzz_$t" -name '*.hpp' | head -1)" ]; then
+    echo "building fuzz_$t"
+    "$cxx" "${flags[@]}" "$here/fuzz_$t.cpp" -o "$out/fuzz_$t"
+  fi
+done
+status=0
+for t in "${targets[@]}"; do
+  corpus="$out/corpus_$t"
+  mkdir -p "$corpus"
+  cp -n "$here/corpus/$t"/* "$corpus/" 2>/dev/null || true
+  log="$out/fuzz_$t.log"
+  echo "running fuzz_$t for ${secs}s"
+  if ! "$out/fuzz_$t" "$corpus" -max_total_time="$secs" -max_len=65536 -rss_limit_mb=4096 \
+       -print_final_stats=1 >"$log" 2>&1; then
+    echo "fuzz_$t FAILED (log: $log)"
+    tail -40 "$log"
+    status=1
+  fi
+  execs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$log")
+  echo "fuzz_$t: ${execs:-?} executions in ${secs}s, corpus $(ls "$corpus" | wc -l) files"
+done
+exit $status
