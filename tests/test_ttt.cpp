@@ -138,6 +138,32 @@ io::WeightSource random_weights(const TttConfig& c, uint64_t seed) {
   return ws;
 }
 
+// ttt-lm-pytorch's initialisation: N(0, 0.02) weights, zero biases and token idx, LN 1/0.
+io::WeightSource default_init_weights(const TttConfig& c, uint64_t seed) {
+  std::mt19937 g{uint32_t(seed)};
+  std::normal_distribution<float> nd(0.f, 0.02f);
+  io::WeightSource ws;
+  auto put = [&](const std::string& n, Shape s, float value, bool normal) {
+    auto t = HostTensor<float>::empty(s);
+    for (int64_t i = 0; i < t.numel(); ++i) t.data()[i] = normal ? nd(g) : value;
+    ws.put(n, t);
+  };
+  const int64_t C = c.hidden_size, nh = c.num_heads, f = c.head_dim, F = c.inner_dim(), K = c.mini_batch_size;
+  for (const char* n : {"q_proj", "k_proj", "v_proj", "o_proj", "g_proj"}) put(std::string(n) + ".weight", {C, C}, 0, true);
+  put("learnable_ttt_lr_weight", {nh, 1, C}, 0, true);
+  put("learnable_ttt_lr_bias", {nh, 1}, 0, false);
+  put("learnable_token_idx", {K}, 0, false);
+  put("ttt_norm_weight", {nh, f}, 1, false);
+  put("ttt_norm_bias", {nh, f}, 0, false);
+  put("post_norm.weight", {C}, 1, false);
+  put("post_norm.bias", {C}, 0, false);
+  put("W1", {nh, f, F}, 0, true);
+  put("b1", {nh, 1, F}, 0, false);
+  put("W2", {nh, F, f}, 0, true);
+  put("b2", {nh, 1, f}, 0, false);
+  return ws;
+}
+
 TttConfig small_config(TttConfig::Kind kind, int64_t C, int64_t nh, int64_t K) {
   return TttConfig::make(kind, C, nh, K);
 }
@@ -515,7 +541,7 @@ TEST_CASE("snapshot/restore and save/load continue a stream identically", "[ttt]
     const auto y_ref = run_calls(p, s, x2, {3, 1, L2 - 4});
     const auto after = s.clone();
 
-    s = snap;  // restore
+    s = snap.clone();  // restore (a plain copy would share the snapshot's storage)
     REQUIRE(state_diff(s, snap) == 0.0);
     const auto y_restored = run_calls(p, s, x2, {3, 1, L2 - 4});
     CHECK(max_diff(y_ref, y_restored) == 0.0);
@@ -559,7 +585,7 @@ TEST_CASE("exec_mask leaves masked items' state untouched but still computes the
     // Item 1 later continues exactly as if the masked call never happened.
     auto s_ref = before.clone();
     const auto y_next = ttt_forward(p, s, xb.select(0, 1).unsqueeze(0).expand({Bn, L, var.config.hidden_size}).contiguous(),
-                                    Tensor<uint8_t, Cpu>::from_vector({Bn}, {0, 1, 0}));
+                                    std::vector<uint8_t>{0, 1, 0});
     const auto y_ref = ttt_forward(p, s_ref, xb.select(0, 1).unsqueeze(0).expand({Bn, L, var.config.hidden_size}).contiguous());
     CHECK(max_diff(y_next.select(0, 1).contiguous(), y_ref.select(0, 1).contiguous()) <= 1e-6);
   }
@@ -597,19 +623,21 @@ TEST_CASE("per-item reset restarts one item while the others continue", "[ttt][s
 
 // ---- bf16 --------------------------------------------------------------------------------
 
-// bf16 projections (q/k/v/o/g, input and output rounded to bf16) with the fp32 inner loop,
+// bf16 projections (q/k/v/o/g weights, input and output in bf16) with the fp32 inner loop,
 // against the fp32 layer, over 4096 single-token decode steps of a C=64, 4-head, K=16 layer
-// on N(0,1) inputs with the fixtures' weight scale. Measured (gcc 12, x86-64):
-//   linear: max|dy| 0.043 (mean 0.0040) for max|y| 1.1; max|dW1_states| 0.012
-//   mlp:    max|dy| 0.032 (mean 0.0035) for max|y| 1.0; max|dW1_states| 2.5e-4
-// i.e. bf16 rounding of y itself (|y| ~ 1 has an ulp of 2^-7 = 0.0078) and no growth with
-// the stream length: the inner loop's fp32 state does not accumulate the projections'
-// rounding. Asserted: max|dy| <= 0.1, mean|dy| <= 0.01, state drift <= 0.05.
+// (ttt-lm-pytorch's init: N(0, 0.02) weights, LN 1/0) on N(0, 1) inputs. Measured (gcc 12,
+// x86-64), at 4096 steps [and, outside the test, 16384 steps]:
+//   linear: max|dy| 0.0093 [0.0093], mean|dy| 5.9e-4 [5.6e-4] for max|y| 0.77;
+//           max|dstate| 5.6e-4 [8.4e-4] while max|W1_states| grows 0.59 [0.79]
+//   mlp:    max|dy| 0.0029 [0.0029], mean|dy| 5.8e-4 [5.9e-4] for max|y| 0.49;
+//           max|dstate| 2.6e-3, max|dW1_states| 3.4e-5 [5.7e-5]
+// That is bf16 rounding of y itself (|y| ~ 0.5 has an ulp of 2^-8 = 0.004); the output error
+// does not grow with the stream and the fp32 state drifts ~1e-3 relative to its size. Asserted
+// with ~3x margin: max|dy| <= 0.03, mean|dy| <= 0.002, max|dstate| <= 0.01.
 TEST_CASE("bf16 path stays within bf16 rounding of fp32 over 4096 decode steps", "[ttt][bf16]") {
   for (auto kind : {TttConfig::Kind::linear, TttConfig::Kind::mlp}) {
     auto cfg = small_config(kind, 64, 4, 16);
-    io::WeightSource ws;
-    ws.enable_random_init(kind == TttConfig::Kind::mlp ? 2 : 1);  // ttt-lm-pytorch's init: N(0, 0.02), LN 1/0
+    auto ws = default_init_weights(cfg, kind == TttConfig::Kind::mlp ? 2 : 1);
     const auto p32 = TttParams<float, Cpu>::load(ws, "", cfg);
     const auto p16 = TttParams<bf16, Cpu>::load(ws, "", cfg);
     const int64_t Bn = 1, L = 4096;
@@ -633,9 +661,9 @@ TEST_CASE("bf16 path stays within bf16 rounding of fp32 over 4096 decode steps",
     const double dstate = state_diff(s32, s16);
     std::printf("[ttt bf16] %-6s 4096 decode steps: max|dy| %.3g mean|dy| %.3g (max|y| %.3g), max|dstate| %.3g\n",
                 cfg.kind_name(), max_dy, mean_dy, max_y, dstate);
-    CHECK(max_dy <= 0.1);
-    CHECK(mean_dy <= 0.01);
-    CHECK(dstate <= 0.05);
+    CHECK(max_dy <= 0.03);
+    CHECK(mean_dy <= 0.002);
+    CHECK(dstate <= 0.01);
   }
 }
 
@@ -712,8 +740,8 @@ TEST_CASE("Gating multiplies by tanh(alpha) per channel", "[ttt][gating]") {
   const auto init = Gating<float, Cpu>::init(4, 0.1f);
   CHECK(init.scale(2) == Approx(std::tanh(0.1)).margin(1e-7));
   io::WeightSource empty;
-  CHECK(Gating<float, Cpu>::load_or_init(empty, "g.", 5, 0.05f).dim() == 5);
   CHECK_THROWS_WITH((Gating<float, Cpu>::load(empty, "g.", 5)), TTT_CONTAINS("g.alpha"));
+  CHECK(Gating<float, Cpu>::load_or_init(empty, "g.", 5, 0.05f).dim() == 5);
   CHECK_THROWS_WITH(gate(ref::random<float>({2, 5}, g)), TTT_CONTAINS("Gating"));
 }
 

@@ -258,7 +258,7 @@ struct TttKernels<Cpu> {
     const int64_t work = tasks * L * f * F;
     // Threads only for work worth a fork/join (~1 ms): on a busy machine a parallel region
     // can wait tens of ms for a core, which would dominate a decode step.
-    const int nt = work >= (int64_t(1) << 20) ? int(std::min<int64_t>(cpu::num_threads(), tasks)) : 1;
+    [[maybe_unused]] const int nt = work >= (int64_t(1) << 20) ? int(std::min<int64_t>(cpu::num_threads(), tasks)) : 1;
 #pragma omp parallel num_threads(nt) if (nt > 1)
     {
       cpu_detail::Scratch sc;

@@ -1,0 +1,145 @@
+// ttt-layer: one TTT-Linear / TTT-MLP layer (ttt-lm-pytorch's TTTLinear / TTTMLP) over a
+// stored input, in the three ways the reference fixtures record it.
+//
+//   ttt-layer --config C --weights W --io IO --mode full|decode|prefill-decode [--prefill N]
+//             --out OUT [--backend cpu|cuda] [--dtype f32|bf16]
+//
+// C is the fixtures' config.json, W the layer's state_dict (ttt-lm-pytorch names), IO holds
+// `x` [B, L, C]. OUT (written atomically) gets `y` [B, L, C] (F32 whatever --dtype) and the
+// final state under `decode_final.` (W1_states, b1_states, W1_grad, b1_grad, [W2_*, b2_*],
+// [conv_states], offset). full = one call over the sequence, decode = one call per token,
+// prefill-decode = one call of N tokens (default: the config's prefill_len), then one per
+// token.
+#include <chrono>
+#include <cstdio>
+#include <cxxopts.hpp>
+#include <iostream>
+#include <string>
+#include <vector>
+
+#include "ttt/io/json.hpp"
+#include "ttt/io/safetensors.hpp"
+#include "ttt/io/weight_source.hpp"
+#include "ttt/layers/ttt_layer.hpp"
+#include "ttt/ttt.hpp"
+
+namespace {
+
+using namespace ttt;
+using namespace ttt::layers;
+
+struct Options {
+  std::string config, weights, io, mode, out, backend, dtype;
+  int64_t prefill = -1;  // -1: from the config
+};
+
+std::vector<int64_t> call_lengths(const std::string& mode, int64_t L, int64_t prefill) {
+  std::vector<int64_t> lens;
+  if (mode == "full") {
+    lens.push_back(L);
+    return lens;
+  }
+  int64_t t = 0;
+  if (mode == "prefill-decode" && prefill > 0) {
+    lens.push_back(prefill);
+    t = prefill;
+  }
+  for (; t < L; ++t) lens.push_back(1);
+  return lens;
+}
+
+template <class T>
+void run(const Options& o, const TttConfig& cfg, int64_t prefill) {
+  io::WeightSource ws(o.weights);
+  const auto params = TttParams<T, Cpu>::load(ws, "", cfg);
+  const auto st = io::SafeTensors::open(o.io);
+  const auto x32 = st.load<float>("x");
+  if (x32.rank() != 3 || x32.size(2) != cfg.hidden_size)
+    fail(o.io, ": tensor 'x' has shape ", x32.shape().str(), ", expected [B, L, ", cfg.hidden_size, "]");
+  const int64_t Bn = x32.size(0), L = x32.size(1);
+  if (Bn == 0) fail(o.io, ": tensor 'x' has an empty batch");
+  if (o.mode == "prefill-decode" && (prefill < 0 || prefill > L))
+    fail("--prefill ", prefill, " is outside [0, ", L, "] (the length of 'x' in ", o.io, ")");
+  const Tensor<T, Cpu> x = ops::cast<T>(x32.contiguous());
+
+  auto state = TttState<Cpu>::init(params, Bn);
+  auto y = HostTensor<float>::empty({Bn, L, cfg.hidden_size});
+  const auto lens = call_lengths(o.mode, L, prefill);
+  const auto t0 = std::chrono::steady_clock::now();
+  int64_t t = 0;
+  for (int64_t n : lens) {
+    const auto yt = ttt_forward(params, state, x.slice(1, t, t + n));
+    y.slice(1, t, t + n).copy_from(ops::cast<float>(yt));
+    t += n;
+  }
+  const double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+
+  io::SafeTensorsWriter w;
+  w.add("y", y);
+  state.save(w, "decode_final.");
+  w.add_metadata("mode", o.mode);
+  w.add_metadata("dtype", o.dtype);
+  w.add_metadata("kind", cfg.kind_name());
+  w.write(o.out);
+  std::printf("ttt-layer: %s C=%lld heads=%lld K=%lld %s, x [%lld, %lld, %lld], mode %s (%zu calls): %.3f ms -> %s\n",
+              cfg.kind_name(), (long long)cfg.hidden_size, (long long)cfg.num_heads, (long long)cfg.mini_batch_size,
+              o.dtype.c_str(), (long long)Bn, (long long)L, (long long)cfg.hidden_size, o.mode.c_str(), lens.size(), ms,
+              o.out.c_str());
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  try {
+    cxxopts::Options opts("ttt-layer", "Run one TTT-Linear / TTT-MLP layer (ttt-lm-pytorch) over a stored input.");
+    opts.add_options()
+      ("config", "layer config.json (kind, hidden_size, num_heads, mini_batch_size, ...)", cxxopts::value<std::string>())
+      ("weights", "layer weights (.safetensors, ttt-lm-pytorch names)", cxxopts::value<std::string>())
+      ("io", "input .safetensors holding x [B, L, C]", cxxopts::value<std::string>())
+      ("mode", "full | decode | prefill-decode", cxxopts::value<std::string>()->default_value("full"))
+      ("prefill", "prefill length for prefill-decode (default: the config's prefill_len)", cxxopts::value<int64_t>())
+      ("out", "output .safetensors (y and the final state)", cxxopts::value<std::string>())
+      ("backend", "cpu | cuda", cxxopts::value<std::string>()->default_value("cpu"))
+      ("dtype", "f32 | bf16 (projections; the inner loop is always f32)", cxxopts::value<std::string>()->default_value("f32"))
+      ("h,help", "print this help");
+    const auto r = opts.parse(argc, argv);
+    if (r.count("help")) {
+      std::cout << opts.help() << "\n";
+      return 0;
+    }
+    if (!r.unmatched().empty()) fail("unexpected argument '", r.unmatched()[0], "' (see --help)");
+    Options o;
+    for (auto [key, dst] : {std::pair{"config", &o.config}, {"weights", &o.weights}, {"io", &o.io}, {"out", &o.out}}) {
+      if (!r.count(key)) fail("missing --", key, " (see --help)");
+      *dst = r[key].as<std::string>();
+    }
+    o.mode = r["mode"].as<std::string>();
+    o.backend = r["backend"].as<std::string>();
+    o.dtype = r["dtype"].as<std::string>();
+    if (o.mode != "full" && o.mode != "decode" && o.mode != "prefill-decode")
+      fail("--mode must be full, decode or prefill-decode, got '", o.mode, "'");
+    if (o.dtype != "f32" && o.dtype != "bf16") fail("--dtype must be f32 or bf16, got '", o.dtype, "'");
+    if (o.backend == "cuda")
+      fail("--backend cuda: this build has no CUDA TTT kernels (TttKernels<Cuda> is not implemented yet); "
+           "use --backend cpu");
+    if (o.backend != "cpu") fail("--backend must be cpu or cuda, got '", o.backend, "'");
+
+    const auto json = io::read_json_file(o.config);
+    const io::JsonView jv(json, o.config);
+    const auto cfg = TttConfig::from_json(jv);
+    int64_t prefill = 0;
+    if (o.mode == "prefill-decode") {
+      if (r.count("prefill")) prefill = r["prefill"].as<int64_t>();
+      else if (jv.has("prefill_len")) prefill = jv.get<int64_t>("prefill_len");
+      else fail("--mode prefill-decode needs --prefill or 'prefill_len' in ", o.config);
+    } else if (r.count("prefill")) {
+      fail("--prefill only applies to --mode prefill-decode");
+    }
+    if (o.dtype == "bf16") run<bf16>(o, cfg, prefill);
+    else run<float>(o, cfg, prefill);
+    return 0;
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "ttt-layer: %s\n", e.what());
+    return 1;
+  }
+}
