@@ -6,6 +6,7 @@
 // To support another element type or conversion, add it to one of the type lists.
 #include "ttt/cuda.hpp"
 #include "ttt/backend/cuda/kernels.cuh"
+#include "ttt/backend/cuda/init.cuh"
 
 // Element types with the full op set (float arithmetic inside).
 #define TTT_CUDA_FLOAT_TYPES(X) X(float) X(::ttt::bf16) X(::ttt::f16)
@@ -59,6 +60,7 @@
   template void ::ttt::Kernels<::ttt::Cuda>::kv_write<T>(                                                           \
       const TTT_CUDA_T_(T)&, const TTT_CUDA_T_(T)&, const TTT_CUDA_I64_&, const TTT_CUDA_T_(T)&,                    \
       const TTT_CUDA_T_(T)&, const TTT_CUDA_I64_&, const ::ttt::Tensor<uint8_t, ::ttt::Cuda>&);                      \
+  template void ::ttt::Kernels<::ttt::Cuda>::random_normal<T>(const TTT_CUDA_T_(T)&, float, uint64_t, uint64_t); \
   template void ::ttt::Kernels<::ttt::Cuda>::sample<T>(const TTT_CUDA_I64_&, const TTT_CUDA_T_(T)&,                  \
                                                        const ::ttt::SampleParams&, const TTT_CUDA_I64_&);
 

@@ -19,10 +19,16 @@ enum class Reduce : uint8_t { sum, mean, max };
 
 // Parameters of the masked attention op (flashinfer style: one struct per kernel).
 // A key is visible to a query iff k_pos >= 0, q_pos - k_pos >= 0 and, when context > 0,
-// q_pos - k_pos < context.
+// q_pos - k_pos < context. The first `prefix` keys form a second set (the virtual keys of
+// a TTT memory): visible iff 0 <= q_pos - k_pos < prefix_context, with prefix_bias[h]
+// (H floats in the backend's memory, may be null) added to their logits; one softmax
+// spans both sets.
 struct AttentionParams {
   int64_t context = 0;
   float scale = 1.f;
+  int64_t prefix = 0;
+  int64_t prefix_context = 0;
+  const float* prefix_bias = nullptr;
 };
 
 // Top-k sampling with temperature: among the top_k logits, pick argmax(p_i / E_i) with
@@ -402,6 +408,8 @@ void attention(const Tensor<T, B>& out, const Tensor<T, B>& q, const Tensor<T, B
             k_pos.shape().str(), " for k ", k.shape().str());
   detail::check_same_shape("attention", out, q.shape());
   for (auto* t : {&out, &q, &k, &v}) detail::check_unit_last("attention", *t);
+  TTT_CHECK(p.prefix >= 0 && p.prefix <= S, "attention: prefix ", p.prefix, " out of range for ", S, " keys");
+  TTT_CHECK(p.prefix == 0 || p.prefix_context > 0, "attention: a key prefix needs prefix_context > 0");
   if (out.numel()) Kernels<B>::attention(out, q, k, v, q_pos, k_pos, p);
 }
 

@@ -90,6 +90,18 @@ class WeightSource {
     return get<T>(name, shape);
   }
   const std::vector<std::string>& initialised() const { return initialised_; }
+  // New weights a released checkpoint lacks (TTT modules added to Moshi): made from the
+  // seed by `init` when missing, and listed by initialised() so the loader can warn.
+  void init_missing(const std::string& name, const Shape& shape, const Init& init) {
+    if (has(name)) return;
+    synth_[name] = detail::make_init(shape, init, seed_, name);
+    initialised_.push_back(name);
+  }
+  void put_initialised(const std::string& name, Tensor<float, Cpu> t) {
+    synth_[name] = std::move(t);
+    initialised_.push_back(name);
+  }
+
   // For modules that make a missing tensor themselves (on the device): true when `name`
   // should be initialised; the name is then recorded as initialised.
   bool claim_init(const std::string& name) {

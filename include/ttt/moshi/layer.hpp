@@ -15,6 +15,7 @@
 //   static State clone(const State&);
 //   static void save(const State&, io::SafeTensorsWriter&, const std::string& prefix);
 //   static void load_state(State&, const io::SafeTensors&, const std::string& prefix);
+//   static int64_t num_params(const Params&);
 // The transformer holds a std::variant over a compile-time list of policies; the config
 // picks one per layer. See docs/architecture.md, "Adding a layer policy".
 #include <optional>
@@ -45,6 +46,7 @@ struct LayerSpec {
 template <class T, class B>
 struct LayerInput {
   Tensor<int64_t, B> positions;       // [B, T] absolute positions since reset
+  std::vector<int64_t> positions_host; // [B * T] the same on the host (may be empty: device only)
   Tensor<uint8_t, B> exec_mask;       // [B], undefined = all execute
   std::vector<uint8_t> exec_host;     // [B] host copy
   int64_t step = 0;                   // moshi's offset_cpu: per-step weight index base
@@ -58,25 +60,83 @@ void add_scaled(const Tensor<T, B>& x, const Tensor<T, B>& update, const Tensor<
   ops::binary(x, x, update, Binary::add);
 }
 
-// The parts every attention-based layer shares: norms, attention, FFN, layer scales.
+// The feed-forward half of a Moshi layer: x += LS2(FFN(N2(x))), per-step weights included.
+template <class T, class B>
+struct FfnBlock {
+  nn::Norm<T, B> norm2;
+  nn::Ffn<T, B> ffn;
+  Tensor<T, B> ls2;  // [D] LayerScale, undefined when layer_scale is null
+  TransformerConfig cfg;
+
+  static FfnBlock load(io::WeightSource& ws, const std::string& prefix, const TransformerConfig& c) {
+    FfnBlock p;
+    p.cfg = c;
+    p.norm2 = nn::Norm<T, B>::load(ws, prefix + ".norm2", c.d_model, c.norm);
+    p.ffn = nn::Ffn<T, B>::load(ws, prefix, c);
+    if (c.layer_scale)
+      p.ls2 = nn::weight<T, B>(ws, prefix + ".layer_scale_2.scale", {c.d_model}, io::Init::constant(*c.layer_scale));
+    return p;
+  }
+  int64_t num_params() const {
+    int64_t n = norm2.weight.numel() + (norm2.bias.defined() ? norm2.bias.numel() : 0) + (ls2.defined() ? ls2.numel() : 0);
+    for (auto& w : ffn.w_in) n += w.numel();
+    for (auto& w : ffn.w_out) n += w.numel();
+    return n;
+  }
+
+  void feed_forward(const Tensor<T, B>& x, const LayerInput<T, B>& in) const {
+    auto xn = norm2(x);
+    const int64_t Tn = x.size(1);
+    const bool per_step = ffn.w_in.size() > 1;
+    if (!per_step || Tn == 1) {
+      const int64_t set = per_step ? cfg.weight_index(in.step) : 0;
+      if (ls2.defined()) {
+        auto u = Tensor<T, B>::empty(x.shape());
+        ffn.forward(u, xn, set, 0.f);
+        add_scaled(x, u, ls2);
+      } else {
+        ffn.forward(x, xn, set, 1.f);
+      }
+      return;
+    }
+    for (int64_t t = 0; t < Tn; ++t) {
+      auto xt = x.slice(1, t, t + 1).contiguous(), nt = xn.slice(1, t, t + 1).contiguous();
+      const int64_t set = cfg.weight_index(in.step + t);
+      if (ls2.defined()) {
+        auto u = Tensor<T, B>::empty(xt.shape());
+        ffn.forward(u, nt, set, 0.f);
+        add_scaled(xt, u, ls2);
+      } else {
+        ffn.forward(xt, nt, set, 1.f);
+      }
+      x.slice(1, t, t + 1).copy_from(xt);
+    }
+  }
+};
+
+// The parts every attention-based layer shares: norm1, attention, LayerScale 1, and the
+// feed-forward block.
 template <class T, class B>
 struct AttentionBlock {
-  nn::Norm<T, B> norm1, norm2;
+  nn::Norm<T, B> norm1;
   nn::Mha<T, B> attn;
-  nn::Ffn<T, B> ffn;
-  Tensor<T, B> ls1, ls2;  // [D] LayerScale, undefined when layer_scale is null
+  Tensor<T, B> ls1;  // [D] LayerScale, undefined when layer_scale is null
+  FfnBlock<T, B> ff;
 
   static AttentionBlock load(io::WeightSource& ws, const std::string& prefix, const TransformerConfig& c) {
     AttentionBlock p;
     p.norm1 = nn::Norm<T, B>::load(ws, prefix + ".norm1", c.d_model, c.norm);
-    p.norm2 = nn::Norm<T, B>::load(ws, prefix + ".norm2", c.d_model, c.norm);
     p.attn = nn::Mha<T, B>::load(ws, prefix + ".self_attn", c);
-    p.ffn = nn::Ffn<T, B>::load(ws, prefix, c);
-    if (c.layer_scale) {
+    if (c.layer_scale)
       p.ls1 = nn::weight<T, B>(ws, prefix + ".layer_scale_1.scale", {c.d_model}, io::Init::constant(*c.layer_scale));
-      p.ls2 = nn::weight<T, B>(ws, prefix + ".layer_scale_2.scale", {c.d_model}, io::Init::constant(*c.layer_scale));
-    }
+    p.ff = FfnBlock<T, B>::load(ws, prefix, c);
     return p;
+  }
+  int64_t num_params() const {
+    int64_t n = norm1.weight.numel() + (norm1.bias.defined() ? norm1.bias.numel() : 0) + (ls1.defined() ? ls1.numel() : 0);
+    for (auto& w : attn.in_proj) n += w.numel();
+    for (auto& w : attn.out_proj) n += w.numel();
+    return n + ff.num_params();
   }
 
   // x += LS1(Attn(N1(x)))
@@ -91,38 +151,7 @@ struct AttentionBlock {
     }
   }
   // x += LS2(FFN(N2(x)))
-  void feed_forward(const Tensor<T, B>& x, const LayerInput<T, B>& in) const {
-    auto xn = norm2(x);
-    ffn_apply(x, xn, in, ls2);
-  }
-  void ffn_apply(const Tensor<T, B>& x, const Tensor<T, B>& xn, const LayerInput<T, B>& in,
-                 const Tensor<T, B>& scale) const {
-    const int64_t Tn = x.size(1);
-    const bool per_step = ffn.w_in.size() > 1;
-    if (!per_step || Tn == 1) {
-      const int64_t set = per_step ? attn.cfg.weight_index(in.step) : 0;
-      if (scale.defined()) {
-        auto u = Tensor<T, B>::empty(x.shape());
-        ffn.forward(u, xn, set, 0.f);
-        add_scaled(x, u, scale);
-      } else {
-        ffn.forward(x, xn, set, 1.f);
-      }
-      return;
-    }
-    for (int64_t t = 0; t < Tn; ++t) {
-      auto xt = x.slice(1, t, t + 1).contiguous(), nt = xn.slice(1, t, t + 1).contiguous();
-      const int64_t set = attn.cfg.weight_index(in.step + t);
-      if (scale.defined()) {
-        auto u = Tensor<T, B>::empty(xt.shape());
-        ffn.forward(u, nt, set, 0.f);
-        add_scaled(xt, u, scale);
-      } else {
-        ffn.forward(xt, nt, set, 1.f);
-      }
-      x.slice(1, t, t + 1).copy_from(xt);
-    }
-  }
+  void feed_forward(const Tensor<T, B>& x, const LayerInput<T, B>& in) const { ff.feed_forward(x, in); }
 };
 
 // The plain Moshi layer: x = x + LS1(Attn(N1(x))); x = x + LS2(FFN(N2(x))).
@@ -140,6 +169,7 @@ struct AttentionLayer {
     if (!spec.entry.is_null()) fail(spec.where, ": design 'attention' takes no options");
     return Params::load(ws, prefix, spec.cfg);
   }
+  static int64_t num_params(const Params& p) { return p.num_params(); }
   static State init_state(const Params& p, int64_t batch, bool streaming) {
     State s;
     if (streaming) s.ring = p.attn.make_ring(batch);

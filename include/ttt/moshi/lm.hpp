@@ -11,15 +11,10 @@
 
 #include "ttt/moshi/config.hpp"
 #include "ttt/moshi/transformer.hpp"
+#include "ttt/moshi/ttt_designs.hpp"
 #include "ttt/nn/embedding.hpp"
 
 namespace ttt::moshi {
-
-// Which temporal layers use which policy: "ttt" list entries by layer (null = plain).
-struct LayerPlan {
-  std::vector<io::Json> entries;
-  std::vector<std::string> designs;
-};
 
 template <class T, class B, class Policies>
 struct LmModel {
@@ -40,7 +35,8 @@ struct LmModel {
   std::vector<Tensor<T, B>> linears, linears_bias;
   std::vector<Tensor<T, B>> extra_heads;  // loaded so checkpoints that have them load cleanly
 
-  static LmModel load(const LmConfig& c, io::WeightSource& ws, const LayerPlan& plan = {}) {
+  static LmModel load(const LmConfig& c, io::WeightSource& ws) {
+    const LayerPlan plan = parse_ttt_plan(c, "config");
     LmModel m;
     m.cfg = c;
     const int64_t D = c.dim, Dd = c.depformer.d_model;

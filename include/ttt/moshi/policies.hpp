@@ -4,9 +4,10 @@
 // attention layers. To add a design, write a policy (see layer.hpp for the interface) and
 // list it here, or instantiate the model with your own PolicyList (examples/03_custom_policy.cpp).
 #include "ttt/moshi/layer.hpp"
+#include "ttt/moshi/ttt_layers.hpp"
 
 namespace ttt::moshi {
 
-using DefaultPolicies = PolicyList<AttentionLayer>;
+using DefaultPolicies = PolicyList<AttentionLayer, ReplaceLayer, AfterAttentionLayer, InplaceFfnLayer, KvMemoryLayer>;
 
 }  // namespace ttt::moshi

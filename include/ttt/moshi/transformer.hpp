@@ -70,6 +70,7 @@ class Transformer<T, B, PolicyList<Ps...>> {
     for (int64_t b = 0; b < Bn; ++b)
       for (int64_t t = 0; t < Tn; ++t) pos[size_t(b * Tn + t)] = s.offsets[size_t(b)] + t;
     in.positions = Tensor<int64_t, B>::from_vector({Bn, Tn}, pos);
+    in.positions_host = pos;
     in.exec_mask = exec_mask;
     in.exec_host = exec_host;
     in.step = s.step;
@@ -158,6 +159,13 @@ class Transformer<T, B, PolicyList<Ps...>> {
     for (size_t i = 0; i < s.layers.size(); ++i)
       std::visit([&](auto& ls) { policy_of_state(ls).load_state(ls, st, prefix + ".layers." + std::to_string(i)); },
                  s.layers[i]);
+  }
+
+  static int64_t num_params(const Params& p) {
+    int64_t n = 0;
+    for (const auto& lp : p.layers)
+      n += std::visit([](const auto& params) { return decltype(policy_of(params))::num_params(params); }, lp);
+    return n;
   }
 
   // Index of the policy a layer uses (for `info`).

@@ -11,7 +11,6 @@
 
 #include "ttt/io/json.hpp"
 #include "ttt/moshi/config.hpp"
-#include "ttt/moshi/lm.hpp"
 
 namespace ttt::moshi {
 
@@ -92,6 +91,12 @@ struct TttOptions {
     if (!std::isfinite(o.virtual_bias_init)) fail(where, ": key 'virtual_bias_init' must be finite");
     return o;
   }
+};
+
+// Which temporal layers use which policy: "ttt" list entries by layer (null = plain).
+struct LayerPlan {
+  std::vector<io::Json> entries;
+  std::vector<std::string> designs;
 };
 
 // Validates the config's "ttt" list and says, per temporal layer, which design (and entry)

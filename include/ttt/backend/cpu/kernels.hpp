@@ -406,14 +406,15 @@ struct Kernels<Cpu> {
             for (int64_t s = 0; s < S; ++s) {
               // kp <= qp before subtracting: positions from a loaded session are arbitrary.
               const int64_t kp = k_pos(b, s);
-              if (kp < 0 || kp > qp || (p.context > 0 && qp - kp >= p.context)) {
+              const int64_t ctx = s < p.prefix ? p.prefix_context : p.context;
+              if (kp < 0 || kp > qp || (ctx > 0 && qp - kp >= ctx)) {
                 sc[size_t(s)] = -std::numeric_limits<float>::infinity();
                 continue;
               }
               const T* kv = kb + s * k.stride(2);
               float dot = 0.f;
               for (int64_t d = 0; d < D; ++d) dot += qf[size_t(d)] * to_f32(kv[d]);
-              sc[size_t(s)] = dot * p.scale;
+              sc[size_t(s)] = dot * p.scale + (s < p.prefix && p.prefix_bias ? p.prefix_bias[h] : 0.f);
               m = std::max(m, sc[size_t(s)]);
             }
             std::fill(acc.begin(), acc.end(), 0.f);

@@ -468,6 +468,10 @@ template <class T>
 void run_gemm(const GemmCall<T>& g) {
   auto& ctx = Context::get();
   const cudaDataType_t t = cuda_type<T>();
+  // fp32 accumulation for every T (ops.hpp): no TF32, and no 16-bit split-K reductions,
+  // which cuBLAS otherwise allows for bf16/f16 GEMMs. Host-side state: cheap, capturable.
+  TTT_CUBLAS_CHECK(cublasSetMathMode(ctx.cublas(), cublasMath_t(CUBLAS_DEFAULT_MATH |
+                                                                CUBLAS_MATH_DISALLOW_REDUCED_PRECISION_REDUCTION)));
   TTT_CUBLAS_CHECK(cublasGemmStridedBatchedEx(
       ctx.cublas(), g.db.op, g.da.op, checked_int(g.N, "N"), checked_int(g.M, "M"), checked_int(g.K, "K"), &g.alpha,
       g.b, t, checked_int(g.db.ld, "ld"), g.stride_b, g.a, t, checked_int(g.da.ld, "ld"), g.stride_a, &g.beta, g.c, t,
@@ -702,6 +706,7 @@ __device__ inline float dot_key(const T* k, const float* q, int64_t D, bool vec)
   float dot = 0.f;
   if (vec) {
     constexpr int kV = kVec<T>;
+#pragma unroll 4
     for (int64_t d = 0; d < D; d += kV) {
       float kf[kV];
       load16(k + d, kf);
@@ -736,9 +741,10 @@ __global__ void __launch_bounds__(kAttnThreads) attention_kernel(const Attention
   const int64_t qp = p.q_pos[b * p.qps[0] + t * p.qps[1]];
   float m = -INFINITY;
   for (int64_t s = s0 + threadIdx.x; s < s1; s += kAttnThreads) {
-    const int64_t kp = p.k_pos[b * p.kps[0] + s * p.kps[1]], delta = qp - kp;
+    // kp <= qp before subtracting, as on the CPU: session positions may be arbitrary.
+    const int64_t kp = p.k_pos[b * p.kps[0] + s * p.kps[1]];
     float sc = -INFINITY;
-    if (kp >= 0 && delta >= 0 && (p.context <= 0 || delta < p.context)) {
+    if (kp >= 0 && kp <= qp && (p.context <= 0 || qp - kp < p.context)) {
       sc = dot_key(kb + s * p.ks[2], qf, D, p.vec_k) * p.scale;
       m = fmaxf(m, sc);
     }
