@@ -39,15 +39,8 @@ double read_bandwidth_gbs() {
 }
 
 int64_t matrix_elements(const Model& m) {
-  int64_t n = m.text_linear.numel();
-  auto block = [&](const auto& p) {
-    for (auto& w : p.attn.in_proj) n += w.numel();
-    for (auto& w : p.attn.out_proj) n += w.numel();
-    for (auto& w : p.ffn.w_in) n += w.numel();
-    for (auto& w : p.ffn.w_out) n += w.numel();
-  };
-  for (auto& l : m.transformer.layers) std::visit(block, l);
-  for (auto& l : m.depformer.layers) std::visit(block, l);
+  int64_t n = m.text_linear.numel() + Model::TemporalT::num_params(m.transformer) +
+              Model::DepformerT::num_params(m.depformer);
   for (auto& w : m.depformer_in) n += w.numel();
   for (auto& w : m.linears) n += w.numel();
   return n;

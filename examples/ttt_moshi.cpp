@@ -83,6 +83,15 @@ void report_unused(const io::WeightSource& ws) {
   std::fprintf(stderr, "warning: %zu checkpoint tensors were not used, e.g. '%s'\n", unused.size(), unused[0].c_str());
 }
 
+// Peak resident set (VmHWM) in MiB.
+double peak_rss_mib() {
+  std::ifstream f("/proc/self/status");
+  std::string line;
+  while (std::getline(f, line))
+    if (line.rfind("VmHWM:", 0) == 0) return std::stod(line.substr(6)) / 1024.0;
+  return 0;
+}
+
 double rss_mib() {
   long pages = 0, resident = 0;
   std::ifstream f("/proc/self/statm");
@@ -221,12 +230,16 @@ int run_generate(const Common& c, const cxxopts::ParseResult& r) {
   const int64_t every = r.count("progress-every") ? r["progress-every"].as<int64_t>() : (steps <= 200 ? 1 : steps / 100);
   auto session = gen.start(batch);
   const int64_t n_out = std::max<int64_t>(0, steps - cfg.max_delay());
-  auto tokens = Tensor<int64_t, Cpu>::empty({batch, 1 + cfg.dep_q, n_out});
+  // Tokens go to disk as they come: an hour of frames never accumulates in memory.
+  io::SafeTensorsStreamWriter<int64_t> tokens(r["out"].as<std::string>(), "tokens", {batch, 1 + cfg.dep_q, n_out});
   auto frame = Tensor<int64_t, Cpu>::empty({batch, nu});
   int64_t produced = 0;
   auto t_start = std::chrono::steady_clock::now();
   auto t_window = t_start;
   double sum_ms = 0;
+  // Long-run health: peak RSS after 1000 frames vs at the end, and the mean step time of
+  // frames 1000-2000 vs the last 1000 (constant memory and time is TTT's promise).
+  double peak_at_1000 = 0, ms_1000_2000 = 0, ms_last_1000 = 0;
   for (int64_t s = 0; s < steps; ++s) {
     for (int64_t b = 0; b < batch; ++b)
       for (int64_t i = 0; i < nu; ++i) frame(b, i) = user.defined() ? user(b, i, s) : -1;
@@ -234,9 +247,12 @@ int run_generate(const Common& c, const cxxopts::ParseResult& r) {
     auto out = gen.step(session, frame);
     const double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
     sum_ms += ms;
+    if (s + 1 == 1000) peak_at_1000 = peak_rss_mib();
+    if (s >= 1000 && s < 2000) ms_1000_2000 += ms;
+    if (s >= steps - 1000) ms_last_1000 += ms;
     if (out) {
       for (int64_t b = 0; b < batch; ++b)
-        for (int64_t k = 0; k <= cfg.dep_q; ++k) tokens(b, k, produced) = (*out)(b, k);
+        for (int64_t k = 0; k <= cfg.dep_q; ++k) tokens.set((b * (1 + cfg.dep_q) + k) * n_out + produced, (*out)(b, k));
       text.print((*out)(0, 0));
       ++produced;
     }
@@ -252,11 +268,17 @@ int run_generate(const Common& c, const cxxopts::ParseResult& r) {
     }
   }
   if (text.enabled) std::fputc('\n', stdout);
-  io::SafeTensorsWriter w;
-  w.add("tokens", tokens);
-  w.write(r["out"].as<std::string>());
+  tokens.finish();
   if (r.count("save-session")) gen.save(session, r["save-session"].as<std::string>());
   const double total = std::chrono::duration<double>(std::chrono::steady_clock::now() - t_start).count();
+  if (steps >= 3000) {
+    const double peak_end = peak_rss_mib(), a = ms_1000_2000 / 1000, b = ms_last_1000 / 1000;
+    std::fprintf(stderr,
+                 "long run: peak RSS %.1f MiB after 1000 frames, %.1f MiB after %lld (%+.2f%%); mean step %.3f ms over "
+                 "frames 1000-2000, %.3f ms over the last 1000 (%+.1f%%)\n",
+                 peak_at_1000, peak_end, (long long)steps, 100.0 * (peak_end - peak_at_1000) / peak_at_1000, a, b,
+                 100.0 * (b - a) / a);
+  }
   std::fprintf(stderr, "generated %lld frames x %lld items in %.2f s (%.1f frames/s, real time needs 12.5) -> %s\n",
                (long long)steps, (long long)batch, total, double(steps) / total, r["out"].as<std::string>().c_str());
   return 0;
@@ -327,18 +349,12 @@ double measured_bandwidth_gbs(Cpu) {
   return best;
 }
 
-// Bytes of every matrix a frame multiplies by (each read once per frame).
+// Bytes of every weight a frame reads: the layers (norms included, negligible) and the
+// heads; embedding tables only give one row per token.
 template <class M>
 double frame_weight_bytes(const M& m, size_t elem) {
-  double n = double(m.text_linear.numel());
-  auto block = [&](const auto& p) {
-    for (auto& w : p.attn.in_proj) n += double(w.numel());
-    for (auto& w : p.attn.out_proj) n += double(w.numel());
-    for (auto& w : p.ffn.w_in) n += double(w.numel());
-    for (auto& w : p.ffn.w_out) n += double(w.numel());
-  };
-  for (auto& l : m.transformer.layers) std::visit(block, l);
-  for (auto& l : m.depformer.layers) std::visit(block, l);
+  double n = double(m.text_linear.numel()) + double(M::TemporalT::num_params(m.transformer)) +
+             double(M::DepformerT::num_params(m.depformer));
   for (auto& w : m.depformer_in) n += double(w.numel());
   for (auto& w : m.linears) n += double(w.numel());
   return n * double(elem);
@@ -410,18 +426,9 @@ int run_info(const Common& c) {
   io::WeightSource ws = load_weights(c, cfg);
   auto model = Model<float, Cpu>::load(cfg, ws);
   auto count = [](const auto& t) { return t.defined() ? t.numel() : int64_t(0); };
-  int64_t n_temporal = 0, n_dep = 0, n_emb = 0, n_heads = 0;
-  auto count_block = [&](const auto& p) {
-    int64_t n = count(p.norm1.weight) + count(p.norm1.bias) + count(p.norm2.weight) + count(p.norm2.bias) +
-                count(p.ls1) + count(p.ls2);
-    for (auto& w : p.attn.in_proj) n += w.numel();
-    for (auto& w : p.attn.out_proj) n += w.numel();
-    for (auto& w : p.ffn.w_in) n += w.numel();
-    for (auto& w : p.ffn.w_out) n += w.numel();
-    return n;
-  };
-  for (auto& l : model.transformer.layers) std::visit([&](const auto& p) { n_temporal += count_block(p); }, l);
-  for (auto& l : model.depformer.layers) std::visit([&](const auto& p) { n_dep += count_block(p); }, l);
+  using M = Model<float, Cpu>;
+  int64_t n_temporal = M::TemporalT::num_params(model.transformer), n_dep = M::DepformerT::num_params(model.depformer);
+  int64_t n_emb = 0, n_heads = 0;
   auto count_emb = [&](const auto& e) { return count(e.table) + count(e.low_rank) + count(e.norm_w) + count(e.norm_b); };
   for (auto& e : model.emb) n_emb += count_emb(e);
   n_emb += count_emb(model.text_emb) + count_emb(model.depformer_text_emb);

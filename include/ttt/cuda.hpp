@@ -7,3 +7,4 @@
 #include "ttt/backend/cuda/memory.hpp"
 #include "ttt/backend/cuda/kernels.hpp"
 #include "ttt/backend/cuda/graph.hpp"
+#include "ttt/layers/cuda/ttt_kernels.hpp"

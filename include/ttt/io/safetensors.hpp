@@ -346,4 +346,69 @@ class SafeTensorsWriter {
   std::map<std::string, std::string> metadata_;
 };
 
+// One tensor of known shape written piece by piece straight to disk (a long generation's
+// output never sits in memory), then atomically renamed into place by finish(). Without
+// finish() (an error, an interrupted run) the temporary file is removed.
+template <class T>
+class SafeTensorsStreamWriter {
+ public:
+  SafeTensorsStreamWriter(const std::string& path, const std::string& name, const Shape& shape)
+      : path_(path), tmp_(path + ".tmp." + std::to_string(::getpid())), numel_(shape.numel()) {
+    std::vector<int64_t> dims(shape.d, shape.d + shape.rank);
+    nlohmann::json h = {{name, {{"dtype", std::string(dtype_name(dtype_v<T>))},
+                                {"shape", dims},
+                                {"data_offsets", {0, size_t(numel_) * sizeof(T)}}}}};
+    std::string hs = h.dump();
+    while ((8 + hs.size()) % 8) hs.push_back(' ');
+    header_ = 8 + hs.size();
+    fp_ = std::fopen(tmp_.c_str(), "wb+");
+    if (!fp_) fail(path, ": cannot write (", std::strerror(errno), ")");
+    uint8_t len[8];
+    for (int i = 0; i < 8; ++i) len[i] = uint8_t(uint64_t(hs.size()) >> (8 * i));
+    bool ok = std::fwrite(len, 1, 8, fp_) == 8 && std::fwrite(hs.data(), 1, hs.size(), fp_) == hs.size();
+    // Size the file up front: unwritten elements read as zeros.
+    ok = ok && (numel_ == 0 || (std::fseek(fp_, long(header_ + size_t(numel_) * sizeof(T) - 1), SEEK_SET) == 0 &&
+                                std::fputc(0, fp_) != EOF));
+    if (!ok) abort_with("cannot write");
+  }
+  ~SafeTensorsStreamWriter() {
+    if (fp_) {
+      std::fclose(fp_);
+      std::remove(tmp_.c_str());
+    }
+  }
+  SafeTensorsStreamWriter(const SafeTensorsStreamWriter&) = delete;
+  SafeTensorsStreamWriter& operator=(const SafeTensorsStreamWriter&) = delete;
+
+  // Element at flat (row-major) index i.
+  void set(int64_t i, T v) {
+    TTT_CHECK(i >= 0 && i < numel_, path_, ": element ", i, " out of range");
+    if (std::fseek(fp_, long(header_ + size_t(i) * sizeof(T)), SEEK_SET) != 0 || std::fwrite(&v, sizeof(T), 1, fp_) != 1)
+      abort_with("write failed");
+  }
+  void finish() {
+    const bool ok = std::fflush(fp_) == 0;
+    const int closed = std::fclose(fp_);
+    fp_ = nullptr;
+    if (!ok || closed != 0 || std::rename(tmp_.c_str(), path_.c_str()) != 0) {
+      const int e = errno;
+      std::remove(tmp_.c_str());
+      fail(path_, ": write failed (", std::strerror(e), ")");
+    }
+  }
+
+ private:
+  [[noreturn]] void abort_with(const char* what) {
+    const int e = errno;
+    if (fp_) std::fclose(fp_);
+    fp_ = nullptr;
+    std::remove(tmp_.c_str());
+    fail(path_, ": ", what, " (", std::strerror(e), ")");
+  }
+  std::string path_, tmp_;
+  int64_t numel_;
+  size_t header_ = 0;
+  FILE* fp_ = nullptr;
+};
+
 }  // namespace ttt::io

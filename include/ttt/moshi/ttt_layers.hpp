@@ -240,25 +240,11 @@ struct InplaceFfnLayer {
     p.blk.attention(x, s.ring.defined() ? &s.ring : nullptr, in);
     const auto& ffb = p.blk.ff;
     auto xn = ffb.norm2(x);
-    auto Z = ops::cast<float>(ops::glu(ops::linear(xn, ffb.ffn.w_in[0]), ffb.ffn.act));  // [B, T, Hf]
-    auto E = ops::cast<float>(in.embeddings);                                            // [B, T, D]
-    const int64_t Bn = x.size(0), Tn = x.size(1), D = x.size(2);
-    auto out = Tensor<float, B>::empty({Bn, Tn, D});
-    bool uniform = true;
-    for (int64_t b = 0; b < Bn; ++b) {
-      uniform = uniform && s.offset[size_t(b)] == s.offset[0];
-      uniform = uniform && (in.exec_host.empty() || in.exec_host[size_t(b)]);
-    }
-    if (uniform) {
-      run(p, s, 0, Bn, Z, E, out, true);
-    } else {
-      for (int64_t b = 0; b < Bn; ++b)
-        run(p, s, b, b + 1, Z.slice(0, b, b + 1), E.slice(0, b, b + 1), out.slice(0, b, b + 1),
-            in.exec_host.empty() || in.exec_host[size_t(b)]);
-    }
-    auto u = ops::cast<T>(out);
-    if (ffb.ls2.defined()) add_scaled(x, u, ffb.ls2);
-    else ops::add_(x, u);
+    auto Z = ops::glu(ops::linear(xn, ffb.ffn.w_in[0]), ffb.ffn.act);  // [B, T, Hf]
+    const int64_t Bn = x.size(0);
+    for (int64_t b = 0; b < Bn; ++b)
+      run(p, s, b, x.slice(0, b, b + 1), Z.slice(0, b, b + 1), in.embeddings.slice(0, b, b + 1),
+          in.exec_host.empty() || in.exec_host[size_t(b)]);
   }
 
   static void reset(State& s, const std::vector<uint8_t>& mask) {
@@ -303,27 +289,41 @@ struct InplaceFfnLayer {
   }
 
  private:
-  // Items [b0, b1) at one common phase: outputs for all frames of Z/E [n, T, .], buffering
-  // and chunk updates only when `commit`.
-  static void run(const Params& p, State& s, int64_t b0, int64_t b1, const Tensor<float, B>& Z,
-                  const Tensor<float, B>& E, const Tensor<float, B>& out, bool commit) {
+  // Item b: x [1, T, D] += LS2(Z W^T) frame by frame with the weights of each frame's
+  // chunk, buffering the chunk and updating W at its end only when `commit`. The output
+  // goes through ops::linear like the plain FFN's, so an untouched W (zero conv) gives
+  // the pretrained layer bit for bit in fp32.
+  static void run(const Params& p, State& s, int64_t b, const Tensor<T, B>& x, const Tensor<T, B>& Z,
+                  const Tensor<T, B>& E, bool commit) {
     const int64_t Tn = Z.size(1), C = p.chunk;
-    auto W = s.W.slice(0, b0, b1);  // [n, D, Hf]
-    int64_t ph = s.offset[size_t(b0)] % C;
+    auto W = s.W.select(0, b);  // [D, Hf]
+    const auto& ls2 = p.blk.ff.ls2;
+    int64_t ph = s.offset[size_t(b)] % C;
     for (int64_t t0 = 0; t0 < Tn;) {
       const int64_t n = std::min(C - ph, Tn - t0);
-      // Frames of the current chunk see the weights from before it.
-      ops::matmul(out.slice(1, t0, t0 + n), Z.slice(1, t0, t0 + n), W.transpose(1, 2));
+      auto xs = x.slice(1, t0, t0 + n), zs = Z.slice(1, t0, t0 + n);  // contiguous rows of one item
+      if constexpr (std::is_same_v<T, float>) {
+        if (ls2.defined()) {
+          auto u = ops::linear(zs, W);
+          add_scaled(xs, u, ls2);
+        } else {
+          ops::linear(xs, zs, W, 1.f);
+        }
+      } else {
+        auto u = ops::cast<T>(ops::linear(ops::cast<float>(zs), W));
+        if (ls2.defined()) add_scaled(xs, u, ls2);
+        else ops::add_(xs, u);
+      }
       if (commit) {
-        s.zbuf.slice(0, b0, b1).slice(1, ph, ph + n).copy_from(Z.slice(1, t0, t0 + n));
-        s.ebuf.slice(0, b0, b1).slice(1, ph, ph + n).copy_from(E.slice(1, t0, t0 + n));
-        if (ph + n == C) update(p, s.zbuf.slice(0, b0, b1), s.ebuf.slice(0, b0, b1), W);
+        auto zb = s.zbuf.slice(0, b, b + 1), eb = s.ebuf.slice(0, b, b + 1);
+        ops::cast(zb.slice(1, ph, ph + n), zs);
+        ops::cast(eb.slice(1, ph, ph + n), E.slice(1, t0, t0 + n));
+        if (ph + n == C) update(p, zb, eb, s.W.slice(0, b, b + 1));
       }
       t0 += n;
       ph = (ph + n) % C;
     }
-    if (commit)
-      for (int64_t b = b0; b < b1; ++b) s.offset[size_t(b)] += Tn;
+    if (commit) s.offset[size_t(b)] += Tn;
   }
 
   // W += lr * V^T Z for one complete chunk: V = conv(E) (@ P).

@@ -180,8 +180,12 @@ struct Kernels<Cpu> {
     }
   }
 
-  // y [R, N] (+)= x [R, K] @ W^T, W [N, K]; all contiguous. Split over output rows of W
-  // so a batch-1 GEMV uses every core (Eigen only threads large GEMMs).
+  // y [R, N] (+)= x [R, K] @ W^T, W [N, K]; all contiguous. Every output element is one
+  // vectorised dot product whose summation order depends on K only, never on R: a row
+  // gives the same bits whether it is computed alone (streaming) or with others (teacher
+  // forcing), which is what makes streaming equal teacher forcing and a TTT layer at its
+  // init equal the plain layer exactly. Split over output rows so batch-1 decoding (a
+  // GEMV, bandwidth bound) uses every core.
   template <class T>
   static void linear(const Tensor<T, Cpu>& y, const Tensor<T, Cpu>& x, const Tensor<T, Cpu>& w, float beta) {
     const int64_t R = x.size(0), K = x.size(1), N = w.size(0);
@@ -193,33 +197,34 @@ struct Kernels<Cpu> {
       xbuf = cpu::to_float_rows(x);
       xf = xbuf.data();
     }
+    using Vec = Eigen::Map<const Eigen::Matrix<float, Eigen::Dynamic, 1>>;
     const int64_t work = N * K * R;
     const int nt = work > (int64_t(1) << 15) ? cpu::num_threads() : 1;
-    // Blocks of rows sized to stay in L2 for the narrow-type conversion.
     const int64_t blk = std::max<int64_t>(16, std::min<int64_t>((N + nt - 1) / nt, 256));
     const int64_t nblk = (N + blk - 1) / blk;
-#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
-    for (int64_t ib = 0; ib < nblk; ++ib) {
-      const int64_t n0 = ib * blk, nb = std::min(blk, N - n0);
-      cpu::DenseRowMap X(xf, R, K);
-      Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor> Yb(R, nb);
-      if constexpr (std::is_same_v<T, float>) {
-        cpu::DenseRowMap Wb(w.data() + n0 * K, nb, K);
-        if (R == 1) Yb.noalias() = (Wb * X.row(0).transpose()).transpose();
-        else Yb.noalias() = X * Wb.transpose();
-      } else {
-        Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor> Wf(nb, K);
-        const T* pw = w.data() + n0 * K;
-        for (int64_t i = 0; i < nb * K; ++i) Wf.data()[i] = to_f32(pw[i]);
-        if (R == 1) Yb.noalias() = (Wf * X.row(0).transpose()).transpose();
-        else Yb.noalias() = X * Wf.transpose();
-      }
-      for (int64_t r = 0; r < R; ++r) {
-        T* py = y.data() + r * N + n0;
-        for (int64_t j = 0; j < nb; ++j) {
-          float v = Yb(r, j);
-          if (beta != 0.f) v += beta * to_f32(py[j]);
-          py[j] = from_f32<T>(v);
+#pragma omp parallel num_threads(nt) if (nt > 1)
+    {
+      std::vector<float> wrow;
+      if constexpr (!std::is_same_v<T, float>) wrow.resize(size_t(K));
+#pragma omp for schedule(static)
+      for (int64_t ib = 0; ib < nblk; ++ib) {
+        const int64_t n0 = ib * blk, n1 = std::min(N, n0 + blk);
+        for (int64_t n = n0; n < n1; ++n) {
+          const float* wp;
+          if constexpr (std::is_same_v<T, float>) {
+            wp = w.data() + n * K;
+          } else {
+            const T* src = w.data() + n * K;
+            for (int64_t k = 0; k < K; ++k) wrow[size_t(k)] = to_f32(src[k]);
+            wp = wrow.data();
+          }
+          const Vec wv(wp, K);
+          for (int64_t r = 0; r < R; ++r) {
+            float v = wv.dot(Vec(xf + r * K, K));
+            T* py = y.data() + r * N + n;
+            if (beta != 0.f) v += beta * to_f32(*py);
+            *py = from_f32<T>(v);
+          }
         }
       }
     }

@@ -696,6 +696,8 @@ struct AttentionKernelParams {
   int64_t qs[3], ks[3], vs[3], os[3];  // strides of dims 0..2 (the last is 1)
   int64_t qps[2], kps[2];
   int64_t T_, H, Hk, S, D, context, chunk;
+  int64_t prefix, prefix_context;  // keys [0, prefix): the second key set (AttentionParams)
+  const float* prefix_bias;        // [H] on the device, may be null
   float scale;
   int splits;
   bool vec_k;  // key rows 16-byte aligned
@@ -743,9 +745,11 @@ __global__ void __launch_bounds__(kAttnThreads) attention_kernel(const Attention
   for (int64_t s = s0 + threadIdx.x; s < s1; s += kAttnThreads) {
     // kp <= qp before subtracting, as on the CPU: session positions may be arbitrary.
     const int64_t kp = p.k_pos[b * p.kps[0] + s * p.kps[1]];
+    const bool in_prefix = s < p.prefix;
+    const int64_t ctx = in_prefix ? p.prefix_context : p.context;
     float sc = -INFINITY;
-    if (kp >= 0 && kp <= qp && (p.context <= 0 || qp - kp < p.context)) {
-      sc = dot_key(kb + s * p.ks[2], qf, D, p.vec_k) * p.scale;
+    if (kp >= 0 && kp <= qp && (ctx <= 0 || qp - kp < ctx)) {
+      sc = dot_key(kb + s * p.ks[2], qf, D, p.vec_k) * p.scale + (in_prefix && p.prefix_bias ? p.prefix_bias[h] : 0.f);
       m = fmaxf(m, sc);
     }
     w[s - s0] = sc;
@@ -1201,6 +1205,7 @@ void Kernels<Cuda>::attention(const Tensor<T, Cuda>& out, const Tensor<T, Cuda>&
   p.qps[0] = q_pos.stride(0), p.qps[1] = q_pos.stride(1);
   p.kps[0] = k_pos.stride(0), p.kps[1] = k_pos.stride(1);
   p.T_ = Tn, p.H = H, p.Hk = k.size(1), p.S = S, p.D = D, p.context = ap.context, p.chunk = chunk;
+  p.prefix = ap.prefix, p.prefix_context = ap.prefix_context, p.prefix_bias = ap.prefix_bias;
   p.scale = ap.scale;
   p.splits = int(splits);
   const bool rows_aligned = k.stride(0) % kVec<T> == 0 && k.stride(1) % kVec<T> == 0 &&

@@ -1,0 +1,71 @@
+#pragma once
+// Shared pieces of the Moshi tests.
+#include <cmath>
+#include <vector>
+
+#include "catch.hpp"
+#include "ttt/moshi/generator.hpp"
+#include "ttt/moshi/policies.hpp"
+#include "ttt/ttt.hpp"
+
+using namespace ttt;
+using Model = moshi::LmModel<float, Cpu, moshi::DefaultPolicies>;
+using Gen = moshi::LmGen<float, Cpu, moshi::DefaultPolicies>;
+
+inline double max_err_unmasked(const ttt::Tensor<float, ttt::Cpu>& a, const ttt::Tensor<float, ttt::Cpu>& ref) {
+  REQUIRE(a.shape() == ref.shape());
+  double m = 0;
+  auto av = a.to_vector(), rv = ref.to_vector();
+  for (size_t i = 0; i < av.size(); ++i) {
+    REQUIRE(std::isnan(av[i]) == std::isnan(rv[i]));
+    if (!std::isnan(rv[i])) m = std::max(m, double(std::abs(av[i] - rv[i])));
+  }
+  return m;
+}
+
+// Streams the delayed inputs of `codes` through the temporal transformer in chunks of the
+// given sizes and the depformer step by step (teacher forced), and returns logits laid
+// out like forward()'s (undelayed, NaN-masked).
+inline Model::Output stream_teacher_forced(const Model& m, const Tensor<int64_t, Cpu>& codes, const std::vector<int64_t>& chunks) {
+  const auto& cfg = m.cfg;
+  const int64_t Bn = codes.size(0), Tn = codes.size(2), D = cfg.dim, Dd = cfg.depformer.d_model;
+  auto [in, dep] = m.delayed_inputs(codes);
+  auto st = Model::TemporalT::init_state(m.transformer, Bn, true);
+  auto dst = Model::DepformerT::init_state(m.depformer, Bn, true);
+  auto raw_text = Tensor<float, Cpu>::empty({Bn, 1, Tn, cfg.text_card_out});
+  auto raw = Tensor<float, Cpu>::empty({Bn, cfg.dep_q, Tn, cfg.card});
+  int64_t s = 0;
+  for (size_t ci = 0; s < Tn; ++ci) {
+    const int64_t n = std::min(chunks[ci % chunks.size()], Tn - s);
+    auto tok = in.slice(2, s, s + n).contiguous();
+    auto [h, tl] = m.forward_text(tok, st, {}, {});
+    for (int64_t j = 0; j < n; ++j) {
+      raw_text.select(2, s + j).copy_from(tl.select(1, j).contiguous().reshape({Bn, 1, cfg.text_card_out}));
+      Model::DepformerT::reset(m.depformer, dst, std::vector<uint8_t>(size_t(Bn), 1));
+      auto hj = h.select(1, j).contiguous();
+      for (int64_t k = 0; k < cfg.dep_q; ++k) {
+        auto prev = dep.select(0, k).select(1, s + j).contiguous();
+        auto x = m.depformer_input(k, hj, prev).reshape({Bn, 1, Dd});
+        Model::DepformerT::forward(m.depformer, dst, x, {}, {});
+        raw.select(1, k).select(1, s + j).copy_from(m.audio_logits(k, x.reshape({Bn, Dd})));
+      }
+    }
+    s += n;
+  }
+  (void)D;
+  // Undelay exactly as forward does.
+  Model::Output out;
+  out.logits = Tensor<float, Cpu>::empty(raw.shape());
+  out.text_logits = Tensor<float, Cpu>::empty(raw_text.shape());
+  for (int64_t b = 0; b < Bn; ++b)
+    for (int64_t t = 0; t < Tn; ++t) {
+      for (int64_t k = 0; k < cfg.dep_q; ++k) {
+        const int64_t src = t + cfg.delays[size_t(1 + k)];
+        for (int64_t v = 0; v < cfg.card; ++v) out.logits(b, k, t, v) = src < Tn ? raw(b, k, src, v) : NAN;
+      }
+      const int64_t src = t + cfg.delays[0];
+      for (int64_t v = 0; v < cfg.text_card_out; ++v) out.text_logits(b, 0, t, v) = src < Tn ? raw_text(b, 0, src, v) : NAN;
+    }
+  return out;
+}
+

@@ -1,0 +1,813 @@
+// Cross-backend op tests in the spirit of ggml's test-backend-ops: every op of
+// ttt/backend/ops.hpp runs on random inputs (odd sizes, strided and offset views,
+// broadcasts, special values) on the CPU backend, which defines the semantics, and on
+// CUDA, and the two results are compared. Without a CUDA device the binary prints
+// "SKIPPED: no CUDA device" and exits 77 (CTest: skipped).
+//
+// Error of a case: err = max_i |cuda_i - cpu_i| / max(1, max_i |cpu_i|), i.e. absolute
+// for outputs below 1 and relative above; NaN and inf must match exactly.
+//
+// Tolerances, with u = 1e-5 (f32), 1e-2 (bf16), 2e-3 (f16): a few fp32 roundings, or one
+// ulp of the storage type where the fp32 values differ slightly and round apart.
+//   copy, cast, fill, embedding, kv_write ....... 0  (identical values)
+//   reduce_max, argmax, sample .................. 0  (identical; sample picks the same token)
+//   unary, binary, glu, softmax ................. u
+//   reduce_sum/mean, layer_norm, rms_norm ....... 2u (fp32 statistics vs the CPU's double)
+//   matmul, linear, attention ................... 2u (fp32 accumulation in another order)
+//   random_normal ............................... u  (device logf/cosf within an ulp or two)
+//   rope, add_sin_embedding ..................... u + 2^-22 * max|position| (host and device
+//       exp/pow disagree by an ulp for ~0.06% of frequencies; the angle scales that ulp by
+//       the position)
+// A summary line per op and dtype (cases, max error, tolerance) is printed at the end.
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <limits>
+#include <map>
+#include <random>
+#include <string>
+#include <utility>
+#include <vector>
+
+#define CATCH_CONFIG_RUNNER  // Catch2 v2: this file provides main (v3 ignores it)
+#include "catch.hpp"
+#if TTT_CATCH3
+#include <catch2/catch_session.hpp>
+#include <catch2/catch_template_test_macros.hpp>
+#endif
+
+#include "reference.hpp"
+#include "ttt/cuda.hpp"
+
+using namespace ttt;
+
+namespace {
+
+// ---- bookkeeping ------------------------------------------------------------------------
+
+struct Record {
+  int cases = 0;
+  double max_err = 0;
+  double tol = 0;
+};
+std::map<std::pair<std::string, std::string>, Record>& summary() {
+  static std::map<std::pair<std::string, std::string>, Record> s;
+  return s;
+}
+
+template <class T>
+std::string dname() {
+  if constexpr (std::is_same_v<T, float>) return "f32";
+  else if constexpr (std::is_same_v<T, bf16>) return "bf16";
+  else if constexpr (std::is_same_v<T, f16>) return "f16";
+  else if constexpr (std::is_same_v<T, int64_t>) return "i64";
+  else if constexpr (std::is_same_v<T, int32_t>) return "i32";
+  else return "u8";
+}
+
+template <class T>
+double unit() {
+  if constexpr (std::is_same_v<T, float>) return 1e-5;
+  else if constexpr (std::is_same_v<T, bf16>) return 1e-2;
+  else return 2e-3;
+}
+template <class T>
+double pos_tol(double max_pos) {
+  return unit<T>() + std::ldexp(1.0, -22) * max_pos;
+}
+
+void record(const std::string& op, const std::string& dtype, double err, double tol, const std::string& what) {
+  Record& r = summary()[{op, dtype}];
+  ++r.cases;
+  r.max_err = std::max(r.max_err, std::isnan(err) ? std::numeric_limits<double>::infinity() : err);
+  r.tol = std::max(r.tol, tol);
+  INFO(op << " [" << dtype << "] " << what << ": error " << err << ", tolerance " << tol);
+  CHECK(err <= tol);
+}
+
+void print_summary() {
+  std::printf("\n%-20s %-10s %7s %12s %12s\n", "op", "dtype", "cases", "max error", "tolerance");
+  for (const auto& [key, r] : summary())
+    std::printf("%-20s %-10s %7d %12.3g %12.3g%s\n", key.first.c_str(), key.second.c_str(), r.cases, r.max_err, r.tol,
+                r.max_err <= r.tol ? "" : "  FAILED");
+}
+
+// ---- inputs -----------------------------------------------------------------------------
+
+template <class T>
+struct Both {
+  Tensor<T, Cpu> cpu;
+  Tensor<T, Cuda> gpu;
+};
+
+template <class T>
+Both<T> upload(const Tensor<T, Cpu>& h) {
+  return {h, h.template to<Cuda>()};
+}
+template <class T>
+Both<T> from_vector(const Shape& s, const std::vector<T>& v) {
+  return upload(Tensor<T, Cpu>::from_vector(s, v));
+}
+
+template <class T>
+Tensor<T, Cpu> random_tensor(const Shape& s, std::mt19937& g, double lo, double hi) {
+  auto t = Tensor<T, Cpu>::empty(s);
+  if constexpr (is_floating_v<T>) {
+    std::uniform_real_distribution<float> d{float(lo), float(hi)};
+    for (int64_t i = 0; i < t.numel(); ++i) t.data()[i] = from_f32<T>(d(g));
+  } else {
+    if constexpr (std::is_same_v<T, uint8_t>) lo = std::max(lo, 0.0), hi = std::min(hi, 255.0);
+    std::uniform_int_distribution<int64_t> d{int64_t(lo), int64_t(hi)};
+    for (int64_t i = 0; i < t.numel(); ++i) t.data()[i] = T(d(g));
+  }
+  return t;
+}
+
+// How a tensor of a given logical shape sits in its storage.
+enum class Layout {
+  contiguous,
+  sliced,      // rows padded and offset: unit inner stride, not contiguous, unaligned start
+  transposed,  // first and last dimensions swapped in storage: non-unit inner stride
+};
+const char* name(Layout l) {
+  return l == Layout::contiguous ? "contiguous" : l == Layout::sliced ? "sliced" : "transposed";
+}
+
+// The same view of the same random storage on both backends.
+template <class T>
+Both<T> make(const Shape& s, Layout layout, std::mt19937& g, double lo = -1, double hi = 1) {
+  Shape base = s;
+  const int last = s.rank - 1;
+  if (layout == Layout::sliced && s.rank > 0) {
+    base.d[last] += 3;
+    if (s.rank > 1) base.d[0] += 1;
+  }
+  if (layout == Layout::transposed && s.rank > 1) std::swap(base.d[0], base.d[last]);
+  auto host = random_tensor<T>(base, g, lo, hi);
+  auto view = [&](auto t) {
+    if (layout == Layout::sliced && s.rank > 0) {
+      t = t.slice(last, 2, 2 + s.d[last]);
+      if (s.rank > 1) t = t.slice(0, 1, 1 + s.d[0]);
+    }
+    if (layout == Layout::transposed && s.rank > 1) t = t.transpose(0, last);
+    return t;
+  };
+  return {view(host), view(host.template to<Cuda>())};
+}
+
+// Overwrites a few entries of a host-side vector-backed tensor with special values, then
+// returns both copies (contiguous).
+template <class T>
+Both<T> with_specials(Tensor<T, Cpu> h, std::mt19937& g, const std::vector<float>& specials, double fraction) {
+  std::uniform_real_distribution<double> u(0, 1);
+  std::uniform_int_distribution<size_t> pick(0, specials.size() - 1);
+  for (int64_t i = 0; i < h.numel(); ++i)
+    if (u(g) < fraction) h.data()[i] = from_f32<T>(specials[pick(g)]);
+  return upload(h);
+}
+
+// ---- comparison -------------------------------------------------------------------------
+
+inline double error_of(const std::vector<double>& want, const std::vector<double>& got) {
+  if (want.size() != got.size()) return std::numeric_limits<double>::infinity();
+  double d = 0, scale = 1;
+  for (size_t i = 0; i < want.size(); ++i) {
+    const double a = want[i], b = got[i];
+    if (std::isnan(a) || std::isnan(b)) {
+      if (std::isnan(a) != std::isnan(b)) return std::numeric_limits<double>::infinity();
+      continue;
+    }
+    if (a == b) continue;
+    if (std::isinf(a) || std::isinf(b)) return std::numeric_limits<double>::infinity();
+    d = std::max(d, std::abs(a - b));
+    scale = std::max(scale, std::abs(a));
+  }
+  for (double a : want)
+    if (std::isfinite(a)) scale = std::max(scale, std::abs(a));
+  return d / scale;
+}
+
+template <class T>
+double error(const Tensor<T, Cpu>& want, const Tensor<T, Cuda>& got) {
+  auto host = got.template to<Cpu>();
+  if (host.shape() != want.shape()) return std::numeric_limits<double>::infinity();
+  return error_of(ref::values(want), ref::values(host));
+}
+template <class T>
+double error(const Both<T>& b) {
+  return error(b.cpu, b.gpu);
+}
+
+std::string shape_str(const Shape& s) { return s.str(); }
+
+constexpr Layout kLayouts[] = {Layout::contiguous, Layout::sliced, Layout::transposed};
+
+}  // namespace
+
+// ======================================================================================
+// copies and conversions
+// ======================================================================================
+
+TEMPLATE_TEST_CASE("copy between strided views", "[backend]", float, bf16, f16, int64_t, int32_t, uint8_t) {
+  using T = TestType;
+  std::mt19937 g(11);
+  for (Shape s : {Shape{7}, Shape{3, 33}, Shape{2, 5, 7}, Shape{2, 3, 4, 9}, Shape{1000}, Shape{1, 1, 1, 1}})
+    for (Layout li : kLayouts)
+      for (Layout lo : kLayouts) {
+        auto in = make<T>(s, li, g, -100, 100);
+        auto out = make<T>(s, lo, g);
+        out.cpu.copy_from(in.cpu);
+        out.gpu.copy_from(in.gpu);
+        record("copy", dname<T>(), error(out), 0, shape_str(s) + " " + name(li) + " -> " + name(lo));
+      }
+  // Broadcast source (stride 0).
+  auto row = make<T>({1, 33}, Layout::contiguous, g, -100, 100);
+  Both<T> out{Tensor<T, Cpu>::empty({5, 33}), Tensor<T, Cuda>::empty({5, 33})};
+  out.cpu.copy_from(row.cpu.expand({5, 33}));
+  out.gpu.copy_from(row.gpu.expand({5, 33}));
+  record("copy", dname<T>(), error(out), 0, "broadcast row");
+}
+
+namespace {
+
+// Floats across the exponent range (f16 overflow and subnormals, bf16 rounding) plus
+// signed zeros, infinities and NaN.
+std::vector<float> wide_floats(size_t n, std::mt19937& g) {
+  std::uniform_real_distribution<float> mant(1.f, 2.f);
+  std::uniform_int_distribution<int> ex(-30, 18), sign(0, 1);
+  const float specials[] = {0.f, -0.f, INFINITY, -INFINITY, NAN, 65504.f, 65520.f, -65519.f, 5.9604645e-8f,
+                            2.9802322e-8f, 1e-10f, 3.4e38f};
+  std::vector<float> v(n);
+  for (size_t i = 0; i < n; ++i) {
+    if (i % 17 == 0) v[i] = specials[(i / 17) % std::size(specials)];
+    else v[i] = (sign(g) ? -1.f : 1.f) * std::ldexp(mant(g), ex(g));
+  }
+  return v;
+}
+
+template <class To, class From>
+void cast_case(std::mt19937& g) {
+  for (Shape s : {Shape{7}, Shape{3, 33}, Shape{2, 3, 4, 9}, Shape{1000}})
+    for (Layout li : kLayouts) {
+      auto host = Tensor<From, Cpu>::empty(s);
+      if constexpr (is_floating_v<From>) {
+        auto v = wide_floats(size_t(s.numel()), g);
+        for (int64_t i = 0; i < s.numel(); ++i) host.data()[i] = from_f32<From>(v[size_t(i)]);
+      } else {
+        host = random_tensor<From>(s, g, -2e9, 2e9);
+      }
+      // Same values, chosen layout.
+      auto in = make<From>(s, li, g);
+      in.cpu.copy_from(host);
+      in.gpu.copy_from(host.template to<Cuda>());
+      auto out = make<To>(s, Layout::sliced, g);
+      ops::cast(out.cpu, in.cpu);
+      ops::cast(out.gpu, in.gpu);
+      record("cast", dname<To>() + "<-" + dname<From>(), error(out), 0, shape_str(s) + " " + name(li));
+    }
+}
+
+}  // namespace
+
+TEST_CASE("cast between element types", "[backend]") {
+  std::mt19937 g(12);
+  cast_case<float, float>(g);
+  cast_case<float, bf16>(g);
+  cast_case<float, f16>(g);
+  cast_case<bf16, float>(g);
+  cast_case<bf16, bf16>(g);
+  cast_case<bf16, f16>(g);
+  cast_case<f16, float>(g);
+  cast_case<f16, bf16>(g);
+  cast_case<f16, f16>(g);
+  cast_case<int64_t, int32_t>(g);
+  cast_case<int32_t, int64_t>(g);
+}
+
+TEMPLATE_TEST_CASE("fill strided views", "[backend]", float, bf16, f16, int64_t, int32_t, uint8_t) {
+  using T = TestType;
+  std::mt19937 g(13);
+  std::vector<double> values = {0.0, 7.0, 200.0};
+  if constexpr (is_floating_v<T>) values.insert(values.end(), {1.5, -3.25, 1e30, 65504.5, 1e-9});
+  else if constexpr (!std::is_same_v<T, uint8_t>) values.push_back(-3.0);
+  for (Shape s : {Shape{7}, Shape{3, 33}, Shape{2, 3, 4, 9}})
+    for (Layout l : kLayouts)
+      for (double v : values) {
+        auto out = make<T>(s, l, g);
+        ops::fill(out.cpu, v);
+        ops::fill(out.gpu, v);
+        record("fill", dname<T>(), error(out), 0, shape_str(s) + " " + name(l) + " value " + std::to_string(v));
+      }
+}
+
+// ======================================================================================
+// elementwise
+// ======================================================================================
+
+TEMPLATE_TEST_CASE("unary ops", "[backend]", float, bf16, f16) {
+  using T = TestType;
+  std::mt19937 g(21);
+  const Unary all[] = {Unary::scale, Unary::silu,    Unary::gelu, Unary::gelu_tanh, Unary::tanh,
+                       Unary::sigmoid, Unary::exp, Unary::relu, Unary::identity};
+  for (Shape s : {Shape{1}, Shape{7}, Shape{3, 33}, Shape{2, 5, 7}, Shape{2, 3, 4, 9}, Shape{1000}})
+    for (Layout l : kLayouts)
+      for (Unary op : all) {
+        auto x = make<T>(s, l, g, -4, 4);
+        Both<T> y{ops::unary(x.cpu, op, 0.7f), ops::unary(x.gpu, op, 0.7f)};
+        record("unary", dname<T>(), error(y), unit<T>(), shape_str(s) + " " + name(l) + " op " + std::to_string(int(op)));
+      }
+  // Into a strided output, and in place.
+  auto x = make<T>({5, 33}, Layout::sliced, g, -4, 4);
+  auto y = make<T>({5, 33}, Layout::transposed, g);
+  ops::unary(y.cpu, x.cpu, Unary::gelu);
+  ops::unary(y.gpu, x.gpu, Unary::gelu);
+  record("unary", dname<T>(), error(y), unit<T>(), "strided output");
+  ops::unary(x.cpu, x.cpu, Unary::silu);
+  ops::unary(x.gpu, x.gpu, Unary::silu);
+  record("unary", dname<T>(), error(x), unit<T>(), "in place");
+}
+
+TEMPLATE_TEST_CASE("binary ops with broadcasting", "[backend]", float, bf16, f16) {
+  using T = TestType;
+  std::mt19937 g(22);
+  struct Case {
+    Shape a, b;
+  };
+  const Case cases[] = {{{7}, {7}},           {{7}, {1}},         {{1000}, {1000}},       {{2, 3, 33}, {3, 1}},
+                        {{2, 3, 33}, {33}},   {{3, 1}, {1, 33}},  {{2, 1, 5, 7}, {3, 1, 7}}, {{1, 1, 1, 1}, {1}}};
+  for (const Case& c : cases)
+    for (Layout la : kLayouts)
+      for (Binary op : {Binary::add, Binary::sub, Binary::mul, Binary::div}) {
+        auto a = make<T>(c.a, la, g, -3, 3);
+        // Denominators away from zero: |b| in [0.5, 2].
+        auto b = make<T>(c.b, Layout::contiguous, g, 0.5, 2);
+        if (op != Binary::div) b = make<T>(c.b, Layout::sliced, g, -3, 3);
+        Both<T> y{ops::binary(a.cpu, b.cpu, op), ops::binary(a.gpu, b.gpu, op)};
+        record("binary", dname<T>(), error(y), unit<T>(),
+               shape_str(c.a) + " " + name(la) + " (op) " + shape_str(c.b) + " op " + std::to_string(int(op)));
+      }
+  // In place (out aliases a).
+  auto a = make<T>({4, 33}, Layout::sliced, g, -3, 3);
+  auto b = make<T>({33}, Layout::contiguous, g, -3, 3);
+  ops::add_(a.cpu, b.cpu);
+  ops::add_(a.gpu, b.gpu);
+  record("binary", dname<T>(), error(a), unit<T>(), "add_ in place");
+}
+
+TEMPLATE_TEST_CASE("glu", "[backend]", float, bf16, f16) {
+  using T = TestType;
+  std::mt19937 g(23);
+  for (int64_t H : {1, 7, 33, 500})
+    for (Layout l : {Layout::contiguous, Layout::sliced})
+      for (Unary act : {Unary::silu, Unary::gelu, Unary::gelu_tanh, Unary::sigmoid, Unary::relu, Unary::identity}) {
+        auto x = make<T>({3, 2, 2 * H}, l, g, -4, 4);
+        Both<T> y{ops::glu(x.cpu, act), ops::glu(x.gpu, act)};
+        record("glu", dname<T>(), error(y), unit<T>(), "H " + std::to_string(H) + " " + name(l));
+      }
+}
+
+// ======================================================================================
+// matrix products
+// ======================================================================================
+
+TEMPLATE_TEST_CASE("matmul", "[backend]", float, bf16, f16) {
+  using T = TestType;
+  std::mt19937 g(31);
+  const double tol = 2 * unit<T>();
+  struct Dims {
+    int64_t M, K, N;
+  };
+  const Dims dims[] = {{1, 7, 5}, {13, 33, 9}, {4, 64, 130}, {1, 1000, 1}, {33, 1000, 7}, {64, 96, 64}, {7, 1, 3}};
+  for (auto [M, K, N] : dims) {
+    const std::string tag = std::to_string(M) + "x" + std::to_string(K) + "x" + std::to_string(N);
+    // Plain, transposed views of either operand, and both.
+    for (int variant = 0; variant < 4; ++variant) {
+      auto a = make<T>({M, K}, variant & 1 ? Layout::transposed : Layout::sliced, g);
+      auto b = make<T>({K, N}, variant & 2 ? Layout::transposed : Layout::contiguous, g);
+      Both<T> c{ops::matmul(a.cpu, b.cpu), ops::matmul(a.gpu, b.gpu)};
+      record("matmul", dname<T>(), error(c), tol, tag + " variant " + std::to_string(variant));
+    }
+    // Strides cuBLAS cannot take (inner stride 2 on both axes): the contiguous fallback.
+    {
+      auto base = make<T>({M, K, 2}, Layout::contiguous, g);
+      Both<T> a{base.cpu.select(2, 0), base.gpu.select(2, 0)};
+      auto b = make<T>({K, N}, Layout::contiguous, g);
+      Both<T> c{ops::matmul(a.cpu, b.cpu), ops::matmul(a.gpu, b.gpu)};
+      record("matmul", dname<T>(), error(c), tol, tag + " non-GEMM strides");
+    }
+    // alpha, beta into a strided (row-padded) output.
+    for (float beta : {0.f, 1.f, 0.25f}) {
+      auto a = make<T>({M, K}, Layout::contiguous, g);
+      auto b = make<T>({K, N}, Layout::transposed, g);
+      auto c = make<T>({M, N}, Layout::sliced, g);
+      ops::matmul(c.cpu, a.cpu, b.cpu, 0.5f, beta);
+      ops::matmul(c.gpu, a.gpu, b.gpu, 0.5f, beta);
+      record("matmul", dname<T>(), error(c), tol, tag + " alpha 0.5 beta " + std::to_string(beta));
+    }
+  }
+  // Batches: broadcast weight, both batch dims broadcast crosswise (a loop of batched
+  // calls), a transposed batched operand, and collapsible batch dims.
+  {
+    auto a = make<T>({2, 3, 5, 6}, Layout::contiguous, g);
+    auto b = make<T>({6, 4}, Layout::contiguous, g);
+    Both<T> c{ops::matmul(a.cpu, b.cpu), ops::matmul(a.gpu, b.gpu)};
+    record("matmul", dname<T>(), error(c), tol, "batched, broadcast b");
+  }
+  {
+    auto a = make<T>({2, 1, 5, 6}, Layout::contiguous, g);
+    auto b = make<T>({3, 6, 4}, Layout::contiguous, g);
+    Both<T> c{ops::matmul(a.cpu, b.cpu), ops::matmul(a.gpu, b.gpu)};
+    record("matmul", dname<T>(), error(c), tol, "batch dims broadcast crosswise");
+  }
+  {
+    auto a = make<T>({3, 9, 17}, Layout::contiguous, g);
+    auto bt = make<T>({3, 11, 17}, Layout::contiguous, g);  // b = bt^T per batch: attention-style q @ k^T
+    Both<T> b{bt.cpu.transpose(1, 2), bt.gpu.transpose(1, 2)};
+    Both<T> c{ops::matmul(a.cpu, b.cpu), ops::matmul(a.gpu, b.gpu)};
+    record("matmul", dname<T>(), error(c), tol, "batched transposed b");
+  }
+  {
+    auto a = make<T>({2, 3, 8, 16}, Layout::contiguous, g);
+    auto b = make<T>({2, 3, 16, 8}, Layout::contiguous, g);
+    auto c = make<T>({2, 3, 8, 8}, Layout::contiguous, g);
+    ops::matmul(c.cpu, a.cpu, b.cpu, 1.f, 1.f);
+    ops::matmul(c.gpu, a.gpu, b.gpu, 1.f, 1.f);
+    record("matmul", dname<T>(), error(c), tol, "collapsible batch, beta 1");
+  }
+  {  // K == 0: the op scales or clears the output without a product.
+    auto a = make<T>({3, 0}, Layout::contiguous, g);
+    auto b = make<T>({0, 5}, Layout::contiguous, g);
+    auto c = make<T>({3, 5}, Layout::contiguous, g);
+    ops::matmul(c.cpu, a.cpu, b.cpu, 1.f, 0.5f);
+    ops::matmul(c.gpu, a.gpu, b.gpu, 1.f, 0.5f);
+    record("matmul", dname<T>(), error(c), tol, "K = 0");
+  }
+}
+
+TEMPLATE_TEST_CASE("linear (GEMV and GEMM paths)", "[backend]", float, bf16, f16) {
+  using T = TestType;
+  std::mt19937 g(32);
+  const double tol = 2 * unit<T>();
+  for (int64_t R : {1, 2, 3, 5, 8, 9, 33})
+    for (int64_t K : {7, 64, 1000, 4104})
+      for (int64_t N : {1, 5, 130, 513}) {
+        if (R * K * N > int64_t(40) << 20) continue;
+        const std::string tag = "R " + std::to_string(R) + " K " + std::to_string(K) + " N " + std::to_string(N);
+        auto x = make<T>({R, K}, Layout::contiguous, g);
+        auto w = make<T>({N, K}, Layout::contiguous, g);
+        Both<T> y{ops::linear(x.cpu, w.cpu), ops::linear(x.gpu, w.gpu)};
+        record("linear", dname<T>(), error(y), tol, tag);
+        // beta = 1 accumulates (residual add).
+        auto y1 = make<T>({R, N}, Layout::contiguous, g);
+        ops::linear(y1.cpu, x.cpu, w.cpu, 1.f);
+        ops::linear(y1.gpu, x.gpu, w.gpu, 1.f);
+        record("linear", dname<T>(), error(y1), tol, tag + " beta 1");
+      }
+  // A weight starting one element past a 16-byte boundary (scalar loads), and a batched
+  // input [2, 3, K].
+  for (int64_t K : {64, 1000}) {
+    auto flat = make<T>({17 * K + 1}, Layout::contiguous, g);
+    Both<T> w{flat.cpu.slice(0, 1, 1 + 17 * K).reshape({17, K}), flat.gpu.slice(0, 1, 1 + 17 * K).reshape({17, K})};
+    auto x = make<T>({2, 3, K}, Layout::contiguous, g);
+    Both<T> y{ops::linear(x.cpu, w.cpu), ops::linear(x.gpu, w.gpu)};
+    record("linear", dname<T>(), error(y), tol, "unaligned weight K " + std::to_string(K));
+  }
+}
+
+// ======================================================================================
+// reductions and row-wise normalisation
+// ======================================================================================
+
+namespace {
+const Shape kRowShapes[] = {Shape{7}, Shape{3, 17}, Shape{2, 3, 64}, Shape{1, 1, 2, 1000}, Shape{5, 1}, Shape{4, 4097}};
+}
+
+TEMPLATE_TEST_CASE("reduce sum, mean, max", "[backend]", float, bf16, f16) {
+  using T = TestType;
+  std::mt19937 g(41);
+  for (Shape s : kRowShapes)
+    for (Layout l : kLayouts)
+      for (Reduce op : {Reduce::sum, Reduce::mean, Reduce::max}) {
+        auto x = make<T>(s, l, g, -4, 4);
+        Both<T> y{ops::reduce(x.cpu, op), ops::reduce(x.gpu, op)};
+        const bool mx = op == Reduce::max;
+        record(mx ? "reduce_max" : op == Reduce::sum ? "reduce_sum" : "reduce_mean", dname<T>(), error(y),
+               mx ? 0 : 2 * unit<T>(), shape_str(s) + " " + name(l));
+      }
+  // max propagates NaN; -inf and -0 entries; a strided output.
+  auto h = random_tensor<T>({6, 33}, g, -4, 4);
+  auto x = with_specials(h, g, {NAN, -INFINITY, -0.f, 0.f}, 0.05);
+  auto out = make<T>({6}, Layout::sliced, g);
+  ops::reduce(out.cpu, x.cpu, Reduce::max);
+  ops::reduce(out.gpu, x.gpu, Reduce::max);
+  record("reduce_max", dname<T>(), error(out), 0, "specials, strided output");
+}
+
+TEMPLATE_TEST_CASE("argmax", "[backend]", float, bf16, f16) {
+  using T = TestType;
+  std::mt19937 g(42);
+  for (Shape s : kRowShapes)
+    for (Layout l : kLayouts) {
+      // Few distinct values: many ties, so "first index of the maximum" is exercised.
+      auto h = random_tensor<T>(s, g, -4, 4);
+      for (int64_t i = 0; i < h.numel(); ++i) h.data()[i] = from_f32<T>(std::round(to_f32(h.data()[i]) * 2) / 2);
+      auto x = make<T>(s, l, g);
+      x.cpu.copy_from(h);
+      x.gpu.copy_from(h.template to<Cuda>());
+      Both<int64_t> y{ops::argmax(x.cpu), ops::argmax(x.gpu)};
+      record("argmax", dname<T>(), error(y), 0, shape_str(s) + " " + name(l));
+    }
+  // NaN never wins; all-NaN and all -inf rows give 0.
+  auto h = random_tensor<T>({8, 50}, g, -4, 4);
+  for (int64_t j = 0; j < 50; ++j) {
+    h(5, j) = from_f32<T>(NAN);
+    h(6, j) = from_f32<T>(-INFINITY);
+    h(7, j) = from_f32<T>(j % 3 ? NAN : -INFINITY);
+  }
+  auto x = with_specials(h, g, {NAN, INFINITY, -INFINITY, -0.f, 0.f}, 0.1);
+  Both<int64_t> y{ops::argmax(x.cpu), ops::argmax(x.gpu)};
+  record("argmax", dname<T>(), error(y), 0, "specials");
+}
+
+TEMPLATE_TEST_CASE("softmax", "[backend]", float, bf16, f16) {
+  using T = TestType;
+  std::mt19937 g(43);
+  for (Shape s : kRowShapes)
+    for (Layout l : kLayouts) {
+      auto x = make<T>(s, l, g, -8, 8);
+      Both<T> y{ops::softmax(x.cpu), ops::softmax(x.gpu)};
+      record("softmax", dname<T>(), error(y), unit<T>(), shape_str(s) + " " + name(l));
+    }
+  // Masked entries (-inf), into a strided output.
+  auto x = with_specials(random_tensor<T>({6, 33}, g, -8, 8), g, {-INFINITY}, 0.3);
+  auto y = make<T>({6, 33}, Layout::sliced, g);
+  ops::softmax(y.cpu, x.cpu);
+  ops::softmax(y.gpu, x.gpu);
+  record("softmax", dname<T>(), error(y), unit<T>(), "masked entries");
+}
+
+TEMPLATE_TEST_CASE("layer_norm and rms_norm", "[backend]", float, bf16, f16) {
+  using T = TestType;
+  std::mt19937 g(44);
+  for (Shape s : kRowShapes)
+    for (Layout l : kLayouts) {
+      const int64_t n = s.back();
+      // An offset mean: the variance must not come from E[x^2] - mu^2.
+      auto x = make<T>(s, l, g, 2, 6);
+      auto w = make<T>({n}, Layout::contiguous, g, 0.5, 1.5);
+      auto b = make<T>({n}, Layout::contiguous, g);
+      Both<T> y{ops::layer_norm(x.cpu, w.cpu, b.cpu, 1e-5f), ops::layer_norm(x.gpu, w.gpu, b.gpu, 1e-5f)};
+      record("layer_norm", dname<T>(), error(y), 2 * unit<T>(), shape_str(s) + " " + name(l));
+      Both<T> y0{ops::layer_norm(x.cpu, Tensor<T, Cpu>(), Tensor<T, Cpu>(), 1e-6f),
+                 ops::layer_norm(x.gpu, Tensor<T, Cuda>(), Tensor<T, Cuda>(), 1e-6f)};
+      record("layer_norm", dname<T>(), error(y0), 2 * unit<T>(), shape_str(s) + " " + name(l) + " no affine");
+      auto xr = make<T>(s, l, g, -3, 3);
+      Both<T> r{ops::rms_norm(xr.cpu, w.cpu, 1e-8f), ops::rms_norm(xr.gpu, w.gpu, 1e-8f)};
+      record("rms_norm", dname<T>(), error(r), 2 * unit<T>(), shape_str(s) + " " + name(l));
+    }
+}
+
+// ======================================================================================
+// positions
+// ======================================================================================
+
+TEMPLATE_TEST_CASE("rope", "[backend]", float, bf16, f16) {
+  using T = TestType;
+  std::mt19937 g(51);
+  for (int64_t D : {2, 8, 64, 128})
+    for (auto [B, Tn, H] : {std::tuple<int64_t, int64_t, int64_t>{1, 1, 4}, {2, 3, 2}, {1, 17, 8}})
+      for (float max_period : {10000.f, 500000.f}) {
+        const std::string tag = "D " + std::to_string(D) + " B " + std::to_string(B) + " T " + std::to_string(Tn);
+        std::vector<int64_t> pv(size_t(B * Tn));
+        std::uniform_int_distribution<int64_t> pd(0, 4000);
+        for (auto& p : pv) p = pd(g);
+        pv[0] = 0;
+        const double tol = pos_tol<T>(double(*std::max_element(pv.begin(), pv.end())));
+        auto pos = from_vector<int64_t>({B, Tn}, pv);
+        // q as a slice of a fused [B, T, 3H, D] projection (strided), written out of place.
+        auto qkv = make<T>({B, Tn, 3 * H, D}, Layout::contiguous, g);
+        Both<T> q{qkv.cpu.slice(2, H, 2 * H), qkv.gpu.slice(2, H, 2 * H)};
+        Both<T> y{Tensor<T, Cpu>::empty(q.cpu.shape()), Tensor<T, Cuda>::empty(q.cpu.shape())};
+        ops::rope(y.cpu, q.cpu, pos.cpu, max_period);
+        ops::rope(y.gpu, q.gpu, pos.gpu, max_period);
+        record("rope", dname<T>(), error(y), tol, tag + " strided input");
+        // In place.
+        ops::rope(q.cpu, q.cpu, pos.cpu, max_period);
+        ops::rope(q.gpu, q.gpu, pos.gpu, max_period);
+        record("rope", dname<T>(), error(q), tol, tag + " in place");
+      }
+}
+
+TEMPLATE_TEST_CASE("add_sin_embedding", "[backend]", float, bf16, f16) {
+  using T = TestType;
+  std::mt19937 g(52);
+  for (int64_t C : {4, 6, 64, 1024})
+    for (auto [B, Tn] : {std::pair<int64_t, int64_t>{1, 1}, {2, 5}, {3, 33}})
+      for (float scale : {1.f, 0.5f}) {
+        std::vector<int64_t> pv(size_t(B * Tn));
+        std::uniform_int_distribution<int64_t> pd(0, 4000);
+        for (auto& p : pv) p = pd(g);
+        // Positions as a transposed view of [T, B] storage.
+        auto pt = from_vector<int64_t>({Tn, B}, pv);
+        Both<int64_t> pos{pt.cpu.transpose(0, 1), pt.gpu.transpose(0, 1)};
+        auto x = make<T>({B, Tn, C}, Layout::contiguous, g);
+        ops::add_sin_embedding(x.cpu, pos.cpu, 10000.f, scale);
+        ops::add_sin_embedding(x.gpu, pos.gpu, 10000.f, scale);
+        record("add_sin_embedding", dname<T>(), error(x),
+               pos_tol<T>(double(*std::max_element(pv.begin(), pv.end()))),
+               "C " + std::to_string(C) + " B " + std::to_string(B) + " T " + std::to_string(Tn));
+      }
+}
+
+// ======================================================================================
+// lookup, attention, KV ring, sampling
+// ======================================================================================
+
+TEMPLATE_TEST_CASE("embedding", "[backend]", float, bf16, f16) {
+  using T = TestType;
+  std::mt19937 g(61);
+  for (int64_t V : {1, 11, 2049})
+    for (int64_t D : {1, 6, 128, 1000})
+      for (Shape s : {Shape{7}, Shape{2, 3}, Shape{1, 1, 33}}) {
+        auto table = make<T>({V, D}, Layout::contiguous, g, -3, 3);
+        std::uniform_int_distribution<int64_t> id(-2, V + 1);  // -1 and out-of-range ids give zeros
+        std::vector<int64_t> iv(size_t(s.numel()));
+        for (auto& i : iv) i = id(g);
+        auto ids = from_vector<int64_t>(s, iv);
+        Both<T> y{ops::embedding(table.cpu, ids.cpu), ops::embedding(table.gpu, ids.gpu)};
+        record("embedding", dname<T>(), error(y), 0, "V " + std::to_string(V) + " D " + std::to_string(D));
+      }
+}
+
+TEMPLATE_TEST_CASE("attention", "[backend]", float, bf16, f16) {
+  using T = TestType;
+  std::mt19937 g(62);
+  struct Case {
+    int64_t B, T, H, Hk, S, D, context;
+  };
+  const Case cases[] = {
+      {1, 1, 4, 4, 1, 16, 0},      {2, 3, 4, 2, 7, 16, 3},     {1, 1, 8, 8, 300, 64, 0},  {1, 4, 4, 2, 2500, 128, 250},
+      {2, 2, 2, 1, 33, 80, 0},     {1, 1, 2, 2, 5000, 64, 0},  {1, 2, 3, 3, 19, 7, 0},    {2, 64, 8, 8, 300, 64, 100},
+      {1, 70, 8, 4, 2100, 16, 0},  {1, 3, 2, 2, 40, 300, 0},
+  };
+  for (const Case& c : cases)
+    for (bool strided : {false, true}) {
+      const std::string tag = "B " + std::to_string(c.B) + " T " + std::to_string(c.T) + " H " + std::to_string(c.H) +
+                              "/" + std::to_string(c.Hk) + " S " + std::to_string(c.S) + " D " + std::to_string(c.D) +
+                              " ctx " + std::to_string(c.context) + (strided ? " strided" : "");
+      // Keys hold positions off..off+S-1 with ~10% empty slots (-1); queries sit after
+      // the keys, except query (0, 0) which precedes every key and must get zeros.
+      const int64_t off = 37;
+      std::uniform_real_distribution<double> u(0, 1);
+      std::vector<int64_t> kp(size_t(c.B * c.S)), qp(size_t(c.B * c.T));
+      for (int64_t b = 0; b < c.B; ++b) {
+        for (int64_t s = 0; s < c.S; ++s) kp[size_t(b * c.S + s)] = u(g) < 0.1 ? -1 : off + s;
+        for (int64_t t = 0; t < c.T; ++t) qp[size_t(b * c.T + t)] = off + c.S - c.T + t + b;
+      }
+      if (c.T > 1) qp[0] = off - 1;
+      if (c.T > 2) qp[1] = std::numeric_limits<int64_t>::min() + 3;  // no overflow in the mask
+      if (c.S > 2) kp[1] = std::numeric_limits<int64_t>::max() - 3;  // a key from the far future
+      auto q_pos = from_vector<int64_t>({c.B, c.T}, qp);
+      auto k_pos = from_vector<int64_t>({c.B, c.S}, kp);
+      Both<T> q, k, v;
+      if (strided) {
+        // q a slice of a fused projection; k, v stored [B, S, Hk, D] and viewed [B, Hk, S, D].
+        auto qkv = make<T>({c.B, c.T, 3 * c.H, c.D}, Layout::contiguous, g);
+        q = {qkv.cpu.slice(2, c.H, 2 * c.H), qkv.gpu.slice(2, c.H, 2 * c.H)};
+        auto ks = make<T>({c.B, c.S, c.Hk, c.D}, Layout::contiguous, g);
+        auto vs = make<T>({c.B, c.S, c.Hk, c.D}, Layout::contiguous, g);
+        k = {ks.cpu.transpose(1, 2), ks.gpu.transpose(1, 2)};
+        v = {vs.cpu.transpose(1, 2), vs.gpu.transpose(1, 2)};
+      } else {
+        q = make<T>({c.B, c.T, c.H, c.D}, Layout::contiguous, g);
+        k = make<T>({c.B, c.Hk, c.S, c.D}, Layout::contiguous, g);
+        v = make<T>({c.B, c.Hk, c.S, c.D}, Layout::contiguous, g);
+      }
+      AttentionParams p;
+      p.context = c.context;
+      p.scale = float(1.0 / std::sqrt(double(c.D)));
+      Both<T> o{Tensor<T, Cpu>::empty(q.cpu.shape()), Tensor<T, Cuda>::empty(q.cpu.shape())};
+      ops::attention(o.cpu, q.cpu, k.cpu, v.cpu, q_pos.cpu, k_pos.cpu, p);
+      ops::attention(o.gpu, q.gpu, k.gpu, v.gpu, q_pos.gpu, k_pos.gpu, p);
+      record("attention", dname<T>(), error(o), 2 * unit<T>(), tag);
+
+      // A key prefix (a TTT memory's virtual keys): its own context and a per-head bias
+      // that lives in each backend's memory.
+      if (c.S < 4) continue;
+      const int64_t prefix = std::min<int64_t>(c.S, 6);
+      for (int64_t b = 0; b < c.B; ++b)
+        for (int64_t s = 0; s < prefix; ++s) kp[size_t(b * c.S + s)] = qp[size_t(b * c.T + c.T - 1)] - s;
+      auto k_pos2 = from_vector<int64_t>({c.B, c.S}, kp);
+      auto bias = make<float>({c.H}, Layout::contiguous, g, -2, 2);
+      for (bool with_bias : {false, true}) {
+        AttentionParams pc = p;
+        pc.prefix = prefix;
+        pc.prefix_context = 4;
+        AttentionParams pg = pc;
+        pc.prefix_bias = with_bias ? bias.cpu.data() : nullptr;
+        pg.prefix_bias = with_bias ? bias.gpu.data() : nullptr;
+        ops::attention(o.cpu, q.cpu, k.cpu, v.cpu, q_pos.cpu, k_pos2.cpu, pc);
+        ops::attention(o.gpu, q.gpu, k.gpu, v.gpu, q_pos.gpu, k_pos2.gpu, pg);
+        record("attention", dname<T>(), error(o), 2 * unit<T>(), tag + " prefix" + (with_bias ? " bias" : ""));
+      }
+    }
+}
+
+TEMPLATE_TEST_CASE("kv_write", "[backend]", float, bf16, f16) {
+  using T = TestType;
+  std::mt19937 g(63);
+  for (int64_t C : {4, 16})
+    for (int64_t D : {5, 64})
+      for (int64_t Tn : {1, 3, 6, 20})
+        for (int mode = 0; mode < 3; ++mode) {  // 0: no mask; 1: mask {1, 0}; 2: repeated positions
+          const int64_t B = 2, H = 3;
+          const std::string tag = "C " + std::to_string(C) + " D " + std::to_string(D) + " T " + std::to_string(Tn) +
+                                  " mode " + std::to_string(mode);
+          auto rk = make<T>({B, H, C, D}, Layout::contiguous, g);
+          auto rv = make<T>({B, H, C, D}, Layout::contiguous, g);
+          auto rp = make<int64_t>({B, C}, Layout::contiguous, g, -1, 50);
+          // k, v as slices of a fused [B, T, 3H, D] projection.
+          auto kv = make<T>({B, Tn, 3 * H, D}, Layout::contiguous, g);
+          Both<T> k{kv.cpu.slice(2, H, 2 * H), kv.gpu.slice(2, H, 2 * H)};
+          Both<T> v{kv.cpu.slice(2, 2 * H, 3 * H), kv.gpu.slice(2, 2 * H, 3 * H)};
+          std::vector<int64_t> pv(size_t(B * Tn));
+          for (int64_t b = 0; b < B; ++b)
+            for (int64_t t = 0; t < Tn; ++t)
+              pv[size_t(b * Tn + t)] = mode == 2 ? (t / 2) * (b ? -1 : 1) : 10 * b + t - 3;  // negatives wrap too
+          auto pos = from_vector<int64_t>({B, Tn}, pv);
+          Both<uint8_t> mask;
+          if (mode == 1) mask = from_vector<uint8_t>({B}, {1, 0});
+          ops::kv_write(rk.cpu, rv.cpu, rp.cpu, k.cpu, v.cpu, pos.cpu, mask.cpu);
+          ops::kv_write(rk.gpu, rv.gpu, rp.gpu, k.gpu, v.gpu, pos.gpu, mask.gpu);
+          record("kv_write", dname<T>(), std::max({error(rk), error(rv), error(rp)}), 0, tag);
+        }
+}
+
+TEMPLATE_TEST_CASE("sample", "[backend]", float, bf16, f16) {
+  using T = TestType;
+  std::mt19937 g(64);
+  for (int64_t V : {1, 7, 50, 1000, 2049, 32000}) {
+    // Rows: plain; quantised (ties, also across the top-k boundary); non-positive with
+    // +0/-0 at the top; all -inf or NaN (degenerate race); NaNs and a +inf; NaNs.
+    const int64_t N = 6;
+    auto host = Tensor<T, Cpu>::empty({N, V + 3});  // padded rows: a row stride != V
+    std::uniform_real_distribution<float> d(-5.f, 5.f), u(0.f, 1.f);
+    for (int64_t r = 0; r < N; ++r)
+      for (int64_t i = 0; i < V + 3; ++i) {
+        float x = d(g);
+        if (r == 1) x = std::round(x * 2) / 2;
+        if (r == 2) {
+          x = -std::abs(std::round(x));
+          if (x == 0.f) x = i % 2 ? 0.f : -0.f;
+        }
+        if (r == 3) x = u(g) < 0.5f ? -INFINITY : NAN;
+        if (r == 4) x = u(g) < 0.05f ? NAN : (i == V / 2 ? INFINITY : x);
+        if (r == 5 && u(g) < 0.2f) x = NAN;
+        host(r, i) = from_f32<T>(x);
+      }
+    auto dev = host.template to<Cuda>();
+    Both<T> logits{host.slice(1, 1, 1 + V), dev.slice(1, 1, 1 + V)};
+    struct P {
+      float temperature;
+      int top_k;
+    };
+    const int kV = int(V);
+    const P params[] = {{0.f, 0},  {1.f, 1},   {0.7f, 0},      {1.3f, 2},  {0.7f, 5},      {1.f, 50},
+                        {0.9f, 250}, {1.f, kV - 1}, {1.1f, kV}, {0.8f, kV + 5}, {-1.f, 7}};
+    for (const P& pr : params)
+      for (int64_t ctr : {int64_t(0), int64_t(17), int64_t(123456789012)}) {
+        auto counter = from_vector<int64_t>({1}, {ctr});
+        const SampleParams sp{pr.temperature, pr.top_k, 0x1234abcdull + uint64_t(V), uint32_t(ctr % 5)};
+        Both<int64_t> out{Tensor<int64_t, Cpu>::empty({N}), Tensor<int64_t, Cuda>::empty({N})};
+        ops::sample(out.cpu, logits.cpu, sp, counter.cpu);
+        ops::sample(out.gpu, logits.gpu, sp, counter.gpu);
+        record("sample", dname<T>(), error(out), 0,
+               "V " + std::to_string(V) + " temperature " + std::to_string(pr.temperature) + " top_k " +
+                   std::to_string(pr.top_k) + " counter " + std::to_string(ctr));
+      }
+  }
+}
+
+TEMPLATE_TEST_CASE("random_normal", "[backend]", float, bf16, f16) {
+  using T = TestType;
+  std::mt19937 g(65);
+  for (int64_t n : {1, 7, 1000, 100003})
+    for (float std : {1.f, 0.02f})
+      for (uint64_t key : {uint64_t(0), uint64_t(0x9e3779b97f4a7c15ull)}) {
+        auto out = make<T>({n}, Layout::contiguous, g);
+        ops::random_normal(out.cpu, std, 1234, key);
+        ops::random_normal(out.gpu, std, 1234, key);
+        record("random_normal", dname<T>(), error(out), unit<T>(), "n " + std::to_string(n));
+      }
+}
+
+int main(int argc, char** argv) {
+  if (!cuda::device_available()) {
+    std::printf("SKIPPED: no CUDA device\n");
+    return 77;
+  }
+  std::printf("CUDA device: %s\n", cuda::device_name().c_str());
+  const int rc = Catch::Session().run(argc, argv);
+  print_summary();
+  return rc;
+}
