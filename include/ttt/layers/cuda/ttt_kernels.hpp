@@ -4,7 +4,7 @@
 // CUDA Moshi engine to build with TTT layers; the fused device kernels replace it.
 #include <vector>
 
-#include "ttt/backend/cuda/memory.hpp"
+#include "ttt/backend/cuda/kernels.hpp"
 #include "ttt/layers/ttt_kernels_cpu.hpp"
 
 namespace ttt::layers {
