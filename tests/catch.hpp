@@ -8,6 +8,7 @@
 #include <catch2/matchers/catch_matchers_string.hpp>
 #define TTT_CATCH3 1
 #define TTT_CONTAINS(s) Catch::Matchers::ContainsSubstring(s)
+using Catch::Approx;
 #else
 #include <catch2/catch.hpp>
 #define TTT_CATCH3 0
