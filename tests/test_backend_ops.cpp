@@ -474,6 +474,48 @@ TEMPLATE_TEST_CASE("linear (GEMV and GEMM paths)", "[backend]", float, bf16, f16
   }
 }
 
+TEMPLATE_TEST_CASE("fused_linear (norm prologue, glu epilogue, split GEMV)", "[backend]", float, bf16, f16) {
+  using T = TestType;
+  std::mt19937 g(33);
+  const double tol = 4 * unit<T>();
+  for (int64_t R : {1, 2, 5, 8, 9})
+    for (int64_t K : {64, 1000, 1024, 4104})
+      for (int64_t N : {2, 130, 1024, 4096}) {
+        if (R * K * N > int64_t(40) << 20) continue;
+        auto x = make<T>({R, K}, Layout::contiguous, g, -3, 3);
+        auto w = make<T>({N, K}, Layout::contiguous, g);
+        auto nw = make<T>({K}, Layout::contiguous, g, 0.5f, 1.5f), nb = make<T>({K}, Layout::contiguous, g);
+        for (FusedNorm norm : {FusedNorm::none, FusedNorm::rms, FusedNorm::layer})
+          for (bool glu : {false, true}) {
+            FusedLinear<T, Cpu> fc;
+            FusedLinear<T, Cuda> fg;
+            fc.norm = fg.norm = norm;
+            if (norm != FusedNorm::none) {
+              fc.norm_weight = nw.cpu;
+              fg.norm_weight = nw.gpu;
+              fc.eps = fg.eps = 1e-5f;
+            }
+            if (norm == FusedNorm::layer) {
+              fc.norm_bias = nb.cpu;
+              fg.norm_bias = nb.gpu;
+            }
+            fc.glu = fg.glu = glu;
+            fc.act = fg.act = Unary::silu;
+            const std::string tag = "R " + std::to_string(R) + " K " + std::to_string(K) + " N " + std::to_string(N) +
+                                    " norm " + std::to_string(int(norm)) + (glu ? " glu" : "");
+            Both<T> y{ops::fused_linear(x.cpu, w.cpu, fc), ops::fused_linear(x.gpu, w.gpu, fg)};
+            record("fused_linear", dname<T>(), error(y), tol, tag);
+            if (!glu) {
+              auto y1 = make<T>({R, N}, Layout::contiguous, g);
+              fc.beta = fg.beta = 1.f;
+              ops::fused_linear(y1.cpu, x.cpu, w.cpu, fc);
+              ops::fused_linear(y1.gpu, x.gpu, w.gpu, fg);
+              record("fused_linear", dname<T>(), error(y1), tol, tag + " beta 1");
+            }
+          }
+      }
+}
+
 // ======================================================================================
 // reductions and row-wise normalisation
 // ======================================================================================

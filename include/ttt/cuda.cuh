@@ -40,6 +40,9 @@
                                                        const TTT_CUDA_T_(T)&, float, float);                        \
   template void ::ttt::Kernels<::ttt::Cuda>::linear<T>(const TTT_CUDA_T_(T)&, const TTT_CUDA_T_(T)&,                 \
                                                        const TTT_CUDA_T_(T)&, float);                               \
+  template void ::ttt::Kernels<::ttt::Cuda>::fused_linear<T>(const TTT_CUDA_T_(T)&, const TTT_CUDA_T_(T)&,           \
+                                                             const TTT_CUDA_T_(T)&,                                 \
+                                                             const ::ttt::FusedLinear<T, ::ttt::Cuda>&);            \
   template void ::ttt::Kernels<::ttt::Cuda>::reduce<T>(const TTT_CUDA_T_(T)&, const TTT_CUDA_T_(T)&, ::ttt::Reduce); \
   template void ::ttt::Kernels<::ttt::Cuda>::argmax<T>(const TTT_CUDA_I64_&, const TTT_CUDA_T_(T)&);                \
   template void ::ttt::Kernels<::ttt::Cuda>::softmax<T>(const TTT_CUDA_T_(T)&, const TTT_CUDA_T_(T)&);               \

@@ -42,6 +42,22 @@ struct SampleParams {
   uint32_t salt = 0;
 };
 
+// A linear with its neighbours fused in (one kernel on CUDA for batch-1 decoding):
+//   y = epilogue(norm(x) @ W^T) (+ beta * y)
+// norm: none, RMSNorm (weight = alpha) or LayerNorm (weight, bias may be undefined);
+// glu: W is [2H, K], y [.., H] = act(first half) * second half (beta must be 0).
+// Numerically identical to norm, linear and glu run one after the other.
+enum class FusedNorm : uint8_t { none, rms, layer };
+template <class T, class B>
+struct FusedLinear {
+  FusedNorm norm = FusedNorm::none;
+  Tensor<T, B> norm_weight, norm_bias;
+  float eps = 0.f;
+  bool glu = false;
+  Unary act = Unary::identity;
+  float beta = 0.f;
+};
+
 namespace ops {
 
 namespace detail {
@@ -237,6 +253,58 @@ Tensor<T, B> linear(const Tensor<T, B>& x, const Tensor<T, B>& w) {
   auto y = Tensor<T, B>::empty(s);
   linear(y, x, w);
   return y;
+}
+
+template <class T, class B>
+void fused_linear(const Tensor<T, B>& y, const Tensor<T, B>& x, const Tensor<T, B>& w, const FusedLinear<T, B>& f) {
+  TTT_CHECK(w.rank() == 2 && w.is_contiguous(), "fused_linear: weight must be contiguous [out, in], got ", w.shape().str());
+  TTT_CHECK(x.rank() >= 1 && x.size(-1) == w.size(1), "fused_linear: input ", x.shape().str(), " does not match weight ",
+            w.shape().str());
+  TTT_CHECK(!f.glu || (w.size(0) % 2 == 0 && f.beta == 0.f), "fused_linear: glu needs an even output and beta = 0");
+  const int64_t K = w.size(1), N = f.glu ? w.size(0) / 2 : w.size(0);
+  Shape s = x.shape();
+  s.d[s.rank - 1] = N;
+  detail::check_same_shape("fused_linear", y, s);
+  TTT_CHECK(x.is_contiguous() && y.is_contiguous(), "fused_linear: needs contiguous input and output");
+  if (f.norm != FusedNorm::none) {
+    TTT_CHECK(f.norm_weight.defined() || f.norm == FusedNorm::layer, "fused_linear: RMS norm needs its alpha");
+    TTT_CHECK(!f.norm_weight.defined() || (f.norm_weight.numel() == K && f.norm_weight.is_contiguous()),
+              "fused_linear: norm weight ", f.norm_weight.shape().str(), " does not match width ", K);
+    TTT_CHECK(!f.norm_bias.defined() || (f.norm_bias.numel() == K && f.norm_bias.is_contiguous()),
+              "fused_linear: norm bias ", f.norm_bias.shape().str(), " does not match width ", K);
+  }
+  if (y.numel() == 0) return;
+  const int64_t rows = x.numel() / K;
+  Kernels<B>::fused_linear(y.reshape({rows, N}), x.reshape({rows, K}), w, f);
+}
+template <class T, class B>
+Tensor<T, B> fused_linear(const Tensor<T, B>& x, const Tensor<T, B>& w, const FusedLinear<T, B>& f) {
+  Shape s = x.shape();
+  TTT_CHECK(s.rank >= 1 && w.rank() == 2, "fused_linear: bad ranks");
+  s.d[s.rank - 1] = f.glu ? w.size(0) / 2 : w.size(0);
+  auto y = Tensor<T, B>::empty(s);
+  fused_linear(y, x, w, f);
+  return y;
+}
+
+// The composition fused_linear stands for, out of the backend's plain kernels: the
+// reference (CPU) and the fallback (large batches on CUDA).
+template <class T, class B>
+void fused_linear_unfused(const Tensor<T, B>& y, const Tensor<T, B>& x, const Tensor<T, B>& w,
+                          const FusedLinear<T, B>& f) {
+  Tensor<T, B> xn = x;
+  if (f.norm != FusedNorm::none) {
+    xn = Tensor<T, B>::empty(x.shape());
+    if (f.norm == FusedNorm::rms) Kernels<B>::rms_norm(xn, x, f.norm_weight, f.eps);
+    else Kernels<B>::layer_norm(xn, x, f.norm_weight, f.norm_bias, f.eps);
+  }
+  if (!f.glu) {
+    Kernels<B>::linear(y, xn, w, f.beta);
+    return;
+  }
+  auto h = Tensor<T, B>::empty({x.size(0), w.size(0)});
+  Kernels<B>::linear(h, xn, w, 0.f);
+  Kernels<B>::glu(y, h, f.act);
 }
 
 // ---- reductions over the last dimension ----------------------------------------------

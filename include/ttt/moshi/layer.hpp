@@ -85,20 +85,30 @@ struct FfnBlock {
   }
 
   void feed_forward(const Tensor<T, B>& x, const LayerInput<T, B>& in) const {
-    auto xn = norm2(x);
     const int64_t Tn = x.size(1);
     const bool per_step = ffn.w_in.size() > 1;
     if (!per_step || Tn == 1) {
       const int64_t set = per_step ? cfg.weight_index(in.step) : 0;
+      Tensor<T, B> h;
+      if (ffn.gated) {
+        // norm2, linear_in and the gating in one pass.
+        auto f = norm2.as_prologue();
+        f.glu = true;
+        f.act = ffn.act;
+        h = ops::fused_linear(x, ffn.w_in[size_t(set)], f);
+      } else {
+        h = ops::fused_linear(x, ffn.w_in[size_t(set)], norm2.as_prologue());
+        ops::unary(h, h, ffn.act);
+      }
       if (ls2.defined()) {
-        auto u = Tensor<T, B>::empty(x.shape());
-        ffn.forward(u, xn, set, 0.f);
+        auto u = ops::linear(h, ffn.w_out[size_t(set)]);
         add_scaled(x, u, ls2);
       } else {
-        ffn.forward(x, xn, set, 1.f);
+        ops::linear(x, h, ffn.w_out[size_t(set)], 1.f);
       }
       return;
     }
+    auto xn = norm2(x);
     for (int64_t t = 0; t < Tn; ++t) {
       auto xt = x.slice(1, t, t + 1).contiguous(), nt = xn.slice(1, t, t + 1).contiguous();
       const int64_t set = cfg.weight_index(in.step + t);
@@ -141,13 +151,12 @@ struct AttentionBlock {
 
   // x += LS1(Attn(N1(x)))
   void attention(const Tensor<T, B>& x, nn::KvRing<T, B>* ring, const LayerInput<T, B>& in) const {
-    auto xn = norm1(x);
     if (ls1.defined()) {
       auto u = Tensor<T, B>::empty(x.shape());
-      attn.forward(u, xn, ring, in.positions, in.exec_mask, in.step, 0.f);
+      attn.forward(u, x, &norm1, ring, in.positions, in.exec_mask, in.step, 0.f);
       add_scaled(x, u, ls1);
     } else {
-      attn.forward(x, xn, ring, in.positions, in.exec_mask, in.step, 1.f);
+      attn.forward(x, x, &norm1, ring, in.positions, in.exec_mask, in.step, 1.f);
     }
   }
   // x += LS2(FFN(N2(x)))

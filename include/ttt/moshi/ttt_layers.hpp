@@ -239,8 +239,10 @@ struct InplaceFfnLayer {
     TTT_CHECK(in.embeddings.defined(), "inplace_ffn: the frame embeddings were not provided");
     p.blk.attention(x, s.ring.defined() ? &s.ring : nullptr, in);
     const auto& ffb = p.blk.ff;
-    auto xn = ffb.norm2(x);
-    auto Z = ops::glu(ops::linear(xn, ffb.ffn.w_in[0]), ffb.ffn.act);  // [B, T, Hf]
+    auto f = ffb.norm2.as_prologue();
+    f.glu = true;
+    f.act = ffb.ffn.act;
+    auto Z = ops::fused_linear(x, ffb.ffn.w_in[0], f);  // [B, T, Hf]: act(gate) * value of norm2(x)
     const int64_t Bn = x.size(0);
     for (int64_t b = 0; b < Bn; ++b)
       run(p, s, b, x.slice(0, b, b + 1), Z.slice(0, b, b + 1), in.embeddings.slice(0, b, b + 1),
@@ -419,8 +421,8 @@ struct KvMemoryLayer {
     auto heads = qkv.reshape({Bn, Tn, 3 * H, hd});
     auto q = heads.slice(2, 0, H), k = heads.slice(2, H, 2 * H), v = heads.slice(2, 2 * H, 3 * H);
     if (a.rope) {
-      ops::rope(q, q, in.positions, a.max_period);
-      ops::rope(k, k, in.positions, a.max_period);
+      auto qk = heads.slice(2, 0, 2 * H);
+      ops::rope(qk, qk, in.positions, a.max_period);
     }
     // Keys: [virtual (ring, then this call) | recent (ring, then this call)].
     const bool st = s.ring.defined();

@@ -11,6 +11,7 @@
 #include "ttt/io/weight_source.hpp"
 #include "ttt/moshi/config.hpp"
 #include "ttt/nn/module.hpp"
+#include "ttt/nn/norm.hpp"
 
 namespace ttt::nn {
 
@@ -121,19 +122,25 @@ struct Mha {
     return KvRing<T, B>::make(batch, kv_heads, cap, head_dim);
   }
 
-  // y [B, T, D] (+)= out_proj(attention(x)); x is the normalised input [B, T, D]. `ring`
-  // null: keys are this call's only (teacher forcing). `step` is the per-step weight
+  // y [B, T, D] (+)= out_proj(attention(norm(x))); `norm` null: x is already normalised.
+  // `ring` null: keys are this call's only (teacher forcing). `step` is the per-step weight
   // index base (moshi's offset_cpu).
-  void forward(const Tensor<T, B>& y, const Tensor<T, B>& x, KvRing<T, B>* ring, const Tensor<int64_t, B>& positions,
-               const Tensor<uint8_t, B>& exec_mask, int64_t step, float beta) const {
+  void forward(const Tensor<T, B>& y, const Tensor<T, B>& x, const Norm<T, B>* norm, KvRing<T, B>* ring,
+               const Tensor<int64_t, B>& positions, const Tensor<uint8_t, B>& exec_mask, int64_t step,
+               float beta) const {
     const int64_t Bn = x.size(0), Tn = x.size(1), H = num_heads, Hk = kv_heads, hd = head_dim;
     auto qkv = Tensor<T, B>::empty({Bn, Tn, qkv_dim()});
-    project(qkv, x, in_proj, step);
+    if (norm && (in_proj.size() == 1 || Tn == 1)) {
+      // Norm and projection in one pass (one kernel per step when decoding on CUDA).
+      ops::fused_linear(qkv, x, in_proj[size_t(cfg.weight_index(in_proj.size() == 1 ? 0 : step))], norm->as_prologue());
+    } else {
+      project(qkv, norm ? (*norm)(x) : x, in_proj, step);
+    }
     auto heads = qkv.reshape({Bn, Tn, H + 2 * Hk, hd});
     auto q = heads.slice(2, 0, H), k = heads.slice(2, H, H + Hk), v = heads.slice(2, H + Hk, H + 2 * Hk);
     if (rope) {
-      ops::rope(q, q, positions, max_period);
-      ops::rope(k, k, positions, max_period);
+      auto qk = heads.slice(2, 0, H + Hk);  // q and k are adjacent: one rotation for both
+      ops::rope(qk, qk, positions, max_period);
     }
     auto o = Tensor<T, B>::empty({Bn, Tn, H, hd});
     const AttentionParams ap{context, 1.f / std::sqrt(float(hd))};

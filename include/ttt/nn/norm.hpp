@@ -34,6 +34,15 @@ struct Norm {
     if (moshi::is_rms(kind)) ops::rms_norm(out, in, weight, eps);
     else ops::layer_norm(out, in, weight, bias, eps);
   }
+  // This norm as the prologue of a fused linear.
+  FusedLinear<T, B> as_prologue() const {
+    FusedLinear<T, B> f;
+    f.norm = moshi::is_rms(kind) ? FusedNorm::rms : FusedNorm::layer;
+    f.norm_weight = weight;
+    f.norm_bias = bias;
+    f.eps = eps;
+    return f;
+  }
   Tensor<T, B> operator()(const Tensor<T, B>& in) const {
     auto out = Tensor<T, B>::empty(in.shape());
     (*this)(out, in);

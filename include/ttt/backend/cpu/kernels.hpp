@@ -231,6 +231,12 @@ struct Kernels<Cpu> {
   }
 
   template <class T>
+  static void fused_linear(const Tensor<T, Cpu>& y, const Tensor<T, Cpu>& x, const Tensor<T, Cpu>& w,
+                           const FusedLinear<T, Cpu>& f) {
+    ops::fused_linear_unfused(y, x, w, f);
+  }
+
+  template <class T>
   static void reduce(const Tensor<T, Cpu>& out, const Tensor<T, Cpu>& in, Reduce op) {
     const int64_t rows = cpu::num_rows(in.shape()), n = in.size(-1), s = in.stride(-1);
     for (int64_t r = 0; r < rows; ++r) {

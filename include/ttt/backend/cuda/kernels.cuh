@@ -394,7 +394,7 @@ __global__ void __launch_bounds__(kRowThreads) rms_norm_kernel(const RowParams<T
 }
 
 // L describes the output rows (width H); the input row (width 2H, unit stride) shares
-// the output's outer coordinates through in_stride.
+// the output's outer coordinates through in_stride. blockIdx.y spreads a row's columns.
 template <class T>
 __global__ void __launch_bounds__(kRowThreads) glu_kernel(const RowParams<T> p) {
   const RowLayout& L = p.L;
@@ -403,7 +403,7 @@ __global__ void __launch_bounds__(kRowThreads) glu_kernel(const RowParams<T> p) 
     row_offsets(L, r, io, oo);
     const T* g = p.in + io;
     T* o = p.out + oo;
-    for (int64_t j = threadIdx.x; j < L.n; j += kRowThreads)
+    for (int64_t j = int64_t(blockIdx.y) * kRowThreads + threadIdx.x; j < L.n; j += int64_t(gridDim.y) * kRowThreads)
       o[j] = from_f32<T>(math::apply(p.act, to_f32(g[j]), 1.f) * to_f32(g[L.n + j]));
   }
 }
@@ -478,25 +478,40 @@ void run_gemm(const GemmCall<T>& g) {
       checked_int(g.ldc, "ldc"), g.stride_c, checked_int(g.batch, "batch"), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
 }
 
-// ---- GEMV for small batches (linear with R <= 8) -------------------------------------
+// ---- GEMV for small batches (linear and fused_linear with R <= 8) --------------------
 
-// Each warp streams kGemvRowsPerWarp rows of W with 16-byte loads, kGemvLoads of them
+// Each warp streams kGemvRowsPerWarp rows of W with 16-byte loads, up to kGemvLoads of them
 // per row in flight per lane, against x staged in shared memory in tiles of
 // kGemvTileBytes per row (stored as T so that a lane's x chunk lines up with its W chunk:
 // conflict-free 16-byte shared loads).
+//  - split > 1: that many warps share a row group, each taking every split-th chunk, and
+//    combine in shared memory: small matrices (the depformer's) then still fill the GPU.
+//  - norm prologue: x is normalised (RMS or Layer norm, statistics exactly as the
+//    standalone norm kernels compute them) and rounded to T while staged.
+//  - glu epilogue: a row group is (gate row n, value row n + N/2) and the output is
+//    act(gate) * value, each rounded to T first, as linear + glu would store them.
 constexpr int kGemvThreads = 256, kGemvWarps = kGemvThreads / 32, kGemvRowsPerWarp = 2;
 constexpr int kGemvTileBytes = 4096, kGemvLoads = kGemvTileBytes / 16 / 32;
 constexpr int kGemvMaxRows = 8;
+
+enum class GemvNorm : uint8_t { none, rms, layer };
 
 template <class T>
 struct GemvParams {
   const T* w;  // [N, K]
   const T* x;  // [R, K]
-  T* y;        // [R, N]
+  T* y;        // [R, N] ([R, N / 2] with glu)
   int64_t N, K;
   int R;
   float beta;
   bool vec;  // W rows 16-byte aligned: vector loads
+  GemvNorm norm = GemvNorm::none;
+  const T* norm_w = nullptr;  // alpha (rms) or weight (layer), may be null for layer
+  const T* norm_b = nullptr;
+  float eps = 0.f;
+  bool glu = false;
+  Unary act = Unary::identity;
+  int split = 1;
 };
 
 template <class T, int kR>
@@ -504,9 +519,54 @@ __global__ void __launch_bounds__(kGemvThreads) gemv_kernel(const GemvParams<T> 
   constexpr int kTile = kGemvTileBytes / int(sizeof(T));
   constexpr int kV = kVec<T>;
   __shared__ __align__(16) unsigned char xs_raw[kR * kGemvTileBytes];
+  __shared__ float stat_mu[kR], stat_scale[kR];
+  __shared__ float partial[kGemvWarps][kGemvRowsPerWarp][kR];
   T* xs = reinterpret_cast<T*>(xs_raw);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int64_t n0 = (int64_t(blockIdx.x) * kGemvWarps + warp) * kGemvRowsPerWarp;
+  const int S = p.split, groups = kGemvWarps / S, group = warp / S, slice = warp % S;
+  const int64_t H = p.N / 2;
+  const int64_t per_group = p.glu ? 1 : kGemvRowsPerWarp;
+  const int64_t o0 = (int64_t(blockIdx.x) * groups + group) * per_group;
+  int64_t wrow[kGemvRowsPerWarp];
+  bool wok[kGemvRowsPerWarp];
+#pragma unroll
+  for (int i = 0; i < kGemvRowsPerWarp; ++i) {
+    wrow[i] = p.glu ? (i == 0 ? o0 : o0 + H) : o0 + i;
+    wok[i] = p.glu ? o0 < H : wrow[i] < p.N;
+  }
+
+  if (p.norm != GemvNorm::none) {
+    // The whole block reduces each row (R is uniform, so every thread takes each branch).
+    for (int r = 0; r < kR; ++r) {
+      if (r >= p.R) break;
+      const T* xr = p.x + r * p.K;
+      if (p.norm == GemvNorm::rms) {
+        float ss = 0.f;
+        for (int64_t j = threadIdx.x; j < p.K; j += kGemvThreads) {
+          const float v = to_f32(xr[j]);
+          ss += v * v;
+        }
+        ss = block_all_reduce<kGemvThreads>(ss, SumOp{});
+        if (threadIdx.x == 0) stat_scale[r] = 1.f / sqrtf(p.eps + ss / float(p.K));
+      } else {
+        float s = 0.f;
+        for (int64_t j = threadIdx.x; j < p.K; j += kGemvThreads) s += to_f32(xr[j]);
+        const float mu = block_all_reduce<kGemvThreads>(s, SumOp{}) / float(p.K);
+        float ss = 0.f;
+        for (int64_t j = threadIdx.x; j < p.K; j += kGemvThreads) {
+          const float d = to_f32(xr[j]) - mu;
+          ss += d * d;
+        }
+        const float var = block_all_reduce<kGemvThreads>(ss, SumOp{}) / float(p.K);
+        if (threadIdx.x == 0) {
+          stat_mu[r] = mu;
+          stat_scale[r] = 1.f / sqrtf(var + p.eps);
+        }
+      }
+    }
+    __syncthreads();
+  }
+
   float acc[kGemvRowsPerWarp][kR];
 #pragma unroll
   for (int i = 0; i < kGemvRowsPerWarp; ++i)
@@ -518,7 +578,19 @@ __global__ void __launch_bounds__(kGemvThreads) gemv_kernel(const GemvParams<T> 
     __syncthreads();  // the previous tile is consumed
     for (int i = threadIdx.x; i < kR * len; i += kGemvThreads) {
       const int r = i / len, j = i - r * len;
-      xs[r * kTile + j] = r < p.R ? p.x[r * p.K + k0 + j] : T{};
+      T v{};
+      if (r < p.R) {
+        v = p.x[r * p.K + k0 + j];
+        if (p.norm == GemvNorm::rms) {
+          v = from_f32<T>(to_f32(v) * (to_f32(p.norm_w[k0 + j]) * stat_scale[r]));
+        } else if (p.norm == GemvNorm::layer) {
+          float f = (to_f32(v) - stat_mu[r]) * stat_scale[r];
+          if (p.norm_w) f *= to_f32(p.norm_w[k0 + j]);
+          if (p.norm_b) f += to_f32(p.norm_b[k0 + j]);
+          v = from_f32<T>(f);
+        }
+      }
+      xs[r * kTile + j] = v;
     }
     __syncthreads();
     if (p.vec) {
@@ -529,14 +601,14 @@ __global__ void __launch_bounds__(kGemvThreads) gemv_kernel(const GemvParams<T> 
 #pragma unroll
         for (int c = 0; c < kGemvLoads; ++c) {
           const int ch = c * 32 + lane;
-          wv[i][c] = (n0 + i < p.N && ch < chunks)
-                         ? __ldg(reinterpret_cast<const uint4*>(p.w + (n0 + i) * p.K + k0) + ch)
+          wv[i][c] = (c % S == slice && wok[i] && ch < chunks)
+                         ? __ldg(reinterpret_cast<const uint4*>(p.w + wrow[i] * p.K + k0) + ch)
                          : make_uint4(0, 0, 0, 0);
         }
 #pragma unroll
       for (int c = 0; c < kGemvLoads; ++c) {
         const int ch = c * 32 + lane;
-        if (ch < chunks) {
+        if (c % S == slice && ch < chunks) {
           float wf[kGemvRowsPerWarp][kV];
 #pragma unroll
           for (int i = 0; i < kGemvRowsPerWarp; ++i) unpack16<T>(wv[i][c], wf[i]);
@@ -552,11 +624,11 @@ __global__ void __launch_bounds__(kGemvThreads) gemv_kernel(const GemvParams<T> 
         }
       }
     } else {
-      for (int j = lane; j < len; j += 32) {
+      for (int j = lane + 32 * slice; j < len; j += 32 * S) {
 #pragma unroll
         for (int i = 0; i < kGemvRowsPerWarp; ++i) {
-          if (n0 + i >= p.N) continue;
-          const float wf = to_f32(p.w[(n0 + i) * p.K + k0 + j]);
+          if (!wok[i]) continue;
+          const float wf = to_f32(p.w[wrow[i] * p.K + k0 + j]);
 #pragma unroll
           for (int r = 0; r < kR; ++r) acc[i][r] += wf * to_f32(xs[r * kTile + j]);
         }
@@ -567,18 +639,60 @@ __global__ void __launch_bounds__(kGemvThreads) gemv_kernel(const GemvParams<T> 
   for (int i = 0; i < kGemvRowsPerWarp; ++i)
 #pragma unroll
     for (int r = 0; r < kR; ++r) {
-      const float v = warp_sum(acc[i][r]);
-      const int64_t n = n0 + i;
-      if (lane == 0 && n < p.N && r < p.R) {
+      acc[i][r] = warp_sum(acc[i][r]);
+      if (S > 1 && lane == 0) partial[warp][i][r] = acc[i][r];
+    }
+  if (S > 1) {
+    __syncthreads();
+    if (slice == 0 && lane == 0)
+#pragma unroll
+      for (int i = 0; i < kGemvRowsPerWarp; ++i)
+#pragma unroll
+        for (int r = 0; r < kR; ++r) {
+          float v = 0.f;
+          for (int s2 = 0; s2 < S; ++s2) v += partial[group * S + s2][i][r];  // fixed order: deterministic
+          acc[i][r] = v;
+        }
+  }
+  if (slice != 0 || lane != 0) return;
+  if (p.glu) {
+    if (o0 >= H) return;
+#pragma unroll
+    for (int r = 0; r < kR; ++r) {
+      if (r >= p.R) break;
+      const float g = to_f32(from_f32<T>(acc[0][r])), u = to_f32(from_f32<T>(acc[1][r]));
+      p.y[r * H + o0] = from_f32<T>(math::apply(p.act, g, 1.f) * u);
+    }
+    return;
+  }
+#pragma unroll
+  for (int i = 0; i < kGemvRowsPerWarp; ++i)
+#pragma unroll
+    for (int r = 0; r < kR; ++r) {
+      const int64_t n = wrow[i];
+      if (wok[i] && r < p.R) {
         T* y = p.y + r * p.N + n;
+        const float v = acc[i][r];
         *y = from_f32<T>(p.beta != 0.f ? v + p.beta * to_f32(*y) : v);
       }
     }
 }
 
 template <class T>
-void launch_gemv(const GemvParams<T>& p) {
-  const unsigned grid = unsigned((p.N + kGemvWarps * kGemvRowsPerWarp - 1) / (kGemvWarps * kGemvRowsPerWarp));
+void launch_gemv(GemvParams<T> p) {
+  // Enough blocks to fill the GPU: split a row group over more warps for small matrices
+  // (as long as a tile has chunks for every warp of the group).
+  const int64_t outs = p.glu ? p.N / 2 : p.N;
+  const int64_t per_group = p.glu ? 1 : kGemvRowsPerWarp;
+  const int64_t chunk_groups = std::max<int64_t>(1, (std::min<int64_t>(p.K, kGemvTileBytes / int64_t(sizeof(T))) /
+                                                     kVec<T> + 31) / 32);
+  const int64_t want = 2 * int64_t(Context::get().sm_count());
+  int S = 1;
+  auto blocks_for = [&](int s) { return (outs + (kGemvWarps / s) * per_group - 1) / ((kGemvWarps / s) * per_group); };
+  while (S < kGemvWarps && blocks_for(S) < want && chunk_groups >= 2 * S) S *= 2;
+  p.split = S;
+  const unsigned grid = unsigned(blocks_for(S));
+  if (grid == 0) return;
   auto s = stream();
   // Rows padded up to a power of two (zeros in shared memory): 4 kernels per T, not 8.
   if (p.R <= 1) gemv_kernel<T, 1><<<grid, kGemvThreads, 0, s>>>(p);
@@ -849,11 +963,13 @@ struct KvWriteParams {
   int64_t T_, H, C, D;
 };
 
-// One block per (b, t). A token whose slot a later token of the same call also writes is
-// skipped, so the ring ends as after the CPU's sequential writes (last writer wins).
+// One block per (b, t, h), threads over d. A token whose slot a later token of the same
+// call also writes is skipped, so the ring ends as after the CPU's sequential writes
+// (last writer wins).
 template <class T>
 __global__ void __launch_bounds__(128) kv_write_kernel(const KvWriteParams<T> p) {
-  const int64_t b = blockIdx.x / p.T_, t = blockIdx.x % p.T_;
+  const int64_t bt = blockIdx.x, h = blockIdx.y;
+  const int64_t b = bt / p.T_, t = bt % p.T_;
   if (p.mask && !p.mask[b]) return;
   auto slot_of = [&](int64_t tt) {
     const int64_t pos = p.pos[b * p.ps[0] + tt * p.ps[1]];
@@ -863,11 +979,13 @@ __global__ void __launch_bounds__(128) kv_write_kernel(const KvWriteParams<T> p)
   int later = 0;
   for (int64_t t2 = t + 1 + threadIdx.x; t2 < p.T_; t2 += blockDim.x) later |= slot_of(t2) == slot;
   if (__syncthreads_or(later)) return;
-  if (threadIdx.x == 0) p.ring_pos[b * p.C + slot] = p.pos[b * p.ps[0] + t * p.ps[1]];
-  for (int64_t idx = threadIdx.x; idx < p.H * p.D; idx += blockDim.x) {
-    const int64_t h = idx / p.D, d = idx % p.D, dst = ((b * p.H + h) * p.C + slot) * p.D + d;
-    p.ring_k[dst] = p.k[b * p.ks[0] + t * p.ks[1] + h * p.ks[2] + d];
-    p.ring_v[dst] = p.v[b * p.vs[0] + t * p.vs[1] + h * p.vs[2] + d];
+  if (threadIdx.x == 0 && h == 0) p.ring_pos[b * p.C + slot] = p.pos[b * p.ps[0] + t * p.ps[1]];
+  const int64_t dst = ((b * p.H + h) * p.C + slot) * p.D;
+  const T* ks = p.k + b * p.ks[0] + t * p.ks[1] + h * p.ks[2];
+  const T* vs = p.v + b * p.vs[0] + t * p.vs[1] + h * p.vs[2];
+  for (int64_t d = threadIdx.x; d < p.D; d += blockDim.x) {
+    p.ring_k[dst + d] = ks[d];
+    p.ring_v[dst + d] = vs[d];
   }
 }
 
@@ -1038,7 +1156,11 @@ void Kernels<Cuda>::glu(const Tensor<T, Cuda>& out, const Tensor<T, Cuda>& in, U
   p.in = in.data();
   p.out = out.data();
   p.act = act;
-  cuda::detail::launch_rows(cuda::detail::glu_kernel<T>, p);
+  if (p.L.rows == 0) return;
+  const unsigned gy = unsigned(std::min<int64_t>((p.L.n + cuda::detail::kRowThreads - 1) / cuda::detail::kRowThreads, 1024));
+  cuda::detail::glu_kernel<T><<<dim3(cuda::detail::grid_rows(p.L.rows), gy), cuda::detail::kRowThreads, 0,
+                                  cuda::detail::stream()>>>(p);
+  cuda::detail::check_launch();
 }
 
 template <class T>
@@ -1088,6 +1210,25 @@ void Kernels<Cuda>::linear(const Tensor<T, Cuda>& y, const Tensor<T, Cuda>& x, c
   const int64_t ld = std::max<int64_t>(1, K);
   run_gemm(GemmCall<T>{x.data(), {CUBLAS_OP_N, ld, true}, 0, w.data(), {CUBLAS_OP_T, ld, true}, 0, y.data(), N, 0, R,
                        N, K, 1, 1.f, beta});
+}
+
+template <class T>
+void Kernels<Cuda>::fused_linear(const Tensor<T, Cuda>& y, const Tensor<T, Cuda>& x, const Tensor<T, Cuda>& w,
+                                 const FusedLinear<T, Cuda>& f) {
+  using namespace cuda::detail;
+  const int64_t R = x.size(0), K = x.size(1), N = w.size(0);
+  if (R > kGemvMaxRows) {
+    ops::fused_linear_unfused(y, x, w, f);
+    return;
+  }
+  GemvParams<T> p{w.data(), x.data(), y.data(), N, K, int(R), f.beta, aligned16(w.data()) && K % kVec<T> == 0};
+  p.norm = f.norm == FusedNorm::rms ? GemvNorm::rms : f.norm == FusedNorm::layer ? GemvNorm::layer : GemvNorm::none;
+  p.norm_w = f.norm_weight.defined() ? f.norm_weight.data() : nullptr;
+  p.norm_b = f.norm_bias.defined() ? f.norm_bias.data() : nullptr;
+  p.eps = f.eps;
+  p.glu = f.glu;
+  p.act = f.act;
+  launch_gemv(p);
 }
 
 template <class T>
@@ -1238,8 +1379,8 @@ void Kernels<Cuda>::kv_write(const Tensor<T, Cuda>& ring_k, const Tensor<T, Cuda
                      {positions.stride(0), positions.stride(1)},
                      k.size(1), ring_k.size(1), ring_k.size(2), ring_k.size(3)};
   const int64_t blocks = ring_k.size(0) * p.T_;
-  if (blocks == 0) return;
-  kv_write_kernel<T><<<unsigned(blocks), 128, 0, stream()>>>(p);
+  if (blocks == 0 || p.H == 0) return;
+  kv_write_kernel<T><<<dim3(unsigned(blocks), unsigned(p.H)), 128, 0, stream()>>>(p);
   check_launch();
 }
 

@@ -27,6 +27,9 @@ struct Kernels<Cuda> {
   template <class T>
   static void linear(const Tensor<T, Cuda>& y, const Tensor<T, Cuda>& x, const Tensor<T, Cuda>& w, float beta);
   template <class T>
+  static void fused_linear(const Tensor<T, Cuda>& y, const Tensor<T, Cuda>& x, const Tensor<T, Cuda>& w,
+                           const FusedLinear<T, Cuda>& f);
+  template <class T>
   static void reduce(const Tensor<T, Cuda>& out, const Tensor<T, Cuda>& in, Reduce op);
   template <class T>
   static void argmax(const Tensor<int64_t, Cuda>& out, const Tensor<T, Cuda>& in);
