@@ -84,6 +84,9 @@ void check_case(const std::string& dir, bool has_gen, double tol) {
   std::printf("[cuda %s] %-60s greedy tokens equal: %lld / %lld\n", std::is_same_v<T, float> ? "f32 " : "bf16",
               dir.c_str(), (long long)same, (long long)(Bn * K * S));
   if (std::is_same_v<T, float>) REQUIRE(same == Bn * K * S);
+  // bf16: once one token differs the streams diverge (teacher forcing ends), so only most
+  // tokens agree; the reference package in bf16 behaves the same.
+  else REQUIRE(double(same) >= 0.75 * double(Bn * K * S));
 }
 
 }  // namespace
@@ -100,9 +103,11 @@ TEST_CASE("CUDA fp32 reproduces the TTT design fixtures", "[cuda]") {
 }
 
 TEST_CASE("CUDA bf16 stays within bf16 noise of the fixtures", "[cuda][bf16]") {
-  // Documented bound: bf16 weights and activations, fp32 accumulation/norms/softmax.
-  check_case<bf16>(fixture("moshi/moshi_small_defaults"), true, 0.1);
-  check_case<bf16>(fixture("moshi/moshi_7b_structure"), true, 0.1);
+  // bf16 noise = how far the reference package itself moves in bf16 on the same case
+  // (tools/bf16_reference_error.py, moshi 0.2.13 on the CPU): max abs logit error 0.105
+  // (moshi_small_defaults) and 0.172 (moshi_7b_structure). We allow 1.5x that.
+  check_case<bf16>(fixture("moshi/moshi_small_defaults"), true, 1.5 * 0.105);
+  check_case<bf16>(fixture("moshi/moshi_7b_structure"), true, 1.5 * 0.172);
 }
 
 int main(int argc, char** argv) {

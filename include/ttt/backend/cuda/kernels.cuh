@@ -12,6 +12,7 @@
 #include <array>
 #include <climits>
 #include <cstdint>
+#include <cstdlib>
 #include <cub/block/block_reduce.cuh>
 #include <cub/block/block_scan.cuh>
 #include <type_traits>
@@ -496,6 +497,16 @@ constexpr int kGemvMaxRows = 8;
 
 enum class GemvNorm : uint8_t { none, rms, layer };
 
+// Rows up to which the GEMV kernel beats cuBLAS (TTT_GEMV_MAX_ROWS overrides, for measuring).
+inline int64_t gemv_max_rows() {
+  static const int64_t v = [] {
+    const char* e = std::getenv("TTT_GEMV_MAX_ROWS");
+    const int64_t n = e ? std::atoll(e) : kGemvMaxRows;
+    return std::max<int64_t>(0, std::min<int64_t>(n, kGemvMaxRows));
+  }();
+  return v;
+}
+
 template <class T>
 struct GemvParams {
   const T* w;  // [N, K]
@@ -536,32 +547,25 @@ __global__ void __launch_bounds__(kGemvThreads) gemv_kernel(const GemvParams<T> 
   }
 
   if (p.norm != GemvNorm::none) {
-    // The whole block reduces each row (R is uniform, so every thread takes each branch).
-    for (int r = 0; r < kR; ++r) {
-      if (r >= p.R) break;
-      const T* xr = p.x + r * p.K;
-      if (p.norm == GemvNorm::rms) {
-        float ss = 0.f;
-        for (int64_t j = threadIdx.x; j < p.K; j += kGemvThreads) {
-          const float v = to_f32(xr[j]);
-          ss += v * v;
-        }
-        ss = block_all_reduce<kGemvThreads>(ss, SumOp{});
-        if (threadIdx.x == 0) stat_scale[r] = 1.f / sqrtf(p.eps + ss / float(p.K));
-      } else {
-        float s = 0.f;
-        for (int64_t j = threadIdx.x; j < p.K; j += kGemvThreads) s += to_f32(xr[j]);
-        const float mu = block_all_reduce<kGemvThreads>(s, SumOp{}) / float(p.K);
-        float ss = 0.f;
-        for (int64_t j = threadIdx.x; j < p.K; j += kGemvThreads) {
-          const float d = to_f32(xr[j]) - mu;
-          ss += d * d;
-        }
-        const float var = block_all_reduce<kGemvThreads>(ss, SumOp{}) / float(p.K);
-        if (threadIdx.x == 0) {
-          stat_mu[r] = mu;
-          stat_scale[r] = 1.f / sqrtf(var + p.eps);
-        }
+    // Warp r reduces row r (rows are at most 8, warps 8): no block-wide reductions in front
+    // of the weight stream. Statistics in fp32, mean first then squared deviations.
+    if (warp < p.R) {
+      const T* xr = p.x + warp * p.K;
+      float s = 0.f, ss = 0.f;
+      if (p.norm == GemvNorm::layer) {
+        for (int64_t j = lane; j < p.K; j += 32) s += to_f32(xr[j]);
+        s = warp_sum(s);
+      }
+      const float mu = p.norm == GemvNorm::layer ? s / float(p.K) : 0.f;
+      for (int64_t j = lane; j < p.K; j += 32) {
+        const float d = to_f32(xr[j]) - mu;
+        ss += d * d;
+      }
+      ss = warp_sum(ss);
+      if (lane == 0) {
+        stat_mu[warp] = mu;
+        stat_scale[warp] = p.norm == GemvNorm::layer ? 1.f / sqrtf(ss / float(p.K) + p.eps)
+                                                      : 1.f / sqrtf(p.eps + ss / float(p.K));
       }
     }
     __syncthreads();
@@ -1201,7 +1205,7 @@ template <class T>
 void Kernels<Cuda>::linear(const Tensor<T, Cuda>& y, const Tensor<T, Cuda>& x, const Tensor<T, Cuda>& w, float beta) {
   using namespace cuda::detail;
   const int64_t R = x.size(0), K = x.size(1), N = w.size(0);
-  if (R <= kGemvMaxRows) {
+  if (R <= gemv_max_rows()) {
     const bool vec = aligned16(w.data()) && K % kVec<T> == 0;
     launch_gemv(GemvParams<T>{w.data(), x.data(), y.data(), N, K, int(R), beta, vec});
     return;
@@ -1217,7 +1221,7 @@ void Kernels<Cuda>::fused_linear(const Tensor<T, Cuda>& y, const Tensor<T, Cuda>
                                  const FusedLinear<T, Cuda>& f) {
   using namespace cuda::detail;
   const int64_t R = x.size(0), K = x.size(1), N = w.size(0);
-  if (R > kGemvMaxRows) {
+  if (R > gemv_max_rows()) {
     ops::fused_linear_unfused(y, x, w, f);
     return;
   }

@@ -1,67 +1,91 @@
 #pragma once
-// TttKernels<Cuda>, interim version: the inner loop runs on the host (a round trip of the
-// call's q/k/v and the fast weights). Correct, and enough for parity tests and for the
-// CUDA Moshi engine to build with TTT layers; the fused device kernels replace it.
+// TttKernels<Cuda>: declarations only (any C++ compiler). The definitions are CUDA kernels in
+// ttt/layers/cuda/ttt_kernels.cuh, compiled once per program through ttt/cuda.cuh.
+//
+// inner() runs the contract of ttt_kernels.hpp on the device. Every (b, h) is one thread-block
+// cluster of `nc` CTAs (nc = 1, 2, 4 or 8) that keeps the head's fast weights AND running sums
+// in shared memory for the whole call: CTA r owns the columns [r F/nc, (r+1) F/nc) of W1 / S1
+// (and the matching rows of W2 / S2 for TTT-MLP). Row statistics and the partial products of
+// the second MLP layer are exchanged through distributed shared memory. The call's segments
+// run one after the other inside the kernel, so a decode step is one launch and a prefill of
+// L tokens is one launch too.
+//
+// Shapes the kernels do not handle (head_dim or inner width not a multiple of 4, unaligned or
+// non-contiguous tensors, state too large for shared memory at any cluster size) take the
+// host round trip below: slow, exact, never silently wrong.
+#include <cstdint>
 #include <vector>
 
 #include "ttt/backend/cuda/kernels.hpp"
+#include "ttt/layers/ttt_kernels.hpp"
 #include "ttt/layers/ttt_kernels_cpu.hpp"
 
 namespace ttt::layers {
 
+// Knobs for tests and benchmarks. Process-wide; the defaults choose by shape.
+struct TttCudaTuning {
+  int cluster = 0;             // CTAs per (b, h): 0 = automatic, else 1, 2, 4 or 8 (throws if infeasible)
+  bool host_fallback = false;  // run the inner loop on the host (the reference path)
+};
+
+// What inner() launches for a shape (reported by the benchmark and the tests).
+struct TttCudaPlan {
+  bool device = false;   // false: host round trip
+  int cluster = 0;       // CTAs per (b, h)
+  int rows = 0;          // segment rows held in shared memory (min(K, L) rounded up to 4)
+  int64_t smem_bytes = 0;
+  const char* why_host = "";  // when !device
+};
+
 template <>
 struct TttKernels<Cuda> {
-  static void inner(const TttInnerArgs<Cuda>& a, const TttFastWeights<Cuda>& s) {
-    auto h = [](const Tensor<float, Cuda>& t) { return t.defined() ? t.to<Cpu>() : Tensor<float, Cpu>{}; };
-    TttInnerArgs<Cpu> ha;
-    ha.kind = a.kind;
-    ha.mini_batch_size = a.mini_batch_size;
-    ha.eps = a.eps;
-    ha.xq = h(a.xq);
-    ha.xk = h(a.xk);
-    ha.xv = h(a.xv);
-    ha.lr = h(a.lr);
-    ha.tau = h(a.tau);
-    ha.ln_weight = h(a.ln_weight);
-    ha.ln_bias = h(a.ln_bias);
-    ha.out = Tensor<float, Cpu>::empty(a.out.shape());
-    ha.phase = a.phase;
-    ha.commit = a.commit;
-    TttFastWeights<Cpu> hs{h(s.W1), h(s.b1), h(s.W2), h(s.b2), h(s.W1_grad), h(s.b1_grad), h(s.W2_grad), h(s.b2_grad)};
-    TttKernels<Cpu>::inner(ha, hs);
-    a.out.copy_from(ha.out.to<Cuda>());
-    auto back = [](const Tensor<float, Cuda>& d, const Tensor<float, Cpu>& t) {
-      if (d.defined()) d.copy_from(t.to<Cuda>());
-    };
-    back(s.W1, hs.W1), back(s.b1, hs.b1), back(s.W2, hs.W2), back(s.b2, hs.b2);
-    back(s.W1_grad, hs.W1_grad), back(s.b1_grad, hs.b1_grad), back(s.W2_grad, hs.W2_grad), back(s.b2_grad, hs.b2_grad);
-  }
+  static void inner(const TttInnerArgs<Cuda>& a, const TttFastWeights<Cuda>& s);
+  static TttCudaPlan plan(TttConfig::Kind kind, int64_t batch, int64_t heads, int64_t L, int64_t f, int64_t F,
+                          int64_t K);
 
   static void causal_conv(const Tensor<float, Cuda>& out_q, const Tensor<float, Cuda>& out_k,
                           const Tensor<float, Cuda>& x, const Tensor<float, Cuda>& history,
                           const Tensor<float, Cuda>& wq, const Tensor<float, Cuda>& bq, const Tensor<float, Cuda>& wk,
-                          const Tensor<float, Cuda>& bk, const std::vector<uint8_t>& commit) {
-    auto oq = Tensor<float, Cpu>::empty(out_q.shape()), ok = Tensor<float, Cpu>::empty(out_k.shape());
-    auto hist = history.to<Cpu>();
-    TttKernels<Cpu>::causal_conv(oq, ok, x.to<Cpu>(), hist, wq.to<Cpu>(), bq.to<Cpu>(), wk.to<Cpu>(), bk.to<Cpu>(),
-                                 commit);
-    out_q.copy_from(oq.to<Cuda>());
-    out_k.copy_from(ok.to<Cuda>());
-    history.copy_from(hist.to<Cuda>());
-  }
-
-  static void l2_normalize(const Tensor<float, Cuda>& x) {
-    auto hx = x.to<Cpu>();
-    TttKernels<Cpu>::l2_normalize(hx);
-    x.copy_from(hx.to<Cuda>());
-  }
-
+                          const Tensor<float, Cuda>& bk, const std::vector<uint8_t>& commit);
+  static void l2_normalize(const Tensor<float, Cuda>& x);
   static void ln_target(const Tensor<float, Cuda>& xv, const Tensor<float, Cuda>& xk, const Tensor<float, Cuda>& weight,
-                        const Tensor<float, Cuda>& bias, float eps) {
-    auto hv = xv.to<Cpu>();
-    TttKernels<Cpu>::ln_target(hv, xk.to<Cpu>(), weight.to<Cpu>(), bias.to<Cpu>(), eps);
-    xv.copy_from(hv.to<Cuda>());
+                        const Tensor<float, Cuda>& bias, float eps);
+
+  static TttCudaTuning& tuning() {
+    static TttCudaTuning t;
+    return t;
   }
 };
+
+namespace cuda_detail {
+
+// The inner loop through the host: q/k/v and the state go down, the results come back.
+inline void inner_on_host(const TttInnerArgs<Cuda>& a, const TttFastWeights<Cuda>& s) {
+  auto h = [](const Tensor<float, Cuda>& t) { return t.defined() ? t.to<Cpu>() : Tensor<float, Cpu>{}; };
+  TttInnerArgs<Cpu> ha;
+  ha.kind = a.kind;
+  ha.mini_batch_size = a.mini_batch_size;
+  ha.eps = a.eps;
+  ha.xq = h(a.xq);
+  ha.xk = h(a.xk);
+  ha.xv = h(a.xv);
+  ha.lr = h(a.lr);
+  ha.tau = h(a.tau);
+  ha.ln_weight = h(a.ln_weight);
+  ha.ln_bias = h(a.ln_bias);
+  ha.out = Tensor<float, Cpu>::empty(a.out.shape());
+  ha.phase = a.phase;
+  ha.commit = a.commit;
+  TttFastWeights<Cpu> hs{h(s.W1), h(s.b1), h(s.W2), h(s.b2), h(s.W1_grad), h(s.b1_grad), h(s.W2_grad), h(s.b2_grad)};
+  TttKernels<Cpu>::inner(ha, hs);
+  a.out.copy_from(ha.out.to<Cuda>());
+  auto back = [](const Tensor<float, Cuda>& d, const Tensor<float, Cpu>& t) {
+    if (d.defined()) d.copy_from(t.to<Cuda>());
+  };
+  back(s.W1, hs.W1), back(s.b1, hs.b1), back(s.W2, hs.W2), back(s.b2, hs.b2);
+  back(s.W1_grad, hs.W1_grad), back(s.b1_grad, hs.b1_grad), back(s.W2_grad, hs.W2_grad), back(s.b2_grad, hs.b2_grad);
+}
+
+}  // namespace cuda_detail
 
 }  // namespace ttt::layers
