@@ -5,6 +5,14 @@
 set -uo pipefail
 out=${OUT:-gpu_out}
 mkdir -p "$out"
+out=$(cd "$out" && pwd)
+# A snapshot of a commit (`git archive HEAD > build-src/head.tar`, carried) is built instead
+# of the working tree when present: other work in progress in the tree stays out of it.
+if [ -f build-src/head.tar ]; then
+  rm -rf /tmp/ttt-src && mkdir -p /tmp/ttt-src && tar -xf build-src/head.tar -C /tmp/ttt-src
+  ln -sfn "$(pwd)/build-gpu" /tmp/ttt-src/build-gpu 2>/dev/null || true
+  cd /tmp/ttt-src
+fi
 steps=("$@")
 [ ${#steps[@]} -eq 0 ] && steps=(all)
 has() { for s in "${steps[@]}"; do [ "$s" = "$1" ] || [ "$s" = all ] && return 0; done; return 1; }
