@@ -10,7 +10,8 @@ out=$(cd "$out" && pwd)
 # of the working tree when present: other work in progress in the tree stays out of it.
 if [ -f build-src/head.tar ]; then
   rm -rf /tmp/ttt-src && mkdir -p /tmp/ttt-src && tar -xf build-src/head.tar -C /tmp/ttt-src
-  ln -sfn "$(pwd)/build-gpu" /tmp/ttt-src/build-gpu 2>/dev/null || true
+  mkdir -p build-snap
+  ln -sfn "$(pwd)/build-snap" /tmp/ttt-src/build-gpu
   cd /tmp/ttt-src
 fi
 steps=("$@")
