@@ -494,9 +494,12 @@ void run_gemm(const GemmCall<T>& g) {
 constexpr int kGemvThreads = 256, kGemvWarps = kGemvThreads / 32, kGemvRowsPerWarp = 2;
 constexpr int kGemvTileBytes = 4096, kGemvLoads = kGemvTileBytes / 16 / 32;
 constexpr int kGemvMaxRows = 8;
-// Above this many rows cuBLAS wins (measured on H100: batch 8 of the 7B, 37 ms/frame with
-// the GEMV at 8 rows, 10.8 with cuBLAS).
-constexpr int kGemvDefaultRows = 4;
+// Rows up to which our GEMV is used by default. Measured on the H100 with the 7B (bf16,
+// ttt-moshi bench): cuBLAS is faster at every batch size for now -- batch 1: 8.85 ms/frame
+// with cuBLAS vs 10.85 with this kernel (its fused norm/GLU variants stream at 1.9-2.2 TB/s,
+// the plain one at 2.6-2.8); batch 8: 10.7 vs 37.3 (register pressure at 8 rows). The kernel
+// stays, tested, behind TTT_GEMV_MAX_ROWS for that work to continue (docs/perf.md).
+constexpr int kGemvDefaultRows = 0;
 
 enum class GemvNorm : uint8_t { none, rms, layer };
 
