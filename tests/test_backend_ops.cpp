@@ -448,6 +448,7 @@ TEMPLATE_TEST_CASE("linear (GEMV and GEMM paths)", "[backend]", float, bf16, f16
   using T = TestType;
   std::mt19937 g(32);
   const double tol = 2 * unit<T>();
+  Kernels<Cuda>::set_gemv_max_rows(8);  // the GEMV kernel up to 8 rows, cuBLAS above
   for (int64_t R : {1, 2, 3, 5, 8, 9, 33})
     for (int64_t K : {7, 64, 1000, 4104})
       for (int64_t N : {1, 5, 130, 513}) {
@@ -478,6 +479,7 @@ TEMPLATE_TEST_CASE("fused_linear (norm prologue, glu epilogue, split GEMV)", "[b
   using T = TestType;
   std::mt19937 g(33);
   const double tol = 4 * unit<T>();
+  Kernels<Cuda>::set_gemv_max_rows(8);  // the fused GEMV kernel up to 8 rows, composition above
   for (int64_t R : {1, 2, 5, 8, 9})
     for (int64_t K : {64, 1000, 1024, 4104})
       for (int64_t N : {2, 130, 1024, 4096}) {

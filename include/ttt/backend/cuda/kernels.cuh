@@ -503,9 +503,10 @@ constexpr int kGemvDefaultRows = 0;
 
 enum class GemvNorm : uint8_t { none, rms, layer };
 
-// Rows up to which the GEMV kernel beats cuBLAS (TTT_GEMV_MAX_ROWS overrides, for measuring).
-inline int64_t gemv_max_rows() {
-  static const int64_t v = [] {
+// Rows up to which linear uses the GEMV kernel instead of cuBLAS (TTT_GEMV_MAX_ROWS or
+// Kernels<Cuda>::set_gemv_max_rows override the default).
+inline int64_t& gemv_max_rows() {
+  static int64_t v = [] {
     const char* e = std::getenv("TTT_GEMV_MAX_ROWS");
     const int64_t n = e ? std::atoll(e) : kGemvDefaultRows;
     return std::max<int64_t>(0, std::min<int64_t>(n, kGemvMaxRows));
@@ -1238,6 +1239,10 @@ void Kernels<Cuda>::linear(const Tensor<T, Cuda>& y, const Tensor<T, Cuda>& x, c
   const int64_t ld = std::max<int64_t>(1, K);
   run_gemm(GemmCall<T>{x.data(), {CUBLAS_OP_N, ld, true}, 0, w.data(), {CUBLAS_OP_T, ld, true}, 0, y.data(), N, 0, R,
                        N, K, 1, 1.f, beta});
+}
+
+void Kernels<Cuda>::set_gemv_max_rows(int rows) {
+  cuda::detail::gemv_max_rows() = std::max(0, std::min(rows, cuda::detail::kGemvMaxRows));
 }
 
 template <class T>

@@ -9,6 +9,8 @@ namespace ttt {
 
 template <>
 struct Kernels<Cuda> {
+  // linear / fused_linear use the GEMV kernel up to this many rows, cuBLAS above.
+  static void set_gemv_max_rows(int rows);
   template <class T>
   static void copy(const Tensor<T, Cuda>& out, const Tensor<T, Cuda>& in);
   template <class To, class From>
