@@ -228,8 +228,19 @@ int run_generate(const Common& c, const cxxopts::ParseResult& r) {
   if (r.count("tokenizer")) text.open(r["tokenizer"].as<std::string>(), cfg);
 
   const int64_t every = r.count("progress-every") ? r["progress-every"].as<int64_t>() : (steps <= 200 ? 1 : steps / 100);
-  auto session = gen.start(batch);
-  const int64_t n_out = std::max<int64_t>(0, steps - cfg.max_delay());
+  // --resume continues a conversation saved by --save-session (same model; the batch is the
+  // saved one unless --batch or --user-codes say otherwise, which must then agree).
+  typename moshi::LmGen<T, B, moshi::DefaultPolicies>::Session session;
+  if (r.count("resume")) {
+    session = gen.load(r["resume"].as<std::string>());
+    if (!r.count("batch") && !user.defined()) batch = session.batch();
+    if (session.batch() != batch)
+      fail("--resume: ", r["resume"].as<std::string>(), " holds ", session.batch(), " streams, this run has ", batch);
+  } else {
+    session = gen.start(batch);
+  }
+  // Steps return tokens once the delays are filled (a resumed session may be past that).
+  const int64_t n_out = std::max<int64_t>(0, steps - std::max<int64_t>(0, cfg.max_delay() - session.offset_cpu));
   // Tokens go to disk as they come: an hour of frames never accumulates in memory.
   io::SafeTensorsStreamWriter<int64_t> tokens(r["out"].as<std::string>(), "tokens", {batch, 1 + cfg.dep_q, n_out});
   auto frame = Tensor<int64_t, Cpu>::empty({batch, nu});
@@ -503,7 +514,8 @@ int usage() {
                "usage: ttt-moshi <command> [options]\n"
                "  forward   --config C --weights W --codes IN --out OUT [--backend cpu|cuda] [--dtype f32|bf16]\n"
                "  generate  [--config C] [--weights W] [--user-codes IN] [--steps N] [--batch B] [--greedy] [--seed S]\n"
-               "            [--temp X] [--temp-text X] [--top-k K] [--top-k-text K] [--tokenizer SPM] --out OUT\n"
+               "            [--temp X] [--temp-text X] [--top-k K] [--top-k-text K] [--tokenizer SPM]\n"
+               "            [--save-session F] [--resume F] --out OUT\n"
                "  info      [--config C] [--weights W]\n"
                "  bench     [--preset 7b | --config C] [--batch N] [--frames N] [--dtype bf16] [--backend cuda]\n"
                "Run `ttt-moshi <command> --help` for the options of a command.\n");
@@ -531,6 +543,7 @@ int main(int argc, char** argv) {
           "tokenizer", "SentencePiece model: print the text stream live", cxxopts::value<std::string>())(
           "progress-every", "progress line every N frames", cxxopts::value<int64_t>())(
           "save-session", "save the streaming session here at the end", cxxopts::value<std::string>())(
+          "resume", "continue the session saved in this file (--save-session)", cxxopts::value<std::string>())(
           "out", "output safetensors (tokens)", cxxopts::value<std::string>());
     } else if (cmd == "bench") {
       o.add_options()("preset", "model preset: 7b", cxxopts::value<std::string>()->default_value("7b"))(

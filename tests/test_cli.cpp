@@ -1,13 +1,12 @@
 // The command-line tools end to end: `ttt-moshi forward/generate/info` on the fixtures,
 // live text through a SentencePiece model trained here, and error exits.
-#include <sys/wait.h>
-
 #include <cmath>
 #include <cstdio>
 #include <fstream>
 #include <sstream>
 
 #include "catch.hpp"
+#include "cli_helpers.hpp"
 #include "ttt/io/json.hpp"
 #include "ttt/io/safetensors.hpp"
 #include "ttt/ttt.hpp"
@@ -18,41 +17,13 @@
 
 using namespace ttt;
 
-namespace {
-
-struct Run {
-  int code = -1;
-  std::string out, err;
-};
-
-// Runs a tool from build/bin with stdout and stderr captured.
-Run run(const std::string& args) {
-  const std::string o = "cli_stdout.txt", e = "cli_stderr.txt";
-  const std::string cmd = std::string(TTT_BIN_DIR) + "/" + args + " > " + o + " 2> " + e;
-  Run r;
-  const int st = std::system(cmd.c_str());
-  r.code = WIFEXITED(st) ? WEXITSTATUS(st) : -1;
-  auto slurp = [](const std::string& p) {
-    std::ifstream f(p);
-    std::stringstream ss;
-    ss << f.rdbuf();
-    return ss.str();
-  };
-  r.out = slurp(o);
-  r.err = slurp(e);
-  return r;
-}
-
-bool exists(const std::string& p) { return std::ifstream(p).good(); }
-
-}  // namespace
 
 TEST_CASE("ttt-moshi forward and generate reproduce the fixtures", "[cli]") {
   for (const char* name : {"moshi_peer_test", "moshi_small_defaults", "moshi_7b_structure"}) {
     INFO("case " << name);
     const std::string dir = fixture(std::string("moshi/") + name);
     const std::string out = std::string("cli_forward_") + name + ".safetensors";
-    auto r = run("ttt-moshi forward --config " + dir + "/config.json --weights " + dir + "/model.safetensors --codes " +
+    auto r = run_tool("ttt-moshi forward --config " + dir + "/config.json --weights " + dir + "/model.safetensors --codes " +
                  dir + "/codes.safetensors --out " + out);
     INFO(r.err);
     REQUIRE(r.code == 0);
@@ -73,7 +44,7 @@ TEST_CASE("ttt-moshi forward and generate reproduce the fixtures", "[cli]") {
     std::remove(out.c_str());
     if (std::string(name) == "moshi_peer_test") continue;  // no gen.safetensors
     const std::string gout = std::string("cli_gen_") + name + ".safetensors";
-    r = run("ttt-moshi generate --config " + dir + "/config.json --weights " + dir + "/model.safetensors --user-codes " +
+    r = run_tool("ttt-moshi generate --config " + dir + "/config.json --weights " + dir + "/model.safetensors --user-codes " +
             dir + "/gen.safetensors --greedy --out " + gout);
     INFO(r.err);
     REQUIRE(r.code == 0);
@@ -87,7 +58,7 @@ TEST_CASE("ttt-moshi forward and generate reproduce the fixtures", "[cli]") {
 
 TEST_CASE("ttt-moshi info checks a checkpoint's keys", "[cli]") {
   const std::string dir = fixture("moshi/moshi_7b_structure");
-  auto r = run("ttt-moshi info --config " + dir + "/config.json --weights " + dir + "/model.safetensors");
+  auto r = run_tool("ttt-moshi info --config " + dir + "/config.json --weights " + dir + "/model.safetensors");
   INFO(r.err);
   REQUIRE(r.code == 0);
   REQUIRE(r.out.find("all keys match") != std::string::npos);
@@ -116,11 +87,11 @@ TEST_CASE("ttt-moshi errors exit non-zero with one clear message and no output f
            {"generate --config " + dir + "/config.json --steps 3 --out /nonexistent-dir/x.safetensors", "cannot write"},
            {"frobnicate", "unknown command"},
        }) {
-    auto r = run("ttt-moshi " + b.args);
+    auto r = run_tool("ttt-moshi " + b.args);
     INFO(b.args << "\nstderr: " << r.err);
     REQUIRE(r.code != 0);
     REQUIRE(r.err.find(b.needle) != std::string::npos);
-    REQUIRE_FALSE(exists(out));
+    REQUIRE_FALSE(file_exists(out));
   }
 }
 
@@ -142,7 +113,7 @@ TEST_CASE("generate --tokenizer prints the text stream live", "[cli]") {
   io::Json cfg = io::read_json_file(fixture("moshi/moshi_7b_structure/config.json"));
   cfg["text_card"] = vocab;
   std::ofstream("cli_spm_config.json") << cfg.dump();
-  auto r = run("ttt-moshi generate --config cli_spm_config.json --steps 30 --seed 3 --tokenizer cli_spm.model "
+  auto r = run_tool("ttt-moshi generate --config cli_spm_config.json --steps 30 --seed 3 --tokenizer cli_spm.model "
                "--out cli_spm_tokens.safetensors");
   INFO(r.err);
   REQUIRE(r.code == 0);

@@ -169,6 +169,26 @@ class WeightSource {
     return name.substr(0, name.size() - suf.size()) + ".frozen_W.weight";
   }
 
+  // A NaN or Inf weight would silently poison every output: refuse the checkpoint.
+  template <class T>
+  void check_finite(const Tensor<T, Cpu>& t, const std::string& name) const {
+    if constexpr (is_floating_v<T>) {
+      const T* p = t.data();
+      const int64_t n = t.numel();
+      int64_t bad = -1;
+#pragma omp parallel for schedule(static) reduction(max : bad) if (n > (int64_t(1) << 20))
+      for (int64_t i = 0; i < n; ++i) {
+        float v;
+        if constexpr (std::is_same_v<T, double>) v = float(p[i]);
+        else v = to_f32(p[i]);
+        if (!std::isfinite(v)) bad = std::max(bad, i);
+      }
+      if (bad >= 0)
+        fail(source(name), ": tensor '", name, "' holds a non-finite value (", to_f32(p[bad]), " at flat index ", bad,
+             ")");
+    }
+  }
+
   void check_shape(const std::string& name, const Shape& got, const Shape& want) const {
     bool ok = got.rank == want.rank;
     for (int i = 0; ok && i < want.rank; ++i) ok = want.d[i] < 0 || want.d[i] == got.d[i];
@@ -180,7 +200,9 @@ class WeightSource {
     if (auto it = synth_.find(name); it != synth_.end()) return ops::cast<T>(it->second);
     if (auto it = where_.find(name); it != where_.end()) {
       used_.insert(name);
-      return files_[it->second]->load<T>(name);
+      auto t = files_[it->second]->load<T>(name);
+      check_finite(t, name);
+      return t;
     }
     const std::string base = lora_base(name);
     if (!base.empty() && where_.count(base)) {
