@@ -72,6 +72,7 @@ io::WeightSource load_weights(const Common& c, const LmConfig& cfg) {
     ws.enable_random_init(c.init_seed);
   } else {
     ws.add_file(c.weights);
+    ws.set_seed(c.init_seed);  // for new TTT weights the checkpoint lacks
   }
   ws.set_lora_scaling(cfg.lora_scaling);
   return ws;
@@ -112,6 +113,12 @@ Model<T, B> build_model(const Common& c, const LmConfig& cfg, io::WeightSource& 
   auto t0 = std::chrono::steady_clock::now();
   auto m = Model<T, B>::load(cfg, ws);
   report_unused(ws);
+  if (!ws.random_init() && !ws.initialised().empty()) {
+    std::fprintf(stderr, "warning: %zu weights are not in the checkpoint and were initialised (seed %llu):",
+                 ws.initialised().size(), (unsigned long long)ws.seed());
+    for (const auto& n : ws.initialised()) std::fprintf(stderr, " %s", n.c_str());
+    std::fprintf(stderr, "\n");
+  }
   const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   std::fprintf(stderr, "loaded %s model (%s, %s) in %.2f s\n", ws.random_init() ? "random-weight" : "checkpoint",
                B::name, c.dtype.c_str(), s);
