@@ -21,7 +21,7 @@ inline Json read_json_file(const std::string& path) {
   ss << in.rdbuf();
   try {
     return Json::parse(ss.str());
-  } catch (const Json::parse_error& e) {
+  } catch (const Json::exception& e) {  // parse_error, and out_of_range for numbers like 1E6384
     fail(path, ": malformed JSON (", e.what(), ")");
   }
 }

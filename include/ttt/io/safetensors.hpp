@@ -210,7 +210,7 @@ class SafeTensors {
     nlohmann::json j;
     try {
       j = nlohmann::json::parse(h, h + n);
-    } catch (const nlohmann::json::parse_error& e) {
+    } catch (const nlohmann::json::exception& e) {  // parse_error, and out_of_range for 1E6384
       fail(f, ": malformed JSON header (", e.what(), ")");
     }
     if (!j.is_object()) fail(f, ": header is not a JSON object");
