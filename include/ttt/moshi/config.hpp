@@ -243,6 +243,8 @@ struct LmConfig {
       if (d < 0) fail(where, ": key 'delays' has a negative delay ", d);
 
     const float hidden_scale = v.get<float>("hidden_scale", 4.f);
+    // Checked before any float-to-int conversion (inf or 1e30 would be undefined behaviour).
+    if (!(hidden_scale > 0.f && hidden_scale <= 64.f)) fail(where, ": key 'hidden_scale' must be in (0, 64], got ", hidden_scale);
     const std::string norm = v.get<std::string>("norm", "layer_norm");
 
     // Main transformer: LMModel passes the non-depformer kwargs.
