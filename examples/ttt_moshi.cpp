@@ -412,8 +412,7 @@ int run_bench(const Common& c0, const cxxopts::ParseResult& r) {
   const double kv = double(batch) * double(cfg.transformer.num_layers) * 2 * double(filled) *
                     double(cfg.dim / cfg.transformer.kv_repeat) * double(sizeof(T));
   const double wbytes = frame_weight_bytes(model, sizeof(T));
-  const double bw = measured_bandwidth_gbs(B{});
-  const double floor_ms = (wbytes + kv) / (bw * 1e9) * 1e3;
+  // Memory first: the bandwidth test below allocates its own buffers.
   double gib = 0;
 #if TTT_WITH_CUDA
   if constexpr (!B::is_host) {
@@ -423,6 +422,8 @@ int run_bench(const Common& c0, const cxxopts::ParseResult& r) {
   }
 #endif
   if (B::is_host) gib = rss_mib() / 1024.0;
+  const double bw = measured_bandwidth_gbs(B{});
+  const double floor_ms = (wbytes + kv) / (bw * 1e9) * 1e3;
   const std::string label = c.config.empty() ? preset : c.config;
   std::printf("bench %s %s %s batch %lld: median %.3f ms/frame (p90 %.3f) over %d frames after %d warm-up, "
               "%.1f frames/s per stream\n",
