@@ -22,6 +22,9 @@
 #include "ttt/io/weight_source.hpp"
 #include "ttt/layers/ttt_layer.hpp"
 #include "ttt/ttt.hpp"
+#if TTT_WITH_CUDA
+#include "ttt/cuda.hpp"
+#endif
 
 namespace {
 
@@ -48,10 +51,10 @@ std::vector<int64_t> call_lengths(const std::string& mode, int64_t L, int64_t pr
   return lens;
 }
 
-template <class T>
+template <class T, class B>
 void run(const Options& o, const TttConfig& cfg, int64_t prefill) {
   io::WeightSource ws(o.weights);
-  const auto params = TttParams<T, Cpu>::load(ws, "", cfg);
+  const auto params = TttParams<T, B>::load(ws, "", cfg);
   const auto st = io::SafeTensors::open(o.io);
   const auto x32 = st.load<float>("x");
   if (x32.rank() != 3 || x32.size(2) != cfg.hidden_size)
@@ -60,18 +63,19 @@ void run(const Options& o, const TttConfig& cfg, int64_t prefill) {
   if (Bn == 0) fail(o.io, ": tensor 'x' has an empty batch");
   if (o.mode == "prefill-decode" && (prefill < 0 || prefill > L))
     fail("--prefill ", prefill, " is outside [0, ", L, "] (the length of 'x' in ", o.io, ")");
-  const Tensor<T, Cpu> x = ops::cast<T>(x32.contiguous());
+  const Tensor<T, B> x = ops::cast<T>(x32.contiguous()).template to<B>();
 
-  auto state = TttState<Cpu>::init(params, Bn);
+  auto state = TttState<B>::init(params, Bn);
   auto y = HostTensor<float>::empty({Bn, L, cfg.hidden_size});
   const auto lens = call_lengths(o.mode, L, prefill);
   const auto t0 = std::chrono::steady_clock::now();
   int64_t t = 0;
   for (int64_t n : lens) {
     const auto yt = ttt_forward(params, state, x.slice(1, t, t + n));
-    y.slice(1, t, t + n).copy_from(ops::cast<float>(yt));
+    y.slice(1, t, t + n).copy_from(ops::cast<float>(yt).template to<Cpu>());
     t += n;
   }
+  Memory<B>::synchronize();
   const double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
 
   io::SafeTensorsWriter w;
@@ -81,10 +85,11 @@ void run(const Options& o, const TttConfig& cfg, int64_t prefill) {
   w.add_metadata("dtype", o.dtype);
   w.add_metadata("kind", cfg.kind_name());
   w.write(o.out);
-  std::printf("ttt-layer: %s C=%lld heads=%lld K=%lld %s, x [%lld, %lld, %lld], mode %s (%zu calls): %.3f ms -> %s\n",
+  std::printf("ttt-layer: %s C=%lld heads=%lld K=%lld %s %s, x [%lld, %lld, %lld], mode %s (%zu calls): "
+              "%.3f ms -> %s\n",
               cfg.kind_name(), (long long)cfg.hidden_size, (long long)cfg.num_heads, (long long)cfg.mini_batch_size,
-              o.dtype.c_str(), (long long)Bn, (long long)L, (long long)cfg.hidden_size, o.mode.c_str(), lens.size(), ms,
-              o.out.c_str());
+              B::name, o.dtype.c_str(), (long long)Bn, (long long)L, (long long)cfg.hidden_size, o.mode.c_str(),
+              lens.size(), ms, o.out.c_str());
 }
 
 }  // namespace
@@ -119,10 +124,12 @@ int main(int argc, char** argv) {
     if (o.mode != "full" && o.mode != "decode" && o.mode != "prefill-decode")
       fail("--mode must be full, decode or prefill-decode, got '", o.mode, "'");
     if (o.dtype != "f32" && o.dtype != "bf16") fail("--dtype must be f32 or bf16, got '", o.dtype, "'");
-    if (o.backend == "cuda")
-      fail("--backend cuda: this build has no CUDA TTT kernels (TttKernels<Cuda> is not implemented yet); "
-           "use --backend cpu");
-    if (o.backend != "cpu") fail("--backend must be cpu or cuda, got '", o.backend, "'");
+    if (o.backend != "cpu" && o.backend != "cuda") fail("--backend must be cpu or cuda, got '", o.backend, "'");
+#if TTT_WITH_CUDA
+    if (o.backend == "cuda" && !cuda::device_available()) fail("--backend cuda: no CUDA device available");
+#else
+    if (o.backend == "cuda") fail("--backend cuda: this build has no CUDA backend (configure with a CUDA compiler)");
+#endif
 
     const auto json = io::read_json_file(o.config);
     const io::JsonView jv(json, o.config);
@@ -135,8 +142,15 @@ int main(int argc, char** argv) {
     } else if (r.count("prefill")) {
       fail("--prefill only applies to --mode prefill-decode");
     }
-    if (o.dtype == "bf16") run<bf16>(o, cfg, prefill);
-    else run<float>(o, cfg, prefill);
+    if (o.backend == "cuda") {
+#if TTT_WITH_CUDA
+      if (o.dtype == "bf16") run<bf16, Cuda>(o, cfg, prefill);
+      else run<float, Cuda>(o, cfg, prefill);
+#endif
+    } else {
+      if (o.dtype == "bf16") run<bf16, Cpu>(o, cfg, prefill);
+      else run<float, Cpu>(o, cfg, prefill);
+    }
     return 0;
   } catch (const std::exception& e) {
     std::fprintf(stderr, "ttt-layer: %s\n", e.what());

@@ -7,6 +7,7 @@
 #include "ttt/cuda.hpp"
 #include "ttt/backend/cuda/kernels.cuh"
 #include "ttt/backend/cuda/init.cuh"
+#include "ttt/layers/cuda/ttt_kernels.cuh"
 
 // Element types with the full op set (float arithmetic inside).
 #define TTT_CUDA_FLOAT_TYPES(X) X(float) X(::ttt::bf16) X(::ttt::f16)
