@@ -1,7 +1,9 @@
 #pragma once
 // Running the command-line tools from tests: exit code, stdout and stderr.
 #include <sys/wait.h>
+#include <unistd.h>
 
+#include <cstdio>
 #include <cstdlib>
 #include <fstream>
 #include <sstream>
@@ -21,13 +23,17 @@ inline std::string slurp(const std::string& path) {
 
 // Runs `tool args` from build/bin with stdout and stderr captured.
 inline CliRun run_tool(const std::string& args) {
-  const std::string o = "cli_stdout.txt", e = "cli_stderr.txt";
+  // Per-process capture files: CTest runs the CLI tests in parallel.
+  const std::string tag = std::to_string(::getpid());
+  const std::string o = "cli_stdout." + tag + ".txt", e = "cli_stderr." + tag + ".txt";
   const std::string cmd = std::string(TTT_BIN_DIR) + "/" + args + " > " + o + " 2> " + e;
   CliRun r;
   const int st = std::system(cmd.c_str());
   r.code = WIFEXITED(st) ? WEXITSTATUS(st) : -1;
   r.out = slurp(o);
   r.err = slurp(e);
+  std::remove(o.c_str());
+  std::remove(e.c_str());
   return r;
 }
 

@@ -763,31 +763,52 @@ std::string quoted(const std::string& s) { return "'" + s + "'"; }
 }  // namespace
 
 TEST_CASE("ttt-layer CLI reproduces a fixture in every mode", "[.cli]") {
-  for (const std::string name : {"ttt_mlp_gate_d32_h2_mb8", "ttt_linear_d64_h4_mb16"}) {
-    const std::string dir = fixture("ttt/" + name);
-    const auto st = io::SafeTensors::open(dir + "/io.safetensors");
-    for (const std::string mode : {"full", "decode", "prefill-decode"}) {
-      const std::string out = std::string(TTT_TEST_OUT) + "/cli_" + name + "_" + mode + ".safetensors";
-      std::filesystem::remove(out);
-      const std::string cmd = quoted(TTT_LAYER_BIN) + " --config " + quoted(dir + "/config.json") + " --weights " +
-                              quoted(dir + "/weights.safetensors") + " --io " + quoted(dir + "/io.safetensors") +
-                              " --mode " + mode + " --out " + quoted(out);
-      const auto [rc, text] = run_command(cmd);
-      INFO(cmd << "\n" << text);
-      REQUIRE(rc == 0);
-      const auto res = io::SafeTensors::open(out);
-      std::string key = mode == "full" ? "y_full" : mode == "decode" ? "y_decode" : "y_prefill_decode";
-      const double ey = max_diff(res.load<float>("y"), st.load<float>(key));
-      double es = 0;
-      for (const auto& ti : st.tensors())
-        if (ti.name.rfind("decode_final.", 0) == 0)
-          es = std::max(es, max_diff(res.load<float>(ti.name), st.load<float>(ti.name)));
-      std::printf("[ttt cli] %-28s %-15s max|dy| %.3g max|dstate| %.3g\n", name.c_str(), mode.c_str(), ey, es);
-      CHECK(ey <= 1e-5);
-      CHECK(es <= 1e-5);
-      std::filesystem::remove(out);
-    }
+  // CUDA too where a GPU answers: a probe run tells (without one the tool fails naming CUDA).
+  std::vector<std::string> backends = {"cpu"};
+  {
+    const std::string dir = fixture("ttt/ttt_linear_d64_h4_mb16");
+    const std::string probe = std::string(TTT_TEST_OUT) + "/cli_probe.safetensors";
+    const auto [rc, text] = run_command(quoted(TTT_LAYER_BIN) + " --config " + quoted(dir + "/config.json") +
+                                        " --weights " + quoted(dir + "/weights.safetensors") + " --io " +
+                                        quoted(dir + "/io.safetensors") + " --mode full --backend cuda --out " +
+                                        quoted(probe));
+    std::filesystem::remove(probe);
+    if (rc == 0) backends.push_back("cuda");
+    else std::printf("[ttt cli] cuda: SKIPPED (%s)\n", text.substr(0, text.find('\n')).c_str());
   }
+  std::vector<std::string> names;
+  for (const auto& e : std::filesystem::directory_iterator(fixture("ttt")))
+    if (e.is_directory()) names.push_back(e.path().filename().string());
+  std::sort(names.begin(), names.end());
+  REQUIRE(names.size() >= 4);
+  for (const auto& backend : backends)
+    for (const auto& name : names) {
+      const std::string dir = fixture("ttt/" + name);
+      const auto st = io::SafeTensors::open(dir + "/io.safetensors");
+      for (const std::string mode : {"full", "decode", "prefill-decode"}) {
+        const std::string out =
+            std::string(TTT_TEST_OUT) + "/cli_" + name + "_" + mode + "_" + backend + ".safetensors";
+        std::filesystem::remove(out);
+        const std::string cmd = quoted(TTT_LAYER_BIN) + " --config " + quoted(dir + "/config.json") + " --weights " +
+                                quoted(dir + "/weights.safetensors") + " --io " + quoted(dir + "/io.safetensors") +
+                                " --mode " + mode + " --backend " + backend + " --out " + quoted(out);
+        const auto [rc, text] = run_command(cmd);
+        INFO(cmd << "\n" << text);
+        REQUIRE(rc == 0);
+        const auto res = io::SafeTensors::open(out);
+        std::string key = mode == "full" ? "y_full" : mode == "decode" ? "y_decode" : "y_prefill_decode";
+        const double ey = max_diff(res.load<float>("y"), st.load<float>(key));
+        double es = 0;
+        for (const auto& ti : st.tensors())
+          if (ti.name.rfind("decode_final.", 0) == 0)
+            es = std::max(es, max_diff(res.load<float>(ti.name), st.load<float>(ti.name)));
+        std::printf("[ttt cli] %-4s %-28s %-15s max|dy| %.3g max|dstate| %.3g\n", backend.c_str(), name.c_str(),
+                    mode.c_str(), ey, es);
+        CHECK(ey <= 1e-5);
+        CHECK(es <= 1e-5);
+        std::filesystem::remove(out);
+      }
+    }
   // bf16 runs and stays close; errors are one clear line and a non-zero exit.
   const std::string dir = fixture("ttt/ttt_linear_d64_h4_mb16");
   const std::string out = std::string(TTT_TEST_OUT) + "/cli_bf16.safetensors";

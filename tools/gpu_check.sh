@@ -1,42 +1,81 @@
 #!/usr/bin/env bash
-# On the GPU machine (device tool): build, run the whole test suite with the CUDA tests,
-# then the CUDA benchmarks. Logs go to $OUT (or ./gpu_out). Steps are time-boxed.
-#   tools/gpu_check.sh [build|test|bench|all]...
+# On the GPU machine (device tool): the CUDA tests, compute-sanitizer and the CUDA benchmarks,
+# each time-boxed, logs under $OUT (or ./gpu_out), a short summary on stdout.
+#   tools/gpu_check.sh [build|test|sanitize|bench|bench-ttt|bench-designs|all]...
+#
+# Binaries: BIN_DIR (default build-gpu/bin) when it already holds ttt-moshi, else a build into
+# build-gpu. A build made elsewhere (`tools/gpu_prebuild.sh`, non-native, sm_90) can be carried
+# as build-dev/bin: its tests have the fixture path /work/main/tests/data compiled in, so the
+# tree is linked there when it lives elsewhere.
 set -uo pipefail
 out=${OUT:-gpu_out}
 mkdir -p "$out"
 out=$(cd "$out" && pwd)
-# A snapshot of a commit (`git archive HEAD > build-src/head.tar`, carried) is built instead
-# of the working tree when present: other work in progress in the tree stays out of it.
-if [ -f build-src/head.tar ]; then
-  rm -rf /tmp/ttt-src && mkdir -p /tmp/ttt-src && tar -xf build-src/head.tar -C /tmp/ttt-src
-  mkdir -p build-snap
-  ln -sfn "$(pwd)/build-snap" /tmp/ttt-src/build-gpu
-  cd /tmp/ttt-src
-fi
 steps=("$@")
 [ ${#steps[@]} -eq 0 ] && steps=(all)
 has() { for s in "${steps[@]}"; do [ "$s" = "$1" ] || [ "$s" = all ] && return 0; done; return 1; }
-bd=build-gpu
-if has build; then
-  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
+bin=${BIN_DIR:-build-gpu/bin}
+export LD_LIBRARY_PATH=/usr/local/cuda/lib64${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+if [ "$(pwd)" != /work/main ] && [ ! -e /work/main ]; then mkdir -p /work && ln -sfn "$(pwd)" /work/main; fi
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader | tee "$out/gpu.txt"
+
+if [ -x "$bin/ttt-moshi" ] && ! "$bin/ttt-moshi" --help > "$out/prebuilt.log" 2>&1; then
+  echo "prebuilt $bin does not run here:"; tail -3 "$out/prebuilt.log"; bin=build-gpu/bin
+fi
+if has build && [ ! -x "$bin/ttt-moshi" ]; then
   gen=""; command -v ninja >/dev/null && gen="-G Ninja"
-  cmake -S . -B $bd -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_ARCHITECTURES=90 $gen > "$out/configure.log" 2>&1 || { tail -30 "$out/configure.log"; exit 1; }
+  cmake -S . -B build-gpu -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_ARCHITECTURES=90 -DTTT_HEADER_CHECKS=OFF $gen \
+    > "$out/configure.log" 2>&1 || { tail -30 "$out/configure.log"; exit 1; }
   start=$(date +%s)
-  cmake --build $bd -j"$(nproc)" > "$out/build.log" 2>&1 || { grep -E "error" -A5 "$out/build.log" | head -60; exit 1; }
+  cmake --build build-gpu -j"$(nproc)" > "$out/build.log" 2>&1 || { grep -E "error" -A5 "$out/build.log" | head -60; exit 1; }
   echo "build: $(( $(date +%s) - start )) s"
+  bin=build-gpu/bin
 fi
+t=$bin/tests
+mkdir -p "$(dirname "$bin")/tests"   # TTT_TEST_OUT of the CLI test
+
 if has test; then
-  timeout 420 ctest --test-dir $bd --output-on-failure -j4 > "$out/ctest.log" 2>&1
-  tail -25 "$out/ctest.log"
-  timeout 120 $bd/bin/tests/test_backend_ops > "$out/backend_ops.log" 2>&1; echo "backend_ops rc=$?"
-  grep -E "^\s*(op|[a-z_]+ +(f32|bf16|f16|i64|i32|u8))" "$out/backend_ops.log" | tail -70
-  timeout 120 $bd/bin/tests/test_cuda_moshi > "$out/cuda_moshi.log" 2>&1; echo "cuda_moshi rc=$?"
-  grep "^\[cuda" "$out/cuda_moshi.log"
+  for tb in test_backend_ops test_cuda_moshi test_ttt_cuda; do
+    s=$(date +%s)
+    timeout 240 "$t/$tb" > "$out/$tb.log" 2>&1
+    echo "$tb rc=$? ($(( $(date +%s) - s )) s): $(grep -E '^(test cases|All tests passed)' "$out/$tb.log" | tail -1)"
+  done
+  grep -E "^\s*(op|[a-z_]+ +(f32|bf16|f16|i64|i32|u8))" "$out/test_backend_ops.log" | tail -40
+  grep "^\[cuda" "$out/test_cuda_moshi.log"
+  grep -E "^\[ttt" "$out/test_ttt_cuda.log" | tail -30
+  (cd "$(dirname "$bin")/tests" && timeout 120 "$OLDPWD/$t/test_ttt" "[cli]" > "$out/ttt_cli.log" 2>&1)
+  echo "ttt-layer CLI rc=$?"; grep "^\[ttt cli\] cuda" "$out/ttt_cli.log"
 fi
+
+if has sanitize; then
+  cs=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
+  for tool in memcheck racecheck; do
+    for tb in "test_ttt_cuda ~[long]" "test_cuda_moshi [cuda]~[bf16]" "test_backend_ops"; do
+      name=${tb%% *}; args=${tb#* }; [ "$args" = "$tb" ] && args=""
+      s=$(date +%s)
+      # shellcheck disable=SC2086
+      timeout 200 "$cs" --tool $tool --error-exitcode 9 "$t/$name" $args > "$out/cs_${tool}_$name.log" 2>&1
+      echo "compute-sanitizer $tool $name rc=$? ($(( $(date +%s) - s )) s): $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$out/cs_${tool}_$name.log" | tail -1)"
+    done
+  done
+fi
+
+if has bench-ttt; then
+  timeout 240 "$bin/bench_ttt_layer" --backend cuda 2>&1 | tee "$out/bench_ttt_layer.log" | tail -30
+fi
+
 if has bench; then
   for b in 1 8; do
-    timeout 200 $bd/bin/ttt-moshi bench --preset 7b --backend cuda --dtype bf16 --batch $b --frames 100 --warmup 10 \
-      --anchor-ms $([ $b = 1 ] && echo 12.56 || echo 16.49) 2>&1 | tee "$out/bench_7b_b$b.log"
+    timeout 150 "$bin/ttt-moshi" bench --preset 7b --backend cuda --dtype bf16 --batch $b --frames 100 --warmup 10 \
+      --anchor-ms $([ $b = 1 ] && echo 12.56 || echo 16.49) > "$out/bench_7b_b$b.log" 2>&1
+    tail -12 "$out/bench_7b_b$b.log"
+  done
+fi
+
+if has bench-designs; then
+  for d in replace16 after3 inplace5 kvmem8; do
+    timeout 150 "$bin/ttt-moshi" bench --config bench/configs/moshi_7b_$d.json --backend cuda --dtype bf16 --batch 1 \
+      --frames 100 --warmup 10 > "$out/bench_7b_$d.log" 2>&1
+    echo "== $d rc=$?"; tail -6 "$out/bench_7b_$d.log"
   done
 fi
