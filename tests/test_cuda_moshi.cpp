@@ -3,6 +3,8 @@
 // the TTT designs' fixtures too. Exits 77 ("skipped") without a GPU.
 #include <cmath>
 #include <cstdio>
+#include <optional>
+#include <vector>
 
 #define CATCH_CONFIG_RUNNER  // Catch2 v2: this file provides main (v3 ignores it)
 #include "catch.hpp"
@@ -60,6 +62,38 @@ void check_case(const std::string& dir, bool has_gen, double tol) {
   REQUIRE(et.nan_ok);
   REQUIRE(el.max_abs <= tol);
   REQUIRE(et.max_abs <= tol);
+  if constexpr (!std::is_same_v<T, float>) {
+    // Greedy agreement where it is defined: at every position whose reference top-2 margin
+    // exceeds twice the bf16 noise, the argmax must be the reference's.
+    int64_t confident = 0, agree = 0;
+    auto argmax_check = [&](const Tensor<float, Cpu>& a, const Tensor<float, Cpu>& r, const Tensor<uint8_t, Cpu>& m) {
+      const int64_t V = r.size(3);
+      auto av = a.contiguous(), rv = r.contiguous();
+      auto mv = m.contiguous();
+      for (int64_t i = 0; i < mv.numel(); ++i) {
+        if (!mv.data()[i]) continue;
+        const float* ra = rv.data() + i * V;
+        const float* aa = av.data() + i * V;
+        int64_t best = 0, abest = 0;
+        float second = -INFINITY;
+        for (int64_t v = 1; v < V; ++v) {
+          if (ra[v] > ra[best]) best = v;
+          if (aa[v] > aa[abest]) abest = v;
+        }
+        for (int64_t v = 0; v < V; ++v)
+          if (v != best) second = std::max(second, ra[v]);
+        if (ra[best] - second > 2 * tol) {
+          ++confident;
+          agree += abest == best;
+        }
+      }
+    };
+    argmax_check(out.logits, ref.load<float>("logits"), ref.load<uint8_t>("mask"));
+    argmax_check(out.text_logits, ref.load<float>("text_logits"), ref.load<uint8_t>("text_mask"));
+    std::printf("[cuda bf16] %-60s teacher-forced argmax equal at %lld / %lld positions with margin > %.3g\n",
+                dir.c_str(), (long long)agree, (long long)confident, 2 * tol);
+    REQUIRE(agree == confident);
+  }
   if (!has_gen) return;
   auto g = io::SafeTensors::open(dir + "/gen.safetensors");
   auto user = g.load<int64_t>("user_codes").contiguous();
@@ -83,13 +117,80 @@ void check_case(const std::string& dir, bool has_gen, double tol) {
       for (int64_t t = 0; t < S; ++t) same += got[size_t((t * Bn + b) * K + k)] == want(b, k, t);
   std::printf("[cuda %s] %-60s greedy tokens equal: %lld / %lld\n", std::is_same_v<T, float> ? "f32 " : "bf16",
               dir.c_str(), (long long)same, (long long)(Bn * K * S));
+  // bf16: once one token differs the streams diverge (sampling feeds back), so free-running
+  // agreement is reported, not required; the teacher-forced argmax check above is the test.
   if (std::is_same_v<T, float>) REQUIRE(same == Bn * K * S);
-  // bf16: once one token differs the streams diverge (teacher forcing ends), so only most
-  // tokens agree; the reference package in bf16 behaves the same.
-  else REQUIRE(double(same) >= 0.75 * double(Bn * K * S));
 }
 
+// Streams `frames` greedy frames of the tiny all-designs config (batch 2, an exec-mask
+// window and a per-item reset on the way) and returns every returned token.
+template <class Bk>
+std::vector<int64_t> stream_tiny(const LmConfig& cfg, bool graphs, int frames, int fork_at,
+                                 std::vector<int64_t>* fork_tokens, size_t* graphs_used) {
+  io::WeightSource ws;
+  ws.enable_random_init(11);
+  auto model = moshi::LmModel<float, Bk, moshi::DefaultPolicies>::load(cfg, ws);
+  moshi::GenOptions opt;
+  opt.use_sampling = false;
+  moshi::LmGen<float, Bk, moshi::DefaultPolicies> gen(model, opt);
+  gen.set_graphs(graphs);
+  auto s = gen.start(2);
+  std::vector<int64_t> got;
+  std::optional<typename decltype(gen)::Session> fork;
+  auto user = Tensor<int64_t, Cpu>::empty({2, gen.num_user_codebooks()});
+  for (int f = 0; f < frames; ++f) {
+    for (int64_t i = 0; i < user.numel(); ++i) user.data()[i] = (f * 7 + i * 3) % cfg.card;
+    if (f == 20) gen.set_exec_mask(s, {1, 0});
+    if (f == 26) gen.set_exec_mask(s, {1, 1});
+    if (f == 33) gen.reset(s, {0, 1});
+    if (f == fork_at) fork = gen.snapshot(s);
+    if (auto o = gen.step(s, user)) {
+      auto v = o->to_vector();
+      got.insert(got.end(), v.begin(), v.end());
+    }
+  }
+  if (fork && fork_tokens) {
+    for (int f = fork_at; f < frames; ++f) {
+      for (int64_t i = 0; i < user.numel(); ++i) user.data()[i] = (f * 7 + i * 3) % cfg.card;
+      if (f == 33) gen.reset(*fork, {0, 1});
+      if (auto o = gen.step(*fork, user)) {
+        auto v = o->to_vector();
+        fork_tokens->insert(fork_tokens->end(), v.begin(), v.end());
+      }
+    }
+  }
+  if constexpr (std::is_same_v<Bk, Cuda>)
+    if (graphs_used) *graphs_used = s.rt->graph.num_graphs();
+  return got;
+}
 }  // namespace
+
+TEST_CASE("CUDA streaming with every TTT design: graph replays equal eager frames and the CPU", "[cuda][graph]") {
+  // tiny_ttt: replace, after_attention, inplace_ffn (chunk 16: updates inside the run) and
+  // kv_memory; all four are graph-safe, so frames replay captured graphs.
+  const auto cfg = LmConfig::load(test_data("../../examples/configs/tiny_ttt.json"));
+  const int frames = 70, fork_at = 40;
+  size_t n_graphs = 0;
+  std::vector<int64_t> fork_graph, fork_cpu;
+  const auto graph = stream_tiny<Cuda>(cfg, true, frames, fork_at, &fork_graph, &n_graphs);
+  const auto eager = stream_tiny<Cuda>(cfg, false, frames, -1, nullptr, nullptr);
+  const auto cpu = stream_tiny<Cpu>(cfg, false, frames, fork_at, &fork_cpu, nullptr);
+  int64_t same_eager = 0, same_cpu = 0;
+  REQUIRE(graph.size() == eager.size());
+  REQUIRE(graph.size() == cpu.size());
+  for (size_t i = 0; i < graph.size(); ++i) same_eager += graph[i] == eager[i], same_cpu += graph[i] == cpu[i];
+  int64_t same_fork = 0;
+  REQUIRE(fork_graph.size() == fork_cpu.size());
+  for (size_t i = 0; i < fork_graph.size(); ++i) same_fork += fork_graph[i] == fork_cpu[i];
+  std::printf("[cuda graph] tiny_ttt %d frames x 2: %zu graphs; tokens graph == eager %lld / %zu, graph == cpu "
+              "%lld / %zu, forked session == cpu %lld / %zu\n",
+              frames, n_graphs, (long long)same_eager, graph.size(), (long long)same_cpu, cpu.size(),
+              (long long)same_fork, fork_cpu.size());
+  REQUIRE(n_graphs >= 2);  // key 0 and at least one In-Place TTT update frame
+  REQUIRE(same_eager == int64_t(graph.size()));
+  REQUIRE(same_cpu == int64_t(cpu.size()));
+  REQUIRE(same_fork == int64_t(fork_cpu.size()));
+}
 
 TEST_CASE("CUDA fp32 forward and greedy generation reproduce the moshi fixtures", "[cuda]") {
   check_case<float>(fixture("moshi/moshi_peer_test"), false, 1e-4);

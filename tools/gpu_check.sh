@@ -37,7 +37,7 @@ mkdir -p "$(dirname "$bin")/tests"   # TTT_TEST_OUT of the CLI test
 if has test; then
   for tb in test_backend_ops test_cuda_moshi test_ttt_cuda; do
     s=$(date +%s)
-    timeout 240 "$t/$tb" > "$out/$tb.log" 2>&1
+    timeout 150 "$t/$tb" > "$out/$tb.log" 2>&1
     echo "$tb rc=$? ($(( $(date +%s) - s )) s): $(grep -E '^(test cases|All tests passed)' "$out/$tb.log" | tail -1)"
   done
   grep -E "^\s*(op|[a-z_]+ +(f32|bf16|f16|i64|i32|u8))" "$out/test_backend_ops.log" | tail -40
@@ -48,15 +48,17 @@ if has test; then
 fi
 
 if has sanitize; then
+  set -f  # Catch filters are not globs
   cs=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
-  for tool in memcheck racecheck; do
-    for tb in "test_ttt_cuda ~[long]" "test_cuda_moshi [cuda]~[bf16]" "test_backend_ops"; do
-      name=${tb%% *}; args=${tb#* }; [ "$args" = "$tb" ] && args=""
-      s=$(date +%s)
-      # shellcheck disable=SC2086
-      timeout 200 "$cs" --tool $tool --error-exitcode 9 "$t/$name" $args > "$out/cs_${tool}_$name.log" 2>&1
-      echo "compute-sanitizer $tool $name rc=$? ($(( $(date +%s) - s )) s): $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$out/cs_${tool}_$name.log" | tail -1)"
-    done
+  # memcheck over the CUDA suites (the long cases left out: 10-100x slower under the tool);
+  # racecheck (shared memory) over the kernels that share it: TTT inner loops, attention, sampling.
+  for run in "memcheck|test_ttt_cuda|~[long]" "memcheck|test_cuda_moshi|~[bf16]" "memcheck|test_backend_ops|" \
+             "racecheck|test_ttt_cuda|[inner]~[long]" "racecheck|test_backend_ops|attention*,sample*"; do
+    IFS='|' read -r tool name args <<< "$run"
+    s=$(date +%s)
+    # shellcheck disable=SC2086
+    timeout ${CS_TIMEOUT:-150} "$cs" --tool $tool --error-exitcode 9 "$t/$name" $args > "$out/cs_${tool}_$name.log" 2>&1
+    echo "compute-sanitizer $tool $name $args rc=$? ($(( $(date +%s) - s )) s): $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$out/cs_${tool}_$name.log" | tail -1) | $(grep -E '^(test cases|All tests passed)' "$out/cs_${tool}_$name.log" | tail -1)"
   done
 fi
 

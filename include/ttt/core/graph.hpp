@@ -2,6 +2,7 @@
 // FrameGraph<B>: runs one streaming frame's device work. On backends without graphs it
 // simply calls the work; the CUDA specialisation (backend/cuda/graph.hpp) captures it once
 // into a CUDA graph and replays it, so a frame costs one launch instead of hundreds.
+#include <cstdint>
 #include <utility>
 
 #include "ttt/core/backend.hpp"
@@ -14,6 +15,11 @@ class FrameGraph {
   void set_enabled(bool) {}
   template <class F>
   void run(F&& work) {
+    std::forward<F>(work)();
+  }
+  // `key`: what the work depends on beyond device memory (one graph per key on CUDA).
+  template <class F>
+  void run(uint64_t, F&& work) {
     std::forward<F>(work)();
   }
   bool captured() const { return false; }

@@ -53,6 +53,11 @@ struct TttInnerArgs {
   // whether its state is written back (0: computed from the state, state left untouched).
   std::vector<int64_t> phase;
   std::vector<uint8_t> commit;
+  // The same on the backend (TttKernels<B>::call_flags makes them from positions and an exec
+  // mask): when defined they are used instead of the host vectors, so that the call holds no
+  // host value that changes from step to step and can be replayed as a CUDA graph.
+  Tensor<int32_t, B> phase_dev;   // [B] in [0, K)
+  Tensor<uint8_t, B> commit_dev;  // [B]
 };
 
 // Primary template: a backend without TTT kernels is a compile error, not a link error.

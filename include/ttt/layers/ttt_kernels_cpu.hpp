@@ -251,7 +251,18 @@ inline void run_head(const TttInnerArgs<Cpu>& a, const TttFastWeights<Cpu>& s, i
 template <>
 struct TttKernels<Cpu> {
   // The inner loop over a call for every (b, h); see ttt_kernels.hpp for the contract.
-  static void inner(const TttInnerArgs<Cpu>& a, const TttFastWeights<Cpu>& s) {
+  static void inner(const TttInnerArgs<Cpu>& a_in, const TttFastWeights<Cpu>& s) {
+    // Flags held in tensors are host memory here: read them into the vectors.
+    const TttInnerArgs<Cpu>* ap = &a_in;
+    TttInnerArgs<Cpu> flagged;
+    if (a_in.phase_dev.defined()) {
+      flagged = a_in;
+      const auto ph = a_in.phase_dev.to_vector();
+      flagged.phase.assign(ph.begin(), ph.end());
+      flagged.commit = a_in.commit_dev.defined() ? a_in.commit_dev.to_vector() : std::vector<uint8_t>{};
+      ap = &flagged;
+    }
+    const TttInnerArgs<Cpu>& a = *ap;
     const int64_t Bn = a.xq.size(0), nh = a.xq.size(1), L = a.xq.size(2), f = a.xq.size(3);
     const int64_t F = s.W1.size(3);
     const int64_t tasks = Bn * nh;
@@ -273,7 +284,9 @@ struct TttKernels<Cpu> {
   static void causal_conv(const Tensor<float, Cpu>& out_q, const Tensor<float, Cpu>& out_k,
                           const Tensor<float, Cpu>& x, const Tensor<float, Cpu>& history,
                           const Tensor<float, Cpu>& wq, const Tensor<float, Cpu>& bq, const Tensor<float, Cpu>& wk,
-                          const Tensor<float, Cpu>& bk, const std::vector<uint8_t>& commit) {
+                          const Tensor<float, Cpu>& bk, const std::vector<uint8_t>& commit_host,
+                          const Tensor<uint8_t, Cpu>& commit_dev = {}) {
+    const std::vector<uint8_t> commit = commit_dev.defined() ? commit_dev.to_vector() : commit_host;
     const int64_t Bn = x.size(0), L = x.size(1), C = x.size(2), kc = history.size(2);
     std::vector<float> win(static_cast<size_t>(kc - 1 + L));
     for (int64_t b = 0; b < Bn; ++b)
@@ -305,6 +318,25 @@ struct TttKernels<Cpu> {
           std::copy(seq.begin(), seq.end(), hist);
         }
       }
+  }
+
+  // A call's step-dependent values from the positions of its tokens, on the backend so that
+  // no host value changes from step to step (CUDA graphs): out_pos = (positions + add) mod
+  // `mod` (plain + add when mod = 0), phase[b] = out_pos[b, 0] (when defined), commit[b] =
+  // exec[b] != 0 (1 without an exec mask; when defined). positions [B, L] int64.
+  static void call_flags(const Tensor<int64_t, Cpu>& positions, const Tensor<uint8_t, Cpu>& exec, int64_t add,
+                         int64_t mod, const Tensor<int64_t, Cpu>& out_pos, const Tensor<int32_t, Cpu>& phase,
+                         const Tensor<uint8_t, Cpu>& commit) {
+    const int64_t Bn = positions.size(0), L = positions.size(1);
+    for (int64_t b = 0; b < Bn; ++b) {
+      for (int64_t t = 0; t < L; ++t) {
+        int64_t v = positions(b, t) + add;
+        if (mod > 0) v = ((v % mod) + mod) % mod;
+        out_pos(b, t) = v;
+      }
+      if (phase.defined()) phase.data()[b] = L > 0 ? int32_t(out_pos(b, 0)) : 0;
+      if (commit.defined()) commit.data()[b] = exec.defined() ? uint8_t(exec.data()[b] != 0) : uint8_t(1);
+    }
   }
 
   // x / max(‖x‖₂, 1e-12) over the last dimension, in place (torch F.normalize).

@@ -262,14 +262,16 @@ struct TttState {
   }
 };
 
-// The layer on x [B, L, C] (the block's normalised input), continuing each item's stream
-// from `state`. Returns y [B, L, C] (after post_norm, the optional gate and o_proj). Items
-// whose exec entry is 0 are computed from their state but their state (weights, sums,
-// offset, conv history) is left as it was; an empty `exec` runs every item. The mask is a
-// host vector because the host keeps the offsets (no device read-back per step).
+namespace detail {
+
+// The layer's work. Step-dependent values (RoPE positions mod K, each item's phase and
+// commit flag) come from the host (the state's offsets and `exec`, then the offsets move on)
+// or, with `positions_dev`, are made on the backend from the tokens' stream positions and
+// `exec_dev`, and the host state is left for ttt_advance.
 template <class T, class B>
-Tensor<T, B> ttt_forward(const TttParams<T, B>& p, TttState<B>& s, const Tensor<T, B>& x_in,
-                         const std::vector<uint8_t>& exec) {
+Tensor<T, B> ttt_forward_impl(const TttParams<T, B>& p, TttState<B>& s, const Tensor<T, B>& x_in,
+                              const std::vector<uint8_t>& exec, const Tensor<int64_t, B>* positions_dev,
+                              const Tensor<uint8_t, B>& exec_dev) {
   const TttConfig& c = p.config;
   const int64_t C = c.hidden_size, nh = c.num_heads, f = c.head_dim, K = c.mini_batch_size;
   TTT_CHECK(x_in.rank() == 3 && x_in.size(2) == C, "ttt_forward: x must be [B, L, ", C, "], got ",
@@ -288,6 +290,19 @@ Tensor<T, B> ttt_forward(const TttParams<T, B>& p, TttState<B>& s, const Tensor<
   const Tensor<T, B> x = x_in.contiguous();
   std::vector<uint8_t> commit(size_t(Bn), 1);
   for (size_t b = 0; b < exec.size(); ++b) commit[b] = exec[b] != 0;
+  Tensor<int64_t, B> positions;  // [B, L] RoPE positions, mod K
+  Tensor<int32_t, B> phase_dev;  // [B]
+  Tensor<uint8_t, B> commit_dev;  // [B]
+  if (positions_dev) {
+    TTT_CHECK(positions_dev->rank() == 2 && positions_dev->size(0) == Bn && positions_dev->size(1) == L,
+              "ttt_forward_at: positions ", positions_dev->shape().str(), " for x ", x_in.shape().str());
+    TTT_CHECK(!exec_dev.defined() || exec_dev.numel() == Bn, "ttt_forward_at: exec mask ", exec_dev.shape().str(),
+              " for batch ", Bn);
+    positions = Tensor<int64_t, B>::empty({Bn, L});
+    phase_dev = Tensor<int32_t, B>::empty({Bn});
+    commit_dev = Tensor<uint8_t, B>::empty({Bn});
+    TttKernels<B>::call_flags(*positions_dev, exec_dev, 0, K, positions, phase_dev, commit_dev);
+  }
 
   // Projections in T; the inner loop and its inputs in float.
   auto project = [&](const Tensor<T, B>& w, const Tensor<T, B>& bias) {
@@ -302,7 +317,7 @@ Tensor<T, B> ttt_forward(const TttParams<T, B>& p, TttState<B>& s, const Tensor<
     xq = Tensor<float, B>::empty({Bn, L, C});
     xk = Tensor<float, B>::empty({Bn, L, C});
     TttKernels<B>::causal_conv(xq, xk, xqk, s.conv_states, p.conv_q_weight, p.conv_q_bias, p.conv_k_weight,
-                               p.conv_k_bias, commit);
+                               p.conv_k_bias, commit, commit_dev);
   } else {
     xq = project(p.q_proj, p.q_bias);
     xk = project(p.k_proj, p.k_bias);
@@ -313,10 +328,12 @@ Tensor<T, B> ttt_forward(const TttParams<T, B>& p, TttState<B>& s, const Tensor<
     TttKernels<B>::l2_normalize(k4);
   }
   // Interleaved RoPE at positions taken mod K, each item from its own offset.
-  std::vector<int64_t> pos(size_t(Bn * L));
-  for (int64_t b = 0; b < Bn; ++b)
-    for (int64_t t = 0; t < L; ++t) pos[size_t(b * L + t)] = (s.offset[size_t(b)] + t) % K;
-  const auto positions = detail::upload<B>(Tensor<int64_t, Cpu>::from_vector({Bn, L}, pos));
+  if (!positions_dev) {
+    std::vector<int64_t> pos(size_t(Bn * L));
+    for (int64_t b = 0; b < Bn; ++b)
+      for (int64_t t = 0; t < L; ++t) pos[size_t(b * L + t)] = (s.offset[size_t(b)] + t) % K;
+    positions = detail::upload<B>(Tensor<int64_t, Cpu>::from_vector({Bn, L}, pos));
+  }
   ops::rope(q4, q4, positions, c.rope_theta);
   ops::rope(k4, k4, positions, c.rope_theta);
   if (c.ln_target) TttKernels<B>::ln_target(v4, k4, p.ttt_norm_weight, p.ttt_norm_bias, c.ttt_norm_eps);
@@ -340,12 +357,18 @@ Tensor<T, B> ttt_forward(const TttParams<T, B>& p, TttState<B>& s, const Tensor<
   a.ln_weight = p.ttt_norm_weight;
   a.ln_bias = p.ttt_norm_bias;
   a.out = Tensor<float, B>::empty({Bn, nh, L, f});
-  a.phase.resize(size_t(Bn));
-  for (int64_t b = 0; b < Bn; ++b) a.phase[size_t(b)] = s.offset[size_t(b)] % K;
-  a.commit = commit;
+  if (positions_dev) {
+    a.phase_dev = phase_dev;
+    a.commit_dev = commit_dev;
+  } else {
+    a.phase.resize(size_t(Bn));
+    for (int64_t b = 0; b < Bn; ++b) a.phase[size_t(b)] = s.offset[size_t(b)] % K;
+    a.commit = commit;
+  }
   TttKernels<B>::inner(a, s.fast_weights());
-  for (int64_t b = 0; b < Bn; ++b)
-    if (commit[size_t(b)]) s.offset[size_t(b)] += L;
+  if (!positions_dev)
+    for (int64_t b = 0; b < Bn; ++b)
+      if (commit[size_t(b)]) s.offset[size_t(b)] += L;
 
   const auto o = a.out.transpose(1, 2).contiguous().reshape({Bn, L, C});  // heads concatenated, c = h*f + d
   Tensor<T, B> y = ops::cast<T>(ops::layer_norm(o, p.post_norm_weight, p.post_norm_bias, c.post_norm_eps));
@@ -357,6 +380,39 @@ Tensor<T, B> ttt_forward(const TttParams<T, B>& p, TttState<B>& s, const Tensor<
   Tensor<T, B> out = ops::linear(y, p.o_proj);
   if (p.o_bias.defined()) ops::add_(out, p.o_bias);
   return out;
+}
+
+}  // namespace detail
+
+// The layer on x [B, L, C] (the block's normalised input), continuing each item's stream
+// from `state`. Returns y [B, L, C] (after post_norm, the optional gate and o_proj). Items
+// whose exec entry is 0 are computed from their state but their state (weights, sums,
+// offset, conv history) is left as it was; an empty `exec` runs every item. The mask is a
+// host vector because the host keeps the offsets (no device read-back per step).
+template <class T, class B>
+Tensor<T, B> ttt_forward(const TttParams<T, B>& p, TttState<B>& s, const Tensor<T, B>& x_in,
+                         const std::vector<uint8_t>& exec) {
+  return detail::ttt_forward_impl(p, s, x_in, exec, static_cast<const Tensor<int64_t, B>*>(nullptr), {});
+}
+
+// The same, with every step-dependent value made on the backend from `positions` [B, L]
+// (each token's position in its stream since reset: the state's offset + t) and `exec_dev`
+// [B] (undefined: all commit), so that a decode step holds no host value that changes from
+// step to step and can be captured once and replayed as a CUDA graph. The host offsets are
+// not moved: call ttt_advance after the call (outside the captured work).
+template <class T, class B>
+Tensor<T, B> ttt_forward_at(const TttParams<T, B>& p, TttState<B>& s, const Tensor<T, B>& x_in,
+                            const Tensor<int64_t, B>& positions, const Tensor<uint8_t, B>& exec_dev) {
+  return detail::ttt_forward_impl(p, s, x_in, {}, &positions, exec_dev);
+}
+
+// Host bookkeeping of a ttt_forward_at call of L tokens: committing items move on.
+template <class B>
+void ttt_advance(TttState<B>& s, int64_t L, const std::vector<uint8_t>& exec) {
+  TTT_CHECK(exec.empty() || int64_t(exec.size()) == s.batch, "ttt_advance: exec mask has ", exec.size(),
+            " entries for batch ", s.batch);
+  for (int64_t b = 0; b < s.batch; ++b)
+    if (exec.empty() || exec[size_t(b)]) s.offset[size_t(b)] += L;
 }
 
 // Same with the mask as a [B] tensor of the backend (copied to the host); undefined = all.

@@ -251,7 +251,7 @@ class LmGen {
     std::copy(s.temporal.offsets.begin(), s.temporal.offsets.end(), hin + K * Bn);
     hin[K * Bn + Bn] = s.frame;
     std::copy(s.exec.begin(), s.exec.end(), reinterpret_cast<uint8_t*>(hin + K * Bn + Bn + 1));
-    rt.graph.run([&] { frame_work(s); });
+    rt.graph.run(TemporalT::graph_key(m_.transformer, s.temporal, s.exec), [&] { frame_work(s); });
     Memory<B>::synchronize();
     auto out = Tensor<int64_t, Cpu>::empty({Bn, 1 + c.dep_q});
     const int64_t* hout = static_cast<const int64_t*>(rt.host_out.get());

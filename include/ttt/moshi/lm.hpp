@@ -36,7 +36,7 @@ struct LmModel {
   std::vector<Tensor<T, B>> extra_heads;  // loaded so checkpoints that have them load cleanly
 
   static LmModel load(const LmConfig& c, io::WeightSource& ws) {
-    const LayerPlan plan = parse_ttt_plan(c, "config");
+    const LayerPlan plan = parse_ttt_plan(c, "config", TemporalT::designs());
     LmModel m;
     m.cfg = c;
     const int64_t D = c.dim, Dd = c.depformer.d_model;

@@ -19,6 +19,9 @@ class Transformer<T, B, PolicyList<Ps...>> {
   using LayerParams = std::variant<typename Ps<T, B>::Params...>;
   using LayerState = std::variant<typename Ps<T, B>::State...>;
 
+  // The design names this engine was built with (a config's "ttt" list may name any of them).
+  static std::vector<std::string> designs() { return {std::string(Ps<T, B>::design)...}; }
+
   struct Params {
     TransformerConfig cfg;
     std::vector<LayerParams> layers;
@@ -99,11 +102,37 @@ class Transformer<T, B, PolicyList<Ps...>> {
           p.layers[i]);
   }
 
-  // Host bookkeeping after a call of T steps.
+  // Host bookkeeping after a call of T steps (never inside a captured frame): the
+  // transformer's offsets, then each policy's own (an optional `advance` member).
   static void advance(State& s, int64_t Tn, const std::vector<uint8_t>& exec_host) {
     for (size_t b = 0; b < s.offsets.size(); ++b)
       if (exec_host.empty() || exec_host[b]) s.offsets[b] += Tn;
     s.step += Tn;
+    for (auto& l : s.layers)
+      std::visit(
+          [&](auto& st) {
+            using P = decltype(policy_of_state(st));
+            if constexpr (requires { P::advance(st, Tn, exec_host); }) P::advance(st, Tn, exec_host);
+          },
+          l);
+  }
+
+  // What the next one-frame call's device work depends on beyond device memory: a frame
+  // graph is captured per distinct key. Policies with host-decided work give an optional
+  // `graph_key(params, state, exec)`; the rest add nothing.
+  static uint64_t graph_key(const Params& p, const State& s, const std::vector<uint8_t>& exec_host) {
+    uint64_t key = 0;
+    for (size_t i = 0; i < p.layers.size(); ++i)
+      std::visit(
+          [&](const auto& params) {
+            using P = decltype(policy_of(params));
+            if constexpr (requires(const typename P::State& st) { P::graph_key(params, st, exec_host); }) {
+              const uint64_t k = P::graph_key(params, std::get<typename P::State>(s.layers[i]), exec_host);
+              if (k) key ^= (k + 0x9e3779b97f4a7c15ull + (uint64_t(i) << 6)) * 0xff51afd7ed558ccdull;
+            }
+          },
+          p.layers[i]);
+    return key;
   }
 
   // True when some layer's policy reads the frame's token-embedding sum.

@@ -3,6 +3,7 @@
 // options (docs/config.md has the schema). Our own keys are strict: an unknown key, a key
 // that does not belong to the entry's design, or a bad value is an error naming the entry
 // and the key (Kyutai's own keys only warn, since newer checkpoints add some).
+#include <algorithm>
 #include <cmath>
 #include <map>
 #include <set>
@@ -99,9 +100,17 @@ struct LayerPlan {
   std::vector<std::string> designs;
 };
 
+// The four designs this page validates; any other design must be one of the engine's own
+// policies (user-defined), whose load() checks its entry's keys.
+inline bool is_builtin_design(const std::string& d) {
+  return d == "replace" || d == "after_attention" || d == "inplace_ffn" || d == "kv_memory";
+}
+
 // Validates the config's "ttt" list and says, per temporal layer, which design (and entry)
-// it uses. Layers not listed stay plain attention layers.
-inline LayerPlan parse_ttt_plan(const LmConfig& cfg, const std::string& where) {
+// it uses. Layers not listed stay plain attention layers. `extra_designs`: the design names
+// of user policies in the engine's policy list (LmModel passes its list).
+inline LayerPlan parse_ttt_plan(const LmConfig& cfg, const std::string& where,
+                                const std::vector<std::string>& extra_designs = {}) {
   LayerPlan plan;
   const int64_t L = cfg.transformer.num_layers;
   plan.entries.assign(size_t(L), io::Json());
@@ -115,7 +124,12 @@ inline LayerPlan parse_ttt_plan(const LmConfig& cfg, const std::string& where) {
     if (!entry.is_object()) fail(w, ": entry must be an object");
     if (!entry.contains("layers")) fail(w, ": missing key 'layers'");
     if (!entry.contains("design")) fail(w, ": missing key 'design'");
-    auto opts = TttOptions::parse(entry, w, cfg.transformer.num_heads, cfg.dim);
+    const std::string design = io::JsonView(entry, w).get<std::string>("design");
+    const bool user_design = !is_builtin_design(design) && design != "attention" &&
+                             std::find(extra_designs.begin(), extra_designs.end(), design) != extra_designs.end();
+    TttOptions opts;
+    if (user_design) opts.design = design;
+    else opts = TttOptions::parse(entry, w, cfg.transformer.num_heads, cfg.dim);
     if (opts.design == "inplace_ffn" && !cfg.transformer.gated)
       fail(w, ": design 'inplace_ffn' needs a gated FFN (config 'gating' is \"none\")");
     const auto layers = io::JsonView(entry, w).get<std::vector<int64_t>>("layers");

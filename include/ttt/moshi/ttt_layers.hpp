@@ -63,13 +63,6 @@ nn::Norm<T, B> load_new_norm(io::WeightSource& ws, const std::string& prefix, in
   return nn::Norm<T, B>::load(ws, prefix, dim, kind);
 }
 
-// Host positions of a call (the virtual keys' RoPE needs shifted copies).
-template <class T, class B>
-std::vector<int64_t> host_positions(const LayerInput<T, B>& in) {
-  if (!in.positions_host.empty()) return in.positions_host;
-  return in.positions.to_vector();
-}
-
 }  // namespace ttt_detail
 
 // A. TTT instead of attention.
@@ -77,7 +70,7 @@ template <class T, class B>
 struct ReplaceLayer {
   static constexpr const char* design = "replace";
   static constexpr bool needs_embeddings = false;
-  static constexpr bool graph_safe = false;  // the TTT state's phase lives on the host
+  static constexpr bool graph_safe = true;  // phases come from the device positions (ttt_forward_at)
   struct Params {
     nn::Norm<T, B> norm1;
     FfnBlock<T, B> ff;
@@ -100,10 +93,11 @@ struct ReplaceLayer {
   }
   static State init_state(const Params& p, int64_t batch, bool) { return State{layers::TttState<B>::init(p.ttt, batch)}; }
   static void forward(const Params& p, State& s, const Tensor<T, B>& x, const LayerInput<T, B>& in) {
-    auto y = layers::ttt_forward(p.ttt, s.ttt, p.norm1(x), in.exec_host);
+    auto y = layers::ttt_forward_at(p.ttt, s.ttt, p.norm1(x), in.positions, in.exec_mask);
     p.gate.add_to(x, y);
     p.ff.feed_forward(x, in);
   }
+  static void advance(State& s, int64_t Tn, const std::vector<uint8_t>& exec) { layers::ttt_advance(s.ttt, Tn, exec); }
   static void reset(State& s, const std::vector<uint8_t>& mask) { s.ttt.reset(mask); }
   static State clone(const State& s) { return State{s.ttt.clone()}; }
   static void save(const State& s, io::SafeTensorsWriter& w, const std::string& prefix) { s.ttt.save(w, prefix + ".ttt."); }
@@ -118,7 +112,7 @@ template <class T, class B>
 struct AfterAttentionLayer {
   static constexpr const char* design = "after_attention";
   static constexpr bool needs_embeddings = false;
-  static constexpr bool graph_safe = false;
+  static constexpr bool graph_safe = true;
   struct Params {
     AttentionBlock<T, B> blk;
     nn::Norm<T, B> norm_in;
@@ -146,10 +140,11 @@ struct AfterAttentionLayer {
   }
   static void forward(const Params& p, State& s, const Tensor<T, B>& x, const LayerInput<T, B>& in) {
     p.blk.attention(x, s.ring.defined() ? &s.ring : nullptr, in);
-    auto y = layers::ttt_forward(p.ttt, s.ttt, p.norm_in(x), in.exec_host);
+    auto y = layers::ttt_forward_at(p.ttt, s.ttt, p.norm_in(x), in.positions, in.exec_mask);
     p.gate.add_to(x, y);
     p.blk.feed_forward(x, in);
   }
+  static void advance(State& s, int64_t Tn, const std::vector<uint8_t>& exec) { layers::ttt_advance(s.ttt, Tn, exec); }
   static void reset(State& s, const std::vector<uint8_t>& mask) {
     if (s.ring.defined()) s.ring.reset(mask);
     s.ttt.reset(mask);
@@ -178,7 +173,9 @@ template <class T, class B>
 struct InplaceFfnLayer {
   static constexpr const char* design = "inplace_ffn";
   static constexpr bool needs_embeddings = true;
-  static constexpr bool graph_safe = false;
+  // One-frame calls write the chunk buffers at device positions; whether a chunk completes
+  // (the update runs) is host state, so it is part of the frame graph's key (graph_key).
+  static constexpr bool graph_safe = true;
   struct Params {
     AttentionBlock<T, B> blk;
     Tensor<float, B> conv;  // [D, k] (ttt_conv.weight [D, 1, k])
@@ -192,6 +189,7 @@ struct InplaceFfnLayer {
     Tensor<float, B> zbuf;  // [B, C, Hf] the current chunk's FFN activations
     Tensor<float, B> ebuf;  // [B, C, D]  and token embeddings
     Tensor<float, B> w_out;  // [D, Hf] the pretrained weight (reset value), shared
+    Tensor<int64_t, B> slot_pos;  // [B, C] scratch for kv_write's position record (not state)
     std::vector<int64_t> offset;  // [B] frames since reset; phase = offset % C
   };
 
@@ -230,6 +228,7 @@ struct InplaceFfnLayer {
     s.W = Tensor<float, B>::empty({batch, D, Hf});
     s.zbuf = Tensor<float, B>::zeros({batch, p.chunk, Hf});
     s.ebuf = Tensor<float, B>::zeros({batch, p.chunk, D});
+    s.slot_pos = Tensor<int64_t, B>::zeros({batch, p.chunk});
     s.offset.assign(size_t(batch), 0);
     reset(s, std::vector<uint8_t>(size_t(batch), 1));
     return s;
@@ -244,9 +243,27 @@ struct InplaceFfnLayer {
     f.act = ffb.ffn.act;
     auto Z = ops::fused_linear(x, ffb.ffn.w_in[0], f);  // [B, T, Hf]: act(gate) * value of norm2(x)
     const int64_t Bn = x.size(0);
+    if (x.size(1) == 1) {
+      step(p, s, x, Z, in);
+      return;
+    }
     for (int64_t b = 0; b < Bn; ++b)
       run(p, s, b, x.slice(0, b, b + 1), Z.slice(0, b, b + 1), in.embeddings.slice(0, b, b + 1),
           in.exec_host.empty() || in.exec_host[size_t(b)]);
+  }
+
+  // Host bookkeeping after a call of Tn frames (outside a captured frame).
+  static void advance(State& s, int64_t Tn, const std::vector<uint8_t>& exec) {
+    for (size_t b = 0; b < s.offset.size(); ++b)
+      if (exec.empty() || exec[b]) s.offset[b] += Tn;
+  }
+  // The items whose chunk a one-frame call completes (their update runs): a frame graph is
+  // captured per distinct set.
+  static uint64_t graph_key(const Params& p, const State& s, const std::vector<uint8_t>& exec) {
+    uint64_t key = 0;
+    for (size_t b = 0; b < s.offset.size(); ++b)
+      if ((exec.empty() || exec[b]) && s.offset[b] % p.chunk == p.chunk - 1) key = key * 1099511628211ull + b + 1;
+    return key;
   }
 
   static void reset(State& s, const std::vector<uint8_t>& mask) {
@@ -325,7 +342,39 @@ struct InplaceFfnLayer {
       t0 += n;
       ph = (ph + n) % C;
     }
-    if (commit) s.offset[size_t(b)] += Tn;
+  }
+
+  // One frame for every item: x += LS2(Z W_b^T); the chunk buffers take Z and E at slot
+  // position % C (kv_write, masked by the device exec mask), and items whose chunk this
+  // frame completes (host offsets: see graph_key) update W. Equal to run() with Tn = 1.
+  static void step(const Params& p, State& s, const Tensor<T, B>& x, const Tensor<T, B>& Z, const LayerInput<T, B>& in) {
+    const int64_t Bn = x.size(0), C = p.chunk, Hf = Z.size(2), D = x.size(2);
+    const auto& ls2 = p.blk.ff.ls2;
+    for (int64_t b = 0; b < Bn; ++b) {
+      auto W = s.W.select(0, b);  // [D, Hf]
+      auto xs = x.slice(0, b, b + 1), zs = Z.slice(0, b, b + 1);
+      if constexpr (std::is_same_v<T, float>) {
+        if (ls2.defined()) {
+          auto u = ops::linear(zs, W);
+          add_scaled(xs, u, ls2);
+        } else {
+          ops::linear(xs, zs, W, 1.f);
+        }
+      } else {
+        auto u = ops::cast<T>(ops::linear(ops::cast<float>(zs), W));
+        if (ls2.defined()) add_scaled(xs, u, ls2);
+        else ops::add_(xs, u);
+      }
+    }
+    // The rings' "k" and "v" are the same buffer: kv_write stores the row twice, same values.
+    auto zr = s.zbuf.reshape({Bn, 1, C, Hf}), er = s.ebuf.reshape({Bn, 1, C, D});
+    auto zf = ops::cast<float>(Z).reshape({Bn, 1, 1, Hf});
+    auto ef = ops::cast<float>(in.embeddings).reshape({Bn, 1, 1, D});
+    ops::kv_write(zr, zr, s.slot_pos, zf, zf, in.positions, in.exec_mask);
+    ops::kv_write(er, er, s.slot_pos, ef, ef, in.positions, in.exec_mask);
+    for (int64_t b = 0; b < Bn; ++b)
+      if ((in.exec_host.empty() || in.exec_host[size_t(b)]) && s.offset[size_t(b)] % C == C - 1)
+        update(p, s.zbuf.slice(0, b, b + 1), s.ebuf.slice(0, b, b + 1), s.W.slice(0, b, b + 1));
   }
 
   // W += lr * V^T Z for one complete chunk: V = conv(E) (@ P).
@@ -354,7 +403,7 @@ template <class T, class B>
 struct KvMemoryLayer {
   static constexpr const char* design = "kv_memory";
   static constexpr bool needs_embeddings = false;
-  static constexpr bool graph_safe = false;
+  static constexpr bool graph_safe = true;
   struct Params {
     AttentionBlock<T, B> blk;  // attention window = R
     layers::TttParams<T, B> mem;
@@ -366,6 +415,7 @@ struct KvMemoryLayer {
     nn::KvRing<T, B> ring;   // recent keys, capacity R
     nn::KvRing<T, B> vring;  // virtual keys by source frame, capacity N
     layers::TttState<B> mem;
+    bool memory = true;      // false with num_virtual = 0: the memory never runs
   };
 
   static Params load(io::WeightSource& ws, const std::string& prefix, const LayerSpec& spec) {
@@ -395,6 +445,7 @@ struct KvMemoryLayer {
       if (p.num_virtual > 0) s.vring = nn::KvRing<T, B>::make(batch, p.blk.attn.num_heads, p.num_virtual, p.blk.attn.head_dim);
     }
     s.mem = layers::TttState<B>::init(p.mem, batch);
+    s.memory = p.num_virtual > 0;
     return s;
   }
 
@@ -408,13 +459,14 @@ struct KvMemoryLayer {
     }
     auto u = p.blk.norm1(x);
     // The memory reads the layer input; its outputs become virtual keys and values.
-    auto m = layers::ttt_forward(p.mem, s.mem, u, in.exec_host);
+    auto m = layers::ttt_forward_at(p.mem, s.mem, u, in.positions, in.exec_mask);
     auto vk = ops::linear(m, p.to_k).reshape({Bn, Tn, H, hd});
     auto vv = ops::linear(m, p.to_v).reshape({Bn, Tn, H, hd});
-    auto pos = ttt_detail::host_positions(in);
-    std::vector<int64_t> vpos(pos.size());
-    for (size_t i = 0; i < pos.size(); ++i) vpos[i] = pos[i] - p.recent;
-    if (a.rope) ops::rope(vk, vk, Tensor<int64_t, B>::from_vector({Bn, Tn}, vpos), a.max_period);
+    if (a.rope) {  // virtual keys sit R frames back: RoPE at position - R (made on the device)
+      auto vpos = Tensor<int64_t, B>::empty({Bn, Tn});
+      layers::TttKernels<B>::call_flags(in.positions, {}, -p.recent, 0, vpos, {}, {});
+      ops::rope(vk, vk, vpos, a.max_period);
+    }
 
     auto qkv = Tensor<T, B>::empty({Bn, Tn, a.qkv_dim()});
     a.project(qkv, u, a.in_proj, in.step);
@@ -456,6 +508,9 @@ struct KvMemoryLayer {
     p.blk.feed_forward(x, in);
   }
 
+  static void advance(State& s, int64_t Tn, const std::vector<uint8_t>& exec) {
+    if (s.memory) layers::ttt_advance(s.mem, Tn, exec);
+  }
   static void reset(State& s, const std::vector<uint8_t>& mask) {
     if (s.ring.defined()) s.ring.reset(mask);
     if (s.vring.defined()) s.vring.reset(mask);
@@ -466,6 +521,7 @@ struct KvMemoryLayer {
     if (s.ring.defined()) c.ring = s.ring.clone();
     if (s.vring.defined()) c.vring = s.vring.clone();
     c.mem = s.mem.clone();
+    c.memory = s.memory;
     return c;
   }
   static void save(const State& s, io::SafeTensorsWriter& w, const std::string& prefix) {

@@ -121,7 +121,8 @@ struct InnerParams {
   int nh, f, F, K, R, nc, Fc;
   float eps;
   int batch;
-  const int32_t* phase_dev;  // [B] on the device when batch > kInlineItems
+  int flags_dev;             // phase / commit come from phase_dev / commit_dev
+  const int32_t* phase_dev;  // [B] on the device (batch > kInlineItems, or made on the device)
   const uint8_t* commit_dev;
   int32_t phase[kInlineItems];
   uint8_t commit[kInlineItems];
@@ -269,10 +270,10 @@ __device__ __forceinline__ void copy_vec(float* dst, const float* src, int n) {
 }
 
 __device__ __forceinline__ int item_phase(const InnerParams& p, int b) {
-  return p.batch > kInlineItems ? p.phase_dev[b] : p.phase[b];
+  return p.flags_dev ? p.phase_dev[b] : p.phase[b];
 }
 __device__ __forceinline__ bool item_commit(const InnerParams& p, int b) {
-  return (p.batch > kInlineItems ? p.commit_dev[b] : p.commit[b]) != 0;
+  return (p.flags_dev ? (p.commit_dev ? p.commit_dev[b] : uint8_t(1)) : p.commit[b]) != 0;
 }
 
 // Mean and 1/sqrt(biased var + eps) of a row in shared memory, by one warp (two passes, as
@@ -749,9 +750,33 @@ struct ConvParams {
   float* ok;
   int64_t B, L, C;
   int kc;
-  const uint8_t* commit_dev;          // [B] on the device when B > kInlineItems
+  const uint8_t* commit_dev;          // [B] on the device when non-null
   uint8_t commit[kInlineItems];
 };
+
+struct FlagsParams {
+  const int64_t* pos;  // [B, L] with strides ps
+  int64_t ps0, ps1;
+  const uint8_t* exec;  // [B] or null
+  int64_t* out;         // [B, L] contiguous
+  int32_t* phase;       // [B] or null
+  uint8_t* commit;      // [B] or null
+  int64_t B, L, add, mod;
+};
+
+__global__ void __launch_bounds__(256) call_flags_kernel(const FlagsParams p) {
+  const int64_t n = p.B * p.L;
+  for (int64_t idx = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; idx < n; idx += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t b = idx / p.L, t = idx % p.L;
+    int64_t v = p.pos[b * p.ps0 + t * p.ps1] + p.add;
+    if (p.mod > 0) v = ((v % p.mod) + p.mod) % p.mod;
+    p.out[idx] = v;
+    if (t == 0) {
+      if (p.phase) p.phase[b] = int32_t(v);
+      if (p.commit) p.commit[b] = p.exec ? uint8_t(p.exec[b] != 0) : uint8_t(1);
+    }
+  }
+}
 
 __global__ void __launch_bounds__(256) causal_conv_kernel(const ConvParams p) {
   const int64_t n = p.B * p.L * p.C;
@@ -776,7 +801,7 @@ __global__ void __launch_bounds__(256) conv_history_kernel(const ConvParams p) {
   const int64_t n = p.B * p.C;
   for (int64_t idx = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; idx < n; idx += int64_t(gridDim.x) * blockDim.x) {
     const int64_t b = idx / p.C, c = idx % p.C;
-    if (!(p.B > kInlineItems ? p.commit_dev[b] : p.commit[b])) continue;
+    if (!(p.commit_dev ? p.commit_dev[b] : p.commit[b])) continue;
     float* hist = p.hist + idx * p.kc;
     // Reads run ahead of writes (j + L >= j), so in-place is safe.
     for (int64_t j = 0; j < p.kc; ++j) {
@@ -1025,7 +1050,8 @@ void TttKernels<Cuda>::inner(const TttInnerArgs<Cuda>& a, const TttFastWeights<C
   const bool mlp = a.kind == TttConfig::Kind::mlp;
   const int64_t Bn = a.xq.size(0), nh = a.xq.size(1), L = a.xq.size(2), f = a.xq.size(3), K = a.mini_batch_size;
   const int64_t F = s.W1.size(3);
-  TTT_CHECK(int64_t(a.phase.size()) == Bn, "TttKernels<Cuda>::inner: ", a.phase.size(), " phases for batch ", Bn);
+  TTT_CHECK(a.phase_dev.defined() || int64_t(a.phase.size()) == Bn, "TttKernels<Cuda>::inner: ", a.phase.size(),
+            " phases for batch ", Bn);
   TTT_CHECK(mlp || F == f, "TttKernels<Cuda>::inner: TTT-Linear needs W1 [B, nh, f, f], got inner width ", F,
             " for head_dim ", f);
   TTT_CHECK(a.commit.empty() || int64_t(a.commit.size()) == Bn, "TttKernels<Cuda>::inner: ", a.commit.size(),
@@ -1048,6 +1074,18 @@ void TttKernels<Cuda>::inner(const TttInnerArgs<Cuda>& a, const TttFastWeights<C
   p.eps = a.eps;
   p.batch = int(Bn);
   p.sm = inner_smem(mlp, p.f, p.F, p.nc, p.R, p.K);
+  if (a.phase_dev.defined()) {
+    // Flags made on the device (graph-safe): nothing of this step travels in the params.
+    TTT_CHECK(a.phase_dev.numel() == Bn && a.phase_dev.is_contiguous() &&
+                  (!a.commit_dev.defined() || (a.commit_dev.numel() == Bn && a.commit_dev.is_contiguous())),
+              "TttKernels<Cuda>::inner: phase_dev / commit_dev must be contiguous [", Bn, "]");
+    p.flags_dev = 1;
+    p.phase_dev = a.phase_dev.data();
+    p.commit_dev = a.commit_dev.defined() ? a.commit_dev.data() : nullptr;
+    allow_smem(mlp, pl.smem_bytes);
+    launch(inner_kernel(mlp), unsigned(Bn * nh * pl.cluster), kThreads, size_t(pl.smem_bytes), pl.cluster, p);
+    return;
+  }
   std::vector<int32_t> phase(static_cast<size_t>(Bn));
   std::vector<uint8_t> commit(static_cast<size_t>(Bn));
   for (int64_t b = 0; b < Bn; ++b) {
@@ -1063,6 +1101,7 @@ void TttKernels<Cuda>::inner(const TttInnerArgs<Cuda>& a, const TttFastWeights<C
     // Stream-ordered: the caching allocator hands these blocks out again only to later work.
     phase_dev = Tensor<int32_t, Cpu>::from_vector({Bn}, phase).to<Cuda>();
     commit_dev = Tensor<uint8_t, Cpu>::from_vector({Bn}, commit).to<Cuda>();
+    p.flags_dev = 1;
     p.phase_dev = phase_dev.data();
     p.commit_dev = commit_dev.data();
   }
@@ -1074,7 +1113,8 @@ void TttKernels<Cuda>::causal_conv(const Tensor<float, Cuda>& out_q, const Tenso
                                           const Tensor<float, Cuda>& x, const Tensor<float, Cuda>& history,
                                           const Tensor<float, Cuda>& wq, const Tensor<float, Cuda>& bq,
                                           const Tensor<float, Cuda>& wk, const Tensor<float, Cuda>& bk,
-                                          const std::vector<uint8_t>& commit) {
+                                          const std::vector<uint8_t>& commit,
+                                          const Tensor<uint8_t, Cuda>& commit_dev) {
   using namespace cuda_detail;
   const int64_t Bn = x.size(0), L = x.size(1), C = x.size(2), kc = history.size(2);
   for (const Tensor<float, Cuda>* t : {&out_q, &out_k, &x, &history, &wq, &bq, &wk, &bk})
@@ -1087,7 +1127,11 @@ void TttKernels<Cuda>::causal_conv(const Tensor<float, Cuda>& out_q, const Tenso
   ConvParams p{x.data(), history.data(), wq.data(), bq.data(), wk.data(), bk.data(), out_q.data(), out_k.data(),
                Bn, L, C, int(kc), nullptr, {}};
   Tensor<uint8_t, Cuda> flags_dev;
-  if (Bn <= kInlineItems) {
+  if (commit_dev.defined()) {
+    TTT_CHECK(commit_dev.numel() == Bn && commit_dev.is_contiguous(), "causal_conv: commit_dev must be contiguous [",
+              Bn, "]");
+    p.commit_dev = commit_dev.data();
+  } else if (Bn <= kInlineItems) {
     std::copy(flags.begin(), flags.end(), p.commit);
   } else {
     flags_dev = Tensor<uint8_t, Cpu>::from_vector({Bn}, flags).to<Cuda>();
@@ -1095,6 +1139,24 @@ void TttKernels<Cuda>::causal_conv(const Tensor<float, Cuda>& out_q, const Tenso
   }
   if (L > 0) launch(causal_conv_kernel, blocks_for(Bn * L * C, 256), 256, 0, 1, p);
   launch(conv_history_kernel, blocks_for(Bn * C, 256), 256, 0, 1, p);
+}
+
+void TttKernels<Cuda>::call_flags(const Tensor<int64_t, Cuda>& positions, const Tensor<uint8_t, Cuda>& exec,
+                                  int64_t add, int64_t mod, const Tensor<int64_t, Cuda>& out_pos,
+                                  const Tensor<int32_t, Cuda>& phase, const Tensor<uint8_t, Cuda>& commit) {
+  using namespace cuda_detail;
+  TTT_CHECK(positions.rank() == 2 && out_pos.shape() == positions.shape() && out_pos.is_contiguous(),
+            "call_flags: positions ", positions.shape().str(), " and out ", out_pos.shape().str());
+  const int64_t Bn = positions.size(0), L = positions.size(1);
+  TTT_CHECK((!phase.defined() || (phase.numel() == Bn && phase.is_contiguous())) &&
+                (!commit.defined() || (commit.numel() == Bn && commit.is_contiguous())) &&
+                (!exec.defined() || (exec.numel() == Bn && exec.is_contiguous())),
+            "call_flags: phase, commit and exec must be contiguous [", Bn, "]");
+  if (Bn == 0 || L == 0) return;
+  FlagsParams p{positions.data(), positions.stride(0), positions.stride(1), exec.defined() ? exec.data() : nullptr,
+                out_pos.data(), phase.defined() ? phase.data() : nullptr, commit.defined() ? commit.data() : nullptr,
+                Bn, L, add, mod};
+  launch(call_flags_kernel, blocks_for(Bn * L, 256), 256, 0, 1, p);
 }
 
 void TttKernels<Cuda>::l2_normalize(const Tensor<float, Cuda>& x) {

@@ -46,7 +46,12 @@ struct TttKernels<Cuda> {
   static void causal_conv(const Tensor<float, Cuda>& out_q, const Tensor<float, Cuda>& out_k,
                           const Tensor<float, Cuda>& x, const Tensor<float, Cuda>& history,
                           const Tensor<float, Cuda>& wq, const Tensor<float, Cuda>& bq, const Tensor<float, Cuda>& wk,
-                          const Tensor<float, Cuda>& bk, const std::vector<uint8_t>& commit);
+                          const Tensor<float, Cuda>& bk, const std::vector<uint8_t>& commit,
+                          const Tensor<uint8_t, Cuda>& commit_dev = {});
+  // See TttKernels<Cpu>::call_flags.
+  static void call_flags(const Tensor<int64_t, Cuda>& positions, const Tensor<uint8_t, Cuda>& exec, int64_t add,
+                         int64_t mod, const Tensor<int64_t, Cuda>& out_pos, const Tensor<int32_t, Cuda>& phase,
+                         const Tensor<uint8_t, Cuda>& commit);
   static void l2_normalize(const Tensor<float, Cuda>& x);
   static void ln_target(const Tensor<float, Cuda>& xv, const Tensor<float, Cuda>& xk, const Tensor<float, Cuda>& weight,
                         const Tensor<float, Cuda>& bias, float eps);
@@ -74,8 +79,14 @@ inline void inner_on_host(const TttInnerArgs<Cuda>& a, const TttFastWeights<Cuda
   ha.ln_weight = h(a.ln_weight);
   ha.ln_bias = h(a.ln_bias);
   ha.out = Tensor<float, Cpu>::empty(a.out.shape());
-  ha.phase = a.phase;
-  ha.commit = a.commit;
+  if (a.phase_dev.defined()) {  // flags on the device: read them (this path is not graph-safe)
+    const auto ph = a.phase_dev.to_vector();
+    ha.phase.assign(ph.begin(), ph.end());
+    ha.commit = a.commit_dev.defined() ? a.commit_dev.to_vector() : std::vector<uint8_t>{};
+  } else {
+    ha.phase = a.phase;
+    ha.commit = a.commit;
+  }
   TttFastWeights<Cpu> hs{h(s.W1), h(s.b1), h(s.W2), h(s.b2), h(s.W1_grad), h(s.b1_grad), h(s.W2_grad), h(s.b2_grad)};
   TttKernels<Cpu>::inner(ha, hs);
   a.out.copy_from(ha.out.to<Cuda>());
