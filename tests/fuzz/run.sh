@@ -29,7 +29,9 @@ for t in "${targets[@]}"; do
   cp -n "$here/corpus/$t"/* "$corpus/" 2>/dev/null || true
   log="$out/fuzz_$t.log"
   echo "running fuzz_$t for ${secs}s"
-  if ! "$out/fuzz_$t" "$corpus" -max_total_time="$secs" -max_len=65536 -rss_limit_mb=4096 \
+  maxlen=65536
+  [ "$t" = session ] && maxlen=1048576  # a TTT session (tiny_ttt seed) is ~280 KB
+  if ! "$out/fuzz_$t" "$corpus" -max_total_time="$secs" -max_len=$maxlen -rss_limit_mb=4096 \
        -print_final_stats=1 >"$log" 2>&1; then
     echo "fuzz_$t FAILED (log: $log)"
     tail -40 "$log"
