@@ -112,6 +112,13 @@ template <class T, class B>
 Model<T, B> build_model(const Common& c, const LmConfig& cfg, io::WeightSource& ws) {
   auto t0 = std::chrono::steady_clock::now();
   auto m = Model<T, B>::load(cfg, ws);
+#if TTT_WITH_CUDA
+  // Loading's temporaries (conversions, uploads) go back to the driver, not to our cache.
+  if constexpr (!B::is_host) {
+    Memory<B>::synchronize();
+    cuda::CachingAllocator::get().release_cached();
+  }
+#endif
   report_unused(ws);
   if (!ws.random_init() && !ws.initialised().empty()) {
     std::fprintf(stderr, "warning: %zu weights are not in the checkpoint and were initialised (seed %llu):",
@@ -419,6 +426,9 @@ int run_bench(const Common& c0, const cxxopts::ParseResult& r) {
     size_t free_b = 0, total_b = 0;
     TTT_CUDA_CHECK(cudaMemGetInfo(&free_b, &total_b));
     gib = double(total_b - free_b) / double(1ull << 30);
+    const auto& al = cuda::CachingAllocator::get();
+    std::printf("device memory: %.2f GiB in use (ours: %.2f GiB live, %.2f GiB reserved)\n", gib,
+                double(al.in_use()) / double(1ull << 30), double(al.reserved()) / double(1ull << 30));
   }
 #endif
   if (B::is_host) gib = rss_mib() / 1024.0;

@@ -51,6 +51,9 @@ template <class T, class B>
 struct TttParams {
   TttConfig config;
   Tensor<T, B> q_proj, k_proj, v_proj, o_proj;  // [C, C] nn.Linear [out, in]; k_proj absent with share_qk
+  // Without share_qk, q/k/v_proj (and their biases) are row blocks of one [3C, C] weight: a
+  // decode step reads them in one matrix-vector product instead of three.
+  Tensor<T, B> qkv_proj, qkv_bias;  // [3C, C], [3C]
   Tensor<T, B> g_proj;                          // [C, C] (use_gate)
   Tensor<T, B> q_bias, k_bias, v_bias, o_bias;  // [C] (proj_bias)
   Tensor<float, B> conv_q_weight, conv_k_weight;  // [C, kc] (share_qk)
@@ -82,15 +85,38 @@ struct TttParams {
     auto get_f = [&](const std::string& name, const Shape& s, io::Init init) {
       return detail::upload<B>(ws.get_or_init<float>(prefix + name, s, init, allow_missing));
     };
-    p.q_proj = get_t("q_proj.weight", {C, C}, normal);
-    if (!cfg.share_qk) p.k_proj = get_t("k_proj.weight", {C, C}, normal);
-    p.v_proj = get_t("v_proj.weight", {C, C}, normal);
+    // Rows [0, C) q, [C, 2C) k, [2C, 3C) v of one host tensor, uploaded once; the three
+    // parameters are views of it.
+    auto fused = [&](const char* suffix, const Shape& s1, io::Init init) {
+      Shape s3 = s1;
+      s3.d[0] = 3 * s1.d[0];
+      auto cat = Tensor<T, Cpu>::empty(s3);
+      int64_t at = 0;
+      for (const char* n : {"q_proj", "k_proj", "v_proj"}) {
+        cat.slice(0, at, at + s1.d[0]).copy_from(ws.get_or_init<T>(prefix + n + suffix, s1, init, allow_missing));
+        at += s1.d[0];
+      }
+      return detail::upload<B>(cat);
+    };
+    if (!cfg.share_qk) {
+      p.qkv_proj = fused(".weight", {C, C}, normal);
+      p.q_proj = p.qkv_proj.slice(0, 0, C), p.k_proj = p.qkv_proj.slice(0, C, 2 * C);
+      p.v_proj = p.qkv_proj.slice(0, 2 * C, 3 * C);
+    } else {
+      p.q_proj = get_t("q_proj.weight", {C, C}, normal);
+      p.v_proj = get_t("v_proj.weight", {C, C}, normal);
+    }
     p.o_proj = get_t("o_proj.weight", {C, C}, normal);
     if (cfg.use_gate) p.g_proj = get_t("g_proj.weight", {C, C}, normal);
     if (cfg.proj_bias) {
-      p.q_bias = get_t("q_proj.bias", {C}, zeros);
-      if (!cfg.share_qk) p.k_bias = get_t("k_proj.bias", {C}, zeros);
-      p.v_bias = get_t("v_proj.bias", {C}, zeros);
+      if (!cfg.share_qk) {
+        p.qkv_bias = fused(".bias", {C}, zeros);
+        p.q_bias = p.qkv_bias.slice(0, 0, C), p.k_bias = p.qkv_bias.slice(0, C, 2 * C);
+        p.v_bias = p.qkv_bias.slice(0, 2 * C, 3 * C);
+      } else {
+        p.q_bias = get_t("q_proj.bias", {C}, zeros);
+        p.v_bias = get_t("v_proj.bias", {C}, zeros);
+      }
       p.o_bias = get_t("o_proj.bias", {C}, zeros);
     }
     if (cfg.share_qk) {
@@ -310,19 +336,19 @@ Tensor<T, B> ttt_forward_impl(const TttParams<T, B>& p, TttState<B>& s, const Te
     if (bias.defined()) ops::add_(y, bias);
     return ops::cast<float>(y);  // [B, L, C]
   };
-  Tensor<float, B> xq, xk;
-  Tensor<float, B> xv = project(p.v_proj, p.v_bias);
+  Tensor<float, B> q4, k4, v4;  // [B, L, nh, f]
   if (c.share_qk) {
     const Tensor<float, B> xqk = project(p.q_proj, p.q_bias);
-    xq = Tensor<float, B>::empty({Bn, L, C});
-    xk = Tensor<float, B>::empty({Bn, L, C});
+    auto xq = Tensor<float, B>::empty({Bn, L, C}), xk = Tensor<float, B>::empty({Bn, L, C});
     TttKernels<B>::causal_conv(xq, xk, xqk, s.conv_states, p.conv_q_weight, p.conv_q_bias, p.conv_k_weight,
                                p.conv_k_bias, commit, commit_dev);
+    q4 = xq.reshape({Bn, L, nh, f}), k4 = xk.reshape({Bn, L, nh, f});
+    v4 = project(p.v_proj, p.v_bias).reshape({Bn, L, nh, f});
   } else {
-    xq = project(p.q_proj, p.q_bias);
-    xk = project(p.k_proj, p.k_bias);
+    // One product for q, k and v; the heads are strided views of it.
+    const auto qkv = project(p.qkv_proj, p.qkv_bias).reshape({Bn, L, 3 * nh, f});
+    q4 = qkv.slice(2, 0, nh), k4 = qkv.slice(2, nh, 2 * nh), v4 = qkv.slice(2, 2 * nh, 3 * nh);
   }
-  const auto q4 = xq.reshape({Bn, L, nh, f}), k4 = xk.reshape({Bn, L, nh, f}), v4 = xv.reshape({Bn, L, nh, f});
   if (c.l2_norm_qk) {
     TttKernels<B>::l2_normalize(q4);
     TttKernels<B>::l2_normalize(k4);
@@ -336,7 +362,10 @@ Tensor<T, B> ttt_forward_impl(const TttParams<T, B>& p, TttState<B>& s, const Te
   }
   ops::rope(q4, q4, positions, c.rope_theta);
   ops::rope(k4, k4, positions, c.rope_theta);
-  if (c.ln_target) TttKernels<B>::ln_target(v4, k4, p.ttt_norm_weight, p.ttt_norm_bias, c.ttt_norm_eps);
+  if (c.ln_target) {
+    k4 = k4.contiguous(), v4 = v4.contiguous();  // the kernel wants dense rows
+    TttKernels<B>::ln_target(v4, k4, p.ttt_norm_weight, p.ttt_norm_bias, c.ttt_norm_eps);
+  }
 
   // Token-wise inner learning rate lr_t^h = base_lr * sigmoid(x_t · w_h + b_h) / f, in
   // float whatever T is: it scales every gradient of the inner loop.

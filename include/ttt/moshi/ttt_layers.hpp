@@ -407,7 +407,8 @@ struct KvMemoryLayer {
   struct Params {
     AttentionBlock<T, B> blk;  // attention window = R
     layers::TttParams<T, B> mem;
-    Tensor<T, B> to_k, to_v;   // [D, D]
+    Tensor<T, B> to_kv;        // [2D, D]: to_k rows then to_v rows (one product per step)
+    Tensor<T, B> to_k, to_v;   // [D, D] views of to_kv
     Tensor<float, B> vbias;    // [H]
     int64_t recent = 100, num_virtual = 10;
   };
@@ -433,8 +434,13 @@ struct KvMemoryLayer {
     ws.init_missing(mp + "to_k.weight", {D, D}, io::Init::normal(0.02f));
     ws.init_missing(mp + "to_v.weight", {D, D}, io::Init::normal(0.02f));
     ws.init_missing(mp + "virtual_bias", {H}, io::Init::constant(o.virtual_bias_init));
-    p.to_k = nn::weight<T, B>(ws, mp + "to_k.weight", {D, D}, io::Init::normal(0.02f));
-    p.to_v = nn::weight<T, B>(ws, mp + "to_v.weight", {D, D}, io::Init::normal(0.02f));
+    {
+      auto cat = Tensor<T, Cpu>::empty({2 * D, D});
+      cat.slice(0, 0, D).copy_from(ws.get<T>(mp + "to_k.weight", {D, D}));
+      cat.slice(0, D, 2 * D).copy_from(ws.get<T>(mp + "to_v.weight", {D, D}));
+      p.to_kv = nn::to_backend<B>(cat);
+      p.to_k = p.to_kv.slice(0, 0, D), p.to_v = p.to_kv.slice(0, D, 2 * D);
+    }
     p.vbias = nn::to_backend<B>(ws.get<float>(mp + "virtual_bias", {H}));
     return p;
   }
@@ -460,8 +466,8 @@ struct KvMemoryLayer {
     auto u = p.blk.norm1(x);
     // The memory reads the layer input; its outputs become virtual keys and values.
     auto m = layers::ttt_forward_at(p.mem, s.mem, u, in.positions, in.exec_mask);
-    auto vk = ops::linear(m, p.to_k).reshape({Bn, Tn, H, hd});
-    auto vv = ops::linear(m, p.to_v).reshape({Bn, Tn, H, hd});
+    const auto vkv = ops::linear(m, p.to_kv).reshape({Bn, Tn, 2 * H, hd});
+    auto vk = vkv.slice(2, 0, H), vv = vkv.slice(2, H, 2 * H);  // [B, T, H, hd] views
     if (a.rope) {  // virtual keys sit R frames back: RoPE at position - R (made on the device)
       auto vpos = Tensor<int64_t, B>::empty({Bn, Tn});
       layers::TttKernels<B>::call_flags(in.positions, {}, -p.recent, 0, vpos, {}, {});
