@@ -273,7 +273,6 @@ class LmGen {
     auto counter = Tensor<int64_t, B>::borrow(din + K * Bn + Bn, {1});
     in.exec_mask = Tensor<uint8_t, B>::borrow(reinterpret_cast<uint8_t*>(din + K * Bn + Bn + 1), {Bn});
     in.exec_host = s.exec;
-    in.positions_host = s.temporal.offsets;
     in.step = s.temporal.step;
     auto out = Tensor<int64_t, B>::borrow(static_cast<int64_t*>(rt.dev_out.get()), {Bn, 1 + c.dep_q});
 

@@ -46,7 +46,6 @@ struct LayerSpec {
 template <class T, class B>
 struct LayerInput {
   Tensor<int64_t, B> positions;       // [B, T] absolute positions since reset
-  std::vector<int64_t> positions_host; // [B * T] the same on the host (may be empty: device only)
   Tensor<uint8_t, B> exec_mask;       // [B], undefined = all execute
   std::vector<uint8_t> exec_host;     // [B] host copy
   int64_t step = 0;                   // moshi's offset_cpu: per-step weight index base

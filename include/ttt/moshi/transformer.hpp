@@ -73,7 +73,6 @@ class Transformer<T, B, PolicyList<Ps...>> {
     for (int64_t b = 0; b < Bn; ++b)
       for (int64_t t = 0; t < Tn; ++t) pos[size_t(b * Tn + t)] = s.offsets[size_t(b)] + t;
     in.positions = Tensor<int64_t, B>::from_vector({Bn, Tn}, pos);
-    in.positions_host = pos;
     in.exec_mask = exec_mask;
     in.exec_host = exec_host;
     in.step = s.step;

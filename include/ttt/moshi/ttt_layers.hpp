@@ -308,31 +308,36 @@ struct InplaceFfnLayer {
   }
 
  private:
+  // xs [1, n, D] += LS2(zs W^T) for one item's rows, W [D, Hf] its fast weight. The product
+  // goes through ops::linear like the plain FFN's, so an untouched W (zero conv) gives the
+  // pretrained layer bit for bit in fp32.
+  static void add_fast_out(const Params& p, const Tensor<float, B>& W, const Tensor<T, B>& xs, const Tensor<T, B>& zs) {
+    const auto& ls2 = p.blk.ff.ls2;
+    if constexpr (std::is_same_v<T, float>) {
+      if (ls2.defined()) {
+        auto u = ops::linear(zs, W);
+        add_scaled(xs, u, ls2);
+      } else {
+        ops::linear(xs, zs, W, 1.f);
+      }
+    } else {
+      auto u = ops::cast<T>(ops::linear(ops::cast<float>(zs), W));
+      if (ls2.defined()) add_scaled(xs, u, ls2);
+      else ops::add_(xs, u);
+    }
+  }
+
   // Item b: x [1, T, D] += LS2(Z W^T) frame by frame with the weights of each frame's
-  // chunk, buffering the chunk and updating W at its end only when `commit`. The output
-  // goes through ops::linear like the plain FFN's, so an untouched W (zero conv) gives
-  // the pretrained layer bit for bit in fp32.
+  // chunk, buffering the chunk and updating W at its end only when `commit`.
   static void run(const Params& p, State& s, int64_t b, const Tensor<T, B>& x, const Tensor<T, B>& Z,
                   const Tensor<T, B>& E, bool commit) {
     const int64_t Tn = Z.size(1), C = p.chunk;
     auto W = s.W.select(0, b);  // [D, Hf]
-    const auto& ls2 = p.blk.ff.ls2;
     int64_t ph = s.offset[size_t(b)] % C;
     for (int64_t t0 = 0; t0 < Tn;) {
       const int64_t n = std::min(C - ph, Tn - t0);
       auto xs = x.slice(1, t0, t0 + n), zs = Z.slice(1, t0, t0 + n);  // contiguous rows of one item
-      if constexpr (std::is_same_v<T, float>) {
-        if (ls2.defined()) {
-          auto u = ops::linear(zs, W);
-          add_scaled(xs, u, ls2);
-        } else {
-          ops::linear(xs, zs, W, 1.f);
-        }
-      } else {
-        auto u = ops::cast<T>(ops::linear(ops::cast<float>(zs), W));
-        if (ls2.defined()) add_scaled(xs, u, ls2);
-        else ops::add_(xs, u);
-      }
+      add_fast_out(p, W, xs, zs);
       if (commit) {
         auto zb = s.zbuf.slice(0, b, b + 1), eb = s.ebuf.slice(0, b, b + 1);
         ops::cast(zb.slice(1, ph, ph + n), zs);
@@ -349,23 +354,7 @@ struct InplaceFfnLayer {
   // frame completes (host offsets: see graph_key) update W. Equal to run() with Tn = 1.
   static void step(const Params& p, State& s, const Tensor<T, B>& x, const Tensor<T, B>& Z, const LayerInput<T, B>& in) {
     const int64_t Bn = x.size(0), C = p.chunk, Hf = Z.size(2), D = x.size(2);
-    const auto& ls2 = p.blk.ff.ls2;
-    for (int64_t b = 0; b < Bn; ++b) {
-      auto W = s.W.select(0, b);  // [D, Hf]
-      auto xs = x.slice(0, b, b + 1), zs = Z.slice(0, b, b + 1);
-      if constexpr (std::is_same_v<T, float>) {
-        if (ls2.defined()) {
-          auto u = ops::linear(zs, W);
-          add_scaled(xs, u, ls2);
-        } else {
-          ops::linear(xs, zs, W, 1.f);
-        }
-      } else {
-        auto u = ops::cast<T>(ops::linear(ops::cast<float>(zs), W));
-        if (ls2.defined()) add_scaled(xs, u, ls2);
-        else ops::add_(xs, u);
-      }
-    }
+    for (int64_t b = 0; b < Bn; ++b) add_fast_out(p, s.W.select(0, b), x.slice(0, b, b + 1), Z.slice(0, b, b + 1));
     // The rings' "k" and "v" are the same buffer: kv_write stores the row twice, same values.
     auto zr = s.zbuf.reshape({Bn, 1, C, Hf}), er = s.ebuf.reshape({Bn, 1, C, D});
     auto zf = ops::cast<float>(Z).reshape({Bn, 1, 1, Hf});

@@ -79,14 +79,11 @@ inline void inner_on_host(const TttInnerArgs<Cuda>& a, const TttFastWeights<Cuda
   ha.ln_weight = h(a.ln_weight);
   ha.ln_bias = h(a.ln_bias);
   ha.out = Tensor<float, Cpu>::empty(a.out.shape());
-  if (a.phase_dev.defined()) {  // flags on the device: read them (this path is not graph-safe)
-    const auto ph = a.phase_dev.to_vector();
-    ha.phase.assign(ph.begin(), ph.end());
-    ha.commit = a.commit_dev.defined() ? a.commit_dev.to_vector() : std::vector<uint8_t>{};
-  } else {
-    ha.phase = a.phase;
-    ha.commit = a.commit;
-  }
+  ha.phase = a.phase;
+  ha.commit = a.commit;
+  // Flags made on the device come down too (this path is not graph-safe); the host inner reads them.
+  if (a.phase_dev.defined()) ha.phase_dev = a.phase_dev.to<Cpu>();
+  if (a.commit_dev.defined()) ha.commit_dev = a.commit_dev.to<Cpu>();
   TttFastWeights<Cpu> hs{h(s.W1), h(s.b1), h(s.W2), h(s.b2), h(s.W1_grad), h(s.b1_grad), h(s.W2_grad), h(s.b2_grad)};
   TttKernels<Cpu>::inner(ha, hs);
   a.out.copy_from(ha.out.to<Cuda>());
