@@ -23,6 +23,7 @@
 #include <cstdio>
 #include <cxxopts.hpp>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "ttt/core/arena.hpp"
@@ -174,6 +175,7 @@ TttInnerArgs<B> inner_args(const TttParams<T, B>& p, int64_t batch, int64_t L) {
   a.kind = c.kind;
   a.mini_batch_size = c.mini_batch_size;
   a.eps = c.ttt_norm_eps;
+  a.operands = std::is_same_v<T, float> ? TttOperands::fp32 : TttOperands::bf16;  // as the layer sets them
   const Shape s{batch, c.num_heads, L, c.head_dim};
   a.xq = Tensor<float, B>::empty(s), a.xk = Tensor<float, B>::empty(s), a.xv = Tensor<float, B>::empty(s);
   ops::random_normal(a.xq, 1.f, 3, 1);
@@ -229,7 +231,7 @@ void bench(const Options& o, Kind kind, int64_t batch, int64_t C, int64_t heads,
   }
 
   // Decode: one call per token, inputs rotated among 16 buffers, the median step.
-  double decode_us = 0, decode_mean_us = 0, decode_inner_us = 0, decode_graph_us = 0;
+  double decode_us = 0, decode_mean_us = 0, decode_inner_us = 0, decode_graph_us = 0, proj_graph_us = 0;
   if (o.decode_steps > 0) {
     std::vector<Tensor<T, B>> xs;
     for (int i = 0; i < 16; ++i) {
@@ -279,6 +281,20 @@ void bench(const Options& o, Kind kind, int64_t batch, int64_t C, int64_t heads,
         if (s >= warm) t.push_back(ms * 1e3);
       }
       decode_graph_us = median(t);
+      // The step's two projections alone, as a graph: what the layer costs before any TTT work.
+      FrameGraph<Cuda> pgraph;
+      auto proj = Tensor<T, Cuda>::empty({batch, 1, p.qkvl_proj.size(0)});
+      auto pwork = [&] {
+        ops::linear(proj, xin, p.qkvl_proj);
+        ops::linear(yout, xin, p.o_proj);
+      };
+      t.clear();
+      for (int s = 0; s < warm + o.decode_steps; ++s) {
+        xin.copy_from(xs[size_t(s % 16)]);
+        const double ms = clock.ms([&] { pgraph.run(pwork); });
+        if (s >= warm) t.push_back(ms * 1e3);
+      }
+      proj_graph_us = median(t);
     }
 #endif
   }
@@ -287,12 +303,16 @@ void bench(const Options& o, Kind kind, int64_t batch, int64_t C, int64_t heads,
   std::string plan = "";
 #if TTT_WITH_CUDA
   if constexpr (std::is_same_v<B, Cuda>) {
-    const auto pp = TttKernels<Cuda>::plan(kind, batch, heads, L, f, F, K);
-    const auto pd = TttKernels<Cuda>::plan(kind, batch, heads, 1, f, F, K);
-    char buf[160];
-    std::snprintf(buf, sizeof buf, "  [inner: prefill %s cluster %d, %lld B smem; decode %s cluster %d]",
-                  pp.device ? "device" : pp.why_host, pp.cluster, (long long)pp.smem_bytes,
-                  pd.device ? "device" : pd.why_host, pd.cluster);
+    const TttOperands op = std::is_same_v<T, float> ? TttOperands::fp32 : TttOperands::bf16;
+    const auto pp = TttKernels<Cuda>::plan(kind, batch, heads, L, f, F, K, op);
+    const auto pd = TttKernels<Cuda>::plan(kind, batch, heads, 1, f, F, K, op);
+    auto what = [](const TttCudaPlan& x) {
+      return x.decode ? "decode kernel" : x.tensor_cores ? "tensor cores" : x.device ? "fp32" : x.why_host;
+    };
+    char buf[240];
+    std::snprintf(buf, sizeof buf,
+                  "  [inner: prefill %s, cluster %d, %lld B smem, %d clusters resident; decode %s, cluster %d]",
+                  what(pp), pp.cluster, (long long)pp.smem_bytes, pp.resident, what(pd), pd.cluster);
     plan = buf;
   }
 #endif
@@ -323,6 +343,9 @@ void bench(const Options& o, Kind kind, int64_t batch, int64_t C, int64_t heads,
                   "floor %.1f us\n",
                   o.decode_steps, micros(decode_graph_us).c_str(), micros(an.decode_ms * 1e3).c_str(),
                   an.decode_ms * 1e3 / decode_graph_us, floor_us);
+    if (proj_graph_us > 0)
+      std::printf("  decode  %6d steps %11s  the two projections alone (q|k|v|lr and o), as a graph: TTT adds %.1f us\n",
+                  o.decode_steps, micros(proj_graph_us).c_str(), decode_graph_us - proj_graph_us);
   }
 }
 
@@ -348,8 +371,10 @@ int main(int argc, char** argv) {
     ("seq", "prefill length (0: skip)", cxxopts::value<int64_t>()->default_value("8192"))
     ("decode-steps", "timed decode steps (0: skip)", cxxopts::value<int>()->default_value("256"))
     ("runs", "timed prefill runs (default 10 on CUDA, 3 on the CPU)", cxxopts::value<int>()->default_value("0"))
-    ("cluster", "CUDA: CTAs per (batch, head) in the inner loop, 1/2/4/8 (default: by shape)",
+    ("cluster", "CUDA: CTAs per (batch, head) of the fp32 inner loop, 1/2/4/8 (default: by shape)",
      cxxopts::value<int>()->default_value("0"))
+    ("tensor-cores", "CUDA: 1 = bf16-operand tensor-core inner loops where the shape allows, 0 = fp32 kernels",
+     cxxopts::value<int>()->default_value("1"))
     ("h,help", "print this help");
   try {
     const auto r = opts.parse(argc, argv);
@@ -382,6 +407,7 @@ int main(int argc, char** argv) {
       TTT_CHECK(cuda::device_available(), "--backend cuda: no CUDA device available");
       std::printf("bench_ttt_layer on %s\n", cuda::device_name().c_str());
       TttKernels<Cuda>::tuning().cluster = r["cluster"].as<int>();
+      TttKernels<Cuda>::tuning().tensor_cores = r["tensor-cores"].as<int>() != 0;
       run_backend<bf16, Cuda>(o, kinds, batches.empty() ? std::vector<int64_t>{1, 8} : batches, 4096, 32);
 #else
       fail("--backend cuda: this build has no CUDA backend");

@@ -17,6 +17,8 @@
 #include <filesystem>
 #include <random>
 #include <string>
+#include <tuple>
+#include <type_traits>
 #include <vector>
 
 #define CATCH_CONFIG_RUNNER  // Catch2 v2: this file provides main (v3 ignores it)
@@ -52,9 +54,10 @@ double rel_err(const Tensor<TA, Cpu>& a, const Tensor<TB, Cpu>& b) {
 // Restores the default tuning when a section ends (or throws).
 struct TuningScope {
   TttCudaTuning saved = TttKernels<Cuda>::tuning();
-  explicit TuningScope(int cluster, bool host = false) {
+  explicit TuningScope(int cluster, bool host = false, bool decode = true) {
     TttKernels<Cuda>::tuning().cluster = cluster;
     TttKernels<Cuda>::tuning().host_fallback = host;
+    TttKernels<Cuda>::tuning().decode_kernel = decode;
   }
   ~TuningScope() { TttKernels<Cuda>::tuning() = saved; }
 };
@@ -116,10 +119,12 @@ struct InnerErrors {
   double out = 0, state = 0;
 };
 
-// Runs one case on both backends from identical inputs and state.
-InnerErrors run_inner(const InnerCase& c, uint32_t seed) {
+// Runs one case on both backends from identical inputs and state (the device with operands
+// `op`; the host always computes in float).
+InnerErrors run_inner(const InnerCase& c, uint32_t seed, TttOperands op = TttOperands::fp32) {
   HostInner h = make_inner(c, seed);
   TttInnerArgs<Cuda> d;
+  d.operands = op;
   d.kind = h.a.kind;
   d.mini_batch_size = h.a.mini_batch_size;
   d.eps = h.a.eps;
@@ -194,9 +199,77 @@ TEST_CASE("CUDA TTT-MLP inner loop matches the host", "[ttt_cuda][inner]") {
   check_inner({Kind::mlp, 1, 1, 1, 128, 512, 16, {15}, {}, "Moshi head size, decode"}, {0}, 1e-5);
 }
 
+TEST_CASE("CUDA TTT-Linear decode kernel matches the host", "[ttt_cuda][inner][decode]") {
+  // One-token calls of TTT-Linear take the float decode kernel in both operand precisions.
+  for (int64_t f : {32, 64, 128})
+    for (TttOperands op : {TttOperands::fp32, TttOperands::bf16}) {
+      const InnerCase c{Kind::linear, 4, 3, 1, f, f, 16, {0, 7, 15, 15}, {1, 1, 1, 0}, "decode kernel"};
+      const auto pl = TttKernels<Cuda>::plan(c.kind, c.B, c.nh, 1, f, f, 16, op);
+      const InnerErrors e = run_inner(c, 5 + uint32_t(f), op);
+      std::printf("[ttt cuda decode] %-80s %s: out %.3g state %.3g\n", describe(c).c_str(),
+                  pl.decode ? "decode kernel" : "NOT the decode kernel", e.out, e.state);
+      INFO(describe(c) << ": out error " << e.out << ", state error " << e.state);
+      CHECK(pl.decode);
+      CHECK(e.out <= 1e-5);
+      CHECK(e.state <= 1e-5);
+    }
+  // K 4 with a phase at each position, and a frozen item.
+  const InnerCase c{Kind::linear, 4, 2, 1, 64, 64, 4, {0, 1, 2, 3}, {1, 0, 1, 1}, "decode kernel, K 4"};
+  const InnerErrors e = run_inner(c, 9);
+  CHECK(e.out <= 1e-5);
+  CHECK(e.state <= 1e-5);
+}
+
 TEST_CASE("CUDA TTT inner loop over long calls matches the host", "[ttt_cuda][inner][long]") {
   check_inner({Kind::linear, 1, 4, 2048, 128, 128, 16, {0}, {}, "long prefill"}, {0, 1, 4}, 1e-5);
   check_inner({Kind::mlp, 1, 2, 1024, 128, 512, 16, {7}, {}, "long prefill"}, {0}, 1e-5);
+}
+
+// ---- (a') the tensor-core kernels (bf16 operands) --------------------------------------------
+
+namespace {
+
+// The bf16-operand kernels against the float host: every product's operands are rounded to
+// bf16 (relative 2^-9), so the outputs (O(1) after the LayerNorm) carry errors of a few 1e-3
+// and the state of about 1e-4 of its scale; an indexing or masking bug gives O(1) errors.
+// Seen on the H200: out <= 4.1e-3, state <= 8.2e-4 (docs/perf.md); the bounds are about 4x.
+void check_inner_tc(const InnerCase& c, double tol_out, double tol_state, uint32_t seed = 11) {
+  TuningScope tune(0, false, /*decode=*/false);  // one-token linear calls too (the decode kernel is float)
+  const auto pl = TttKernels<Cuda>::plan(c.kind, c.B, c.nh, c.L, c.f, c.F, c.K, TttOperands::bf16);
+  const InnerErrors e = run_inner(c, seed, TttOperands::bf16);
+  std::printf("[ttt cuda tc] %-80s cluster %d (%s): out %.3g state %.3g\n", describe(c).c_str(), pl.cluster,
+              pl.tensor_cores ? "tensor cores" : "NOT tensor cores", e.out, e.state);
+  INFO(describe(c) << ": out error " << e.out << ", state error " << e.state);
+  CHECK(pl.tensor_cores);
+  CHECK(e.out <= tol_out);
+  CHECK(e.state <= tol_state);
+}
+
+}  // namespace
+
+TEST_CASE("CUDA tensor-core TTT-Linear inner loop matches the host within bf16 rounding", "[ttt_cuda][inner][tc]") {
+  check_inner_tc({Kind::linear, 2, 3, 37, 128, 128, 16, {0, 5}, {1, 0}, "odd L, phases, one item frozen"}, 2e-2, 4e-3);
+  check_inner_tc({Kind::linear, 3, 2, 1, 128, 128, 16, {3, 15, 0}, {1, 1, 0}, "decode, one item completes"}, 2e-2,
+                 4e-3);
+  check_inner_tc({Kind::linear, 1, 2, 67, 64, 64, 16, {9}, {}, "head_dim 64"}, 2e-2, 4e-3);
+  check_inner_tc({Kind::linear, 2, 1, 3, 128, 128, 16, {14, 0}, {0, 1}, "short call across a boundary"}, 2e-2, 4e-3);
+  check_inner_tc({Kind::linear, 1, 2, 29, 128, 128, 8, {3}, {}, "K 8"}, 2e-2, 4e-3);
+  check_inner_tc({Kind::linear, 1, 2, 32, 128, 128, 16, {0}, {}, "two whole mini-batches"}, 2e-2, 4e-3);
+  // fp32 operands never take the tensor cores.
+  CHECK_FALSE(TttKernels<Cuda>::plan(Kind::linear, 1, 2, 32, 128, 128, 16, TttOperands::fp32).tensor_cores);
+}
+
+TEST_CASE("CUDA tensor-core TTT-MLP inner loop matches the host within bf16 rounding", "[ttt_cuda][inner][tc]") {
+  check_inner_tc({Kind::mlp, 2, 2, 21, 128, 512, 16, {0, 3}, {1, 0}, "odd L, phases, one item frozen"}, 2e-2, 4e-3);
+  check_inner_tc({Kind::mlp, 2, 1, 1, 128, 512, 16, {15, 4}, {}, "decode, one item completes"}, 2e-2, 4e-3);
+  check_inner_tc({Kind::mlp, 1, 2, 35, 128, 256, 16, {5}, {}, "expansion 2: cluster of 2"}, 2e-2, 4e-3);
+  check_inner_tc({Kind::mlp, 1, 1, 19, 128, 128, 16, {0}, {}, "expansion 1: one CTA"}, 2e-2, 4e-3);
+  check_inner_tc({Kind::mlp, 1, 2, 30, 128, 512, 8, {6}, {1}, "K 8"}, 2e-2, 4e-3);
+}
+
+TEST_CASE("CUDA tensor-core TTT inner loops over long calls stay within bf16 rounding", "[ttt_cuda][inner][tc][long]") {
+  check_inner_tc({Kind::linear, 1, 4, 2048, 128, 128, 16, {0}, {}, "long prefill"}, 2e-2, 5e-3);
+  check_inner_tc({Kind::mlp, 1, 2, 1024, 128, 512, 16, {7}, {}, "long prefill"}, 2e-2, 5e-3);
 }
 
 TEST_CASE("CUDA TTT inner loop with large batches and host fallbacks and launch plans", "[ttt_cuda][inner]") {
@@ -225,17 +298,25 @@ TEST_CASE("CUDA TTT inner loop with large batches and host fallbacks and launch 
     TuningScope tune(3);
     CHECK_THROWS(run_inner({Kind::linear, 1, 1, 4, 16, 16, 4, {0}, {}, "bad cluster"}, 5));
   }
-  // Moshi's shapes run on the device (C 4096, 32 heads of 128, K 16), prefill and decode.
+  // Moshi's shapes run on the device (C 4096, 32 heads of 128, K 16), prefill and decode; the
+  // bf16 layer's on the tensor cores.
   for (Kind k : {Kind::linear, Kind::mlp})
     for (int64_t B : {1, 8})
-      for (int64_t L : {1, 8192}) {
-        const int64_t F = k == Kind::mlp ? 512 : 128;
-        const auto pl = TttKernels<Cuda>::plan(k, B, 32, L, 128, F, 16);
-        std::printf("[ttt cuda plan] %-6s B %lld L %5lld: %s, cluster %d, %d rows, %lld bytes of shared memory\n",
-                    k == Kind::mlp ? "mlp" : "linear", (long long)B, (long long)L, pl.device ? "device" : pl.why_host,
-                    pl.cluster, pl.rows, (long long)pl.smem_bytes);
-        CHECK(pl.device);
-      }
+      for (int64_t L : {1, 8192})
+        for (TttOperands op : {TttOperands::fp32, TttOperands::bf16}) {
+          const int64_t F = k == Kind::mlp ? 512 : 128;
+          const auto pl = TttKernels<Cuda>::plan(k, B, 32, L, 128, F, 16, op);
+          std::printf("[ttt cuda plan] %-6s B %lld L %5lld %s: %s%s, cluster %d, %d rows, %lld bytes of shared "
+                      "memory\n",
+                      k == Kind::mlp ? "mlp" : "linear", (long long)B, (long long)L,
+                      op == TttOperands::bf16 ? "bf16" : "fp32", pl.device ? "device" : pl.why_host,
+                      pl.tensor_cores ? " (tensor cores)" : pl.decode ? " (decode kernel)" : "", pl.cluster, pl.rows,
+                      (long long)pl.smem_bytes);
+          const bool decode = k == Kind::linear && L == 1;
+          CHECK(pl.device);
+          CHECK(pl.decode == decode);
+          CHECK(pl.tensor_cores == (op == TttOperands::bf16 && !decode));
+        }
 }
 
 // ---- causal_conv, l2_normalize, ln_target ------------------------------------------------
@@ -286,6 +367,62 @@ TEST_CASE("CUDA causal_conv and l2_normalize and ln_target match the host", "[tt
     TttKernels<Cuda>::ln_target(dv, k.to<Cuda>(), w.to<Cuda>(), b.to<Cuda>(), 1e-6f);
     INFO("ln_target f " << f);
     CHECK(rel_err(host(dv), hv) <= 2e-6);
+  }
+}
+
+TEST_CASE("CUDA TTT prologue and post_norm match the host", "[ttt_cuda][ops]") {
+  std::mt19937 g(23);
+  for (int variant = 0; variant < 4; ++variant) {
+    const int64_t B = 2, L = 5, nh = 3, f = variant == 3 ? 128 : 8, C = nh * f, K = 4;
+    const bool l2 = variant == 1 || variant == 3, lnt = variant >= 2;
+    auto proj32 = ref::random<float>({B, L, 3 * C + nh + 2}, g, -2.f, 2.f);  // 2 extra columns: a view's stride
+    auto run = [&](auto tag) {
+      using T = decltype(tag);
+      const auto proj_h = ops::cast<T>(proj32).slice(2, 0, 3 * C + nh);
+      std::vector<int64_t> pos(size_t(B * L));
+      for (size_t i = 0; i < pos.size(); ++i) pos[i] = int64_t(i * 7 + 3);
+      const auto pos_h = Tensor<int64_t, Cpu>::from_vector({B, L}, pos);
+      const auto exec_h = Tensor<uint8_t, Cpu>::from_vector({B}, {1, 0});
+      const auto lrb = ref::random<float>({nh}, g, -1.f, 1.f), lnw = ref::random<float>({nh, f}, g, 0.5f, 1.5f),
+                 lnb = ref::random<float>({nh, f}, g, -0.2f, 0.2f);
+      auto fill = [&](auto& a, auto up) {
+        a.mini_batch_size = K;
+        a.rope_theta = 10000.f, a.lr_scale = 0.25f, a.ln_eps = 1e-6f, a.l2_norm_qk = l2, a.ln_target = lnt;
+        using Bk = typename std::decay_t<decltype(a.xq)>::backend_type;
+        a.xq = Tensor<float, Bk>::empty({B, nh, L, f}), a.xk = Tensor<float, Bk>::empty({B, nh, L, f});
+        a.xv = Tensor<float, Bk>::empty({B, nh, L, f}), a.lr = Tensor<float, Bk>::empty({B, nh, L});
+        a.phase = Tensor<int32_t, Bk>::empty({B}), a.commit = Tensor<uint8_t, Bk>::empty({B});
+        a.lr_bias = up(lrb), a.ln_weight = up(lnw), a.ln_bias = up(lnb);
+      };
+      TttPrologue<T, Cpu> hc;
+      hc.proj = proj_h, hc.positions = pos_h, hc.exec = exec_h;
+      fill(hc, [](const Tensor<float, Cpu>& t) { return t; });
+      TttKernels<Cpu>::prologue(hc);
+      TttPrologue<T, Cuda> dc;
+      const auto proj_full = ops::cast<T>(proj32).template to<Cuda>();
+      dc.proj = proj_full.slice(2, 0, 3 * C + nh), dc.positions = pos_h.to<Cuda>(), dc.exec = exec_h.to<Cuda>();
+      fill(dc, [](const Tensor<float, Cpu>& t) { return t.to<Cuda>(); });
+      TttKernels<Cuda>::prologue(dc);
+      INFO("prologue variant " << variant << (std::is_same_v<T, float> ? " f32" : " bf16"));
+      CHECK(rel_err(host(dc.xq), hc.xq) <= 1e-5);
+      CHECK(rel_err(host(dc.xk), hc.xk) <= 1e-5);
+      CHECK(rel_err(host(dc.xv), hc.xv) <= 1e-5);
+      CHECK(rel_err(host(dc.lr), hc.lr) <= 1e-6);
+      CHECK(host(dc.phase).to_vector() == hc.phase.to_vector());
+      CHECK(host(dc.commit).to_vector() == hc.commit.to_vector());
+      CHECK(hc.phase.to_vector() == std::vector<int32_t>{3 % 4, int32_t((5 * 7 + 3) % 4)});
+      CHECK(hc.commit.to_vector() == std::vector<uint8_t>{1, 0});
+
+      const auto x = ref::random<float>({B, L, C}, g, -3.f, 3.f);
+      const auto w = ref::random<float>({C}, g, 0.5f, 1.5f), bb = ref::random<float>({C}, g, -0.5f, 0.5f);
+      auto yh = Tensor<T, Cpu>::empty({B, L, C});
+      TttKernels<Cpu>::post_norm(yh, x, w, bb, 1e-6f);
+      auto yd = Tensor<T, Cuda>::empty({B, L, C});
+      TttKernels<Cuda>::post_norm(yd, x.to<Cuda>(), w.to<Cuda>(), bb.to<Cuda>(), 1e-6f);
+      CHECK(rel_err(host(yd), yh) <= (std::is_same_v<T, float> ? 1e-6 : 1.6e-2));
+    };
+    run(float{});
+    run(bf16{});
   }
 }
 
@@ -539,9 +676,11 @@ TEST_CASE("CUDA exec mask leaves masked items' state untouched", "[ttt_cuda][str
 // steps": max|dy| <= 0.03, mean|dy| <= 0.002, max|dstate| <= 0.01), here bf16 on CUDA
 // against fp32 on CUDA, ttt-lm-pytorch's initialisation, N(0, 1) inputs.
 namespace {
-void check_bf16(int64_t steps) {
-  for (auto kind : {Kind::linear, Kind::mlp}) {
-    const auto cfg = TttConfig::make(kind, 64, 4, 16);
+void check_bf16(int64_t steps, bool prefill = false) {
+  // f = 16 (the fp32 kernels under the bf16 layer) and f = 128 (the tensor-core kernels).
+  for (auto [kind, C, nh] : {std::tuple{Kind::linear, 64, 4}, std::tuple{Kind::mlp, 64, 4},
+                             std::tuple{Kind::linear, 256, 2}, std::tuple{Kind::mlp, 256, 2}}) {
+    const auto cfg = TttConfig::make(kind, C, nh, 16);
     std::mt19937 g(kind == Kind::mlp ? 2 : 1);
     std::normal_distribution<float> nd(0.f, 0.02f);
     io::WeightSource ws;
@@ -550,7 +689,7 @@ void check_bf16(int64_t steps) {
       for (int64_t i = 0; i < t.numel(); ++i) t.data()[i] = normal ? nd(g) : value;
       ws.put(n, t);
     };
-    const int64_t C = cfg.hidden_size, nh = cfg.num_heads, f = cfg.head_dim, F = cfg.inner_dim();
+    const int64_t f = cfg.head_dim, F = cfg.inner_dim();
     for (const char* n : {"q_proj", "k_proj", "v_proj", "o_proj"}) put(std::string(n) + ".weight", {C, C}, 0, true);
     put("learnable_ttt_lr_weight", {nh, 1, C}, 0, true);
     put("learnable_ttt_lr_bias", {nh, 1}, 0, false);
@@ -571,9 +710,10 @@ void check_bf16(int64_t steps) {
     auto s32 = TttState<Cuda>::init(p32, 1);
     auto s16 = TttState<Cuda>::init(p16, 1);
     double max_dy = 0, sum_dy = 0, max_y = 0;
-    for (int64_t t = 0; t < steps; ++t) {
-      const auto a = ref::values(host(ttt_forward(p32, s32, x32.slice(1, t, t + 1).contiguous())));
-      const auto b = ref::values(host(ops::cast<float>(ttt_forward(p16, s16, x16.slice(1, t, t + 1).contiguous()))));
+    const int64_t per = prefill ? steps : 1;  // tokens per call
+    for (int64_t t = 0; t < steps; t += per) {
+      const auto a = ref::values(host(ttt_forward(p32, s32, x32.slice(1, t, t + per).contiguous())));
+      const auto b = ref::values(host(ops::cast<float>(ttt_forward(p16, s16, x16.slice(1, t, t + per).contiguous()))));
       for (size_t i = 0; i < a.size(); ++i) {
         const double d = std::abs(a[i] - b[i]);
         max_dy = std::max(max_dy, d);
@@ -586,8 +726,11 @@ void check_bf16(int64_t steps) {
     auto t32 = state_tensors(s32), t16 = state_tensors(s16);
     for (size_t i = 0; i < t32.size(); ++i)
       dstate = std::max(dstate, ref::max_abs_diff(ref::values(t32[i].second), ref::values(t16[i].second)));
-    std::printf("[ttt cuda bf16] %-6s %lld decode steps: max|dy| %.3g mean|dy| %.3g (max|y| %.3g), max|dstate| %.3g\n",
-                cfg.kind_name(), (long long)steps, max_dy, mean_dy, max_y, dstate);
+    const bool tc = TttKernels<Cuda>::plan(kind, 1, nh, 1, f, F, 16, TttOperands::bf16).tensor_cores;
+    std::printf("[ttt cuda bf16] %-6s f %3lld (%s) %lld %s: max|dy| %.3g mean|dy| %.3g (max|y| %.3g), "
+                "max|dstate| %.3g\n",
+                cfg.kind_name(), (long long)f, tc ? "tensor cores" : "fp32 kernels", (long long)steps,
+                prefill ? "tokens in one call" : "decode steps", max_dy, mean_dy, max_y, dstate);
     CHECK(max_dy <= 0.03);
     CHECK(mean_dy <= 0.002);
     CHECK(dstate <= 0.01);
@@ -600,6 +743,9 @@ TEST_CASE("CUDA bf16 path stays within bf16 rounding of fp32 over 4096 decode st
 }
 TEST_CASE("CUDA bf16 path stays within bf16 rounding of fp32 over 64 decode steps", "[ttt_cuda][bf16]") {
   check_bf16(64);
+}
+TEST_CASE("CUDA bf16 prefill stays within bf16 rounding of fp32 over 4096 tokens", "[ttt_cuda][bf16]") {
+  check_bf16(4096, true);
 }
 
 int main(int argc, char** argv) {

@@ -18,6 +18,13 @@
 //   A whole mini-batch (p = 0, n = K) is exactly ttt-lm-pytorch's dual form; a partial one
 //   is its primal form batched over the segment (ttt_reference b.5, b.7, d.2). TTT-MLP is
 //   the same with the two-layer forward and the gradient of both layers (ttt_reference c).
+//
+// Around the inner loop, two more steps have backend kernels of their own so that a decode
+// step is a handful of launches (TttKernels<B>::prologue and ::post_norm below):
+//   prologue   the rows of one projection [q | k | v | lr logits] in T  ->  xq, xk, xv
+//              [B, nh, L, f] float after RoPE (and the video options), lr [B, nh, L]
+//   post_norm  the inner loop's output, written token-major [B, L, nh, f], LayerNorm over C,
+//              cast to T.
 #include <cmath>
 #include <cstdint>
 #include <vector>
@@ -38,17 +45,25 @@ struct TttFastWeights {
   Tensor<float, B> W2_grad, b2_grad;  // (mlp only)
 };
 
+// Operand precision of the inner loop's matrix products. fp32: every product in float (the
+// reference's numbers, 1e-5); bf16: products on tensor cores with bf16 operands and float
+// accumulation, while the fast weights, running sums, LayerNorm statistics and gradients
+// stay float (the layer's bf16 path; the CPU backend always computes in float).
+enum class TttOperands { fp32, bf16 };
+
 template <class B>
 struct TttInnerArgs {
   TttConfig::Kind kind = TttConfig::Kind::linear;
   int64_t mini_batch_size = 16;  // K
   float eps = 1e-6f;             // ttt_norm eps
+  TttOperands operands = TttOperands::fp32;
   Tensor<float, B> xq, xk, xv;   // [B, nh, L, f] contiguous, after RoPE
   Tensor<float, B> lr;           // [B, nh, L]  base_lr * sigmoid(x w_h + b_h) / f
   Tensor<float, B> tau;          // [K]  max(0, 1/(i+1) + learnable_token_idx[i])
   Tensor<float, B> ln_weight;    // [nh, f]
   Tensor<float, B> ln_bias;      // [nh, f]
-  Tensor<float, B> out;          // [B, nh, L, f]  q + LN(z̄)
+  Tensor<float, B> out;          // [B, nh, L, f]  q + LN(z̄); any strides with the last one 1
+                                 // (the layer passes a view of a token-major [B, L, nh, f])
   // Host-side, one entry per batch item: where its first token sits in its mini-batch, and
   // whether its state is written back (0: computed from the state, state left untouched).
   std::vector<int64_t> phase;
@@ -58,6 +73,28 @@ struct TttInnerArgs {
   // host value that changes from step to step and can be replayed as a CUDA graph.
   Tensor<int32_t, B> phase_dev;   // [B] in [0, K)
   Tensor<uint8_t, B> commit_dev;  // [B]
+};
+
+// Arguments of TttKernels<B>::prologue: everything between the projection and the inner loop.
+//   q, k, v = columns [0, C), [C, 2C), [2C, 3C) of proj, as float, per head:
+//   l2-normalised (l2_norm_qk), rotated by interleaved RoPE at position (positions[b, t] mod K),
+//   then v <- k + LN(v - k) (ln_target); lr = lr_scale * sigmoid(proj[..., 3C + h] + lr_bias[h]).
+// With `phase` / `commit` defined, phase[b] = positions[b, 0] mod K and commit[b] = exec[b] != 0
+// (1 without exec) are written for the inner loop (the device-made flags of a graph step).
+template <class T, class B>
+struct TttPrologue {
+  Tensor<T, B> proj;                    // [B, L, >= 3C + nh], last dimension contiguous
+  Tensor<int64_t, B> positions;         // [B, L] stream positions (any strides)
+  Tensor<uint8_t, B> exec;              // [B] or undefined
+  Tensor<float, B> lr_bias;             // [nh]
+  Tensor<float, B> ln_weight, ln_bias;  // [nh, f] (ln_target)
+  int64_t mini_batch_size = 16;
+  float rope_theta = 10000.f, lr_scale = 1.f, ln_eps = 1e-6f;
+  bool l2_norm_qk = false, ln_target = false;
+  Tensor<float, B> xq, xk, xv;          // out: [B, nh, L, f] contiguous
+  Tensor<float, B> lr;                  // out: [B, nh, L] contiguous
+  Tensor<int32_t, B> phase;             // out (optional): [B]
+  Tensor<uint8_t, B> commit;            // out (optional): [B]
 };
 
 // Primary template: a backend without TTT kernels is a compile error, not a link error.

@@ -41,15 +41,15 @@ inline void row_stats(const float* x, int64_t n, float eps, float& mu, float& rs
   rstd = float(1.0 / std::sqrt(v / double(n) + double(eps)));
 }
 
-// out = q + LN_{γ,β}(z), row by row (the layer's o_i = q_i + LN(z̄_i)).
-inline void residual_ln_rows(float* out, const float* q, const Mat& z, const float* gamma, const float* beta,
-                             float eps) {
+// out = q + LN_{γ,β}(z), row by row (the layer's o_i = q_i + LN(z̄_i)); out rows `ld` apart.
+inline void residual_ln_rows(float* out, int64_t ld, const float* q, const Mat& z, const float* gamma,
+                             const float* beta, float eps) {
   const int64_t n = z.rows(), f = z.cols();
   for (int64_t i = 0; i < n; ++i) {
     const float* zi = z.data() + i * f;
     float mu, rstd;
     row_stats(zi, f, eps, mu, rstd);
-    for (int64_t d = 0; d < f; ++d) out[i * f + d] = q[i * f + d] + (gamma[d] * ((zi[d] - mu) * rstd) + beta[d]);
+    for (int64_t d = 0; d < f; ++d) out[i * ld + d] = q[i * f + d] + (gamma[d] * ((zi[d] - mu) * rstd) + beta[d]);
   }
 }
 
@@ -133,7 +133,8 @@ inline void run_head(const TttInnerArgs<Cpu>& a, const TttFastWeights<Cpu>& s, i
   const float* tau = a.tau.data();
   const float* gamma = a.ln_weight.data() + h * f;
   const float* beta = a.ln_bias.data() + h * f;
-  float* out = a.out.data() + bh * L * f;
+  float* out = a.out.data() + b * a.out.stride(0) + h * a.out.stride(1);
+  const int64_t ld_out = a.out.stride(2);
 
   const int64_t n_w1 = f * F, n_w2 = mlp ? F * f : 0, n_b2 = mlp ? f : 0;
   HeadState st{s.W1.data() + bh * n_w1,
@@ -214,7 +215,7 @@ inline void run_head(const TttInnerArgs<Cpu>& a, const TttFastWeights<Cpu>& s, i
       }
       zout = &sc.zb2;
     }
-    residual_ln_rows(out + t * f, q + t * f, *zout, gamma, beta, a.eps);
+    residual_ln_rows(out + t * ld_out, ld_out, q + t * f, *zout, gamma, beta, a.eps);
     // Running sums (not scaled by τ: the reference's W1_grad / b1_grad).
     sc.lg = sc.g1;
     for (int64_t i = 0; i < n; ++i) sc.lg.row(i) *= lr_t[i];
@@ -336,6 +337,96 @@ struct TttKernels<Cpu> {
       }
       if (phase.defined()) phase.data()[b] = L > 0 ? int32_t(out_pos(b, 0)) : 0;
       if (commit.defined()) commit.data()[b] = exec.defined() ? uint8_t(exec.data()[b] != 0) : uint8_t(1);
+    }
+  }
+
+  // See TttPrologue (ttt_kernels.hpp). The same arithmetic as the separate steps it replaces
+  // (cast, l2_normalize, ops::rope, ln_target, sigmoid), token by token.
+  template <class T>
+  static void prologue(const TttPrologue<T, Cpu>& a) {
+    const int64_t Bn = a.xq.size(0), nh = a.xq.size(1), L = a.xq.size(2), f = a.xq.size(3), C = nh * f;
+    const int64_t K = a.mini_batch_size;
+    TTT_CHECK(a.proj.rank() == 3 && a.proj.size(0) == Bn && a.proj.size(1) == L && a.proj.size(2) >= 3 * C + nh &&
+                  a.proj.stride(2) == 1,
+              "TttKernels<Cpu>::prologue: proj ", a.proj.shape().str(), " for ", nh, " heads of ", f);
+    for (const Tensor<float, Cpu>* t : {&a.xq, &a.xk, &a.xv, &a.lr})
+      TTT_CHECK(t->is_contiguous(), "TttKernels<Cpu>::prologue: outputs must be contiguous");
+    std::vector<float> freq(static_cast<size_t>(f / 2));
+    for (int64_t i = 0; i < f / 2; ++i) freq[size_t(i)] = math::rope_freq(int(i), int(f), a.rope_theta);
+    auto row_of = [&](const Tensor<float, Cpu>& t, int64_t b, int64_t h, int64_t s) {
+      return t.data() + ((b * nh + h) * L + s) * f;
+    };
+#pragma omp parallel for schedule(static) if (Bn * L * C >= (int64_t(1) << 18))
+    for (int64_t bt = 0; bt < Bn * L; ++bt) {
+      const int64_t b = bt / L, s = bt % L;
+      const T* row = a.proj.data() + b * a.proj.stride(0) + s * a.proj.stride(1);
+      const float pos = float(((a.positions(b, s) % K) + K) % K);
+      std::vector<float> cs(static_cast<size_t>(f / 2)), sn(static_cast<size_t>(f / 2));
+      for (int64_t i = 0; i < f / 2; ++i) {
+        const float ang = freq[size_t(i)] * pos;
+        cs[size_t(i)] = std::cos(ang);
+        sn[size_t(i)] = std::sin(ang);
+      }
+      for (int64_t h = 0; h < nh; ++h) {
+        float* q = row_of(a.xq, b, h, s);
+        float* k = row_of(a.xk, b, h, s);
+        float* v = row_of(a.xv, b, h, s);
+        for (int64_t d = 0; d < f; ++d) {
+          q[d] = to_f32(row[h * f + d]);
+          k[d] = to_f32(row[C + h * f + d]);
+          v[d] = to_f32(row[2 * C + h * f + d]);
+        }
+        for (float* x : {q, k}) {
+          if (a.l2_norm_qk) {
+            double ss = 0;
+            for (int64_t d = 0; d < f; ++d) ss += double(x[d]) * x[d];
+            const float inv = float(1.0 / std::max(std::sqrt(ss), 1e-12));
+            for (int64_t d = 0; d < f; ++d) x[d] *= inv;
+          }
+          for (int64_t i = 0; i < f / 2; ++i) {
+            const float c = cs[size_t(i)], sv = sn[size_t(i)], re = x[2 * i], im = x[2 * i + 1];
+            x[2 * i] = re * c - im * sv;
+            x[2 * i + 1] = re * sv + im * c;
+          }
+        }
+        if (a.ln_target) {
+          const Tensor<float, Cpu> vt = Tensor<float, Cpu>::borrow(v, {1, 1, 1, f});
+          const Tensor<float, Cpu> kt = Tensor<float, Cpu>::borrow(k, {1, 1, 1, f});
+          ln_target(vt, kt, a.ln_weight.select(0, h).reshape({1, f}), a.ln_bias.select(0, h).reshape({1, f}), a.ln_eps);
+        }
+        a.lr.data()[(b * nh + h) * L + s] =
+            a.lr_scale * math::sigmoid(to_f32(row[3 * C + h]) + a.lr_bias.data()[h]);
+      }
+    }
+    if (a.phase.defined() || a.commit.defined()) {
+      for (int64_t b = 0; b < Bn; ++b) {
+        if (a.phase.defined()) a.phase.data()[b] = L > 0 ? int32_t(((a.positions(b, 0) % K) + K) % K) : 0;
+        if (a.commit.defined()) a.commit.data()[b] = a.exec.defined() ? uint8_t(a.exec.data()[b] != 0) : uint8_t(1);
+      }
+    }
+  }
+
+  // out[b, t, :] = LayerNorm(in[b, t, :]) * weight + bias over the last dimension C, cast to
+  // T (the layer's post_norm; in is the inner loop's token-major output).
+  template <class T>
+  static void post_norm(const Tensor<T, Cpu>& out, const Tensor<float, Cpu>& in, const Tensor<float, Cpu>& weight,
+                        const Tensor<float, Cpu>& bias, float eps) {
+    TTT_CHECK(in.is_contiguous() && out.is_contiguous() && out.shape() == in.shape(),
+              "TttKernels<Cpu>::post_norm: contiguous tensors of one shape, got ", in.shape().str(), " and ",
+              out.shape().str());
+    const int64_t n = in.size(-1), rows = in.numel() / std::max<int64_t>(n, 1);
+#pragma omp parallel for schedule(static) if (in.numel() >= (int64_t(1) << 18))
+    for (int64_t r = 0; r < rows; ++r) {
+      const float* p = in.data() + r * n;
+      T* o = out.data() + r * n;
+      double mu = 0;
+      for (int64_t j = 0; j < n; ++j) mu += p[j];
+      mu /= double(n);
+      double var = 0;
+      for (int64_t j = 0; j < n; ++j) var += (double(p[j]) - mu) * (double(p[j]) - mu);
+      var /= double(n);
+      const float rstd = float(1.0 / std::sqrt(var + double(eps))), muf = float(mu);
+      for (int64_t j = 0; j < n; ++j) o[j] = from_f32<T>((p[j] - muf) * rstd * weight.data()[j] + bias.data()[j]);
     }
   }
 

@@ -51,9 +51,13 @@ template <class T, class B>
 struct TttParams {
   TttConfig config;
   Tensor<T, B> q_proj, k_proj, v_proj, o_proj;  // [C, C] nn.Linear [out, in]; k_proj absent with share_qk
-  // Without share_qk, q/k/v_proj (and their biases) are row blocks of one [3C, C] weight: a
-  // decode step reads them in one matrix-vector product instead of three.
-  Tensor<T, B> qkv_proj, qkv_bias;  // [3C, C], [3C]
+  // Without share_qk, q/k/v_proj (and their biases) and the inner-lr weight (in T) are row
+  // blocks of one [3C + nh, C] weight: a decode step reads them in one matrix-vector product
+  // and TttKernels<B>::prologue turns its output into the inner loop's inputs in one pass.
+  // (In bf16 the lr logits are then bf16 products, as in ttt-lm-kernels' fused
+  // qkv_learnable_ttt_lr_proj; the sigmoid and everything after it stay float.)
+  Tensor<T, B> qkvl_proj, qkvl_bias;  // [3C + nh, C], [3C + nh] (zero lr part)
+  Tensor<T, B> lr_proj;               // [nh, C] view of qkvl_proj
   Tensor<T, B> g_proj;                          // [C, C] (use_gate)
   Tensor<T, B> q_bias, k_bias, v_bias, o_bias;  // [C] (proj_bias)
   Tensor<float, B> conv_q_weight, conv_k_weight;  // [C, kc] (share_qk)
@@ -85,23 +89,28 @@ struct TttParams {
     auto get_f = [&](const std::string& name, const Shape& s, io::Init init) {
       return detail::upload<B>(ws.get_or_init<float>(prefix + name, s, init, allow_missing));
     };
-    // Rows [0, C) q, [C, 2C) k, [2C, 3C) v of one host tensor, uploaded once; the three
-    // parameters are views of it.
-    auto fused = [&](const char* suffix, const Shape& s1, io::Init init) {
+    // Rows [0, C) q, [C, 2C) k, [2C, 3C) v, [3C, 3C + nh) tail() of one host tensor, uploaded
+    // once; the parameters are views of it.
+    auto fused = [&](const char* suffix, const Shape& s1, io::Init init, auto tail_fn) {
+      std::vector<Tensor<T, Cpu>> parts;
+      for (const char* n : {"q_proj", "k_proj", "v_proj"})
+        parts.push_back(ws.get_or_init<T>(prefix + n + suffix, s1, init, allow_missing));
+      const Tensor<T, Cpu> tail = tail_fn();
       Shape s3 = s1;
-      s3.d[0] = 3 * s1.d[0];
+      s3.d[0] = 3 * s1.d[0] + tail.size(0);
       auto cat = Tensor<T, Cpu>::empty(s3);
-      int64_t at = 0;
-      for (const char* n : {"q_proj", "k_proj", "v_proj"}) {
-        cat.slice(0, at, at + s1.d[0]).copy_from(ws.get_or_init<T>(prefix + n + suffix, s1, init, allow_missing));
-        at += s1.d[0];
-      }
+      for (int i = 0; i < 3; ++i) cat.slice(0, i * s1.d[0], (i + 1) * s1.d[0]).copy_from(parts[size_t(i)]);
+      cat.slice(0, 3 * s1.d[0], 3 * s1.d[0] + tail.size(0)).copy_from(tail);
       return detail::upload<B>(cat);
     };
     if (!cfg.share_qk) {
-      p.qkv_proj = fused(".weight", {C, C}, normal);
-      p.q_proj = p.qkv_proj.slice(0, 0, C), p.k_proj = p.qkv_proj.slice(0, C, 2 * C);
-      p.v_proj = p.qkv_proj.slice(0, 2 * C, 3 * C);
+      p.qkvl_proj = fused(".weight", {C, C}, normal, [&] {
+        return ws.get_or_init<T>(prefix + "learnable_ttt_lr_weight", {nh, 1, C}, normal, allow_missing)
+            .contiguous()
+            .reshape({nh, C});
+      });
+      p.q_proj = p.qkvl_proj.slice(0, 0, C), p.k_proj = p.qkvl_proj.slice(0, C, 2 * C);
+      p.v_proj = p.qkvl_proj.slice(0, 2 * C, 3 * C), p.lr_proj = p.qkvl_proj.slice(0, 3 * C, 3 * C + nh);
     } else {
       p.q_proj = get_t("q_proj.weight", {C, C}, normal);
       p.v_proj = get_t("v_proj.weight", {C, C}, normal);
@@ -110,9 +119,9 @@ struct TttParams {
     if (cfg.use_gate) p.g_proj = get_t("g_proj.weight", {C, C}, normal);
     if (cfg.proj_bias) {
       if (!cfg.share_qk) {
-        p.qkv_bias = fused(".bias", {C}, zeros);
-        p.q_bias = p.qkv_bias.slice(0, 0, C), p.k_bias = p.qkv_bias.slice(0, C, 2 * C);
-        p.v_bias = p.qkv_bias.slice(0, 2 * C, 3 * C);
+        p.qkvl_bias = fused(".bias", {C}, zeros, [&] { return Tensor<T, Cpu>::zeros({nh}); });
+        p.q_bias = p.qkvl_bias.slice(0, 0, C), p.k_bias = p.qkvl_bias.slice(0, C, 2 * C);
+        p.v_bias = p.qkvl_bias.slice(0, 2 * C, 3 * C);
       } else {
         p.q_bias = get_t("q_proj.bias", {C}, zeros);
         p.v_bias = get_t("v_proj.bias", {C}, zeros);
@@ -316,76 +325,105 @@ Tensor<T, B> ttt_forward_impl(const TttParams<T, B>& p, TttState<B>& s, const Te
   const Tensor<T, B> x = x_in.contiguous();
   std::vector<uint8_t> commit(size_t(Bn), 1);
   for (size_t b = 0; b < exec.size(); ++b) commit[b] = exec[b] != 0;
-  Tensor<int64_t, B> positions;  // [B, L] RoPE positions, mod K
-  Tensor<int32_t, B> phase_dev;  // [B]
-  Tensor<uint8_t, B> commit_dev;  // [B]
   if (positions_dev) {
     TTT_CHECK(positions_dev->rank() == 2 && positions_dev->size(0) == Bn && positions_dev->size(1) == L,
               "ttt_forward_at: positions ", positions_dev->shape().str(), " for x ", x_in.shape().str());
     TTT_CHECK(!exec_dev.defined() || exec_dev.numel() == Bn, "ttt_forward_at: exec mask ", exec_dev.shape().str(),
               " for batch ", Bn);
-    positions = Tensor<int64_t, B>::empty({Bn, L});
-    phase_dev = Tensor<int32_t, B>::empty({Bn});
-    commit_dev = Tensor<uint8_t, B>::empty({Bn});
-    TttKernels<B>::call_flags(*positions_dev, exec_dev, 0, K, positions, phase_dev, commit_dev);
   }
-
-  // Projections in T; the inner loop and its inputs in float.
-  auto project = [&](const Tensor<T, B>& w, const Tensor<T, B>& bias) {
-    Tensor<T, B> y = ops::linear(x, w);
-    if (bias.defined()) ops::add_(y, bias);
-    return ops::cast<float>(y);  // [B, L, C]
-  };
-  Tensor<float, B> q4, k4, v4;  // [B, L, nh, f]
-  if (c.share_qk) {
-    const Tensor<float, B> xqk = project(p.q_proj, p.q_bias);
-    auto xq = Tensor<float, B>::empty({Bn, L, C}), xk = Tensor<float, B>::empty({Bn, L, C});
-    TttKernels<B>::causal_conv(xq, xk, xqk, s.conv_states, p.conv_q_weight, p.conv_q_bias, p.conv_k_weight,
-                               p.conv_k_bias, commit, commit_dev);
-    q4 = xq.reshape({Bn, L, nh, f}), k4 = xk.reshape({Bn, L, nh, f});
-    v4 = project(p.v_proj, p.v_bias).reshape({Bn, L, nh, f});
-  } else {
-    // One product for q, k and v; the heads are strided views of it.
-    const auto qkv = project(p.qkv_proj, p.qkv_bias).reshape({Bn, L, 3 * nh, f});
-    q4 = qkv.slice(2, 0, nh), k4 = qkv.slice(2, nh, 2 * nh), v4 = qkv.slice(2, 2 * nh, 3 * nh);
-  }
-  if (c.l2_norm_qk) {
-    TttKernels<B>::l2_normalize(q4);
-    TttKernels<B>::l2_normalize(k4);
-  }
-  // Interleaved RoPE at positions taken mod K, each item from its own offset.
-  if (!positions_dev) {
+  // Each token's stream position (RoPE takes it mod K): made on the backend, or from the
+  // host offsets.
+  auto host_positions = [&] {
     std::vector<int64_t> pos(size_t(Bn * L));
     for (int64_t b = 0; b < Bn; ++b)
       for (int64_t t = 0; t < L; ++t) pos[size_t(b * L + t)] = (s.offset[size_t(b)] + t) % K;
-    positions = detail::upload<B>(Tensor<int64_t, Cpu>::from_vector({Bn, L}, pos));
-  }
-  ops::rope(q4, q4, positions, c.rope_theta);
-  ops::rope(k4, k4, positions, c.rope_theta);
-  if (c.ln_target) {
-    k4 = k4.contiguous(), v4 = v4.contiguous();  // the kernel wants dense rows
-    TttKernels<B>::ln_target(v4, k4, p.ttt_norm_weight, p.ttt_norm_bias, c.ttt_norm_eps);
-  }
-
-  // Token-wise inner learning rate lr_t^h = base_lr * sigmoid(x_t · w_h + b_h) / f, in
-  // float whatever T is: it scales every gradient of the inner loop.
-  Tensor<float, B> lr = ops::linear(ops::cast<float>(x), p.learnable_ttt_lr_weight);  // [B, L, nh]
-  ops::add_(lr, p.learnable_ttt_lr_bias);
-  ops::unary(lr, lr, Unary::sigmoid);
-  ops::unary(lr, lr, Unary::scale, c.base_lr / float(f));
+    return detail::upload<B>(Tensor<int64_t, Cpu>::from_vector({Bn, L}, pos));
+  };
 
   TttInnerArgs<B> a;
   a.kind = c.kind;
   a.mini_batch_size = K;
   a.eps = c.ttt_norm_eps;
-  a.xq = q4.transpose(1, 2).contiguous();  // [B, nh, L, f]
-  a.xk = k4.transpose(1, 2).contiguous();
-  a.xv = v4.transpose(1, 2).contiguous();
-  a.lr = lr.transpose(1, 2).contiguous();  // [B, nh, L]
+  // The bf16 (f16) layer lets the inner loop's products run on bf16 operands.
+  a.operands = std::is_same_v<T, float> ? TttOperands::fp32 : TttOperands::bf16;
   a.tau = p.tau;
   a.ln_weight = p.ttt_norm_weight;
   a.ln_bias = p.ttt_norm_bias;
-  a.out = Tensor<float, B>::empty({Bn, nh, L, f});
+  Tensor<int32_t, B> phase_dev;   // [B]
+  Tensor<uint8_t, B> commit_dev;  // [B]
+  if (positions_dev) {
+    phase_dev = Tensor<int32_t, B>::empty({Bn});
+    commit_dev = Tensor<uint8_t, B>::empty({Bn});
+  }
+
+  if (!c.share_qk) {
+    // One product for q, k, v and the lr logits, then one pass to the inner loop's inputs.
+    Tensor<T, B> proj = ops::linear(x, p.qkvl_proj);  // [B, L, 3C + nh]
+    if (p.qkvl_bias.defined()) ops::add_(proj, p.qkvl_bias);
+    TttPrologue<T, B> pr;
+    pr.proj = proj;
+    pr.positions = positions_dev ? *positions_dev : host_positions();
+    pr.exec = exec_dev;
+    pr.lr_bias = p.learnable_ttt_lr_bias;
+    pr.ln_weight = p.ttt_norm_weight;
+    pr.ln_bias = p.ttt_norm_bias;
+    pr.mini_batch_size = K;
+    pr.rope_theta = c.rope_theta;
+    pr.lr_scale = c.base_lr / float(f);
+    pr.ln_eps = c.ttt_norm_eps;
+    pr.l2_norm_qk = c.l2_norm_qk;
+    pr.ln_target = c.ln_target;
+    pr.xq = Tensor<float, B>::empty({Bn, nh, L, f});
+    pr.xk = Tensor<float, B>::empty({Bn, nh, L, f});
+    pr.xv = Tensor<float, B>::empty({Bn, nh, L, f});
+    pr.lr = Tensor<float, B>::empty({Bn, nh, L});
+    pr.phase = phase_dev;
+    pr.commit = commit_dev;
+    TttKernels<B>::prologue(pr);
+    a.xq = pr.xq, a.xk = pr.xk, a.xv = pr.xv, a.lr = pr.lr;
+  } else {
+    // share_qk: q and k come from one projection through the causal convs.
+    Tensor<int64_t, B> positions;  // [B, L] RoPE positions, mod K
+    if (positions_dev) {
+      positions = Tensor<int64_t, B>::empty({Bn, L});
+      TttKernels<B>::call_flags(*positions_dev, exec_dev, 0, K, positions, phase_dev, commit_dev);
+    } else {
+      positions = host_positions();
+    }
+    auto project = [&](const Tensor<T, B>& w, const Tensor<T, B>& bias) {
+      Tensor<T, B> y = ops::linear(x, w);
+      if (bias.defined()) ops::add_(y, bias);
+      return ops::cast<float>(y);  // [B, L, C]
+    };
+    const Tensor<float, B> xqk = project(p.q_proj, p.q_bias);
+    auto xq = Tensor<float, B>::empty({Bn, L, C}), xk = Tensor<float, B>::empty({Bn, L, C});
+    TttKernels<B>::causal_conv(xq, xk, xqk, s.conv_states, p.conv_q_weight, p.conv_q_bias, p.conv_k_weight,
+                               p.conv_k_bias, commit, commit_dev);
+    Tensor<float, B> q4 = xq.reshape({Bn, L, nh, f}), k4 = xk.reshape({Bn, L, nh, f});
+    Tensor<float, B> v4 = project(p.v_proj, p.v_bias).reshape({Bn, L, nh, f});
+    if (c.l2_norm_qk) {
+      TttKernels<B>::l2_normalize(q4);
+      TttKernels<B>::l2_normalize(k4);
+    }
+    // Interleaved RoPE at positions taken mod K, each item from its own offset.
+    ops::rope(q4, q4, positions, c.rope_theta);
+    ops::rope(k4, k4, positions, c.rope_theta);
+    if (c.ln_target) TttKernels<B>::ln_target(v4, k4, p.ttt_norm_weight, p.ttt_norm_bias, c.ttt_norm_eps);
+    // Token-wise inner learning rate lr_t^h = base_lr * sigmoid(x_t · w_h + b_h) / f, in
+    // float whatever T is: it scales every gradient of the inner loop.
+    Tensor<float, B> lr = ops::linear(ops::cast<float>(x), p.learnable_ttt_lr_weight);  // [B, L, nh]
+    ops::add_(lr, p.learnable_ttt_lr_bias);
+    ops::unary(lr, lr, Unary::sigmoid);
+    ops::unary(lr, lr, Unary::scale, c.base_lr / float(f));
+    a.xq = q4.transpose(1, 2).contiguous();  // [B, nh, L, f]
+    a.xk = k4.transpose(1, 2).contiguous();
+    a.xv = v4.transpose(1, 2).contiguous();
+    a.lr = lr.transpose(1, 2).contiguous();  // [B, nh, L]
+  }
+
+  // The inner loop writes token-major (heads concatenated, c = h*f + d) for post_norm.
+  const auto o = Tensor<float, B>::empty({Bn, L, nh, f});
+  a.out = o.transpose(1, 2);  // [B, nh, L, f] view
   if (positions_dev) {
     a.phase_dev = phase_dev;
     a.commit_dev = commit_dev;
@@ -399,8 +437,8 @@ Tensor<T, B> ttt_forward_impl(const TttParams<T, B>& p, TttState<B>& s, const Te
     for (int64_t b = 0; b < Bn; ++b)
       if (commit[size_t(b)]) s.offset[size_t(b)] += L;
 
-  const auto o = a.out.transpose(1, 2).contiguous().reshape({Bn, L, C});  // heads concatenated, c = h*f + d
-  Tensor<T, B> y = ops::cast<T>(ops::layer_norm(o, p.post_norm_weight, p.post_norm_bias, c.post_norm_eps));
+  Tensor<T, B> y = Tensor<T, B>::empty({Bn, L, C});
+  TttKernels<B>::post_norm(y, o.reshape({Bn, L, C}), p.post_norm_weight, p.post_norm_bias, c.post_norm_eps);
   if (c.use_gate) {
     Tensor<T, B> g = ops::linear(x, p.g_proj);
     ops::unary(g, g, Unary::gelu_tanh);

@@ -36,370 +36,14 @@
 #include <vector>
 
 #include "ttt/backend/cuda/context.hpp"
+#include "ttt/backend/cuda/kernels.cuh"
+#include "ttt/layers/cuda/ttt_inner_common.cuh"
+#include "ttt/layers/cuda/ttt_decode.cuh"
 #include "ttt/layers/cuda/ttt_kernels.hpp"
+#include "ttt/layers/cuda/ttt_mma.cuh"
 
 namespace ttt::layers {
 namespace cuda_detail {
-
-constexpr int kThreads = 256;
-constexpr int kWarps = kThreads / 32;
-constexpr int kInlineItems = 64;  // batch items whose phase / commit travel in the params struct
-constexpr int kMaxCluster = 8;    // the portable cluster size
-constexpr int kCopyBatch = 8;     // 16-byte loads in flight per thread when staging the state
-
-inline int64_t ceil4(int64_t x) { return (x + 3) / 4 * 4; }
-
-// ---- shared-memory layout of the inner kernels ------------------------------------------
-
-// Offsets in floats, each a multiple of 4 (16 bytes). Slices: Fc = F / nc.
-struct InnerSmem {
-  int W1 = 0, S1 = 0, b1 = 0, Sb1 = 0;  // [f, Fc] x2, [Fc] x2: this CTA's columns of W1 / S1
-  int W2 = 0, S2 = 0, b2 = 0, Sb2 = 0;  // mlp: [Fc, f] x2 (this CTA's rows of W2 / S2), [f] x2 (whole)
-  int tau = 0, gam = 0, bet = 0;        // [K], [f], [f]
-  int QKt = 0;   // [f, 2R]: column i < R is q_i, column R + i is k_i (A of the products, transposed)
-  int lrK = 0;   // [R, f]: lr_i k_i (the running sums' left factor, transposed)
-  int T = 0;     // [R, f]: v - k (mlp: then Abᵀ [Fc, R] once the target is consumed)
-  int lrv = 0;   // [R]
-  int ZZ = 0;    // [2R, Fc] (linear: two of them): rows < R query path, rows >= R key path
-  int G = 0;     // [R, Fc]: G (linear) / G1 (mlp) on this CTA's columns
-  int attn = 0;  // [R, R]: η ⊙ (Q Kᵀ + 1) transposed (attn[j][i])
-  int A1T = 0, lrA1 = 0;  // mlp: [Fc, R] gelu(Z1)ᵀ, [R, Fc] lr ⊙ gelu(Z1)
-  int P1 = 0;             // mlp: [R, f] this CTA's part of gelu(Z1) W2
-  int G2 = 0, G2T = 0;    // mlp: [R, f], [f, R] (G2T then holds z̄2 [R, f])
-  int P2 = 0;             // mlp: [R, R] part of Ab A1ᵀ (transposed), then [R, f] part of Ab W2 (- carry)
-  int attn2 = 0;          // mlp: [R, R]
-  int rowbuf = 0;         // [kWarps, f]: one row per warp for the LayerNorms
-  int total = 0;
-};
-
-inline InnerSmem inner_smem(bool mlp, int f, int F, int nc, int R, int K) {
-  InnerSmem s;
-  int at = 0;
-  auto take = [&](int64_t n) {
-    const int o = at;
-    at += int(ceil4(n));
-    return o;
-  };
-  const int Fc = F / nc;
-  s.W1 = take(f * Fc), s.S1 = take(f * Fc), s.b1 = take(Fc), s.Sb1 = take(Fc);
-  if (mlp) s.W2 = take(Fc * f), s.S2 = take(Fc * f), s.b2 = take(f), s.Sb2 = take(f);
-  s.tau = take(K), s.gam = take(f), s.bet = take(f);
-  s.QKt = take(f * 2 * R), s.lrK = take(R * f);
-  s.T = take(mlp ? std::max(R * f, Fc * R) : R * f);
-  s.lrv = take(R);
-  s.ZZ = take((mlp ? 1 : 2) * 2 * R * Fc);
-  s.G = take(R * Fc);
-  s.attn = take(R * R);
-  if (mlp) {
-    s.A1T = take(Fc * R), s.lrA1 = take(R * Fc), s.P1 = take(R * f);
-    s.G2 = take(R * f), s.G2T = take(R * f);
-    s.P2 = take(R * R + R * f), s.attn2 = take(R * R);
-  }
-  s.rowbuf = take(kWarps * f);
-  s.total = at;
-  return s;
-}
-
-struct InnerParams {
-  const float* xq;    // [B, nh, L, f]
-  const float* xk;    // [B, nh, L, f]
-  const float* xv;    // [B, nh, L, f]
-  const float* lr;    // [B, nh, L]
-  const float* tau;   // [K]
-  const float* ln_w;  // [nh, f]
-  const float* ln_b;  // [nh, f]
-  float* out;         // [B, nh, L, f]
-  float* W1;          // [B, nh, f, F]
-  float* b1;          // [B, nh, 1, F]
-  float* W2;          // [B, nh, F, f] (mlp)
-  float* b2;          // [B, nh, 1, f] (mlp)
-  float* S1;          // running sums, shapes of W1, b1, W2, b2
-  float* Sb1;
-  float* S2;
-  float* Sb2;
-  int64_t L;
-  int nh, f, F, K, R, nc, Fc;
-  float eps;
-  int batch;
-  int flags_dev;             // phase / commit come from phase_dev / commit_dev
-  const int32_t* phase_dev;  // [B] on the device (batch > kInlineItems, or made on the device)
-  const uint8_t* commit_dev;
-  int32_t phase[kInlineItems];
-  uint8_t commit[kInlineItems];
-  InnerSmem sm;
-};
-
-// ---- device helpers -----------------------------------------------------------------------
-
-__device__ __forceinline__ float* dynamic_smem() {
-  extern __shared__ float4 ttt_inner_smem[];  // float4: 16-byte alignment for vector accesses
-  return reinterpret_cast<float*>(ttt_inner_smem);
-}
-
-__device__ __forceinline__ int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
-
-__device__ __forceinline__ float warp_sum(float v) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  return v;
-}
-
-// The same formula as the host's gelu_rows (Eigen), with CUDA's tanhf.
-__device__ __forceinline__ float gelu(float x) {
-  return 0.5f * x * (1.f + tanhf(0.79788456080286536f * (x + 0.044715f * (x * x * x))));
-}
-
-#if defined(_CG_HAS_CLUSTER_GROUP)
-__device__ __forceinline__ int cluster_rank(int nc) {
-  return nc > 1 ? int(cooperative_groups::this_cluster().block_rank()) : 0;
-}
-// Cluster-wide barrier with release/acquire semantics for shared memory (a block barrier
-// when the "cluster" is one CTA).
-__device__ __forceinline__ void cluster_sync(int nc) {
-  if (nc > 1) cooperative_groups::this_cluster().sync();
-  else __syncthreads();
-}
-// `p` (this CTA's shared memory) at the same offset in CTA `rank` of the cluster.
-__device__ __forceinline__ const float* peer(const float* p, int rank, int nc) {
-  return nc > 1 ? cooperative_groups::this_cluster().map_shared_rank(const_cast<float*>(p), rank) : p;
-}
-#else
-// Built for an architecture without clusters: the host never launches nc > 1 there.
-__device__ __forceinline__ int cluster_rank(int nc) { return 0; }
-__device__ __forceinline__ void cluster_sync(int nc) { __syncthreads(); }
-__device__ __forceinline__ const float* peer(const float* p, int rank, int nc) { return p; }
-#endif
-
-template <int N>
-__device__ __forceinline__ void load_vec(const float* p, float (&v)[N]) {
-  if constexpr (N == 4) {
-    const float4 t = *reinterpret_cast<const float4*>(p);
-    v[0] = t.x, v[1] = t.y, v[2] = t.z, v[3] = t.w;
-  } else if constexpr (N == 2) {
-    const float2 t = *reinterpret_cast<const float2*>(p);
-    v[0] = t.x, v[1] = t.y;
-  } else {
-    v[0] = p[0];
-  }
-}
-
-// C[M, N] = op over a block: acc(m, n) = Σ_k At[k lda + m] B(k, n), B(k, n) = B[k ldb + n]
-// (or B[n ldb + k] with kBT); epi(m, n, acc) once per element, by the thread that owns it.
-// Each thread owns TM x 4 outputs; M % TM == 0, N % 4 == 0, lda and ldb multiples of 4,
-// 16-byte aligned operands (kBT reads B one float at a time).
-template <int TM, bool kBT, class Epi>
-__device__ __forceinline__ void gemm_tm(int M, int N, int Kd, const float* At, int lda, const float* B, int ldb,
-                                        Epi& epi) {
-  const int MT = M / TM, NT = N >> 2, tiles = MT * NT;
-  const bool grouped = MT % 4 == 0 && NT % 8 == 0;
-  for (int idx = threadIdx.x; idx < tiles; idx += kThreads) {
-    int mt, nt;
-    if (grouped) {  // 32 consecutive tiles form a 4 x 8 block: one wavefront per operand load
-      const int g = idx >> 5, lane = idx & 31, gn = NT >> 3;
-      mt = (g / gn) * 4 + (lane >> 3);
-      nt = (g % gn) * 8 + (lane & 7);
-    } else {
-      mt = idx / NT;
-      nt = idx - mt * NT;
-    }
-    const int m0 = mt * TM, n0 = nt * 4;
-    float acc[TM][4];
-#pragma unroll
-    for (int i = 0; i < TM; ++i)
-#pragma unroll
-      for (int j = 0; j < 4; ++j) acc[i][j] = 0.f;
-#pragma unroll 4
-    for (int k = 0; k < Kd; ++k) {
-      float a[TM], b[4];
-      load_vec<TM>(At + k * lda + m0, a);
-      if constexpr (kBT) {
-#pragma unroll
-        for (int j = 0; j < 4; ++j) b[j] = B[(n0 + j) * ldb + k];
-      } else {
-        load_vec<4>(B + k * ldb + n0, b);
-      }
-#pragma unroll
-      for (int i = 0; i < TM; ++i)
-#pragma unroll
-        for (int j = 0; j < 4; ++j) acc[i][j] = fmaf(a[i], b[j], acc[i][j]);
-    }
-#pragma unroll
-    for (int i = 0; i < TM; ++i)
-#pragma unroll
-      for (int j = 0; j < 4; ++j) epi(m0 + i, n0 + j, acc[i][j]);
-  }
-}
-
-// Picks the tile height that keeps every thread busy: 4 rows when there are enough tiles.
-template <bool kBT = false, class Epi>
-__device__ __forceinline__ void gemm(int M, int N, int Kd, const float* At, int lda, const float* B, int ldb, Epi epi) {
-  const int t4 = (M >> 2) * (N >> 2);
-  if (t4 >= kThreads) gemm_tm<4, kBT>(M, N, Kd, At, lda, B, ldb, epi);
-  else if (2 * t4 >= kThreads) gemm_tm<2, kBT>(M, N, Kd, At, lda, B, ldb, epi);
-  else gemm_tm<1, kBT>(M, N, Kd, At, lda, B, ldb, epi);
-}
-
-// dst[r * ld_dst + c] = src[r * ld_src + c] for a rows x cols tile (cols % 4 == 0, 16-byte
-// aligned rows), kCopyBatch loads in flight per thread: staging the state is latency-bound.
-__device__ __forceinline__ void copy_tile(float* dst, int64_t ld_dst, const float* src, int64_t ld_src, int rows,
-                                          int cols) {
-  const int c4 = cols >> 2, total = rows * c4;
-  for (int base = threadIdx.x; base < total; base += kThreads * kCopyBatch) {
-    float4 v[kCopyBatch];
-#pragma unroll
-    for (int u = 0; u < kCopyBatch; ++u) {
-      const int e = base + u * kThreads;
-      if (e < total) {
-        const int r = e / c4, c = (e - r * c4) * 4;
-        v[u] = *reinterpret_cast<const float4*>(src + r * ld_src + c);
-      }
-    }
-#pragma unroll
-    for (int u = 0; u < kCopyBatch; ++u) {
-      const int e = base + u * kThreads;
-      if (e < total) {
-        const int r = e / c4, c = (e - r * c4) * 4;
-        *reinterpret_cast<float4*>(dst + r * ld_dst + c) = v[u];
-      }
-    }
-  }
-}
-
-__device__ __forceinline__ void copy_vec(float* dst, const float* src, int n) {
-  for (int i = threadIdx.x; i < n; i += kThreads) dst[i] = src[i];
-}
-
-__device__ __forceinline__ int item_phase(const InnerParams& p, int b) {
-  return p.flags_dev ? p.phase_dev[b] : p.phase[b];
-}
-__device__ __forceinline__ bool item_commit(const InnerParams& p, int b) {
-  return (p.flags_dev ? (p.commit_dev ? p.commit_dev[b] : uint8_t(1)) : p.commit[b]) != 0;
-}
-
-// Mean and 1/sqrt(biased var + eps) of a row in shared memory, by one warp (two passes, as
-// the host does).
-struct RowStats {
-  float mu, rstd;
-};
-__device__ __forceinline__ RowStats row_stats(const float* z, int n, float eps) {
-  const int lane = threadIdx.x & 31;
-  float s = 0.f;
-  for (int j = lane; j < n; j += 32) s += z[j];
-  const float mu = warp_sum(s) / float(n);
-  float v = 0.f;
-  for (int j = lane; j < n; j += 32) {
-    const float d = z[j] - mu;
-    v += d * d;
-  }
-  const float var = warp_sum(v) / float(n);
-  return {mu, 1.f / sqrtf(var + eps)};
-}
-
-// The sums of ln_fused_l2_bwd for row z (width n) and target t: Σĝ and Σĝẑ, with
-// ĝ = (γ ẑ + β − t) γ; the gradient is then (n ĝ_j − Σĝ − ẑ_j Σĝẑ) rstd / n.
-struct LnBwd {
-  RowStats st;
-  float sg, sgz;
-  __device__ __forceinline__ float grad(int j, const float* z, const float* t, const float* gam, const float* bet,
-                                        int n) const {
-    const float xh = (z[j] - st.mu) * st.rstd;
-    const float gh = (gam[j] * xh + bet[j] - t[j]) * gam[j];
-    return (float(n) * gh - sg - xh * sgz) * (st.rstd / float(n));
-  }
-};
-__device__ __forceinline__ LnBwd ln_bwd_row(const float* z, const float* t, const float* gam, const float* bet, int n,
-                                            float eps) {
-  const int lane = threadIdx.x & 31;
-  LnBwd r;
-  r.st = row_stats(z, n, eps);
-  float a = 0.f, c = 0.f;
-  for (int j = lane; j < n; j += 32) {
-    const float xh = (z[j] - r.st.mu) * r.st.rstd;
-    const float gh = (gam[j] * xh + bet[j] - t[j]) * gam[j];
-    a += gh;
-    c += gh * xh;
-  }
-  r.sg = warp_sum(a);
-  r.sgz = warp_sum(c);
-  return r;
-}
-
-// out_i = q_i + LN(z) for a row z in shared memory (one warp).
-__device__ __forceinline__ void residual_ln_row(float* out, const float* q, const float* z, const float* gam,
-                                                const float* bet, int n, float eps) {
-  const RowStats st = row_stats(z, n, eps);
-  for (int j = threadIdx.x & 31; j < n; j += 32) out[j] = q[j] + (gam[j] * ((z[j] - st.mu) * st.rstd) + bet[j]);
-}
-
-// The segment's inputs: QKt (q and k transposed), lr ⊙ k, v − k and lr, zero past row n.
-// Consecutive lanes take consecutive tokens (conflict-free transposed stores); all of a
-// thread's global loads are issued before its stores (one round trip per segment).
-constexpr int kSegBatch = 2;
-__device__ __forceinline__ void load_segment(const InnerParams& p, int64_t row0, int n, float* QKt, float* lrK,
-                                             float* T, float* lrv) {
-  const int f = p.f, R = p.R, R2 = 2 * R, total = R * (f >> 2);
-  const float* q = p.xq + row0 * f;
-  const float* k = p.xk + row0 * f;
-  const float* v = p.xv + row0 * f;
-  const float* lr = p.lr + row0;
-  for (int base = threadIdx.x; base < total; base += kThreads * kSegBatch) {
-    float4 qv[kSegBatch], kv[kSegBatch], vv[kSegBatch];
-    float l[kSegBatch];
-#pragma unroll
-    for (int u = 0; u < kSegBatch; ++u) {
-      const int e = base + u * kThreads, i = e % R, d = (e / R) * 4;
-      qv[u] = kv[u] = vv[u] = make_float4(0.f, 0.f, 0.f, 0.f);
-      l[u] = 0.f;
-      if (e < total && i < n) {
-        qv[u] = *reinterpret_cast<const float4*>(q + int64_t(i) * f + d);
-        kv[u] = *reinterpret_cast<const float4*>(k + int64_t(i) * f + d);
-        vv[u] = *reinterpret_cast<const float4*>(v + int64_t(i) * f + d);
-        l[u] = lr[i];
-      }
-    }
-#pragma unroll
-    for (int u = 0; u < kSegBatch; ++u) {
-      const int e = base + u * kThreads, i = e % R, d = (e / R) * 4;
-      if (e >= total) continue;
-      const float4 a = qv[u], b = kv[u], c = vv[u];
-      QKt[(d + 0) * R2 + i] = a.x, QKt[(d + 1) * R2 + i] = a.y, QKt[(d + 2) * R2 + i] = a.z;
-      QKt[(d + 3) * R2 + i] = a.w;
-      QKt[(d + 0) * R2 + R + i] = b.x, QKt[(d + 1) * R2 + R + i] = b.y, QKt[(d + 2) * R2 + R + i] = b.z;
-      QKt[(d + 3) * R2 + R + i] = b.w;
-      *reinterpret_cast<float4*>(lrK + i * f + d) = make_float4(l[u] * b.x, l[u] * b.y, l[u] * b.z, l[u] * b.w);
-      *reinterpret_cast<float4*>(T + i * f + d) = make_float4(c.x - b.x, c.y - b.y, c.z - b.z, c.w - b.w);
-    }
-  }
-  for (int i = threadIdx.x; i < R; i += kThreads) lrv[i] = i < n ? lr[i] : 0.f;
-}
-
-// row[j] = get(j) for j < n by one warp, four loads in flight per lane before the stores
-// (get reads peers' shared memory: a generic load the compiler cannot move above a store).
-template <class Get>
-__device__ __forceinline__ void gather_row(float* row, int n, Get get) {
-  for (int j0 = threadIdx.x & 31; j0 < n; j0 += 128) {
-    float v[4];
-#pragma unroll
-    for (int u = 0; u < 4; ++u) v[u] = j0 + 32 * u < n ? get(j0 + 32 * u) : 0.f;
-#pragma unroll
-    for (int u = 0; u < 4; ++u)
-      if (j0 + 32 * u < n) row[j0 + 32 * u] = v[u];
-  }
-}
-
-// init + Σ_s get(s) over the cluster in rank order (identical in every CTA), the loads
-// issued together.
-template <class Get>
-__device__ __forceinline__ float peer_sum(float init, int nc, Get get) {
-  float v[kMaxCluster];
-#pragma unroll
-  for (int s = 0; s < kMaxCluster; ++s) v[s] = s < nc ? get(s) : 0.f;
-  float z = init;
-#pragma unroll
-  for (int s = 0; s < kMaxCluster; ++s)
-    if (s < nc) z += v[s];
-  return z;
-}
 
 // ---- TTT-Linear ---------------------------------------------------------------------------
 
@@ -505,7 +149,7 @@ __global__ void __launch_bounds__(kThreads) ttt_linear_kernel(const InnerParams 
         return peer(ZZ, s, nc)[i * Fc + (j - s * Fc)];
       });
       __syncwarp();
-      residual_ln_row(p.out + (row0 + i) * f, p.xq + (row0 + i) * f, row, gam, bet, F, p.eps);
+      residual_ln_row(out_row(p, b, h, t0 + i), p.xq + (row0 + i) * f, row, gam, bet, F, p.eps);
       __syncwarp();
     }
     t0 += n;
@@ -716,7 +360,7 @@ __global__ void __launch_bounds__(kThreads) ttt_mlp_kernel(const InnerParams p) 
       }
     }
     for (int i = rank + nc * warp; i < n; i += nc * kWarps)
-      residual_ln_row(p.out + (row0 + i) * f, p.xq + (row0 + i) * f, Zb2 + i * f, gam, bet, f, p.eps);
+      residual_ln_row(out_row(p, b, h, t0 + i), p.xq + (row0 + i) * f, Zb2 + i * f, gam, bet, f, p.eps);
     t0 += n;
     pp = complete ? 0 : pp + n;
     __syncthreads();
@@ -865,6 +509,136 @@ __global__ void __launch_bounds__(256) ln_target_kernel(const LnTargetParams p) 
   }
 }
 
+// ---- prologue and post_norm ----------------------------------------------------------------
+
+template <class T>
+struct PrologueParams {
+  const T* proj;  // [B, L, >= 3C + nh], strides proj_b, proj_t, last dimension dense
+  int64_t proj_b, proj_t;
+  const int64_t* pos;  // [B, L], strides pos_b, pos_t
+  int64_t pos_b, pos_t;
+  const uint8_t* exec;  // [B] or null
+  const float* lr_bias;  // [nh]
+  const float* ln_w;     // [nh, f]
+  const float* ln_b;
+  float* xq;  // [B, nh, L, f]
+  float* xk;
+  float* xv;
+  float* lr;        // [B, nh, L]
+  int32_t* phase;   // [B] or null
+  uint8_t* commit;  // [B] or null
+  int64_t B, L, K;
+  int nh, f;
+  float theta, lr_scale, ln_eps;
+  int l2, ln_target;
+};
+
+// One warp per (b, t, h): the same arithmetic, in the same order, as the separate kernels it
+// replaces (cast, l2_normalize_kernel, rope_kernel, ln_target_kernel, the lr's sigmoid).
+template <class T>
+__global__ void __launch_bounds__(256) prologue_kernel(const PrologueParams<T> p) {
+  const int lane = threadIdx.x & 31, f = p.f, half = f / 2;
+  const int64_t C = int64_t(p.nh) * f, n = p.B * p.L * p.nh;
+  const int64_t step = (int64_t(gridDim.x) * blockDim.x) >> 5;
+  for (int64_t w = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) >> 5; w < n; w += step) {
+    const int h = int(w % p.nh);
+    const int64_t bt = w / p.nh, b = bt / p.L, t = bt % p.L;
+    const T* row = p.proj + b * p.proj_b + t * p.proj_t;
+    const T* rq = row + h * f;
+    const T* rk = row + C + h * f;
+    const T* rv = row + 2 * C + h * f;
+    const int64_t raw = p.pos[b * p.pos_b + t * p.pos_t];
+    const int64_t pm = ((raw % p.K) + p.K) % p.K;
+    const float pos = float(pm);
+    const int64_t o = ((b * p.nh + h) * p.L + t) * f;
+    float sq = 1.f, sk = 1.f;
+    if (p.l2) {
+      float a = 0.f, c = 0.f;
+      for (int j = lane; j < f; j += 32) {
+        const float x = to_f32(rq[j]), y = to_f32(rk[j]);
+        a += x * x;
+        c += y * y;
+      }
+      sq = 1.f / fmaxf(sqrtf(warp_sum(a)), 1e-12f);
+      sk = 1.f / fmaxf(sqrtf(warp_sum(c)), 1e-12f);
+    }
+    for (int i = lane; i < half; i += 32) {
+      float sn, cs;
+      sincosf(::ttt::cuda::detail::rope_freq_rn(i, f, p.theta) * pos, &sn, &cs);
+      float re = to_f32(rq[2 * i]), im = to_f32(rq[2 * i + 1]);
+      if (p.l2) re *= sq, im *= sq;
+      p.xq[o + 2 * i] = re * cs - im * sn;
+      p.xq[o + 2 * i + 1] = re * sn + im * cs;
+      re = to_f32(rk[2 * i]), im = to_f32(rk[2 * i + 1]);
+      if (p.l2) re *= sk, im *= sk;
+      p.xk[o + 2 * i] = re * cs - im * sn;
+      p.xk[o + 2 * i + 1] = re * sn + im * cs;
+      p.xv[o + 2 * i] = to_f32(rv[2 * i]);
+      p.xv[o + 2 * i + 1] = to_f32(rv[2 * i + 1]);
+    }
+    if (p.ln_target) {
+      __syncwarp();  // the lanes read each other's k and v
+      float* v = p.xv + o;
+      const float* k = p.xk + o;
+      float s = 0.f;
+      for (int j = lane; j < f; j += 32) s += v[j] - k[j];
+      const float m = warp_sum(s) / float(f);
+      float ss = 0.f;
+      for (int j = lane; j < f; j += 32) {
+        const float d = v[j] - k[j] - m;
+        ss += d * d;
+      }
+      const float sd = sqrtf(warp_sum(ss) / float(f > 1 ? f - 1 : 1));
+      const float inv = 1.f / (sd + p.ln_eps);
+      for (int j = lane; j < f; j += 32)
+        v[j] = k[j] + (p.ln_w[h * f + j] * ((v[j] - k[j] - m) * inv) + p.ln_b[h * f + j]);
+    }
+    if (lane == 0) {
+      p.lr[(b * p.nh + h) * p.L + t] = p.lr_scale * ::ttt::math::sigmoid(to_f32(row[3 * C + h]) + p.lr_bias[h]);
+      if (t == 0 && h == 0) {
+        if (p.phase) p.phase[b] = int32_t(pm);
+        if (p.commit) p.commit[b] = p.exec ? uint8_t(p.exec[b] != 0) : uint8_t(1);
+      }
+    }
+  }
+}
+
+template <class T>
+struct PostNormParams {
+  const float* in;  // [rows, n] dense
+  T* out;           // [rows, n] dense
+  const float* w;   // [n]
+  const float* b;
+  int64_t rows, n;
+  float eps;
+};
+
+// layer_norm_kernel's arithmetic (two passes) on a float input with a T output.
+template <class T>
+__global__ void __launch_bounds__(::ttt::cuda::detail::kRowThreads) post_norm_kernel(const PostNormParams<T> p) {
+  using namespace ::ttt::cuda::detail;
+  for (int64_t r = blockIdx.x; r < p.rows; r += gridDim.x) {
+    const float* x = p.in + r * p.n;
+    T* o = p.out + r * p.n;
+    float s = 0.f;
+    for (int64_t j = threadIdx.x; j < p.n; j += kRowThreads) s += x[j];
+    const float mu = block_all_reduce<kRowThreads>(s, SumOp{}) / float(p.n);
+    float ss = 0.f;
+    for (int64_t j = threadIdx.x; j < p.n; j += kRowThreads) {
+      const float d = x[j] - mu;
+      ss += d * d;
+    }
+    const float var = block_all_reduce<kRowThreads>(ss, SumOp{}) / float(p.n);
+    const float rstd = 1.f / sqrtf(var + p.eps);
+    for (int64_t j = threadIdx.x; j < p.n; j += kRowThreads) {
+      float v = (x[j] - mu) * rstd;
+      v *= p.w[j];
+      v += p.b[j];
+      o[j] = from_f32<T>(v);
+    }
+  }
+}
+
 // ---- host side -----------------------------------------------------------------------------
 
 inline cudaStream_t stream() { return ::ttt::cuda::Context::get().stream(); }
@@ -898,6 +672,7 @@ struct DeviceInfo {
   int device = -1;
   int sm_count = 0;
   int smem_optin = 0;  // bytes of dynamic shared memory a block may opt into
+  int cc_major = 0;
   bool clusters = false;
 };
 
@@ -909,6 +684,7 @@ inline const DeviceInfo& device_info() {
     info.device = dev;
     TTT_CUDA_CHECK(cudaDeviceGetAttribute(&info.sm_count, cudaDevAttrMultiProcessorCount, dev));
     TTT_CUDA_CHECK(cudaDeviceGetAttribute(&info.smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
+    TTT_CUDA_CHECK(cudaDeviceGetAttribute(&info.cc_major, cudaDevAttrComputeCapabilityMajor, dev));
     int cl = 0;
     TTT_CUDA_CHECK(cudaDeviceGetAttribute(&cl, cudaDevAttrClusterLaunch, dev));
 #if defined(_CG_HAS_CLUSTER_GROUP)
@@ -920,36 +696,65 @@ inline const DeviceInfo& device_info() {
   return info;
 }
 
-inline auto inner_kernel(bool mlp) { return mlp ? ttt_mlp_kernel : ttt_linear_kernel; }
+using InnerKernel = void (*)(InnerParams);
 
-// Raises the kernel's dynamic shared-memory limit once per size (a host-side attribute).
-inline void allow_smem(bool mlp, int64_t bytes) {
-  thread_local int64_t allowed[2] = {-1, -1};
-  int64_t& a = allowed[mlp ? 1 : 0];
-  if (bytes > 48 * 1024 && bytes > a) {
-    TTT_CUDA_CHECK(cudaFuncSetAttribute(inner_kernel(mlp), cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)));
-    a = bytes;
-  }
+inline InnerKernel inner_kernel(bool mlp) { return mlp ? ttt_mlp_kernel : ttt_linear_kernel; }
+
+// The tensor-core kernel for a shape (null when none): TTT-Linear with f = 64 or 128,
+// TTT-MLP with f = 128 (hidden units in CTAs of 128).
+inline InnerKernel tc_kernel(bool mlp, int64_t f) {
+  if (mlp) return f == 128 ? tc::ttt_mlp_tc_kernel : nullptr;
+  if (f == 64) return tc::ttt_linear_tc_kernel<64>;
+  if (f == 128) return tc::ttt_linear_tc_kernel<128>;
+  return nullptr;
+}
+inline int64_t tc_smem(bool mlp, int64_t f) {
+  if (mlp) return int64_t(tc::MlpLayout::bytes);
+  return f == 64 ? int64_t(tc::LinearLayout<64>::bytes) : int64_t(tc::LinearLayout<128>::bytes);
+}
+inline int tc_threads(bool mlp, int64_t f) { return mlp ? tc::MlpLayout::THREADS : int(2 * f); }
+
+// The one-token TTT-Linear kernel for head_dim f (null when none).
+inline InnerKernel decode_kernel(int64_t f) {
+  if (f == 32) return dec::ttt_linear_decode_kernel<32>;
+  if (f == 64) return dec::ttt_linear_decode_kernel<64>;
+  if (f == 128) return dec::ttt_linear_decode_kernel<128>;
+  return nullptr;
 }
 
-// Whether clusters of nc CTAs of `bytes` shared memory can be resident at all (cached: the
-// occupancy query is a host call that a decode step should not pay).
-inline bool clusters_fit(bool mlp, int nc, int64_t bytes) {
+// Raises a kernel's dynamic shared-memory limit once per size (a host-side attribute).
+inline void allow_smem(InnerKernel k, int64_t bytes) {
   struct Entry {
     int device;
-    bool mlp;
+    InnerKernel kernel;
+    int64_t bytes;
+  };
+  thread_local std::vector<Entry> done;
+  const int device = device_info().device;
+  for (const Entry& e : done)
+    if (e.device == device && e.kernel == k && e.bytes >= bytes) return;
+  if (bytes > 48 * 1024) TTT_CUDA_CHECK(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)));
+  done.push_back({device, k, bytes});
+}
+
+// Whether clusters of nc CTAs of `threads` threads and `bytes` shared memory can be resident
+// at all (cached: the occupancy query is a host call that a decode step should not pay).
+inline int resident_clusters(InnerKernel k, int nc, int threads, int64_t bytes) {
+  struct Entry {
+    int device;
+    InnerKernel kernel;
     int nc;
     int64_t bytes;
-    bool fits;
+    int count;
   };
   thread_local std::vector<Entry> cache;
   const int device = device_info().device;
   for (const Entry& e : cache)
-    if (e.device == device && e.mlp == mlp && e.nc == nc && e.bytes == bytes) return e.fits;
-  allow_smem(mlp, bytes);
+    if (e.device == device && e.kernel == k && e.nc == nc && e.bytes == bytes) return e.count;
+  allow_smem(k, bytes);
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = dim3(unsigned(nc), 1, 1);
-  cfg.blockDim = dim3(kThreads, 1, 1);
+  cfg.blockDim = dim3(unsigned(threads), 1, 1);
   cfg.dynamicSmemBytes = size_t(bytes);
   cudaLaunchAttribute attr[1];
   attr[0].id = cudaLaunchAttributeClusterDimension;
@@ -959,25 +764,35 @@ inline bool clusters_fit(bool mlp, int nc, int64_t bytes) {
   cfg.attrs = attr;
   cfg.numAttrs = 1;
   int count = 0;
-  if (cudaOccupancyMaxActiveClusters(&count, inner_kernel(mlp), &cfg) != cudaSuccess) {
-    (void)cudaGetLastError();
-    count = 0;
+  if (nc > 1) {
+    if (cudaOccupancyMaxActiveClusters(&count, k, &cfg) != cudaSuccess) {
+      (void)cudaGetLastError();
+      count = 0;
+    }
+  } else {
+    int per_sm = 0;
+    TTT_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, k, threads, size_t(bytes)));
+    count = per_sm * device_info().sm_count;
   }
-  cache.push_back({device, mlp, nc, bytes, count > 0});
-  return count > 0;
+  cache.push_back({device, k, nc, bytes, count});
+  return count;
+}
+inline bool clusters_fit(InnerKernel k, int nc, int threads, int64_t bytes) {
+  return resident_clusters(k, nc, threads, bytes) > 0;
 }
 
 inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
 // Empty when the tensors suit the kernels (contiguous, 16-byte aligned, expected shapes).
 inline std::string device_layout_problem(const TttInnerArgs<Cuda>& a, const TttFastWeights<Cuda>& s, bool mlp) {
-  const Tensor<float, Cuda>* all[] = {&a.xq, &a.xk, &a.xv, &a.lr, &a.tau, &a.ln_weight, &a.ln_bias, &a.out,
+  const Tensor<float, Cuda>* all[] = {&a.xq, &a.xk, &a.xv, &a.lr, &a.tau, &a.ln_weight, &a.ln_bias,
                                       &s.W1, &s.b1, &s.W1_grad, &s.b1_grad, &s.W2, &s.b2, &s.W2_grad, &s.b2_grad};
-  const int n_all = mlp ? 16 : 12;
+  const int n_all = mlp ? 15 : 11;
   for (int i = 0; i < n_all; ++i)
     if (!all[i]->defined() || !all[i]->is_contiguous()) return "a tensor is undefined or not contiguous";
-  const Tensor<float, Cuda>* vec[] = {&a.xq, &a.xk, &a.xv, &a.out, &s.W1, &s.W1_grad, &s.W2, &s.W2_grad};
-  for (int i = 0; i < (mlp ? 8 : 6); ++i)
+  if (!a.out.defined() || a.out.rank() != 4 || a.out.stride(3) != 1) return "out's last dimension is not dense";
+  const Tensor<float, Cuda>* vec[] = {&a.xq, &a.xk, &a.xv, &s.W1, &s.W1_grad, &s.W2, &s.W2_grad};
+  for (int i = 0; i < (mlp ? 7 : 5); ++i)
     if (!aligned16(vec[i]->data())) return "a tensor is not 16-byte aligned";
   return {};
 }
@@ -985,7 +800,7 @@ inline std::string device_layout_problem(const TttInnerArgs<Cuda>& a, const TttF
 }  // namespace cuda_detail
 
 TttCudaPlan TttKernels<Cuda>::plan(TttConfig::Kind kind, int64_t batch, int64_t heads, int64_t L, int64_t f,
-                                          int64_t F, int64_t K) {
+                                   int64_t F, int64_t K, TttOperands operands) {
   using namespace cuda_detail;
   TttCudaPlan pl;
   const bool mlp = kind == TttConfig::Kind::mlp;
@@ -1003,6 +818,29 @@ TttCudaPlan TttKernels<Cuda>::plan(TttConfig::Kind kind, int64_t batch, int64_t 
     return pl;
   }
   const DeviceInfo& dev = device_info();
+  if (!mlp && L == 1 && F == f && decode_kernel(f) && tune.decode_kernel && tune.cluster == 0) {
+    pl.device = true;
+    pl.decode = true;
+    pl.cluster = 1;
+    pl.rows = 1;
+    return pl;
+  }
+  if (operands == TttOperands::bf16 && tune.tensor_cores && tune.cluster == 0 && K <= tc::kTile &&
+      dev.cc_major >= 8) {
+    const InnerKernel k = tc_kernel(mlp, f);
+    const int nc = mlp ? int(F / tc::MlpLayout::FC) : 1;
+    const bool shape_ok = mlp ? (F % tc::MlpLayout::FC == 0 && nc >= 1 && nc <= tc::kMaxMlpCluster) : F == f;
+    const int64_t bytes = k ? tc_smem(mlp, f) : 0;
+    if (k && shape_ok && bytes <= dev.smem_optin && (nc == 1 || (dev.clusters && clusters_fit(k, nc, tc_threads(mlp, f), bytes)))) {
+      pl.device = true;
+      pl.tensor_cores = true;
+      pl.cluster = nc;
+      pl.rows = tc::kTile;
+      pl.smem_bytes = bytes;
+      pl.resident = resident_clusters(k, nc, tc_threads(mlp, f), bytes);
+      return pl;
+    }
+  }
   const int R = int(ceil4(std::min(K, std::max<int64_t>(L, 1))));
   struct Option {
     int nc;
@@ -1014,7 +852,7 @@ TttCudaPlan TttKernels<Cuda>::plan(TttConfig::Kind kind, int64_t batch, int64_t 
     if (nc > 1 && !dev.clusters) continue;
     const int64_t bytes = int64_t(inner_smem(mlp, int(f), int(F), nc, R, int(K)).total) * int64_t(sizeof(float));
     if (bytes > dev.smem_optin) continue;
-    if (nc > 1 && !clusters_fit(mlp, nc, bytes)) continue;
+    if (nc > 1 && !clusters_fit(inner_kernel(mlp), nc, kThreads, bytes)) continue;
     options.push_back({nc, bytes});
   }
   const Option* pick = nullptr;
@@ -1057,7 +895,7 @@ void TttKernels<Cuda>::inner(const TttInnerArgs<Cuda>& a, const TttFastWeights<C
   TTT_CHECK(a.commit.empty() || int64_t(a.commit.size()) == Bn, "TttKernels<Cuda>::inner: ", a.commit.size(),
             " commit flags for batch ", Bn);
   if (L == 0 || Bn == 0 || nh == 0) return;
-  const TttCudaPlan pl = plan(a.kind, Bn, nh, L, f, F, K);
+  const TttCudaPlan pl = plan(a.kind, Bn, nh, L, f, F, K, a.operands);
   if (!pl.device || !device_layout_problem(a, s, mlp).empty()) {
     inner_on_host(a, s);
     return;
@@ -1066,6 +904,7 @@ void TttKernels<Cuda>::inner(const TttInnerArgs<Cuda>& a, const TttFastWeights<C
   InnerParams p{};
   p.xq = a.xq.data(), p.xk = a.xk.data(), p.xv = a.xv.data(), p.lr = a.lr.data(), p.tau = a.tau.data();
   p.ln_w = a.ln_weight.data(), p.ln_b = a.ln_bias.data(), p.out = a.out.data();
+  p.out_sb = a.out.stride(0), p.out_sh = a.out.stride(1), p.out_st = a.out.stride(2);
   p.W1 = s.W1.data(), p.b1 = s.b1.data(), p.S1 = s.W1_grad.data(), p.Sb1 = s.b1_grad.data();
   if (mlp) p.W2 = s.W2.data(), p.b2 = s.b2.data(), p.S2 = s.W2_grad.data(), p.Sb2 = s.b2_grad.data();
   p.L = L;
@@ -1073,7 +912,9 @@ void TttKernels<Cuda>::inner(const TttInnerArgs<Cuda>& a, const TttFastWeights<C
   p.Fc = int(F) / pl.cluster;
   p.eps = a.eps;
   p.batch = int(Bn);
-  p.sm = inner_smem(mlp, p.f, p.F, p.nc, p.R, p.K);
+  p.sm = pl.tensor_cores || pl.decode ? InnerSmem{} : inner_smem(mlp, p.f, p.F, p.nc, p.R, p.K);
+  const InnerKernel kernel = pl.decode ? decode_kernel(f) : pl.tensor_cores ? tc_kernel(mlp, f) : inner_kernel(mlp);
+  const unsigned threads = unsigned(pl.decode ? 4 * f : pl.tensor_cores ? tc_threads(mlp, f) : kThreads);
   if (a.phase_dev.defined()) {
     // Flags made on the device (graph-safe): nothing of this step travels in the params.
     TTT_CHECK(a.phase_dev.numel() == Bn && a.phase_dev.is_contiguous() &&
@@ -1082,8 +923,8 @@ void TttKernels<Cuda>::inner(const TttInnerArgs<Cuda>& a, const TttFastWeights<C
     p.flags_dev = 1;
     p.phase_dev = a.phase_dev.data();
     p.commit_dev = a.commit_dev.defined() ? a.commit_dev.data() : nullptr;
-    allow_smem(mlp, pl.smem_bytes);
-    launch(inner_kernel(mlp), unsigned(Bn * nh * pl.cluster), kThreads, size_t(pl.smem_bytes), pl.cluster, p);
+    allow_smem(kernel, pl.smem_bytes);
+    launch(kernel, unsigned(Bn * nh * pl.cluster), threads, size_t(pl.smem_bytes), pl.cluster, p);
     return;
   }
   std::vector<int32_t> phase(static_cast<size_t>(Bn));
@@ -1105,8 +946,8 @@ void TttKernels<Cuda>::inner(const TttInnerArgs<Cuda>& a, const TttFastWeights<C
     p.phase_dev = phase_dev.data();
     p.commit_dev = commit_dev.data();
   }
-  allow_smem(mlp, pl.smem_bytes);
-  launch(inner_kernel(mlp), unsigned(Bn * nh * pl.cluster), kThreads, size_t(pl.smem_bytes), pl.cluster, p);
+  allow_smem(kernel, pl.smem_bytes);
+  launch(kernel, unsigned(Bn * nh * pl.cluster), threads, size_t(pl.smem_bytes), pl.cluster, p);
 }
 
 void TttKernels<Cuda>::causal_conv(const Tensor<float, Cuda>& out_q, const Tensor<float, Cuda>& out_k,
@@ -1158,6 +999,57 @@ void TttKernels<Cuda>::call_flags(const Tensor<int64_t, Cuda>& positions, const 
                 Bn, L, add, mod};
   launch(call_flags_kernel, blocks_for(Bn * L, 256), 256, 0, 1, p);
 }
+
+template <class T>
+void TttKernels<Cuda>::prologue(const TttPrologue<T, Cuda>& a) {
+  using namespace cuda_detail;
+  const int64_t Bn = a.xq.size(0), nh = a.xq.size(1), L = a.xq.size(2), f = a.xq.size(3), C = nh * f;
+  TTT_CHECK(a.proj.rank() == 3 && a.proj.size(0) == Bn && a.proj.size(1) == L && a.proj.size(2) >= 3 * C + nh &&
+                a.proj.stride(2) == 1,
+            "TttKernels<Cuda>::prologue: proj ", a.proj.shape().str(), " for ", nh, " heads of ", f);
+  TTT_CHECK(a.positions.rank() == 2 && a.positions.size(0) == Bn && a.positions.size(1) == L,
+            "TttKernels<Cuda>::prologue: positions ", a.positions.shape().str());
+  for (const Tensor<float, Cuda>* t : {&a.xq, &a.xk, &a.xv, &a.lr, &a.lr_bias, &a.ln_weight, &a.ln_bias})
+    TTT_CHECK(t->is_contiguous(), "TttKernels<Cuda>::prologue: tensors must be contiguous");
+  TTT_CHECK(f % 2 == 0, "TttKernels<Cuda>::prologue: odd head_dim ", f);
+  if (Bn == 0 || L == 0) return;
+  PrologueParams<T> p{};
+  p.proj = a.proj.data(), p.proj_b = a.proj.stride(0), p.proj_t = a.proj.stride(1);
+  p.pos = a.positions.data(), p.pos_b = a.positions.stride(0), p.pos_t = a.positions.stride(1);
+  p.exec = a.exec.defined() ? a.exec.data() : nullptr;
+  p.lr_bias = a.lr_bias.data(), p.ln_w = a.ln_weight.data(), p.ln_b = a.ln_bias.data();
+  p.xq = a.xq.data(), p.xk = a.xk.data(), p.xv = a.xv.data(), p.lr = a.lr.data();
+  p.phase = a.phase.defined() ? a.phase.data() : nullptr;
+  p.commit = a.commit.defined() ? a.commit.data() : nullptr;
+  p.B = Bn, p.L = L, p.K = a.mini_batch_size, p.nh = int(nh), p.f = int(f);
+  p.theta = a.rope_theta, p.lr_scale = a.lr_scale, p.ln_eps = a.ln_eps;
+  p.l2 = a.l2_norm_qk ? 1 : 0, p.ln_target = a.ln_target ? 1 : 0;
+  launch(prologue_kernel<T>, blocks_for(Bn * L * nh * 32, 256), 256, 0, 1, p);
+}
+
+template <class T>
+void TttKernels<Cuda>::post_norm(const Tensor<T, Cuda>& out, const Tensor<float, Cuda>& in,
+                                 const Tensor<float, Cuda>& weight, const Tensor<float, Cuda>& bias, float eps) {
+  using namespace cuda_detail;
+  TTT_CHECK(in.is_contiguous() && out.is_contiguous() && out.shape() == in.shape() && weight.is_contiguous() &&
+                bias.is_contiguous(),
+            "TttKernels<Cuda>::post_norm: contiguous tensors of one shape, got ", in.shape().str(), " and ",
+            out.shape().str());
+  const int64_t n = in.size(-1), rows = n > 0 ? in.numel() / n : 0;
+  if (rows == 0) return;
+  PostNormParams<T> p{in.data(), out.data(), weight.data(), bias.data(), rows, n, eps};
+  const unsigned grid = unsigned(std::min<int64_t>(rows, int64_t(::ttt::cuda::Context::get().sm_count()) * 8));
+  launch(post_norm_kernel<T>, grid, ::ttt::cuda::detail::kRowThreads, 0, 1, p);
+}
+
+#define TTT_CUDA_INSTANTIATE_TTT_IO(T)                                                                         \
+  template void TttKernels<Cuda>::prologue<T>(const TttPrologue<T, Cuda>&);                                    \
+  template void TttKernels<Cuda>::post_norm<T>(const Tensor<T, Cuda>&, const Tensor<float, Cuda>&,             \
+                                               const Tensor<float, Cuda>&, const Tensor<float, Cuda>&, float);
+TTT_CUDA_INSTANTIATE_TTT_IO(float)
+TTT_CUDA_INSTANTIATE_TTT_IO(::ttt::bf16)
+TTT_CUDA_INSTANTIATE_TTT_IO(::ttt::f16)
+#undef TTT_CUDA_INSTANTIATE_TTT_IO
 
 void TttKernels<Cuda>::l2_normalize(const Tensor<float, Cuda>& x) {
   using namespace cuda_detail;

@@ -26,12 +26,17 @@ namespace ttt::layers {
 struct TttCudaTuning {
   int cluster = 0;             // CTAs per (b, h): 0 = automatic, else 1, 2, 4 or 8 (throws if infeasible)
   bool host_fallback = false;  // run the inner loop on the host (the reference path)
+  bool tensor_cores = true;    // bf16-operand calls on the tensor-core kernels where the shape allows
+  bool decode_kernel = true;   // one-token TTT-Linear calls on the decode kernel (ttt_decode.cuh)
 };
 
 // What inner() launches for a shape (reported by the benchmark and the tests).
 struct TttCudaPlan {
   bool device = false;   // false: host round trip
+  bool tensor_cores = false;  // the bf16-operand tensor-core kernels (ttt_mma.cuh)
+  bool decode = false;        // the one-token TTT-Linear kernel (ttt_decode.cuh, float)
   int cluster = 0;       // CTAs per (b, h)
+  int resident = 0;      // clusters (CTAs when cluster = 1) resident at once on the device; 0 = not queried
   int rows = 0;          // segment rows held in shared memory (min(K, L) rounded up to 4)
   int64_t smem_bytes = 0;
   const char* why_host = "";  // when !device
@@ -40,8 +45,15 @@ struct TttCudaPlan {
 template <>
 struct TttKernels<Cuda> {
   static void inner(const TttInnerArgs<Cuda>& a, const TttFastWeights<Cuda>& s);
+  // `operands` bf16 may pick the tensor-core kernels; fp32 never does.
   static TttCudaPlan plan(TttConfig::Kind kind, int64_t batch, int64_t heads, int64_t L, int64_t f, int64_t F,
-                          int64_t K);
+                          int64_t K, TttOperands operands = TttOperands::fp32);
+  // See TttPrologue and TttKernels<Cpu>::post_norm (instantiated for float, bf16 and f16).
+  template <class T>
+  static void prologue(const TttPrologue<T, Cuda>& a);
+  template <class T>
+  static void post_norm(const Tensor<T, Cuda>& out, const Tensor<float, Cuda>& in, const Tensor<float, Cuda>& weight,
+                        const Tensor<float, Cuda>& bias, float eps);
 
   static void causal_conv(const Tensor<float, Cuda>& out_q, const Tensor<float, Cuda>& out_k,
                           const Tensor<float, Cuda>& x, const Tensor<float, Cuda>& history,
@@ -79,6 +91,7 @@ inline void inner_on_host(const TttInnerArgs<Cuda>& a, const TttFastWeights<Cuda
   ha.ln_weight = h(a.ln_weight);
   ha.ln_bias = h(a.ln_bias);
   ha.out = Tensor<float, Cpu>::empty(a.out.shape());
+  ha.operands = a.operands;
   ha.phase = a.phase;
   ha.commit = a.commit;
   // Flags made on the device come down too (this path is not graph-safe); the host inner reads them.

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# On the GPU machine: Nsight Compute on the TTT inner-loop kernels of bench_ttt_layer (stall
+# reasons, occupancy, hottest SASS), one launch each, clocks left alone. Logs under $OUT.
+#   BIN_DIR=build-dev/bin tools/gpu_profile.sh [kernel-regex ...]
+set -uo pipefail
+out=${OUT:-gpu_out}
+mkdir -p "$out"
+bin=${BIN_DIR:-build-gpu/bin}
+ncu=$(command -v ncu || ls /usr/local/cuda/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
+[ -n "$ncu" ] || { echo "no ncu"; exit 1; }
+sections="--section SpeedOfLight --section WarpStateStats --section Occupancy --section LaunchStats --section SourceCounters"
+run() {  # name regex bench-args...
+  local name=$1 re=$2; shift 2
+  # shellcheck disable=SC2086
+  timeout 120 "$ncu" --clock-control none -k "regex:$re" -c 1 $sections "$bin/bench_ttt_layer" --backend cuda "$@" \
+    > "$out/ncu_$name.txt" 2>&1
+  echo "== $name rc=$?"
+  grep -E "Duration|Registers Per|Achieved Occupancy|Warp Cycles Per Issued|Stall|stall|Block Limit|Theoretical Occ" \
+    "$out/ncu_$name.txt" | head -30
+}
+run mlp_tc ttt_mlp_tc --kind mlp --batch 1 --seq 1024 --decode-steps 0 --runs 1
+run linear_tc ttt_linear_tc --kind linear --batch 1 --seq 1024 --decode-steps 0 --runs 1
+run linear_decode ttt_linear_decode --kind linear --batch 1 --seq 0 --decode-steps 16 --runs 1
