@@ -260,9 +260,10 @@ void bench(const Options& o, Kind kind, int64_t batch, int64_t C, int64_t heads,
     decode_inner_us = median(t);
 #if TTT_WITH_CUDA
     if constexpr (std::is_same_v<B, Cuda>) {
-      // As the engine runs it: one step (ttt_forward_at, positions on the device, advanced by
-      // the step itself) captured as a CUDA graph and replayed; the input is staged into one
-      // buffer before each replay (outside the timed region).
+      // As the engine runs it: one step (ttt_forward_at, positions on the device) captured as a
+      // CUDA graph and replayed. The engine makes a frame's positions once for all its layers,
+      // so they are staged here like the input, into fixed buffers before each replay
+      // (outside the timed region).
       state.reset();
       auto positions = Tensor<int64_t, Cuda>::zeros({batch, 1});
       auto xin = Tensor<T, Cuda>::empty({batch, 1, C}), yout = Tensor<T, Cuda>::empty({batch, 1, C});
@@ -270,12 +271,12 @@ void bench(const Options& o, Kind kind, int64_t batch, int64_t C, int64_t heads,
       FrameGraph<Cuda> graph;
       auto work = [&] {
         ArenaScope<Cuda> scope(arena);
-        yout.copy_from(ttt_forward_at(p, state, xin, positions, {}));
-        TttKernels<Cuda>::call_flags(positions, {}, 1, 0, positions, {}, {});
+        (void)ttt_forward_at(p, state, xin, positions, {});  // the output lives in the arena
       };
       t.clear();
       for (int s = 0; s < warm + o.decode_steps; ++s) {
         xin.copy_from(xs[size_t(s % 16)]);
+        ops::fill(positions, double(s));
         const double ms = clock.ms([&] { graph.run(work); });
         ttt_advance(state, 1, {});
         if (s >= warm) t.push_back(ms * 1e3);
@@ -375,6 +376,10 @@ int main(int argc, char** argv) {
      cxxopts::value<int>()->default_value("0"))
     ("tensor-cores", "CUDA: 1 = bf16-operand tensor-core inner loops where the shape allows, 0 = fp32 kernels",
      cxxopts::value<int>()->default_value("1"))
+    ("decode-kernels", "CUDA: 1 = one-token calls on the decode kernels, 0 = the general kernels",
+     cxxopts::value<int>()->default_value("1"))
+    ("fused-step", "CUDA: 1 = a one-token TTT-Linear step as one kernel, 0 = prologue, inner, post_norm",
+     cxxopts::value<int>()->default_value("1"))
     ("h,help", "print this help");
   try {
     const auto r = opts.parse(argc, argv);
@@ -408,6 +413,8 @@ int main(int argc, char** argv) {
       std::printf("bench_ttt_layer on %s\n", cuda::device_name().c_str());
       TttKernels<Cuda>::tuning().cluster = r["cluster"].as<int>();
       TttKernels<Cuda>::tuning().tensor_cores = r["tensor-cores"].as<int>() != 0;
+      TttKernels<Cuda>::tuning().decode_kernel = r["decode-kernels"].as<int>() != 0;
+      TttKernels<Cuda>::tuning().fused_step = r["fused-step"].as<int>() != 0;
       run_backend<bf16, Cuda>(o, kinds, batches.empty() ? std::vector<int64_t>{1, 8} : batches, 4096, 32);
 #else
       fail("--backend cuda: this build has no CUDA backend");

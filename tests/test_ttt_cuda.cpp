@@ -220,6 +220,26 @@ TEST_CASE("CUDA TTT-Linear decode kernel matches the host", "[ttt_cuda][inner][d
   CHECK(e.state <= 1e-5);
 }
 
+TEST_CASE("CUDA TTT-MLP decode kernel matches the host", "[ttt_cuda][inner][decode]") {
+  // One-token calls of TTT-MLP with head_dim 128: clusters of F / 128 CTAs, float.
+  for (int64_t F : {128, 256, 512})
+    for (TttOperands op : {TttOperands::fp32, TttOperands::bf16}) {
+      const InnerCase c{Kind::mlp, 3, 2, 1, 128, F, 16, {0, 7, 15}, {1, 1, 0}, "decode kernel"};
+      const auto pl = TttKernels<Cuda>::plan(c.kind, c.B, c.nh, 1, 128, F, 16, op);
+      const InnerErrors e = run_inner(c, 13 + uint32_t(F), op);
+      std::printf("[ttt cuda decode] %-80s %s, cluster %d: out %.3g state %.3g\n", describe(c).c_str(),
+                  pl.decode ? "decode kernel" : "NOT the decode kernel", pl.cluster, e.out, e.state);
+      INFO(describe(c) << ": out error " << e.out << ", state error " << e.state);
+      CHECK(pl.decode);
+      CHECK(e.out <= 1e-5);
+      CHECK(e.state <= 1e-5);
+    }
+  const InnerCase c{Kind::mlp, 4, 1, 1, 128, 512, 4, {0, 1, 2, 3}, {1, 0, 1, 1}, "decode kernel, K 4"};
+  const InnerErrors e = run_inner(c, 21);
+  CHECK(e.out <= 1e-5);
+  CHECK(e.state <= 1e-5);
+}
+
 TEST_CASE("CUDA TTT inner loop over long calls matches the host", "[ttt_cuda][inner][long]") {
   check_inner({Kind::linear, 1, 4, 2048, 128, 128, 16, {0}, {}, "long prefill"}, {0, 1, 4}, 1e-5);
   check_inner({Kind::mlp, 1, 2, 1024, 128, 512, 16, {7}, {}, "long prefill"}, {0}, 1e-5);
@@ -312,7 +332,7 @@ TEST_CASE("CUDA TTT inner loop with large batches and host fallbacks and launch 
                       op == TttOperands::bf16 ? "bf16" : "fp32", pl.device ? "device" : pl.why_host,
                       pl.tensor_cores ? " (tensor cores)" : pl.decode ? " (decode kernel)" : "", pl.cluster, pl.rows,
                       (long long)pl.smem_bytes);
-          const bool decode = k == Kind::linear && L == 1;
+          const bool decode = L == 1;
           CHECK(pl.device);
           CHECK(pl.decode == decode);
           CHECK(pl.tensor_cores == (op == TttOperands::bf16 && !decode));
@@ -726,10 +746,11 @@ void check_bf16(int64_t steps, bool prefill = false) {
     auto t32 = state_tensors(s32), t16 = state_tensors(s16);
     for (size_t i = 0; i < t32.size(); ++i)
       dstate = std::max(dstate, ref::max_abs_diff(ref::values(t32[i].second), ref::values(t16[i].second)));
-    const bool tc = TttKernels<Cuda>::plan(kind, 1, nh, 1, f, F, 16, TttOperands::bf16).tensor_cores;
+    const auto pl = TttKernels<Cuda>::plan(kind, 1, nh, per, f, F, 16, TttOperands::bf16);
+    const char* path = pl.tensor_cores ? "tensor cores" : pl.decode ? "decode kernel" : "fp32 kernels";
     std::printf("[ttt cuda bf16] %-6s f %3lld (%s) %lld %s: max|dy| %.3g mean|dy| %.3g (max|y| %.3g), "
                 "max|dstate| %.3g\n",
-                cfg.kind_name(), (long long)f, tc ? "tensor cores" : "fp32 kernels", (long long)steps,
+                cfg.kind_name(), (long long)f, path, (long long)steps,
                 prefill ? "tokens in one call" : "decode steps", max_dy, mean_dy, max_y, dstate);
     CHECK(max_dy <= 0.03);
     CHECK(mean_dy <= 0.002);

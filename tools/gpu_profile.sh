@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # On the GPU machine: Nsight Compute on the TTT inner-loop kernels of bench_ttt_layer (stall
 # reasons, occupancy, hottest SASS), one launch each, clocks left alone. Logs under $OUT.
-#   BIN_DIR=build-dev/bin tools/gpu_profile.sh [kernel-regex ...]
+#   BIN_DIR=build-dev/bin tools/gpu_profile.sh [kernels|steps]
 set -uo pipefail
 out=${OUT:-gpu_out}
 mkdir -p "$out"
@@ -18,6 +18,23 @@ run() {  # name regex bench-args...
   grep -E "Duration|Registers Per|Achieved Occupancy|Warp Cycles Per Issued|Stall|stall|Block Limit|Theoretical Occ" \
     "$out/ncu_$name.txt" | head -30
 }
-run mlp_tc ttt_mlp_tc --kind mlp --batch 1 --seq 1024 --decode-steps 0 --runs 1
-run linear_tc ttt_linear_tc --kind linear --batch 1 --seq 1024 --decode-steps 0 --runs 1
-run linear_decode ttt_linear_decode --kind linear --batch 1 --seq 0 --decode-steps 16 --runs 1
+# Kernel durations of decode steps (eager steps, then the inner loop alone, then graph replays),
+# caches flushed between kernels as ncu does by default.
+steps() {  # name bench-args...
+  local name=$1; shift
+  timeout 150 "$ncu" --clock-control none --metrics gpu__time_duration.sum,dram__bytes_read.sum,dram__bytes_write.sum \
+    -c 80 "$bin/bench_ttt_layer" --backend cuda --batch 1 --seq 0 --decode-steps 8 --runs 1 "$@" > "$out/ncu_$name.txt" 2>&1
+  echo "== $name rc=$?"
+  awk '/^  [a-zA-Z_].*\(/ {k=$1} /gpu__time_duration.sum/ {printf "%-60s %s %s\n", substr(k,1,60), $(NF-1), $NF}' \
+    "$out/ncu_$name.txt" | tail -${TAIL:-12}
+}
+case "${1:-kernels}" in
+  kernels)
+    run mlp_tc ttt_mlp_tc --kind mlp --batch 1 --seq 1024 --decode-steps 0 --runs 1
+    run linear_tc ttt_linear_tc --kind linear --batch 1 --seq 1024 --decode-steps 0 --runs 1
+    run linear_decode ttt_linear_decode --kind linear --batch 1 --seq 0 --decode-steps 16 --runs 1 ;;
+  steps)
+    steps linear_fused --kind linear
+    steps linear_unfused --kind linear --fused-step 0
+    steps mlp --kind mlp ;;
+esac

@@ -97,6 +97,23 @@ struct TttPrologue {
   Tensor<uint8_t, B> commit;            // out (optional): [B]
 };
 
+// One layer step between its two projections (prologue, inner loop, post_norm) for backends
+// that can run it as one kernel: TttKernels<B>::step(st, state) returns false when they cannot
+// (the caller then runs the three steps). `pro` and `in` carry only their inputs here (no
+// xq / xk / xv / lr): `in.out` is the token-major float scratch [B, nh, L, f] view,
+// `counters` [B] must be zero between calls and `scratch` holds per-CTA statistics
+// (TttState::step_counters, step_scratch).
+template <class T, class B>
+struct TttStep {
+  TttPrologue<T, B> pro;
+  TttInnerArgs<B> in;
+  Tensor<T, B> y;                          // [B, L, C] out: post_norm(o)
+  Tensor<float, B> post_weight, post_bias;  // [C]
+  float post_eps = 1e-6f;
+  Tensor<int32_t, B> counters;  // [B]
+  Tensor<float, B> scratch;     // [B, nh * 8] (TttState::step_scratch)
+};
+
 // Primary template: a backend without TTT kernels is a compile error, not a link error.
 template <class B>
 struct TttKernels {

@@ -406,6 +406,12 @@ struct TttKernels<Cpu> {
     }
   }
 
+  // The host runs a step as its three parts.
+  template <class T>
+  static bool step(const TttStep<T, Cpu>&, const TttFastWeights<Cpu>&) {
+    return false;
+  }
+
   // out[b, t, :] = LayerNorm(in[b, t, :]) * weight + bias over the last dimension C, cast to
   // T (the layer's post_norm; in is the inner loop's token-major output).
   template <class T>

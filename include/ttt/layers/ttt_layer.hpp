@@ -175,6 +175,10 @@ struct TttState {
   Tensor<float, B> W1_grad, b1_grad, W2_grad, b2_grad;
   Tensor<float, B> conv_states;  // [B, C, conv_kernel] last conv inputs, oldest first (share_qk)
   std::vector<int64_t> offset;   // [B] tokens seen per item; mini-batch phase = offset % K
+  // [B] zero between calls: completion counters of a one-kernel step (TttKernels<B>::step).
+  // Scratch, not state: not saved, fresh zeros in a clone.
+  Tensor<int32_t, B> step_counters;
+  Tensor<float, B> step_scratch;  // [B, nh * 8] per-CTA statistics of such a step
 
   template <class T>
   static TttState init(const TttParams<T, B>& p, int64_t batch) {
@@ -204,6 +208,8 @@ struct TttState {
       s.b2_grad = tiled(p.b2);
     }
     if (p.config.share_qk) s.conv_states = Tensor<float, B>::empty({batch, p.config.hidden_size, p.config.conv_kernel});
+    s.step_counters = Tensor<int32_t, B>::zeros({batch});
+    s.step_scratch = Tensor<float, B>::zeros({batch, p.config.num_heads * 8});
     s.offset.assign(size_t(batch), 0);
     s.reset();
     return s;
@@ -230,6 +236,8 @@ struct TttState {
     TttState s = *this;
     for (Tensor<float, B>* t : s.mutable_tensors())
       if (t->defined()) *t = t->clone();
+    s.step_counters = Tensor<int32_t, B>::zeros({batch});
+    s.step_scratch = Tensor<float, B>::zeros({batch, config.num_heads * 8});
     return s;
   }
 
@@ -356,13 +364,24 @@ Tensor<T, B> ttt_forward_impl(const TttParams<T, B>& p, TttState<B>& s, const Te
     commit_dev = Tensor<uint8_t, B>::empty({Bn});
   }
 
+  // The inner loop writes token-major (heads concatenated, c = h*f + d) for post_norm.
+  const auto o = Tensor<float, B>::empty({Bn, L, nh, f});
+  a.out = o.transpose(1, 2);  // [B, nh, L, f] view
+  if (!positions_dev) {
+    a.phase.resize(size_t(Bn));
+    for (int64_t b = 0; b < Bn; ++b) a.phase[size_t(b)] = s.offset[size_t(b)] % K;
+    a.commit = commit;
+  }
+  Tensor<T, B> y = Tensor<T, B>::empty({Bn, L, C});
+  bool done = false;  // y made by one kernel (TttKernels<B>::step)
+
   if (!c.share_qk) {
     // One product for q, k, v and the lr logits, then one pass to the inner loop's inputs.
     Tensor<T, B> proj = ops::linear(x, p.qkvl_proj);  // [B, L, 3C + nh]
     if (p.qkvl_bias.defined()) ops::add_(proj, p.qkvl_bias);
     TttPrologue<T, B> pr;
     pr.proj = proj;
-    pr.positions = positions_dev ? *positions_dev : host_positions();
+    if (positions_dev) pr.positions = *positions_dev;
     pr.exec = exec_dev;
     pr.lr_bias = p.learnable_ttt_lr_bias;
     pr.ln_weight = p.ttt_norm_weight;
@@ -373,14 +392,19 @@ Tensor<T, B> ttt_forward_impl(const TttParams<T, B>& p, TttState<B>& s, const Te
     pr.ln_eps = c.ttt_norm_eps;
     pr.l2_norm_qk = c.l2_norm_qk;
     pr.ln_target = c.ln_target;
-    pr.xq = Tensor<float, B>::empty({Bn, nh, L, f});
-    pr.xk = Tensor<float, B>::empty({Bn, nh, L, f});
-    pr.xv = Tensor<float, B>::empty({Bn, nh, L, f});
-    pr.lr = Tensor<float, B>::empty({Bn, nh, L});
-    pr.phase = phase_dev;
-    pr.commit = commit_dev;
-    TttKernels<B>::prologue(pr);
-    a.xq = pr.xq, a.xk = pr.xk, a.xv = pr.xv, a.lr = pr.lr;
+    TttStep<T, B> st{pr, a, y, p.post_norm_weight, p.post_norm_bias, c.post_norm_eps, s.step_counters, s.step_scratch};
+    done = TttKernels<B>::step(st, s.fast_weights());
+    if (!done) {
+      if (!positions_dev) pr.positions = host_positions();
+      pr.xq = Tensor<float, B>::empty({Bn, nh, L, f});
+      pr.xk = Tensor<float, B>::empty({Bn, nh, L, f});
+      pr.xv = Tensor<float, B>::empty({Bn, nh, L, f});
+      pr.lr = Tensor<float, B>::empty({Bn, nh, L});
+      pr.phase = phase_dev;
+      pr.commit = commit_dev;
+      TttKernels<B>::prologue(pr);
+      a.xq = pr.xq, a.xk = pr.xk, a.xv = pr.xv, a.lr = pr.lr;
+    }
   } else {
     // share_qk: q and k come from one projection through the causal convs.
     Tensor<int64_t, B> positions;  // [B, L] RoPE positions, mod K
@@ -391,9 +415,9 @@ Tensor<T, B> ttt_forward_impl(const TttParams<T, B>& p, TttState<B>& s, const Te
       positions = host_positions();
     }
     auto project = [&](const Tensor<T, B>& w, const Tensor<T, B>& bias) {
-      Tensor<T, B> y = ops::linear(x, w);
-      if (bias.defined()) ops::add_(y, bias);
-      return ops::cast<float>(y);  // [B, L, C]
+      Tensor<T, B> yp = ops::linear(x, w);
+      if (bias.defined()) ops::add_(yp, bias);
+      return ops::cast<float>(yp);  // [B, L, C]
     };
     const Tensor<float, B> xqk = project(p.q_proj, p.q_bias);
     auto xq = Tensor<float, B>::empty({Bn, L, C}), xk = Tensor<float, B>::empty({Bn, L, C});
@@ -421,24 +445,18 @@ Tensor<T, B> ttt_forward_impl(const TttParams<T, B>& p, TttState<B>& s, const Te
     a.lr = lr.transpose(1, 2).contiguous();  // [B, nh, L]
   }
 
-  // The inner loop writes token-major (heads concatenated, c = h*f + d) for post_norm.
-  const auto o = Tensor<float, B>::empty({Bn, L, nh, f});
-  a.out = o.transpose(1, 2);  // [B, nh, L, f] view
-  if (positions_dev) {
-    a.phase_dev = phase_dev;
-    a.commit_dev = commit_dev;
-  } else {
-    a.phase.resize(size_t(Bn));
-    for (int64_t b = 0; b < Bn; ++b) a.phase[size_t(b)] = s.offset[size_t(b)] % K;
-    a.commit = commit;
+  if (!done) {
+    if (positions_dev) {
+      a.phase_dev = phase_dev;
+      a.commit_dev = commit_dev;
+    }
+    TttKernels<B>::inner(a, s.fast_weights());
+    TttKernels<B>::post_norm(y, o.reshape({Bn, L, C}), p.post_norm_weight, p.post_norm_bias, c.post_norm_eps);
   }
-  TttKernels<B>::inner(a, s.fast_weights());
   if (!positions_dev)
     for (int64_t b = 0; b < Bn; ++b)
       if (commit[size_t(b)]) s.offset[size_t(b)] += L;
 
-  Tensor<T, B> y = Tensor<T, B>::empty({Bn, L, C});
-  TttKernels<B>::post_norm(y, o.reshape({Bn, L, C}), p.post_norm_weight, p.post_norm_bias, c.post_norm_eps);
   if (c.use_gate) {
     Tensor<T, B> g = ops::linear(x, p.g_proj);
     ops::unary(g, g, Unary::gelu_tanh);

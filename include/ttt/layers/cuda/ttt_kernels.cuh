@@ -33,6 +33,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "ttt/backend/cuda/context.hpp"
@@ -613,13 +614,45 @@ struct PostNormParams {
   float eps;
 };
 
-// layer_norm_kernel's arithmetic (two passes) on a float input with a T output.
+// layer_norm_kernel's arithmetic (two passes, the same order) on a float input with a T
+// output; rows up to 16 values a thread stay in registers (one read of the row, not three).
 template <class T>
 __global__ void __launch_bounds__(::ttt::cuda::detail::kRowThreads) post_norm_kernel(const PostNormParams<T> p) {
   using namespace ::ttt::cuda::detail;
+  constexpr int kPer = 16;
   for (int64_t r = blockIdx.x; r < p.rows; r += gridDim.x) {
     const float* x = p.in + r * p.n;
     T* o = p.out + r * p.n;
+    if (p.n <= int64_t(kRowThreads) * kPer) {
+      float v[kPer];
+      float s = 0.f;
+#pragma unroll
+      for (int k = 0; k < kPer; ++k) {
+        const int64_t j = threadIdx.x + int64_t(k) * kRowThreads;
+        v[k] = j < p.n ? x[j] : 0.f;
+        s += v[k];
+      }
+      const float mu = block_all_reduce<kRowThreads>(s, SumOp{}) / float(p.n);
+      float ss = 0.f;
+#pragma unroll
+      for (int k = 0; k < kPer; ++k) {
+        const int64_t j = threadIdx.x + int64_t(k) * kRowThreads;
+        const float d = v[k] - mu;
+        if (j < p.n) ss += d * d;
+      }
+      const float var = block_all_reduce<kRowThreads>(ss, SumOp{}) / float(p.n);
+      const float rstd = 1.f / sqrtf(var + p.eps);
+#pragma unroll
+      for (int k = 0; k < kPer; ++k) {
+        const int64_t j = threadIdx.x + int64_t(k) * kRowThreads;
+        if (j >= p.n) continue;
+        float y = (v[k] - mu) * rstd;
+        y *= p.w[j];
+        y += p.b[j];
+        o[j] = from_f32<T>(y);
+      }
+      continue;
+    }
     float s = 0.f;
     for (int64_t j = threadIdx.x; j < p.n; j += kRowThreads) s += x[j];
     const float mu = block_all_reduce<kRowThreads>(s, SumOp{}) / float(p.n);
@@ -714,12 +747,21 @@ inline int64_t tc_smem(bool mlp, int64_t f) {
 }
 inline int tc_threads(bool mlp, int64_t f) { return mlp ? tc::MlpLayout::THREADS : int(2 * f); }
 
-// The one-token TTT-Linear kernel for head_dim f (null when none).
-inline InnerKernel decode_kernel(int64_t f) {
-  if (f == 32) return dec::ttt_linear_decode_kernel<32>;
-  if (f == 64) return dec::ttt_linear_decode_kernel<64>;
-  if (f == 128) return dec::ttt_linear_decode_kernel<128>;
-  return nullptr;
+// Head dims with a one-token TTT-Linear kernel (clusters of f / 32 CTAs: f > 32 needs them).
+inline bool has_decode_kernel(int64_t f) {
+  return f == 32 || ((f == 64 || f == 128) && device_info().clusters);
+}
+
+// Launches the one-token TTT-Linear kernel (fused: the whole step, see ttt_decode.cuh).
+template <class T, bool kFused>
+void launch_decode(const dec::DecodeParams<T>& dp, int64_t f, int64_t heads) {
+  if (f == 32) {
+    if constexpr (!kFused) launch(dec::ttt_linear_decode_kernel<T, 32, false>, unsigned(heads), 64u, 0, 1, dp);
+  } else if (f == 64) {
+    launch(dec::ttt_linear_decode_kernel<T, 64, kFused>, unsigned(heads * 2), 128u, 0, 2, dp);
+  } else {
+    launch(dec::ttt_linear_decode_kernel<T, 128, kFused>, unsigned(heads * 4), 256u, 0, 4, dp);
+  }
 }
 
 // Raises a kernel's dynamic shared-memory limit once per size (a host-side attribute).
@@ -818,10 +860,19 @@ TttCudaPlan TttKernels<Cuda>::plan(TttConfig::Kind kind, int64_t batch, int64_t 
     return pl;
   }
   const DeviceInfo& dev = device_info();
-  if (!mlp && L == 1 && F == f && decode_kernel(f) && tune.decode_kernel && tune.cluster == 0) {
+  if (!mlp && L == 1 && F == f && K <= 32 && has_decode_kernel(f) && tune.decode_kernel && tune.cluster == 0) {
     pl.device = true;
     pl.decode = true;
-    pl.cluster = 1;
+    pl.cluster = f == 32 ? 1 : int(f / 32);
+    pl.rows = 1;
+    return pl;
+  }
+  if (mlp && L == 1 && f == dec::MlpDecodeLayout::HD && F % dec::MlpDecodeLayout::FH == 0 &&
+      F / dec::MlpDecodeLayout::FH <= dec::MlpDecodeLayout::MAX_NC && (F == dec::MlpDecodeLayout::FH || dev.clusters) &&
+      tune.decode_kernel && tune.cluster == 0) {
+    pl.device = true;
+    pl.decode = true;
+    pl.cluster = int(F / dec::MlpDecodeLayout::FH);
     pl.rows = 1;
     return pl;
   }
@@ -913,8 +964,21 @@ void TttKernels<Cuda>::inner(const TttInnerArgs<Cuda>& a, const TttFastWeights<C
   p.eps = a.eps;
   p.batch = int(Bn);
   p.sm = pl.tensor_cores || pl.decode ? InnerSmem{} : inner_smem(mlp, p.f, p.F, p.nc, p.R, p.K);
-  const InnerKernel kernel = pl.decode ? decode_kernel(f) : pl.tensor_cores ? tc_kernel(mlp, f) : inner_kernel(mlp);
-  const unsigned threads = unsigned(pl.decode ? 4 * f : pl.tensor_cores ? tc_threads(mlp, f) : kThreads);
+  const InnerKernel kernel = pl.tensor_cores ? tc_kernel(mlp, f) : inner_kernel(mlp);
+  const unsigned threads = unsigned(pl.tensor_cores ? tc_threads(mlp, f) : kThreads);
+  auto go = [&] {
+    if (pl.decode && mlp) {
+      launch(dec::ttt_mlp_decode_kernel, unsigned(Bn * nh * pl.cluster), unsigned(dec::MlpDecodeLayout::THREADS), 0,
+             pl.cluster, p);
+    } else if (pl.decode) {
+      dec::DecodeParams<float> dp{};
+      dp.in = p;
+      launch_decode<float, false>(dp, f, Bn * nh);
+    } else {
+      allow_smem(kernel, pl.smem_bytes);
+      launch(kernel, unsigned(Bn * nh * pl.cluster), threads, size_t(pl.smem_bytes), pl.cluster, p);
+    }
+  };
   if (a.phase_dev.defined()) {
     // Flags made on the device (graph-safe): nothing of this step travels in the params.
     TTT_CHECK(a.phase_dev.numel() == Bn && a.phase_dev.is_contiguous() &&
@@ -923,8 +987,7 @@ void TttKernels<Cuda>::inner(const TttInnerArgs<Cuda>& a, const TttFastWeights<C
     p.flags_dev = 1;
     p.phase_dev = a.phase_dev.data();
     p.commit_dev = a.commit_dev.defined() ? a.commit_dev.data() : nullptr;
-    allow_smem(kernel, pl.smem_bytes);
-    launch(kernel, unsigned(Bn * nh * pl.cluster), threads, size_t(pl.smem_bytes), pl.cluster, p);
+    go();
     return;
   }
   std::vector<int32_t> phase(static_cast<size_t>(Bn));
@@ -946,8 +1009,7 @@ void TttKernels<Cuda>::inner(const TttInnerArgs<Cuda>& a, const TttFastWeights<C
     p.phase_dev = phase_dev.data();
     p.commit_dev = commit_dev.data();
   }
-  allow_smem(kernel, pl.smem_bytes);
-  launch(kernel, unsigned(Bn * nh * pl.cluster), threads, size_t(pl.smem_bytes), pl.cluster, p);
+  go();
 }
 
 void TttKernels<Cuda>::causal_conv(const Tensor<float, Cuda>& out_q, const Tensor<float, Cuda>& out_k,
@@ -1028,6 +1090,65 @@ void TttKernels<Cuda>::prologue(const TttPrologue<T, Cuda>& a) {
 }
 
 template <class T>
+bool TttKernels<Cuda>::step(const TttStep<T, Cuda>& st, const TttFastWeights<Cuda>& s) {
+  using namespace cuda_detail;
+  if constexpr (std::is_same_v<T, ::ttt::f16>) {
+    return false;
+  } else {
+    const TttInnerArgs<Cuda>& a = st.in;
+    const TttPrologue<T, Cuda>& pr = st.pro;
+    const TttCudaTuning& tune = tuning();
+    if (a.kind != TttConfig::Kind::linear || pr.l2_norm_qk || pr.ln_target || !tune.decode_kernel || !tune.fused_step ||
+        tune.cluster != 0 || tune.host_fallback)
+      return false;
+    if (!st.y.defined() || st.y.rank() != 3 || !st.y.is_contiguous() || !a.out.defined() || a.out.rank() != 4)
+      return false;
+    const int64_t Bn = st.y.size(0), L = st.y.size(1), C = st.y.size(2), nh = a.out.size(1), f = a.out.size(3);
+    const int64_t F = s.W1.defined() ? s.W1.size(3) : 0;
+    if (L != 1 || F != f || (f != 64 && f != 128) || !has_decode_kernel(f) || nh * f != C ||
+        a.mini_batch_size > 32)
+      return false;
+    if (!st.counters.defined() || st.counters.numel() != Bn || !st.counters.is_contiguous()) return false;
+    if (!st.scratch.defined() || !st.scratch.is_contiguous() || st.scratch.numel() < Bn * nh * (f / 32) * 2)
+      return false;
+    if (!pr.proj.defined() || pr.proj.rank() != 3 || pr.proj.stride(2) != 1 || pr.proj.size(2) < 3 * C + nh)
+      return false;
+    const bool host_flags = !a.phase.empty();
+    if (host_flags ? Bn > kInlineItems : !pr.positions.defined()) return false;
+    if (a.out.stride(3) != 1 || !st.post_weight.is_contiguous() || !st.post_bias.is_contiguous()) return false;
+    for (const Tensor<float, Cuda>* t : {&s.W1, &s.b1, &s.W1_grad, &s.b1_grad, &a.tau, &a.ln_weight, &a.ln_bias})
+      if (!t->defined() || !t->is_contiguous()) return false;
+    if (!aligned16(s.W1.data()) || !aligned16(s.W1_grad.data())) return false;
+
+    dec::DecodeParams<T> dp{};
+    InnerParams& p = dp.in;
+    p.tau = a.tau.data(), p.ln_w = a.ln_weight.data(), p.ln_b = a.ln_bias.data();
+    p.out = a.out.data(), p.out_sb = a.out.stride(0), p.out_sh = a.out.stride(1), p.out_st = a.out.stride(2);
+    p.W1 = s.W1.data(), p.b1 = s.b1.data(), p.S1 = s.W1_grad.data(), p.Sb1 = s.b1_grad.data();
+    p.L = 1, p.nh = int(nh), p.f = int(f), p.F = int(f), p.K = int(a.mini_batch_size), p.nc = 1, p.eps = a.eps;
+    p.batch = int(Bn);
+    if (host_flags) {
+      for (int64_t b = 0; b < Bn; ++b) {
+        p.phase[b] = int32_t(((a.phase[size_t(b)] % p.K) + p.K) % p.K);
+        p.commit[b] = a.commit.empty() || a.commit[size_t(b)] ? 1 : 0;
+      }
+    } else {
+      TTT_CHECK(pr.positions.rank() == 2 && pr.positions.size(0) == Bn, "TttKernels<Cuda>::step: positions ",
+                pr.positions.shape().str(), " for batch ", Bn);
+      dp.pos = pr.positions.data(), dp.pos_b = pr.positions.stride(0);
+      dp.exec = pr.exec.defined() ? pr.exec.data() : nullptr;
+    }
+    dp.proj = pr.proj.data(), dp.proj_b = pr.proj.stride(0);
+    dp.lr_bias = pr.lr_bias.data(), dp.lr_scale = pr.lr_scale, dp.theta = pr.rope_theta;
+    dp.y = st.y.data(), dp.pn_w = st.post_weight.data(), dp.pn_b = st.post_bias.data(), dp.pn_eps = st.post_eps;
+    dp.counters = st.counters.data();
+    dp.scratch = st.scratch.data();
+    launch_decode<T, true>(dp, f, Bn * nh);
+    return true;
+  }
+}
+
+template <class T>
 void TttKernels<Cuda>::post_norm(const Tensor<T, Cuda>& out, const Tensor<float, Cuda>& in,
                                  const Tensor<float, Cuda>& weight, const Tensor<float, Cuda>& bias, float eps) {
   using namespace cuda_detail;
@@ -1044,6 +1165,7 @@ void TttKernels<Cuda>::post_norm(const Tensor<T, Cuda>& out, const Tensor<float,
 
 #define TTT_CUDA_INSTANTIATE_TTT_IO(T)                                                                         \
   template void TttKernels<Cuda>::prologue<T>(const TttPrologue<T, Cuda>&);                                    \
+  template bool TttKernels<Cuda>::step<T>(const TttStep<T, Cuda>&, const TttFastWeights<Cuda>&);                \
   template void TttKernels<Cuda>::post_norm<T>(const Tensor<T, Cuda>&, const Tensor<float, Cuda>&,             \
                                                const Tensor<float, Cuda>&, const Tensor<float, Cuda>&, float);
 TTT_CUDA_INSTANTIATE_TTT_IO(float)

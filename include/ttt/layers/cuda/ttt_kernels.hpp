@@ -27,7 +27,8 @@ struct TttCudaTuning {
   int cluster = 0;             // CTAs per (b, h): 0 = automatic, else 1, 2, 4 or 8 (throws if infeasible)
   bool host_fallback = false;  // run the inner loop on the host (the reference path)
   bool tensor_cores = true;    // bf16-operand calls on the tensor-core kernels where the shape allows
-  bool decode_kernel = true;   // one-token TTT-Linear calls on the decode kernel (ttt_decode.cuh)
+  bool decode_kernel = true;   // one-token calls on the decode kernels (ttt_decode.cuh)
+  bool fused_step = true;      // one-token TTT-Linear steps as one kernel (TttKernels<Cuda>::step)
 };
 
 // What inner() launches for a shape (reported by the benchmark and the tests).
@@ -51,6 +52,10 @@ struct TttKernels<Cuda> {
   // See TttPrologue and TttKernels<Cpu>::post_norm (instantiated for float, bf16 and f16).
   template <class T>
   static void prologue(const TttPrologue<T, Cuda>& a);
+  // A one-token TTT-Linear step (no video options) as one kernel (ttt_decode.cuh); false for
+  // any other call. Instantiated for float, bf16 and f16 (f16: always false).
+  template <class T>
+  static bool step(const TttStep<T, Cuda>& st, const TttFastWeights<Cuda>& s);
   template <class T>
   static void post_norm(const Tensor<T, Cuda>& out, const Tensor<float, Cuda>& in, const Tensor<float, Cuda>& weight,
                         const Tensor<float, Cuda>& bias, float eps);
