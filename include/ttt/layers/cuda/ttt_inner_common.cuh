@@ -379,5 +379,24 @@ __device__ __forceinline__ float peer_sum(float init, int nc, Get get) {
   return z;
 }
 
+// ttt-video-dit's ln_reconstruction_target on one head's row, by one warp (lanes read each
+// other's k and v: the caller's writes of them are fenced by __syncwarp first):
+// v <- k + w ⊙ (d - mean(d)) / (std_unbiased(d) + eps) + b, d = v - k.
+__device__ __forceinline__ void ln_target_row(float* v, const float* k, const float* w, const float* bias, int f,
+                                              float eps) {
+  const int lane = threadIdx.x & 31;
+  float s = 0.f;
+  for (int j = lane; j < f; j += 32) s += v[j] - k[j];
+  const float m = warp_sum(s) / float(f);
+  float ss = 0.f;
+  for (int j = lane; j < f; j += 32) {
+    const float d = v[j] - k[j] - m;
+    ss += d * d;
+  }
+  const float sd = sqrtf(warp_sum(ss) / float(f > 1 ? f - 1 : 1));
+  const float inv = 1.f / (sd + eps);
+  for (int j = lane; j < f; j += 32) v[j] = k[j] + (w[j] * ((v[j] - k[j] - m) * inv) + bias[j]);
+}
+
 }  // namespace cuda_detail
 }  // namespace ttt::layers

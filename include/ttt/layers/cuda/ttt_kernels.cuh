@@ -490,23 +490,10 @@ struct LnTargetParams {
 };
 
 __global__ void __launch_bounds__(256) ln_target_kernel(const LnTargetParams p) {
-  const int warps = blockDim.x >> 5, lane = threadIdx.x & 31;
+  const int warps = blockDim.x >> 5;
   for (int64_t r = int64_t(blockIdx.x) * warps + (threadIdx.x >> 5); r < p.rows; r += int64_t(gridDim.x) * warps) {
     const int h = int(r % p.nh), f = p.f;
-    float* v = p.v + r * f;
-    const float* k = p.k + r * f;
-    float s = 0.f;
-    for (int j = lane; j < f; j += 32) s += v[j] - k[j];
-    const float m = warp_sum(s) / float(f);
-    float ss = 0.f;
-    for (int j = lane; j < f; j += 32) {
-      const float d = v[j] - k[j] - m;
-      ss += d * d;
-    }
-    const float sd = sqrtf(warp_sum(ss) / float(f > 1 ? f - 1 : 1));
-    const float inv = 1.f / (sd + p.eps);
-    for (int j = lane; j < f; j += 32)
-      v[j] = k[j] + (p.w[h * f + j] * ((v[j] - k[j] - m) * inv) + p.bias[h * f + j]);
+    ln_target_row(p.v + r * f, p.k + r * f, p.w + h * f, p.bias + h * f, f, p.eps);
   }
 }
 
@@ -579,20 +566,7 @@ __global__ void __launch_bounds__(256) prologue_kernel(const PrologueParams<T> p
     }
     if (p.ln_target) {
       __syncwarp();  // the lanes read each other's k and v
-      float* v = p.xv + o;
-      const float* k = p.xk + o;
-      float s = 0.f;
-      for (int j = lane; j < f; j += 32) s += v[j] - k[j];
-      const float m = warp_sum(s) / float(f);
-      float ss = 0.f;
-      for (int j = lane; j < f; j += 32) {
-        const float d = v[j] - k[j] - m;
-        ss += d * d;
-      }
-      const float sd = sqrtf(warp_sum(ss) / float(f > 1 ? f - 1 : 1));
-      const float inv = 1.f / (sd + p.ln_eps);
-      for (int j = lane; j < f; j += 32)
-        v[j] = k[j] + (p.ln_w[h * f + j] * ((v[j] - k[j] - m) * inv) + p.ln_b[h * f + j]);
+      ln_target_row(p.xv + o, p.xk + o, p.ln_w + h * f, p.ln_b + h * f, f, p.ln_eps);
     }
     if (lane == 0) {
       p.lr[(b * p.nh + h) * p.L + t] = p.lr_scale * ::ttt::math::sigmoid(to_f32(row[3 * C + h]) + p.lr_bias[h]);

@@ -408,6 +408,40 @@ __device__ __forceinline__ void update_bias(float& b0, float& b1, float* Sb, int
   __syncwarp();
 }
 
+// The first layer of a segment on both paths: zz = Wᵀ [Q; K]ᵀ (query tiles 0, 1; key tiles
+// 2, 3), mm = Q Kᵀ (from the same fragments), and with `carry` cr = Sᵀ Qᵀ with S read from global
+// memory (row stride sld). W is held as accumulator fragments (Wt [2 KS][4]).
+template <int KS, int LD>
+__device__ __forceinline__ void first_layer(const float (&Wt)[2 * KS][4], const float* Qs, const float* Ks,
+                                            const float* Sg, int64_t sld, int o0, int g, int t, bool carry,
+                                            float (&zz)[4][4], float (&mm)[2][4], float (&cr)[2][4]) {
+#pragma unroll
+  for (int i = 0; i < 4; ++i) zero(zz[i]);
+  zero(mm[0]), zero(mm[1]), zero(cr[0]), zero(cr[1]);
+#pragma unroll
+  for (int kk = 0; kk < KS; ++kk) {
+    uint32_t a[4], bq0[2], bq1[2], bk0[2], bk1[2];
+    a_from_c(a, Wt[2 * kk], Wt[2 * kk + 1]);
+    b_rows(bq0, Qs, LD, 0, 16 * kk, g, t);
+    b_rows(bq1, Qs, LD, 8, 16 * kk, g, t);
+    b_rows(bk0, Ks, LD, 0, 16 * kk, g, t);
+    b_rows(bk1, Ks, LD, 8, 16 * kk, g, t);
+    mma(zz[0], a, bq0);
+    mma(zz[1], a, bq1);
+    mma(zz[2], a, bk0);
+    mma(zz[3], a, bk1);
+    const uint32_t aq[4] = {bq0[0], bq1[0], bq0[1], bq1[1]};  // Q's A fragment, from its B fragments
+    mma(mm[0], aq, bk0);
+    mma(mm[1], aq, bk1);
+    if (carry) {
+      uint32_t as[4];
+      a_from_c4(as, load_frag4(Sg, sld, o0, t, 2 * kk), load_frag4(Sg, sld, o0, t, 2 * kk + 1));
+      mma(cr[0], as, bq0);
+      mma(cr[1], as, bq1);
+    }
+  }
+}
+
 // ---- TTT-Linear -------------------------------------------------------------------------------
 
 template <int HD>
@@ -472,32 +506,8 @@ __global__ void __launch_bounds__(HD * 2, 1) ttt_linear_tc_kernel(const InnerPar
 
     // Zᵀ = Wᵀ [Q; K]ᵀ (query tiles 0, 1; key tiles 2, 3), M = Q Kᵀ, carry Sᵀ Qᵀ.
     float zz[4][4], mm[2][4], cr[2][4];
-#pragma unroll
-    for (int i = 0; i < 4; ++i) zero(zz[i]);
-    zero(mm[0]), zero(mm[1]), zero(cr[0]), zero(cr[1]);
     const bool carry = pp > 0;
-#pragma unroll
-    for (int kk = 0; kk < KS; ++kk) {
-      uint32_t a[4], bq0[2], bq1[2], bk0[2], bk1[2];
-      a_from_c(a, Wt[2 * kk], Wt[2 * kk + 1]);
-      b_rows(bq0, Qs, LD, 0, 16 * kk, g, t);
-      b_rows(bq1, Qs, LD, 8, 16 * kk, g, t);
-      b_rows(bk0, Ks, LD, 0, 16 * kk, g, t);
-      b_rows(bk1, Ks, LD, 8, 16 * kk, g, t);
-      mma(zz[0], a, bq0);
-      mma(zz[1], a, bq1);
-      mma(zz[2], a, bk0);
-      mma(zz[3], a, bk1);
-      const uint32_t aq[4] = {bq0[0], bq1[0], bq0[1], bq1[1]};  // Q's A fragment, from its B fragments
-      mma(mm[0], aq, bk0);
-      mma(mm[1], aq, bk1);
-      if (carry) {
-        uint32_t as[4];
-        a_from_c4(as, load_frag4(Sg, HD, o0, t, 2 * kk), load_frag4(Sg, HD, o0, t, 2 * kk + 1));
-        mma(cr[0], as, bq0);
-        mma(cr[1], as, bq1);
-      }
-    }
+    first_layer<KS, LD>(Wt, Qs, Ks, Sg, HD, o0, g, t, carry, zz, mm, cr);
 #pragma unroll
     for (int i = 0; i < 4; ++i) zz[i][0] += bias0, zz[i][1] += bias0, zz[i][2] += bias1, zz[i][3] += bias1;
 
@@ -698,31 +708,7 @@ __global__ void __launch_bounds__(MlpLayout::THREADS, 1) ttt_mlp_tc_kernel(const
 
     // (1) Layer 1 on both paths: Z1ᵀ = W1ᵀ [Q; K]ᵀ + b1, M1 = Q Kᵀ, carry S1ᵀ Qᵀ.
     float zz[4][4], mm[2][4], cr[2][4];
-#pragma unroll
-    for (int i = 0; i < 4; ++i) zero(zz[i]);
-    zero(mm[0]), zero(mm[1]), zero(cr[0]), zero(cr[1]);
-#pragma unroll
-    for (int kk = 0; kk < KS; ++kk) {
-      uint32_t a[4], bq0[2], bq1[2], bk0[2], bk1[2];
-      a_from_c(a, W1t[2 * kk], W1t[2 * kk + 1]);
-      b_rows(bq0, Qs, LD, 0, 16 * kk, g, t);
-      b_rows(bq1, Qs, LD, 8, 16 * kk, g, t);
-      b_rows(bk0, Ks, LD, 0, 16 * kk, g, t);
-      b_rows(bk1, Ks, LD, 8, 16 * kk, g, t);
-      mma(zz[0], a, bq0);
-      mma(zz[1], a, bq1);
-      mma(zz[2], a, bk0);
-      mma(zz[3], a, bk1);
-      const uint32_t aq[4] = {bq0[0], bq1[0], bq0[1], bq1[1]};
-      mma(mm[0], aq, bk0);
-      mma(mm[1], aq, bk1);
-      if (carry) {
-        uint32_t as[4];
-        a_from_c4(as, load_frag4(S1g, F, o0, t, 2 * kk), load_frag4(S1g, F, o0, t, 2 * kk + 1));
-        mma(cr[0], as, bq0);
-        mma(cr[1], as, bq1);
-      }
-    }
+    first_layer<KS, LD>(W1t, Qs, Ks, S1g, F, o0, g, t, carry, zz, mm, cr);
 #pragma unroll
     for (int i = 0; i < 4; ++i) zz[i][0] += b1_0, zz[i][1] += b1_0, zz[i][2] += b1_1, zz[i][3] += b1_1;
     // The key path's activations (to shared memory, [token][hidden]) and gelu'.
