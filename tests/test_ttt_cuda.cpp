@@ -199,45 +199,40 @@ TEST_CASE("CUDA TTT-MLP inner loop matches the host", "[ttt_cuda][inner]") {
   check_inner({Kind::mlp, 1, 1, 1, 128, 512, 16, {15}, {}, "Moshi head size, decode"}, {0}, 1e-5);
 }
 
+namespace {
+
+// A one-token case on the float decode kernels, whatever the operand precision: exact.
+void check_decode(const InnerCase& c, TttOperands op, uint32_t seed) {
+  const auto pl = TttKernels<Cuda>::plan(c.kind, c.B, c.nh, 1, c.f, c.F, c.K, op);
+  const InnerErrors e = run_inner(c, seed, op);
+  std::printf("[ttt cuda decode] %-80s %s, cluster %d: out %.3g state %.3g\n", describe(c).c_str(),
+              pl.decode ? "decode kernel" : "NOT the decode kernel", pl.cluster, e.out, e.state);
+  INFO(describe(c) << ": out error " << e.out << ", state error " << e.state);
+  CHECK(pl.decode);
+  CHECK(e.out <= 1e-5);
+  CHECK(e.state <= 1e-5);
+}
+
+}  // namespace
+
 TEST_CASE("CUDA TTT-Linear decode kernel matches the host", "[ttt_cuda][inner][decode]") {
   // One-token calls of TTT-Linear take the float decode kernel in both operand precisions.
   for (int64_t f : {32, 64, 128})
-    for (TttOperands op : {TttOperands::fp32, TttOperands::bf16}) {
-      const InnerCase c{Kind::linear, 4, 3, 1, f, f, 16, {0, 7, 15, 15}, {1, 1, 1, 0}, "decode kernel"};
-      const auto pl = TttKernels<Cuda>::plan(c.kind, c.B, c.nh, 1, f, f, 16, op);
-      const InnerErrors e = run_inner(c, 5 + uint32_t(f), op);
-      std::printf("[ttt cuda decode] %-80s %s: out %.3g state %.3g\n", describe(c).c_str(),
-                  pl.decode ? "decode kernel" : "NOT the decode kernel", e.out, e.state);
-      INFO(describe(c) << ": out error " << e.out << ", state error " << e.state);
-      CHECK(pl.decode);
-      CHECK(e.out <= 1e-5);
-      CHECK(e.state <= 1e-5);
-    }
+    for (TttOperands op : {TttOperands::fp32, TttOperands::bf16})
+      check_decode({Kind::linear, 4, 3, 1, f, f, 16, {0, 7, 15, 15}, {1, 1, 1, 0}, "decode kernel"}, op,
+                   5 + uint32_t(f));
   // K 4 with a phase at each position, and a frozen item.
-  const InnerCase c{Kind::linear, 4, 2, 1, 64, 64, 4, {0, 1, 2, 3}, {1, 0, 1, 1}, "decode kernel, K 4"};
-  const InnerErrors e = run_inner(c, 9);
-  CHECK(e.out <= 1e-5);
-  CHECK(e.state <= 1e-5);
+  check_decode({Kind::linear, 4, 2, 1, 64, 64, 4, {0, 1, 2, 3}, {1, 0, 1, 1}, "decode kernel, K 4"},
+               TttOperands::fp32, 9);
 }
 
 TEST_CASE("CUDA TTT-MLP decode kernel matches the host", "[ttt_cuda][inner][decode]") {
   // One-token calls of TTT-MLP with head_dim 128: clusters of F / 128 CTAs, float.
   for (int64_t F : {128, 256, 512})
-    for (TttOperands op : {TttOperands::fp32, TttOperands::bf16}) {
-      const InnerCase c{Kind::mlp, 3, 2, 1, 128, F, 16, {0, 7, 15}, {1, 1, 0}, "decode kernel"};
-      const auto pl = TttKernels<Cuda>::plan(c.kind, c.B, c.nh, 1, 128, F, 16, op);
-      const InnerErrors e = run_inner(c, 13 + uint32_t(F), op);
-      std::printf("[ttt cuda decode] %-80s %s, cluster %d: out %.3g state %.3g\n", describe(c).c_str(),
-                  pl.decode ? "decode kernel" : "NOT the decode kernel", pl.cluster, e.out, e.state);
-      INFO(describe(c) << ": out error " << e.out << ", state error " << e.state);
-      CHECK(pl.decode);
-      CHECK(e.out <= 1e-5);
-      CHECK(e.state <= 1e-5);
-    }
-  const InnerCase c{Kind::mlp, 4, 1, 1, 128, 512, 4, {0, 1, 2, 3}, {1, 0, 1, 1}, "decode kernel, K 4"};
-  const InnerErrors e = run_inner(c, 21);
-  CHECK(e.out <= 1e-5);
-  CHECK(e.state <= 1e-5);
+    for (TttOperands op : {TttOperands::fp32, TttOperands::bf16})
+      check_decode({Kind::mlp, 3, 2, 1, 128, F, 16, {0, 7, 15}, {1, 1, 0}, "decode kernel"}, op, 13 + uint32_t(F));
+  check_decode({Kind::mlp, 4, 1, 1, 128, 512, 4, {0, 1, 2, 3}, {1, 0, 1, 1}, "decode kernel, K 4"},
+               TttOperands::fp32, 21);
 }
 
 TEST_CASE("CUDA TTT inner loop over long calls matches the host", "[ttt_cuda][inner][long]") {

@@ -13,6 +13,7 @@
 #endif
 
 #include "ttt/backend/cpu/kernels.hpp"
+#include "ttt/backend/ops.hpp"
 #include "ttt/backend/math.hpp"
 #include "ttt/layers/ttt_kernels.hpp"
 
@@ -340,70 +341,40 @@ struct TttKernels<Cpu> {
     }
   }
 
-  // See TttPrologue (ttt_kernels.hpp). The same arithmetic as the separate steps it replaces
-  // (cast, l2_normalize, ops::rope, ln_target, sigmoid), token by token.
+  // See TttPrologue (ttt_kernels.hpp): on the host, the separate steps it stands for (the
+  // backends' fused kernels must give these numbers).
   template <class T>
   static void prologue(const TttPrologue<T, Cpu>& a) {
     const int64_t Bn = a.xq.size(0), nh = a.xq.size(1), L = a.xq.size(2), f = a.xq.size(3), C = nh * f;
-    const int64_t K = a.mini_batch_size;
     TTT_CHECK(a.proj.rank() == 3 && a.proj.size(0) == Bn && a.proj.size(1) == L && a.proj.size(2) >= 3 * C + nh &&
                   a.proj.stride(2) == 1,
               "TttKernels<Cpu>::prologue: proj ", a.proj.shape().str(), " for ", nh, " heads of ", f);
     for (const Tensor<float, Cpu>* t : {&a.xq, &a.xk, &a.xv, &a.lr})
       TTT_CHECK(t->is_contiguous(), "TttKernels<Cpu>::prologue: outputs must be contiguous");
-    std::vector<float> freq(static_cast<size_t>(f / 2));
-    for (int64_t i = 0; i < f / 2; ++i) freq[size_t(i)] = math::rope_freq(int(i), int(f), a.rope_theta);
-    auto row_of = [&](const Tensor<float, Cpu>& t, int64_t b, int64_t h, int64_t s) {
-      return t.data() + ((b * nh + h) * L + s) * f;
+    auto heads = [&](int64_t col) {  // columns [col, col + C) as float [B, L, nh, f]
+      auto t = Tensor<float, Cpu>::empty({Bn, L, nh, f});
+      ops::cast(t.reshape({Bn, L, C}), a.proj.slice(2, col, col + C));
+      return t;
     };
-#pragma omp parallel for schedule(static) if (Bn * L * C >= (int64_t(1) << 18))
-    for (int64_t bt = 0; bt < Bn * L; ++bt) {
-      const int64_t b = bt / L, s = bt % L;
-      const T* row = a.proj.data() + b * a.proj.stride(0) + s * a.proj.stride(1);
-      const float pos = float(((a.positions(b, s) % K) + K) % K);
-      std::vector<float> cs(static_cast<size_t>(f / 2)), sn(static_cast<size_t>(f / 2));
-      for (int64_t i = 0; i < f / 2; ++i) {
-        const float ang = freq[size_t(i)] * pos;
-        cs[size_t(i)] = std::cos(ang);
-        sn[size_t(i)] = std::sin(ang);
-      }
-      for (int64_t h = 0; h < nh; ++h) {
-        float* q = row_of(a.xq, b, h, s);
-        float* k = row_of(a.xk, b, h, s);
-        float* v = row_of(a.xv, b, h, s);
-        for (int64_t d = 0; d < f; ++d) {
-          q[d] = to_f32(row[h * f + d]);
-          k[d] = to_f32(row[C + h * f + d]);
-          v[d] = to_f32(row[2 * C + h * f + d]);
-        }
-        for (float* x : {q, k}) {
-          if (a.l2_norm_qk) {
-            double ss = 0;
-            for (int64_t d = 0; d < f; ++d) ss += double(x[d]) * x[d];
-            const float inv = float(1.0 / std::max(std::sqrt(ss), 1e-12));
-            for (int64_t d = 0; d < f; ++d) x[d] *= inv;
-          }
-          for (int64_t i = 0; i < f / 2; ++i) {
-            const float c = cs[size_t(i)], sv = sn[size_t(i)], re = x[2 * i], im = x[2 * i + 1];
-            x[2 * i] = re * c - im * sv;
-            x[2 * i + 1] = re * sv + im * c;
-          }
-        }
-        if (a.ln_target) {
-          const Tensor<float, Cpu> vt = Tensor<float, Cpu>::borrow(v, {1, 1, 1, f});
-          const Tensor<float, Cpu> kt = Tensor<float, Cpu>::borrow(k, {1, 1, 1, f});
-          ln_target(vt, kt, a.ln_weight.select(0, h).reshape({1, f}), a.ln_bias.select(0, h).reshape({1, f}), a.ln_eps);
-        }
-        a.lr.data()[(b * nh + h) * L + s] =
-            a.lr_scale * math::sigmoid(to_f32(row[3 * C + h]) + a.lr_bias.data()[h]);
-      }
+    const auto q = heads(0), k = heads(C), v = heads(2 * C);
+    auto positions = Tensor<int64_t, Cpu>::empty({Bn, L});  // mod K; and the flags
+    call_flags(a.positions, a.exec, 0, a.mini_batch_size, positions, a.phase, a.commit);
+    if (a.l2_norm_qk) {
+      l2_normalize(q);
+      l2_normalize(k);
     }
-    if (a.phase.defined() || a.commit.defined()) {
-      for (int64_t b = 0; b < Bn; ++b) {
-        if (a.phase.defined()) a.phase.data()[b] = L > 0 ? int32_t(((a.positions(b, 0) % K) + K) % K) : 0;
-        if (a.commit.defined()) a.commit.data()[b] = a.exec.defined() ? uint8_t(a.exec.data()[b] != 0) : uint8_t(1);
-      }
-    }
+    ops::rope(q, q, positions, a.rope_theta);
+    ops::rope(k, k, positions, a.rope_theta);
+    if (a.ln_target) ln_target(v, k, a.ln_weight, a.ln_bias, a.ln_eps);
+    auto lr = Tensor<float, Cpu>::empty({Bn, L, nh});
+    ops::cast(lr, a.proj.slice(2, 3 * C, 3 * C + nh));
+    ops::add_(lr, a.lr_bias);
+    ops::unary(lr, lr, Unary::sigmoid);
+    ops::unary(lr, lr, Unary::scale, a.lr_scale);
+    a.xq.copy_from(q.transpose(1, 2));
+    a.xk.copy_from(k.transpose(1, 2));
+    a.xv.copy_from(v.transpose(1, 2));
+    a.lr.copy_from(lr.transpose(1, 2));
   }
 
   // The host runs a step as its three parts.
@@ -413,27 +384,13 @@ struct TttKernels<Cpu> {
   }
 
   // out[b, t, :] = LayerNorm(in[b, t, :]) * weight + bias over the last dimension C, cast to
-  // T (the layer's post_norm; in is the inner loop's token-major output).
+  // T (the layer's post_norm; `in` is the inner loop's token-major output).
   template <class T>
   static void post_norm(const Tensor<T, Cpu>& out, const Tensor<float, Cpu>& in, const Tensor<float, Cpu>& weight,
                         const Tensor<float, Cpu>& bias, float eps) {
-    TTT_CHECK(in.is_contiguous() && out.is_contiguous() && out.shape() == in.shape(),
-              "TttKernels<Cpu>::post_norm: contiguous tensors of one shape, got ", in.shape().str(), " and ",
+    TTT_CHECK(out.shape() == in.shape(), "TttKernels<Cpu>::post_norm: ", in.shape().str(), " into ",
               out.shape().str());
-    const int64_t n = in.size(-1), rows = in.numel() / std::max<int64_t>(n, 1);
-#pragma omp parallel for schedule(static) if (in.numel() >= (int64_t(1) << 18))
-    for (int64_t r = 0; r < rows; ++r) {
-      const float* p = in.data() + r * n;
-      T* o = out.data() + r * n;
-      double mu = 0;
-      for (int64_t j = 0; j < n; ++j) mu += p[j];
-      mu /= double(n);
-      double var = 0;
-      for (int64_t j = 0; j < n; ++j) var += (double(p[j]) - mu) * (double(p[j]) - mu);
-      var /= double(n);
-      const float rstd = float(1.0 / std::sqrt(var + double(eps))), muf = float(mu);
-      for (int64_t j = 0; j < n; ++j) o[j] = from_f32<T>((p[j] - muf) * rstd * weight.data()[j] + bias.data()[j]);
-    }
+    ops::cast(out, ops::layer_norm(in, weight, bias, eps));
   }
 
   // x / max(‖x‖₂, 1e-12) over the last dimension, in place (torch F.normalize).

@@ -57,7 +57,6 @@ struct TttParams {
   // (In bf16 the lr logits are then bf16 products, as in ttt-lm-kernels' fused
   // qkv_learnable_ttt_lr_proj; the sigmoid and everything after it stay float.)
   Tensor<T, B> qkvl_proj, qkvl_bias;  // [3C + nh, C], [3C + nh] (zero lr part)
-  Tensor<T, B> lr_proj;               // [nh, C] view of qkvl_proj
   Tensor<T, B> g_proj;                          // [C, C] (use_gate)
   Tensor<T, B> q_bias, k_bias, v_bias, o_bias;  // [C] (proj_bias)
   Tensor<float, B> conv_q_weight, conv_k_weight;  // [C, kc] (share_qk)
@@ -110,7 +109,7 @@ struct TttParams {
             .reshape({nh, C});
       });
       p.q_proj = p.qkvl_proj.slice(0, 0, C), p.k_proj = p.qkvl_proj.slice(0, C, 2 * C);
-      p.v_proj = p.qkvl_proj.slice(0, 2 * C, 3 * C), p.lr_proj = p.qkvl_proj.slice(0, 3 * C, 3 * C + nh);
+      p.v_proj = p.qkvl_proj.slice(0, 2 * C, 3 * C);
     } else {
       p.q_proj = get_t("q_proj.weight", {C, C}, normal);
       p.v_proj = get_t("v_proj.weight", {C, C}, normal);
@@ -208,8 +207,7 @@ struct TttState {
       s.b2_grad = tiled(p.b2);
     }
     if (p.config.share_qk) s.conv_states = Tensor<float, B>::empty({batch, p.config.hidden_size, p.config.conv_kernel});
-    s.step_counters = Tensor<int32_t, B>::zeros({batch});
-    s.step_scratch = Tensor<float, B>::zeros({batch, p.config.num_heads * 8});
+    s.new_step_scratch();
     s.offset.assign(size_t(batch), 0);
     s.reset();
     return s;
@@ -236,8 +234,7 @@ struct TttState {
     TttState s = *this;
     for (Tensor<float, B>* t : s.mutable_tensors())
       if (t->defined()) *t = t->clone();
-    s.step_counters = Tensor<int32_t, B>::zeros({batch});
-    s.step_scratch = Tensor<float, B>::zeros({batch, config.num_heads * 8});
+    s.new_step_scratch();
     return s;
   }
 
@@ -272,6 +269,11 @@ struct TttState {
 
  private:
   Tensor<float, B> W1_init_, b1_init_, W2_init_, b2_init_;  // the layer's W1, b1, W2, b2 (shared)
+
+  void new_step_scratch() {
+    step_counters = Tensor<int32_t, B>::zeros({batch});
+    step_scratch = Tensor<float, B>::zeros({batch, config.num_heads * 8});
+  }
 
   std::vector<Tensor<float, B>*> mutable_tensors() {
     return {&W1_states, &b1_states, &W2_states, &b2_states, &W1_grad, &b1_grad, &W2_grad, &b2_grad, &conv_states};
@@ -357,12 +359,14 @@ Tensor<T, B> ttt_forward_impl(const TttParams<T, B>& p, TttState<B>& s, const Te
   a.tau = p.tau;
   a.ln_weight = p.ttt_norm_weight;
   a.ln_bias = p.ttt_norm_bias;
-  Tensor<int32_t, B> phase_dev;   // [B]
-  Tensor<uint8_t, B> commit_dev;  // [B]
-  if (positions_dev) {
+  // Device-made flags [B] of a call that is not one kernel (see `done` below).
+  Tensor<int32_t, B> phase_dev;
+  Tensor<uint8_t, B> commit_dev;
+  auto make_flags = [&] {
+    if (!positions_dev) return;
     phase_dev = Tensor<int32_t, B>::empty({Bn});
     commit_dev = Tensor<uint8_t, B>::empty({Bn});
-  }
+  };
 
   // The inner loop writes token-major (heads concatenated, c = h*f + d) for post_norm.
   const auto o = Tensor<float, B>::empty({Bn, L, nh, f});
@@ -395,6 +399,7 @@ Tensor<T, B> ttt_forward_impl(const TttParams<T, B>& p, TttState<B>& s, const Te
     TttStep<T, B> st{pr, a, y, p.post_norm_weight, p.post_norm_bias, c.post_norm_eps, s.step_counters, s.step_scratch};
     done = TttKernels<B>::step(st, s.fast_weights());
     if (!done) {
+      make_flags();
       if (!positions_dev) pr.positions = host_positions();
       pr.xq = Tensor<float, B>::empty({Bn, nh, L, f});
       pr.xk = Tensor<float, B>::empty({Bn, nh, L, f});
@@ -407,6 +412,7 @@ Tensor<T, B> ttt_forward_impl(const TttParams<T, B>& p, TttState<B>& s, const Te
     }
   } else {
     // share_qk: q and k come from one projection through the causal convs.
+    make_flags();
     Tensor<int64_t, B> positions;  // [B, L] RoPE positions, mod K
     if (positions_dev) {
       positions = Tensor<int64_t, B>::empty({Bn, L});

@@ -84,6 +84,17 @@ __device__ __forceinline__ void owner_sum2(float& a, float& b, float* red) {
   a = x, b = y;
 }
 
+// Σ over the row groups, in order, of column `col` of a partial-sum array [RG][CQ] float4
+// (one float4 per thread: row group, column quad).
+template <int RG, int CQ>
+__device__ __forceinline__ float column_sum(const float4 (&part)[RG][CQ], int col) {
+  const float* p = reinterpret_cast<const float*>(&part[0][0]);
+  float v = 0.f;
+#pragma unroll
+  for (int g = 0; g < RG; ++g) v += p[g * 4 * CQ + col];
+  return v;
+}
+
 template <class T>
 struct DecodeParams {
   InnerParams in;  // state, flags, tau, ttt_norm, eps; xq / xk / xv / lr when not fused
@@ -240,13 +251,8 @@ __global__ void __launch_bounds__(2 * HD) ttt_linear_decode_kernel(const DecodeP
     __syncthreads();
     if (tok > 0 && NC > 1) cluster_wait();  // every peer has read the previous token's cpart
     if (owner) {
-      const float* p0 = reinterpret_cast<const float*>(&part[0][0][0]);
-      const float* p1 = reinterpret_cast<const float*>(&part[1][0][0]);
-      const float* p2 = reinterpret_cast<const float*>(&part[2][0][0]);
-      float a0 = 0.f, a1 = 0.f, a2 = 0.f;
-#pragma unroll
-      for (int g = 0; g < RG; ++g) a0 += p0[g * HD + tid], a1 += p1[g * HD + tid], a2 += p2[g * HD + tid];
-      cpart[0][tid] = a0, cpart[1][tid] = a1, cpart[2][tid] = a2;
+      cpart[0][tid] = column_sum(part[0], tid), cpart[1][tid] = column_sum(part[1], tid);
+      cpart[2][tid] = column_sum(part[2], tid);
     }
     if (NC > 1) {
       cluster_arrive();
@@ -440,11 +446,7 @@ __global__ void __launch_bounds__(MlpDecodeLayout::THREADS) ttt_mlp_decode_kerne
   __syncthreads();
   float z1 = 0.f, zq1 = 0.f, qs1 = 0.f, da = 0.f, a1 = 0.f;
   if (owner) {
-    const float* p0 = reinterpret_cast<const float*>(&part[0][0][0]);
-    const float* p1 = reinterpret_cast<const float*>(&part[1][0][0]);
-    const float* p2 = reinterpret_cast<const float*>(&part[2][0][0]);
-#pragma unroll
-    for (int g = 0; g < RG; ++g) z1 += p0[g * FH + tid], zq1 += p1[g * FH + tid], qs1 += p2[g * FH + tid];
+    z1 = column_sum(part[0], tid), zq1 = column_sum(part[1], tid), qs1 = column_sum(part[2], tid);
     z1 += b1, zq1 += b1, qs1 = carry ? qs1 + sb1 : 0.f;
     a1 = gelu(z1), da = gelu_tanh_bwd(z1);
     avec[tid] = a1;
@@ -460,11 +462,7 @@ __global__ void __launch_bounds__(MlpDecodeLayout::THREADS) ttt_mlp_decode_kerne
   }
   __syncthreads();
   if (owner) {
-    const float* p0 = reinterpret_cast<const float*>(&part[0][0][0]);
-    float v = 0.f;
-#pragma unroll
-    for (int g = 0; g < RG; ++g) v += p0[g * HD + tid];
-    cp1[tid] = v;
+    cp1[tid] = column_sum(part[0], tid);
   }
   cluster_sync(nc);
   float z2 = 0.f, target = 0.f, qk = 0.f;
@@ -524,11 +522,7 @@ __global__ void __launch_bounds__(MlpDecodeLayout::THREADS) ttt_mlp_decode_kerne
   }
   __syncthreads();
   if (owner) {
-    const float* p0 = reinterpret_cast<const float*>(&part[0][0][0]);
-    float v = 0.f;
-#pragma unroll
-    for (int g = 0; g < RG; ++g) v += p0[g * HD + tid];
-    cp2[tid] = v;
+    cp2[tid] = column_sum(part[0], tid);
     if (tid == 0) cp2[HD] = aa;
   }
   cluster_sync(nc);  // also: every CTA is done with cp1

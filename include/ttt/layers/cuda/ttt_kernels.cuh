@@ -813,6 +813,31 @@ inline std::string device_layout_problem(const TttInnerArgs<Cuda>& a, const TttF
   return {};
 }
 
+// The InnerParams fields every inner kernel reads: state, ttt_norm, tau, output and sizes.
+// The caller sets the inputs, the launch shape (R, nc, Fc, sm) and the flags.
+inline InnerParams state_params(const TttInnerArgs<Cuda>& a, const TttFastWeights<Cuda>& s, bool mlp, int64_t Bn,
+                                int64_t nh, int64_t L, int64_t f, int64_t F) {
+  InnerParams p{};
+  p.tau = a.tau.data(), p.ln_w = a.ln_weight.data(), p.ln_b = a.ln_bias.data();
+  p.out = a.out.data(), p.out_sb = a.out.stride(0), p.out_sh = a.out.stride(1), p.out_st = a.out.stride(2);
+  p.W1 = s.W1.data(), p.b1 = s.b1.data(), p.S1 = s.W1_grad.data(), p.Sb1 = s.b1_grad.data();
+  if (mlp) p.W2 = s.W2.data(), p.b2 = s.b2.data(), p.S2 = s.W2_grad.data(), p.Sb2 = s.b2_grad.data();
+  p.L = L, p.nh = int(nh), p.f = int(f), p.F = int(F), p.K = int(a.mini_batch_size), p.eps = a.eps;
+  p.batch = int(Bn);
+  return p;
+}
+
+// The host's per-item flags of a call: phases in [0, K), commit 0/1.
+inline void host_flags(const TttInnerArgs<Cuda>& a, int64_t Bn, std::vector<int32_t>& phase,
+                       std::vector<uint8_t>& commit) {
+  const int64_t K = a.mini_batch_size;
+  phase.resize(size_t(Bn)), commit.resize(size_t(Bn));
+  for (int64_t b = 0; b < Bn; ++b) {
+    phase[size_t(b)] = int32_t(((a.phase[size_t(b)] % K) + K) % K);
+    commit[size_t(b)] = a.commit.empty() || a.commit[size_t(b)] ? 1 : 0;
+  }
+}
+
 }  // namespace cuda_detail
 
 TttCudaPlan TttKernels<Cuda>::plan(TttConfig::Kind kind, int64_t batch, int64_t heads, int64_t L, int64_t f,
@@ -926,17 +951,9 @@ void TttKernels<Cuda>::inner(const TttInnerArgs<Cuda>& a, const TttFastWeights<C
     return;
   }
 
-  InnerParams p{};
-  p.xq = a.xq.data(), p.xk = a.xk.data(), p.xv = a.xv.data(), p.lr = a.lr.data(), p.tau = a.tau.data();
-  p.ln_w = a.ln_weight.data(), p.ln_b = a.ln_bias.data(), p.out = a.out.data();
-  p.out_sb = a.out.stride(0), p.out_sh = a.out.stride(1), p.out_st = a.out.stride(2);
-  p.W1 = s.W1.data(), p.b1 = s.b1.data(), p.S1 = s.W1_grad.data(), p.Sb1 = s.b1_grad.data();
-  if (mlp) p.W2 = s.W2.data(), p.b2 = s.b2.data(), p.S2 = s.W2_grad.data(), p.Sb2 = s.b2_grad.data();
-  p.L = L;
-  p.nh = int(nh), p.f = int(f), p.F = int(F), p.K = int(K), p.R = pl.rows, p.nc = pl.cluster;
-  p.Fc = int(F) / pl.cluster;
-  p.eps = a.eps;
-  p.batch = int(Bn);
+  InnerParams p = state_params(a, s, mlp, Bn, nh, L, f, F);
+  p.xq = a.xq.data(), p.xk = a.xk.data(), p.xv = a.xv.data(), p.lr = a.lr.data();
+  p.R = pl.rows, p.nc = pl.cluster, p.Fc = int(F) / pl.cluster;
   p.sm = pl.tensor_cores || pl.decode ? InnerSmem{} : inner_smem(mlp, p.f, p.F, p.nc, p.R, p.K);
   const InnerKernel kernel = pl.tensor_cores ? tc_kernel(mlp, f) : inner_kernel(mlp);
   const unsigned threads = unsigned(pl.tensor_cores ? tc_threads(mlp, f) : kThreads);
@@ -964,12 +981,9 @@ void TttKernels<Cuda>::inner(const TttInnerArgs<Cuda>& a, const TttFastWeights<C
     go();
     return;
   }
-  std::vector<int32_t> phase(static_cast<size_t>(Bn));
-  std::vector<uint8_t> commit(static_cast<size_t>(Bn));
-  for (int64_t b = 0; b < Bn; ++b) {
-    phase[size_t(b)] = int32_t(((a.phase[size_t(b)] % K) + K) % K);
-    commit[size_t(b)] = a.commit.empty() || a.commit[size_t(b)] ? 1 : 0;
-  }
+  std::vector<int32_t> phase;
+  std::vector<uint8_t> commit;
+  host_flags(a, Bn, phase, commit);
   Tensor<int32_t, Cuda> phase_dev;
   Tensor<uint8_t, Cuda> commit_dev;
   if (Bn <= kInlineItems) {
@@ -1087,8 +1101,8 @@ bool TttKernels<Cuda>::step(const TttStep<T, Cuda>& st, const TttFastWeights<Cud
       return false;
     if (!pr.proj.defined() || pr.proj.rank() != 3 || pr.proj.stride(2) != 1 || pr.proj.size(2) < 3 * C + nh)
       return false;
-    const bool host_flags = !a.phase.empty();
-    if (host_flags ? Bn > kInlineItems : !pr.positions.defined()) return false;
+    const bool host_flags_given = !a.phase.empty();
+    if (host_flags_given ? Bn > kInlineItems : !pr.positions.defined()) return false;
     if (a.out.stride(3) != 1 || !st.post_weight.is_contiguous() || !st.post_bias.is_contiguous()) return false;
     for (const Tensor<float, Cuda>* t : {&s.W1, &s.b1, &s.W1_grad, &s.b1_grad, &a.tau, &a.ln_weight, &a.ln_bias})
       if (!t->defined() || !t->is_contiguous()) return false;
@@ -1096,16 +1110,14 @@ bool TttKernels<Cuda>::step(const TttStep<T, Cuda>& st, const TttFastWeights<Cud
 
     dec::DecodeParams<T> dp{};
     InnerParams& p = dp.in;
-    p.tau = a.tau.data(), p.ln_w = a.ln_weight.data(), p.ln_b = a.ln_bias.data();
-    p.out = a.out.data(), p.out_sb = a.out.stride(0), p.out_sh = a.out.stride(1), p.out_st = a.out.stride(2);
-    p.W1 = s.W1.data(), p.b1 = s.b1.data(), p.S1 = s.W1_grad.data(), p.Sb1 = s.b1_grad.data();
-    p.L = 1, p.nh = int(nh), p.f = int(f), p.F = int(f), p.K = int(a.mini_batch_size), p.nc = 1, p.eps = a.eps;
-    p.batch = int(Bn);
-    if (host_flags) {
-      for (int64_t b = 0; b < Bn; ++b) {
-        p.phase[b] = int32_t(((a.phase[size_t(b)] % p.K) + p.K) % p.K);
-        p.commit[b] = a.commit.empty() || a.commit[size_t(b)] ? 1 : 0;
-      }
+    p = state_params(a, s, false, Bn, nh, 1, f, f);
+    p.nc = 1;
+    if (host_flags_given) {
+      std::vector<int32_t> phase;
+      std::vector<uint8_t> commit;
+      host_flags(a, Bn, phase, commit);
+      std::copy(phase.begin(), phase.end(), p.phase);
+      std::copy(commit.begin(), commit.end(), p.commit);
     } else {
       TTT_CHECK(pr.positions.rank() == 2 && pr.positions.size(0) == Bn, "TttKernels<Cuda>::step: positions ",
                 pr.positions.shape().str(), " for batch ", Bn);

@@ -35,7 +35,7 @@ struct TttCudaTuning {
 struct TttCudaPlan {
   bool device = false;   // false: host round trip
   bool tensor_cores = false;  // the bf16-operand tensor-core kernels (ttt_mma.cuh)
-  bool decode = false;        // the one-token TTT-Linear kernel (ttt_decode.cuh, float)
+  bool decode = false;        // a one-token kernel (ttt_decode.cuh, float)
   int cluster = 0;       // CTAs per (b, h)
   int resident = 0;      // clusters (CTAs when cluster = 1) resident at once on the device; 0 = not queried
   int rows = 0;          // segment rows held in shared memory (min(K, L) rounded up to 4)

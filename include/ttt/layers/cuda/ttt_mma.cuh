@@ -442,6 +442,38 @@ __device__ __forceinline__ void first_layer(const float (&Wt)[2 * KS][4], const 
   }
 }
 
+// z (query tiles) -= Gᵀ Mᵀ: the attention-like term (η ⊙ (Q Kᵀ + 1)) G of the query path,
+// M given as its accumulator tiles (which are Mᵀ's B fragments).
+__device__ __forceinline__ void sub_g_mask(float (&z0)[4], float (&z1)[4], const float (&G0)[4], const float (&G1)[4],
+                                           const float (&m0)[4], const float (&m1)[4]) {
+  uint32_t ag[4], bm0[2], bm1[2];
+  const float neg[4] = {-1.f, -1.f, -1.f, -1.f};
+  a_scaled(ag, G0, G1, neg);
+  b_from_mask(bm0, bm1, m0, m1);
+  mma(z0, ag, bm0);
+  mma(z1, ag, bm1);
+}
+
+// out = q + LN(z) for the query tiles z0 / z1 (rows o0, o0 + 8 of the head, statistics
+// already published in `red`), token rows t0 + i for i < n that `mine(i)` selects.
+template <int NW, int HD, int LD, class Mine>
+__device__ __forceinline__ void write_outputs(const InnerParams& p, int b, int h, int64_t t0, int n,
+                                              const float (&z0)[4], const float (&z1)[4], const float* red,
+                                              const float* Qs, int o0, float gam0, float gam1, float bet0, float bet1,
+                                              Mine mine) {
+  const int t = threadIdx.x & 3;
+  float mu[4], rstd[4];
+  stats_final<NW>(red, HD, p.eps, mu, rstd);
+#pragma unroll
+  for (int s = 0; s < 4; ++s) {
+    const int i = slot_token(s, t);
+    if (i >= n || !mine(i)) continue;
+    float* row = out_row(p, b, h, t0 + i);
+    row[o0] = Qs[i * LD + o0] + (gam0 * ((slot_val(z0, z1, s, 0) - mu[s]) * rstd[s]) + bet0);
+    row[o0 + 8] = Qs[i * LD + o0 + 8] + (gam1 * ((slot_val(z0, z1, s, 1) - mu[s]) * rstd[s]) + bet1);
+  }
+}
+
 // ---- TTT-Linear -------------------------------------------------------------------------------
 
 template <int HD>
@@ -518,14 +550,7 @@ __global__ void __launch_bounds__(HD * 2, 1) ttt_linear_tc_kernel(const InnerPar
 
     // z̄ = Q W + b - (η ⊙ (Q Kᵀ + 1)) G - τ (Q S + Sb).
     eta_mask(mm[0], mm[1], taus, lrv, pp, n, g, t);
-    {
-      uint32_t ag[4], bm0[2], bm1[2];
-      const float neg[4] = {-1.f, -1.f, -1.f, -1.f};
-      a_scaled(ag, gk[0], gk[1], neg);
-      b_from_mask(bm0, bm1, mm[0], mm[1]);
-      mma(zz[0], ag, bm0);
-      mma(zz[1], ag, bm1);
-    }
+    sub_g_mask(zz[0], zz[1], gk[0], gk[1], mm[0], mm[1]);
     if (carry) {
 #pragma unroll
       for (int it = 0; it < 2; ++it)
@@ -551,18 +576,8 @@ __global__ void __launch_bounds__(HD * 2, 1) ttt_linear_tc_kernel(const InnerPar
     __syncthreads();
 
     // out = q + LN(z̄), token-major rows.
-    {
-      float mu[4], rstd[4];
-      stats_final<NW>(red + 2 * NW * kTile * 2, HD, p.eps, mu, rstd);
-#pragma unroll
-      for (int s = 0; s < 4; ++s) {
-        const int i = slot_token(s, t);
-        if (i >= n) continue;
-        float* row = out_row(p, b, h, t0 + i);
-        row[o0] = Qs[i * LD + o0] + (gam0 * ((slot_val(zz[0], zz[1], s, 0) - mu[s]) * rstd[s]) + bet0);
-        row[o1] = Qs[i * LD + o1] + (gam1 * ((slot_val(zz[0], zz[1], s, 1) - mu[s]) * rstd[s]) + bet1);
-      }
-    }
+    write_outputs<NW, HD, LD>(p, b, h, t0, n, zz[0], zz[1], red + 2 * NW * kTile * 2, Qs, o0, gam0, gam1, bet0, bet1,
+                              [](int) { return true; });
     t0 += n;
     pp = complete ? 0 : pp + n;
     buf ^= 1;
@@ -779,14 +794,7 @@ __global__ void __launch_bounds__(MlpLayout::THREADS, 1) ttt_mlp_tc_kernel(const
     }
 
     // (5) z̄1 = Q W1 + b1 - (η ⊙ (Q Kᵀ + 1)) G1 - τ (Q S1 + Sb1); Ā = gelu(z̄1) to shared memory.
-    {
-      uint32_t ag[4], bm0[2], bm1[2];
-      const float neg[4] = {-1.f, -1.f, -1.f, -1.f};
-      a_scaled(ag, g1[0], g1[1], neg);
-      b_from_mask(bm0, bm1, mm[0], mm[1]);
-      mma(zz[0], ag, bm0);
-      mma(zz[1], ag, bm1);
-    }
+    sub_g_mask(zz[0], zz[1], g1[0], g1[1], mm[0], mm[1]);
 #pragma unroll
     for (int it = 0; it < 2; ++it)
 #pragma unroll
@@ -881,28 +889,15 @@ __global__ void __launch_bounds__(MlpLayout::THREADS, 1) ttt_mlp_tc_kernel(const
             if (i < n) zb[it][c] -= taus[pp + i] * Sb2[c < 2 ? o0 : o1];
           }
       }
-      uint32_t ag[4], bm0[2], bm1[2];
-      const float neg[4] = {-1.f, -1.f, -1.f, -1.f};
-      a_scaled(ag, g2[0], g2[1], neg);
-      b_from_mask(bm0, bm1, m2[0], m2[1]);
-      mma(zb[0], ag, bm0);
-      mma(zb[1], ag, bm1);
+      sub_g_mask(zb[0], zb[1], g2[0], g2[1], m2[0], m2[1]);
       stats_partial(zb[0], zb[1], red + 2 * NW * kTile * 2);
       float d0, d1;
       lr_row_sums(g2[0], g2[1], l, d0, d1);
       update_bias(b2_0, b2_1, Sb2, o0, t, d0, d1, complete, tl);
       if (complete) s_live = false;
       __syncthreads();
-      float mu[4], rstd[4];
-      stats_final<NW>(red + 2 * NW * kTile * 2, HD, p.eps, mu, rstd);
-#pragma unroll
-      for (int s = 0; s < 4; ++s) {
-        const int i = slot_token(s, t);
-        if (i >= n || i % nc != rank) continue;
-        float* row = out_row(p, b, h, t0 + i);
-        row[o0] = Qs[i * LD + o0] + (gam0 * ((slot_val(zb[0], zb[1], s, 0) - mu[s]) * rstd[s]) + bet0);
-        row[o1] = Qs[i * LD + o1] + (gam1 * ((slot_val(zb[0], zb[1], s, 1) - mu[s]) * rstd[s]) + bet1);
-      }
+      write_outputs<NW, HD, LD>(p, b, h, t0, n, zb[0], zb[1], red + 2 * NW * kTile * 2, Qs, o0, gam0, gam1, bet0,
+                                bet1, [&](int i) { return i % nc == rank; });
     }
     t0 += n;
     pp = complete ? 0 : pp + n;
