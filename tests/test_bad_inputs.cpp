@@ -3,8 +3,10 @@
 // naming the problem, and leave no output file behind.
 #include <cmath>
 #include <cstdio>
+#include <cstring>
 #include <fstream>
 #include <functional>
+#include <limits>
 
 #include "catch.hpp"
 #include "cli_helpers.hpp"
@@ -194,6 +196,18 @@ TEST_CASE("bad inputs: one clear error, non-zero exit, no output left", "[errors
       {"session of another batch", [] {}, gen + "--resume good_session.safetensors --batch 2",
        "holds 1 streams, this run has 2"},
       {"not a session file", [] {}, gen + "--resume " + kW, "not a ttt-moshi session file"},
+      {"session frame counter at the int64 limit",
+       [&] {
+         // The next frame would overflow it: the loader refuses counters past 2^62.
+         auto all = slurp("good_session.safetensors");
+         uint64_t header = 0;
+         std::memcpy(&header, all.data(), 8);
+         const auto st = io::SafeTensors::open("good_session.safetensors");
+         const int64_t big = std::numeric_limits<int64_t>::max();
+         std::memcpy(&all[8 + header + st.info("lmgen.counters").begin + 8], &big, 8);
+         std::ofstream("big_session.safetensors", std::ios::binary) << all;
+       },
+       gen + "--resume big_session.safetensors", "'lmgen.counters' holds 9223372036854775807, a counter must be in"},
   };
   REQUIRE(cases.size() >= 20);
   for (auto& c : cases) {

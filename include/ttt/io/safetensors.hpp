@@ -196,6 +196,19 @@ class SafeTensors {
     return t;
   }
 
+  // Stream counters (offsets, positions, frame counters of a saved session) as int64, each in
+  // [0, kMaxCounter]: a session advances them by one per frame, so a stored value near the
+  // int64 limit would overflow; 2^62 frames is far beyond any stream (12.5 frames/s).
+  static constexpr int64_t kMaxCounter = int64_t(1) << 62;
+  std::vector<int64_t> load_counters(const std::string& name) const {
+    const Tensor<int64_t, Cpu> t = load<int64_t>(name);  // dense: a view of the file or a converted copy
+    std::vector<int64_t> v(t.data(), t.data() + t.numel());
+    for (int64_t c : v)
+      if (c < 0 || c > kMaxCounter)
+        fail(path(), ": tensor '", name, "' holds ", c, ", a counter must be in [0, 2^62]");
+    return v;
+  }
+
  private:
   void parse() {
     const std::string& f = file_->path();

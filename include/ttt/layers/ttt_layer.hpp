@@ -257,8 +257,7 @@ struct TttState {
     const std::string key = prefix + "offset";
     const Shape got = st.info(key).shape;
     if (got != Shape{batch}) fail(detail::shape_mismatch(st.path(), key, got, Shape{batch}));
-    auto off = st.load<int64_t>(key).to_vector();
-    for (int64_t v : off) TTT_CHECK(v >= 0, st.path(), ": tensor '", key, "' holds a negative offset ", v);
+    const auto off = st.load_counters(key);
     offset = off;
   }
 

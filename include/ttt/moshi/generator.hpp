@@ -193,21 +193,21 @@ class LmGen {
     if (meta["format"] != "ttt-moshi-session") fail(path, ": not a ttt-moshi session file");
     for (const char* key : {"lmgen.offsets", "lmgen.cache", "lmgen.exec", "lmgen.counters"})
       if (!st.contains(key)) fail(path, ": missing tensor '", key, "'");
-    auto off = st.load<int64_t>("lmgen.offsets");
-    TTT_CHECK(off.rank() == 1 && off.numel() > 0 && off.numel() <= 4096, path, ": bad 'lmgen.offsets' ", off.shape().str());
-    for (int64_t b = 0; b < off.numel(); ++b)
-      TTT_CHECK(off.data()[b] >= 0, path, ": negative offset in 'lmgen.offsets'");
-    Session s = start(off.numel());
+    const Shape off_shape = st.info("lmgen.offsets").shape;
+    TTT_CHECK(off_shape.rank == 1 && off_shape.numel() > 0 && off_shape.numel() <= 4096, path,
+              ": bad 'lmgen.offsets' ", off_shape.str());
+    const auto off = st.load_counters("lmgen.offsets");
+    Session s = start(int64_t(off.size()));
     auto cache = st.load<int64_t>("lmgen.cache");
     TTT_CHECK(cache.shape() == Shape({s.batch(), m_.cfg.num_codebooks(), ring_size()}), path, ": 'lmgen.cache' has shape ",
               cache.shape().str(), ", this model needs ", Shape({s.batch(), m_.cfg.num_codebooks(), ring_size()}).str());
     s.cache = cache.to_vector();
-    s.offsets = off.to_vector();
+    s.offsets = off;
     auto ex = st.load<uint8_t>("lmgen.exec");
     TTT_CHECK(ex.numel() == s.batch(), path, ": 'lmgen.exec' does not match the batch");
     s.exec = ex.to_vector();
-    auto ctr = st.load<int64_t>("lmgen.counters").to_vector();
-    TTT_CHECK(ctr.size() == 2 && ctr[0] >= 0 && ctr[1] >= 0, path, ": bad 'lmgen.counters'");
+    const auto ctr = st.load_counters("lmgen.counters");
+    TTT_CHECK(ctr.size() == 2, path, ": bad 'lmgen.counters'");
     for (int64_t v : s.cache)
       TTT_CHECK(v >= kUngenerated && v <= std::max(m_.cfg.card, m_.cfg.text_card), path,
                 ": token ", v, " in 'lmgen.cache' is out of range");

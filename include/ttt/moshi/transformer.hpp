@@ -176,13 +176,12 @@ class Transformer<T, B, PolicyList<Ps...>> {
                  s.layers[i]);
   }
   static void load_state(State& s, const io::SafeTensors& st, const std::string& prefix) {
-    auto off = st.load<int64_t>(prefix + ".offsets");
-    TTT_CHECK(off.numel() == int64_t(s.offsets.size()), st.path(), ": '", prefix, ".offsets' holds ", off.numel(),
+    const auto off = st.load_counters(prefix + ".offsets");
+    TTT_CHECK(off.size() == s.offsets.size(), st.path(), ": '", prefix, ".offsets' holds ", off.size(),
               " batch items, this session has ", s.offsets.size());
-    s.offsets = off.to_vector();
-    for (auto o : s.offsets) TTT_CHECK(o >= 0, st.path(), ": negative offset in '", prefix, ".offsets'");
-    auto step = st.load<int64_t>(prefix + ".step").to_vector();
-    TTT_CHECK(step.size() == 1 && step[0] >= 0, st.path(), ": bad '", prefix, ".step'");
+    s.offsets = off;
+    const auto step = st.load_counters(prefix + ".step");
+    TTT_CHECK(step.size() == 1, st.path(), ": bad '", prefix, ".step'");
     s.step = step[0];
     for (size_t i = 0; i < s.layers.size(); ++i)
       std::visit([&](auto& ls) { policy_of_state(ls).load_state(ls, st, prefix + ".layers." + std::to_string(i)); },

@@ -298,9 +298,8 @@ struct InplaceFfnLayer {
                 ", expected ", t->shape().str());
       t->copy_from(nn::to_backend<B>(h));
     }
-    auto off = st.load<int64_t>(prefix + ".inplace.offset").to_vector();
+    const auto off = st.load_counters(prefix + ".inplace.offset");
     TTT_CHECK(off.size() == s.offset.size(), st.path(), ": '", prefix, ".inplace.offset' does not match the batch");
-    for (auto o : off) TTT_CHECK(o >= 0, st.path(), ": negative offset in '", prefix, ".inplace.offset'");
     s.offset = off;
   }
   static int64_t num_params(const Params& p) {
