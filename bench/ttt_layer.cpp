@@ -187,8 +187,7 @@ TttInnerArgs<B> inner_args(const TttParams<T, B>& p, int64_t batch, int64_t L) {
   a.ln_weight = p.ttt_norm_weight;
   a.ln_bias = p.ttt_norm_bias;
   a.out = Tensor<float, B>::empty(s);
-  a.phase.assign(size_t(batch), 0);
-  a.commit.assign(size_t(batch), 1);
+  a.phase = Tensor<int32_t, B>::zeros({batch});
   return a;
 }
 
@@ -253,7 +252,7 @@ void bench(const Options& o, Kind kind, int64_t batch, int64_t C, int64_t heads,
     auto a = inner_args(p, batch, 1);
     state.reset();
     for (int s = 0; s < warm + o.decode_steps; ++s) {
-      std::fill(a.phase.begin(), a.phase.end(), int64_t(s % K));
+      ops::fill(a.phase, double(s % K));
       const double ms = clock.ms([&] { TttKernels<B>::inner(a, state.fast_weights()); });
       if (s >= warm) t.push_back(ms * 1e3);
     }

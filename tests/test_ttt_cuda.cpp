@@ -98,8 +98,8 @@ HostInner make_inner(const InnerCase& c, uint32_t seed) {
   a.ln_weight = ref::random<float>({nh, f}, g, 0.5f, 1.5f);
   a.ln_bias = ref::random<float>({nh, f}, g, -0.2f, 0.2f);
   a.out = Tensor<float, Cpu>::zeros({B, nh, L, f});
-  a.phase = c.phase;
-  a.commit = c.commit;
+  a.phase = Tensor<int32_t, Cpu>::from_vector({B}, std::vector<int32_t>(c.phase.begin(), c.phase.end()));
+  if (!c.commit.empty()) a.commit = Tensor<uint8_t, Cpu>::from_vector({B}, c.commit);
   const float w1 = 1.7f / std::sqrt(float(f)), w2 = 1.7f / std::sqrt(float(F));
   auto& s = h.s;
   s.W1 = ref::random<float>({B, nh, f, F}, g, -w1, w1);
@@ -132,8 +132,8 @@ InnerErrors run_inner(const InnerCase& c, uint32_t seed, TttOperands op = TttOpe
   d.xq = up(h.a.xq), d.xk = up(h.a.xk), d.xv = up(h.a.xv), d.lr = up(h.a.lr), d.tau = up(h.a.tau);
   d.ln_weight = up(h.a.ln_weight), d.ln_bias = up(h.a.ln_bias);
   d.out = Tensor<float, Cuda>::zeros(h.a.out.shape());
-  d.phase = h.a.phase;
-  d.commit = h.a.commit;
+  d.phase = h.a.phase.to<Cuda>();
+  if (h.a.commit.defined()) d.commit = h.a.commit.to<Cuda>();
   TttFastWeights<Cuda> ds{up(h.s.W1), up(h.s.b1), up(h.s.W2), up(h.s.b2),
                           up(h.s.W1_grad), up(h.s.b1_grad), up(h.s.W2_grad), up(h.s.b2_grad)};
   TttKernels<Cpu>::inner(h.a, h.s);
@@ -345,14 +345,14 @@ TEST_CASE("CUDA causal_conv and l2_normalize and ln_target match the host", "[tt
       const auto hist = ref::random<float>({B, C, kc}, g);
       const auto wq = ref::random<float>({C, kc}, g), bq = ref::random<float>({C}, g);
       const auto wk = ref::random<float>({C, kc}, g), bk = ref::random<float>({C}, g);
-      const std::vector<uint8_t> commit = {1, 0, 1};
+      const auto commit = Tensor<uint8_t, Cpu>::from_vector({B}, {1, 0, 1});
       auto hq = Tensor<float, Cpu>::empty({B, L, C}), hk = Tensor<float, Cpu>::empty({B, L, C});
       auto hh = hist.clone();
       TttKernels<Cpu>::causal_conv(hq, hk, x, hh, wq, bq, wk, bk, commit);
       auto dq = Tensor<float, Cuda>::empty({B, L, C}), dk = Tensor<float, Cuda>::empty({B, L, C});
       auto dh = hist.to<Cuda>();
       TttKernels<Cuda>::causal_conv(dq, dk, x.to<Cuda>(), dh, wq.to<Cuda>(), bq.to<Cuda>(), wk.to<Cuda>(),
-                                    bk.to<Cuda>(), commit);
+                                    bk.to<Cuda>(), commit.to<Cuda>());
       INFO("causal_conv kc " << kc << " L " << L);
       CHECK(rel_err(host(dq), hq) <= 1e-6);
       CHECK(rel_err(host(dk), hk) <= 1e-6);

@@ -64,15 +64,13 @@ struct TttInnerArgs {
   Tensor<float, B> ln_bias;      // [nh, f]
   Tensor<float, B> out;          // [B, nh, L, f]  q + LN(z̄); any strides with the last one 1
                                  // (the layer passes a view of a token-major [B, L, nh, f])
-  // Host-side, one entry per batch item: where its first token sits in its mini-batch, and
-  // whether its state is written back (0: computed from the state, state left untouched).
-  std::vector<int64_t> phase;
-  std::vector<uint8_t> commit;
-  // The same on the backend (TttKernels<B>::call_flags makes them from positions and an exec
-  // mask): when defined they are used instead of the host vectors, so that the call holds no
-  // host value that changes from step to step and can be replayed as a CUDA graph.
-  Tensor<int32_t, B> phase_dev;   // [B] in [0, K)
-  Tensor<uint8_t, B> commit_dev;  // [B]
+  // Per batch item, on the backend (made by TttKernels<B>::call_flags or the prologue from the
+  // tokens' stream positions and the exec mask): where its first token sits in its mini-batch,
+  // and whether its state is written back (0: computed from the state, state left untouched).
+  // Only device-resident flags exist, so a call holds no host value that changes from step to
+  // step: the eager path and a replayed CUDA graph run the same code.
+  Tensor<int32_t, B> phase;   // [B] in [0, K)
+  Tensor<uint8_t, B> commit;  // [B]; undefined: every item commits
 };
 
 // Arguments of TttKernels<B>::prologue: everything between the projection and the inner loop.

@@ -146,7 +146,7 @@ inline void run_head(const TttInnerArgs<Cpu>& a, const TttFastWeights<Cpu>& s, i
                s.b1_grad.data() + bh * F,
                mlp ? s.W2_grad.data() + bh * n_w2 : nullptr,
                mlp ? s.b2_grad.data() + bh * n_b2 : nullptr};
-  const bool commit = a.commit.empty() || a.commit[size_t(b)];
+  const bool commit = !a.commit.defined() || a.commit.data()[b];
   if (!commit) {
     // Work on a private copy: the outputs are those of a normal call, the state stays.
     const size_t per = size_t(2 * (n_w1 + F + n_w2 + n_b2));
@@ -166,7 +166,7 @@ inline void run_head(const TttInnerArgs<Cpu>& a, const TttFastWeights<Cpu>& s, i
   MatMap W2(st.W2, mlp ? F : 0, mlp ? f : 0), S2(st.S2, mlp ? F : 0, mlp ? f : 0);
   RowVecMap b2(st.b2, mlp ? f : 0), Sb2(st.Sb2, mlp ? f : 0);
 
-  int64_t p = ((a.phase[size_t(b)] % K) + K) % K;
+  int64_t p = ((int64_t(a.phase.data()[b]) % K) + K) % K;
   for (int64_t t = 0; t < L;) {
     const int64_t n = std::min(L - t, K - p);
     ConstMatMap Q(q + t * f, n, f), Kx(k + t * f, n, f), V(v + t * f, n, f);
@@ -253,18 +253,10 @@ inline void run_head(const TttInnerArgs<Cpu>& a, const TttFastWeights<Cpu>& s, i
 template <>
 struct TttKernels<Cpu> {
   // The inner loop over a call for every (b, h); see ttt_kernels.hpp for the contract.
-  static void inner(const TttInnerArgs<Cpu>& a_in, const TttFastWeights<Cpu>& s) {
-    // Flags held in tensors are host memory here: read them into the vectors.
-    const TttInnerArgs<Cpu>* ap = &a_in;
-    TttInnerArgs<Cpu> flagged;
-    if (a_in.phase_dev.defined()) {
-      flagged = a_in;
-      const auto ph = a_in.phase_dev.to_vector();
-      flagged.phase.assign(ph.begin(), ph.end());
-      flagged.commit = a_in.commit_dev.defined() ? a_in.commit_dev.to_vector() : std::vector<uint8_t>{};
-      ap = &flagged;
-    }
-    const TttInnerArgs<Cpu>& a = *ap;
+  static void inner(const TttInnerArgs<Cpu>& a, const TttFastWeights<Cpu>& s) {
+    TTT_CHECK(a.phase.defined() && a.phase.numel() == a.xq.size(0) && a.phase.is_contiguous() &&
+                  (!a.commit.defined() || (a.commit.numel() == a.xq.size(0) && a.commit.is_contiguous())),
+              "TttKernels<Cpu>::inner: phase / commit must be contiguous [", a.xq.size(0), "]");
     const int64_t Bn = a.xq.size(0), nh = a.xq.size(1), L = a.xq.size(2), f = a.xq.size(3);
     const int64_t F = s.W1.size(3);
     const int64_t tasks = Bn * nh;
@@ -286,9 +278,7 @@ struct TttKernels<Cpu> {
   static void causal_conv(const Tensor<float, Cpu>& out_q, const Tensor<float, Cpu>& out_k,
                           const Tensor<float, Cpu>& x, const Tensor<float, Cpu>& history,
                           const Tensor<float, Cpu>& wq, const Tensor<float, Cpu>& bq, const Tensor<float, Cpu>& wk,
-                          const Tensor<float, Cpu>& bk, const std::vector<uint8_t>& commit_host,
-                          const Tensor<uint8_t, Cpu>& commit_dev = {}) {
-    const std::vector<uint8_t> commit = commit_dev.defined() ? commit_dev.to_vector() : commit_host;
+                          const Tensor<float, Cpu>& bk, const Tensor<uint8_t, Cpu>& commit) {
     const int64_t Bn = x.size(0), L = x.size(1), C = x.size(2), kc = history.size(2);
     std::vector<float> win(static_cast<size_t>(kc - 1 + L));
     for (int64_t b = 0; b < Bn; ++b)
@@ -309,7 +299,7 @@ struct TttKernels<Cpu> {
           out_q.data()[(b * L + t) * C + c] = aq;
           out_k.data()[(b * L + t) * C + c] = ak;
         }
-        if (commit.empty() || commit[size_t(b)]) {
+        if (!commit.defined() || commit.data()[b]) {
           // The last kc inputs of [hist[0], win...]: hist[0] is x[-kc], only needed when L == 0.
           const int64_t total = kc + L;  // conceptual sequence hist[0..kc-1], x[0..L-1]
           std::vector<float> seq(static_cast<size_t>(kc));

@@ -306,16 +306,19 @@ struct TttState {
   }
 };
 
-namespace detail {
-
-// The layer's work. Step-dependent values (RoPE positions mod K, each item's phase and
-// commit flag) come from the host (the state's offsets and `exec`, then the offsets move on)
-// or, with `positions_dev`, are made on the backend from the tokens' stream positions and
-// `exec_dev`, and the host state is left for ttt_advance.
+// The layer on x [B, L, C] (the block's normalised input), continuing each item's stream
+// from `state`, with every step-dependent value made on the backend from `positions` [B, L]
+// (each token's position in its stream since reset: the state's offset + t) and `exec`
+// [B] (undefined: every item commits): RoPE positions mod K, each item's mini-batch phase
+// and commit flag. A call thus holds no host value that changes from step to step, so a
+// decode step can be captured once and replayed as a CUDA graph. Returns y [B, L, C] (after
+// post_norm, the optional gate and o_proj). Items whose exec entry is 0 are computed from
+// their state but their state (weights, sums, conv history) is left as it was. The host
+// offsets are not moved: call ttt_advance after the call (outside captured work), or use
+// ttt_forward, which does both.
 template <class T, class B>
-Tensor<T, B> ttt_forward_impl(const TttParams<T, B>& p, TttState<B>& s, const Tensor<T, B>& x_in,
-                              const std::vector<uint8_t>& exec, const Tensor<int64_t, B>* positions_dev,
-                              const Tensor<uint8_t, B>& exec_dev) {
+Tensor<T, B> ttt_forward_at(const TttParams<T, B>& p, TttState<B>& s, const Tensor<T, B>& x_in,
+                            const Tensor<int64_t, B>& positions, const Tensor<uint8_t, B>& exec) {
   const TttConfig& c = p.config;
   const int64_t C = c.hidden_size, nh = c.num_heads, f = c.head_dim, K = c.mini_batch_size;
   TTT_CHECK(x_in.rank() == 3 && x_in.size(2) == C, "ttt_forward: x must be [B, L, ", C, "], got ",
@@ -328,26 +331,11 @@ Tensor<T, B> ttt_forward_impl(const TttParams<T, B>& p, TttState<B>& s, const Te
             "ttt_forward: the state was made for a different layer (", s.config.kind_name(), ", C ",
             s.config.hidden_size, ", ", s.config.num_heads, " heads) than the parameters (", c.kind_name(), ", C ", C,
             ", ", nh, " heads)");
-  TTT_CHECK(exec.empty() || int64_t(exec.size()) == Bn, "ttt_forward: exec mask has ", exec.size(),
-            " entries for batch ", Bn);
+  TTT_CHECK(positions.rank() == 2 && positions.size(0) == Bn && positions.size(1) == L, "ttt_forward: positions ",
+            positions.shape().str(), " for x ", x_in.shape().str());
+  TTT_CHECK(!exec.defined() || exec.numel() == Bn, "ttt_forward: exec mask ", exec.shape().str(), " for batch ", Bn);
   if (L == 0) return Tensor<T, B>::empty({Bn, 0, C});
   const Tensor<T, B> x = x_in.contiguous();
-  std::vector<uint8_t> commit(size_t(Bn), 1);
-  for (size_t b = 0; b < exec.size(); ++b) commit[b] = exec[b] != 0;
-  if (positions_dev) {
-    TTT_CHECK(positions_dev->rank() == 2 && positions_dev->size(0) == Bn && positions_dev->size(1) == L,
-              "ttt_forward_at: positions ", positions_dev->shape().str(), " for x ", x_in.shape().str());
-    TTT_CHECK(!exec_dev.defined() || exec_dev.numel() == Bn, "ttt_forward_at: exec mask ", exec_dev.shape().str(),
-              " for batch ", Bn);
-  }
-  // Each token's stream position (RoPE takes it mod K): made on the backend, or from the
-  // host offsets.
-  auto host_positions = [&] {
-    std::vector<int64_t> pos(size_t(Bn * L));
-    for (int64_t b = 0; b < Bn; ++b)
-      for (int64_t t = 0; t < L; ++t) pos[size_t(b * L + t)] = (s.offset[size_t(b)] + t) % K;
-    return detail::upload<B>(Tensor<int64_t, Cpu>::from_vector({Bn, L}, pos));
-  };
 
   TttInnerArgs<B> a;
   a.kind = c.kind;
@@ -358,23 +346,15 @@ Tensor<T, B> ttt_forward_impl(const TttParams<T, B>& p, TttState<B>& s, const Te
   a.tau = p.tau;
   a.ln_weight = p.ttt_norm_weight;
   a.ln_bias = p.ttt_norm_bias;
-  // Device-made flags [B] of a call that is not one kernel (see `done` below).
-  Tensor<int32_t, B> phase_dev;
-  Tensor<uint8_t, B> commit_dev;
+  // The per-item flags [B] of a call that is not one kernel (see `done` below).
   auto make_flags = [&] {
-    if (!positions_dev) return;
-    phase_dev = Tensor<int32_t, B>::empty({Bn});
-    commit_dev = Tensor<uint8_t, B>::empty({Bn});
+    a.phase = Tensor<int32_t, B>::empty({Bn});
+    a.commit = Tensor<uint8_t, B>::empty({Bn});
   };
 
   // The inner loop writes token-major (heads concatenated, c = h*f + d) for post_norm.
   const auto o = Tensor<float, B>::empty({Bn, L, nh, f});
   a.out = o.transpose(1, 2);  // [B, nh, L, f] view
-  if (!positions_dev) {
-    a.phase.resize(size_t(Bn));
-    for (int64_t b = 0; b < Bn; ++b) a.phase[size_t(b)] = s.offset[size_t(b)] % K;
-    a.commit = commit;
-  }
   Tensor<T, B> y = Tensor<T, B>::empty({Bn, L, C});
   bool done = false;  // y made by one kernel (TttKernels<B>::step)
 
@@ -384,8 +364,8 @@ Tensor<T, B> ttt_forward_impl(const TttParams<T, B>& p, TttState<B>& s, const Te
     if (p.qkvl_bias.defined()) ops::add_(proj, p.qkvl_bias);
     TttPrologue<T, B> pr;
     pr.proj = proj;
-    if (positions_dev) pr.positions = *positions_dev;
-    pr.exec = exec_dev;
+    pr.positions = positions;
+    pr.exec = exec;
     pr.lr_bias = p.learnable_ttt_lr_bias;
     pr.ln_weight = p.ttt_norm_weight;
     pr.ln_bias = p.ttt_norm_bias;
@@ -399,26 +379,20 @@ Tensor<T, B> ttt_forward_impl(const TttParams<T, B>& p, TttState<B>& s, const Te
     done = TttKernels<B>::step(st, s.fast_weights());
     if (!done) {
       make_flags();
-      if (!positions_dev) pr.positions = host_positions();
       pr.xq = Tensor<float, B>::empty({Bn, nh, L, f});
       pr.xk = Tensor<float, B>::empty({Bn, nh, L, f});
       pr.xv = Tensor<float, B>::empty({Bn, nh, L, f});
       pr.lr = Tensor<float, B>::empty({Bn, nh, L});
-      pr.phase = phase_dev;
-      pr.commit = commit_dev;
+      pr.phase = a.phase;
+      pr.commit = a.commit;
       TttKernels<B>::prologue(pr);
       a.xq = pr.xq, a.xk = pr.xk, a.xv = pr.xv, a.lr = pr.lr;
     }
   } else {
     // share_qk: q and k come from one projection through the causal convs.
     make_flags();
-    Tensor<int64_t, B> positions;  // [B, L] RoPE positions, mod K
-    if (positions_dev) {
-      positions = Tensor<int64_t, B>::empty({Bn, L});
-      TttKernels<B>::call_flags(*positions_dev, exec_dev, 0, K, positions, phase_dev, commit_dev);
-    } else {
-      positions = host_positions();
-    }
+    auto rope_positions = Tensor<int64_t, B>::empty({Bn, L});  // mod K
+    TttKernels<B>::call_flags(positions, exec, 0, K, rope_positions, a.phase, a.commit);
     auto project = [&](const Tensor<T, B>& w, const Tensor<T, B>& bias) {
       Tensor<T, B> yp = ops::linear(x, w);
       if (bias.defined()) ops::add_(yp, bias);
@@ -427,7 +401,7 @@ Tensor<T, B> ttt_forward_impl(const TttParams<T, B>& p, TttState<B>& s, const Te
     const Tensor<float, B> xqk = project(p.q_proj, p.q_bias);
     auto xq = Tensor<float, B>::empty({Bn, L, C}), xk = Tensor<float, B>::empty({Bn, L, C});
     TttKernels<B>::causal_conv(xq, xk, xqk, s.conv_states, p.conv_q_weight, p.conv_q_bias, p.conv_k_weight,
-                               p.conv_k_bias, commit, commit_dev);
+                               p.conv_k_bias, a.commit);
     Tensor<float, B> q4 = xq.reshape({Bn, L, nh, f}), k4 = xk.reshape({Bn, L, nh, f});
     Tensor<float, B> v4 = project(p.v_proj, p.v_bias).reshape({Bn, L, nh, f});
     if (c.l2_norm_qk) {
@@ -435,8 +409,8 @@ Tensor<T, B> ttt_forward_impl(const TttParams<T, B>& p, TttState<B>& s, const Te
       TttKernels<B>::l2_normalize(k4);
     }
     // Interleaved RoPE at positions taken mod K, each item from its own offset.
-    ops::rope(q4, q4, positions, c.rope_theta);
-    ops::rope(k4, k4, positions, c.rope_theta);
+    ops::rope(q4, q4, rope_positions, c.rope_theta);
+    ops::rope(k4, k4, rope_positions, c.rope_theta);
     if (c.ln_target) TttKernels<B>::ln_target(v4, k4, p.ttt_norm_weight, p.ttt_norm_bias, c.ttt_norm_eps);
     // Token-wise inner learning rate lr_t^h = base_lr * sigmoid(x_t · w_h + b_h) / f, in
     // float whatever T is: it scales every gradient of the inner loop.
@@ -451,17 +425,9 @@ Tensor<T, B> ttt_forward_impl(const TttParams<T, B>& p, TttState<B>& s, const Te
   }
 
   if (!done) {
-    if (positions_dev) {
-      a.phase_dev = phase_dev;
-      a.commit_dev = commit_dev;
-    }
     TttKernels<B>::inner(a, s.fast_weights());
     TttKernels<B>::post_norm(y, o.reshape({Bn, L, C}), p.post_norm_weight, p.post_norm_bias, c.post_norm_eps);
   }
-  if (!positions_dev)
-    for (int64_t b = 0; b < Bn; ++b)
-      if (commit[size_t(b)]) s.offset[size_t(b)] += L;
-
   if (c.use_gate) {
     Tensor<T, B> g = ops::linear(x, p.g_proj);
     ops::unary(g, g, Unary::gelu_tanh);
@@ -472,30 +438,6 @@ Tensor<T, B> ttt_forward_impl(const TttParams<T, B>& p, TttState<B>& s, const Te
   return out;
 }
 
-}  // namespace detail
-
-// The layer on x [B, L, C] (the block's normalised input), continuing each item's stream
-// from `state`. Returns y [B, L, C] (after post_norm, the optional gate and o_proj). Items
-// whose exec entry is 0 are computed from their state but their state (weights, sums,
-// offset, conv history) is left as it was; an empty `exec` runs every item. The mask is a
-// host vector because the host keeps the offsets (no device read-back per step).
-template <class T, class B>
-Tensor<T, B> ttt_forward(const TttParams<T, B>& p, TttState<B>& s, const Tensor<T, B>& x_in,
-                         const std::vector<uint8_t>& exec) {
-  return detail::ttt_forward_impl(p, s, x_in, exec, static_cast<const Tensor<int64_t, B>*>(nullptr), {});
-}
-
-// The same, with every step-dependent value made on the backend from `positions` [B, L]
-// (each token's position in its stream since reset: the state's offset + t) and `exec_dev`
-// [B] (undefined: all commit), so that a decode step holds no host value that changes from
-// step to step and can be captured once and replayed as a CUDA graph. The host offsets are
-// not moved: call ttt_advance after the call (outside the captured work).
-template <class T, class B>
-Tensor<T, B> ttt_forward_at(const TttParams<T, B>& p, TttState<B>& s, const Tensor<T, B>& x_in,
-                            const Tensor<int64_t, B>& positions, const Tensor<uint8_t, B>& exec_dev) {
-  return detail::ttt_forward_impl(p, s, x_in, {}, &positions, exec_dev);
-}
-
 // Host bookkeeping of a ttt_forward_at call of L tokens: committing items move on.
 template <class B>
 void ttt_advance(TttState<B>& s, int64_t L, const std::vector<uint8_t>& exec) {
@@ -503,6 +445,27 @@ void ttt_advance(TttState<B>& s, int64_t L, const std::vector<uint8_t>& exec) {
             " entries for batch ", s.batch);
   for (int64_t b = 0; b < s.batch; ++b)
     if (exec.empty() || exec[size_t(b)]) s.offset[size_t(b)] += L;
+}
+
+// The eager form: the tokens' stream positions (each item's offset + t) and the exec mask
+// (empty: all execute) are uploaded, the call runs exactly as a graph step does
+// (ttt_forward_at), then the host offsets move on (ttt_advance).
+template <class T, class B>
+Tensor<T, B> ttt_forward(const TttParams<T, B>& p, TttState<B>& s, const Tensor<T, B>& x,
+                         const std::vector<uint8_t>& exec) {
+  TTT_CHECK(x.rank() == 3, "ttt_forward: x must be [B, L, C], got ", x.shape().str());
+  const int64_t Bn = x.size(0), L = x.size(1);
+  TTT_CHECK(Bn == s.batch, "ttt_forward: x has batch ", Bn, " but the state was made for batch ", s.batch);
+  TTT_CHECK(exec.empty() || int64_t(exec.size()) == Bn, "ttt_forward: exec mask has ", exec.size(),
+            " entries for batch ", Bn);
+  std::vector<int64_t> pos(size_t(Bn * L));
+  for (int64_t b = 0; b < Bn; ++b)
+    for (int64_t t = 0; t < L; ++t) pos[size_t(b * L + t)] = s.offset[size_t(b)] + t;
+  const auto positions = Tensor<int64_t, B>::from_vector({Bn, L}, pos);
+  const auto exec_dev = exec.empty() ? Tensor<uint8_t, B>{} : Tensor<uint8_t, B>::from_vector({Bn}, exec);
+  Tensor<T, B> y = ttt_forward_at(p, s, x, positions, exec_dev);
+  ttt_advance(s, L, exec);
+  return y;
 }
 
 // Same with the mask as a [B] tensor of the backend (copied to the host); undefined = all.

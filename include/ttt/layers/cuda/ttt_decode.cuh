@@ -165,9 +165,10 @@ __global__ void __launch_bounds__(2 * HD) ttt_linear_decode_kernel(const DecodeP
   // Every global load that does not depend on another is issued here, before any is used:
   // after the projections stream 134 MB through L2 all of them miss, and a chain of
   // dependent misses (phase -> tau[phase] -> ...) would cost a DRAM round trip each.
-  const bool dev_flags = kFused && dp.pos;
-  const int64_t raw_pos = dev_flags ? dp.pos[b * dp.pos_b] : 0;
-  const bool dev_commit = dev_flags && dp.exec ? dp.exec[b] != 0 : true;
+  // The fused step makes its flags from the token's position and the exec mask; the plain
+  // kernel reads the prologue's.
+  const int64_t raw_pos = kFused ? dp.pos[b * dp.pos_b] : 0;
+  const bool dev_commit = kFused && dp.exec ? dp.exec[b] != 0 : true;
   float4 w[RPT], s[RPT];
 #pragma unroll
   for (int i = 0; i < RPT; ++i) {
@@ -198,7 +199,7 @@ __global__ void __launch_bounds__(2 * HD) ttt_linear_decode_kernel(const DecodeP
   }
   int pp;
   bool commit;
-  if (dev_flags) {
+  if constexpr (kFused) {
     pp = int(((raw_pos % K) + K) % K);
     commit = dev_commit;
   } else {

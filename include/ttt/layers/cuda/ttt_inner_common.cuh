@@ -16,7 +16,6 @@ namespace cuda_detail {
 
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
-constexpr int kInlineItems = 64;  // batch items whose phase / commit travel in the params struct
 constexpr int kMaxCluster = 8;    // the portable cluster size
 constexpr int kCopyBatch = 8;     // 16-byte loads in flight per thread when staging the state
 
@@ -95,11 +94,8 @@ struct InnerParams {
   int nh, f, F, K, R, nc, Fc;
   float eps;
   int batch;
-  int flags_dev;             // phase / commit come from phase_dev / commit_dev
-  const int32_t* phase_dev;  // [B] on the device (batch > kInlineItems, or made on the device)
-  const uint8_t* commit_dev;
-  int32_t phase[kInlineItems];
-  uint8_t commit[kInlineItems];
+  const int32_t* phase;   // [B] each item's mini-batch phase, made on the device
+  const uint8_t* commit;  // [B] or null (every item commits)
   InnerSmem sm;
 };
 
@@ -247,12 +243,8 @@ __device__ __forceinline__ float* out_row(const InnerParams& p, int b, int h, in
   return p.out + b * p.out_sb + h * p.out_sh + t * p.out_st;
 }
 
-__device__ __forceinline__ int item_phase(const InnerParams& p, int b) {
-  return p.flags_dev ? p.phase_dev[b] : p.phase[b];
-}
-__device__ __forceinline__ bool item_commit(const InnerParams& p, int b) {
-  return (p.flags_dev ? (p.commit_dev ? p.commit_dev[b] : uint8_t(1)) : p.commit[b]) != 0;
-}
+__device__ __forceinline__ int item_phase(const InnerParams& p, int b) { return p.phase[b]; }
+__device__ __forceinline__ bool item_commit(const InnerParams& p, int b) { return !p.commit || p.commit[b] != 0; }
 
 // Mean and 1/sqrt(biased var + eps) of a row in shared memory, by one warp (two passes, as
 // the host does).

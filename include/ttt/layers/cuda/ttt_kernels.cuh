@@ -395,8 +395,7 @@ struct ConvParams {
   float* ok;
   int64_t B, L, C;
   int kc;
-  const uint8_t* commit_dev;          // [B] on the device when non-null
-  uint8_t commit[kInlineItems];
+  const uint8_t* commit;  // [B] or null (every item commits)
 };
 
 struct FlagsParams {
@@ -446,7 +445,7 @@ __global__ void __launch_bounds__(256) conv_history_kernel(const ConvParams p) {
   const int64_t n = p.B * p.C;
   for (int64_t idx = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; idx < n; idx += int64_t(gridDim.x) * blockDim.x) {
     const int64_t b = idx / p.C, c = idx % p.C;
-    if (!(p.commit_dev ? p.commit_dev[b] : p.commit[b])) continue;
+    if (p.commit && !p.commit[b]) continue;
     float* hist = p.hist + idx * p.kc;
     // Reads run ahead of writes (j + L >= j), so in-place is safe.
     for (int64_t j = 0; j < p.kc; ++j) {
@@ -827,17 +826,6 @@ inline InnerParams state_params(const TttInnerArgs<Cuda>& a, const TttFastWeight
   return p;
 }
 
-// The host's per-item flags of a call: phases in [0, K), commit 0/1.
-inline void host_flags(const TttInnerArgs<Cuda>& a, int64_t Bn, std::vector<int32_t>& phase,
-                       std::vector<uint8_t>& commit) {
-  const int64_t K = a.mini_batch_size;
-  phase.resize(size_t(Bn)), commit.resize(size_t(Bn));
-  for (int64_t b = 0; b < Bn; ++b) {
-    phase[size_t(b)] = int32_t(((a.phase[size_t(b)] % K) + K) % K);
-    commit[size_t(b)] = a.commit.empty() || a.commit[size_t(b)] ? 1 : 0;
-  }
-}
-
 }  // namespace cuda_detail
 
 TttCudaPlan TttKernels<Cuda>::plan(TttConfig::Kind kind, int64_t batch, int64_t heads, int64_t L, int64_t f,
@@ -938,12 +926,11 @@ void TttKernels<Cuda>::inner(const TttInnerArgs<Cuda>& a, const TttFastWeights<C
   const bool mlp = a.kind == TttConfig::Kind::mlp;
   const int64_t Bn = a.xq.size(0), nh = a.xq.size(1), L = a.xq.size(2), f = a.xq.size(3), K = a.mini_batch_size;
   const int64_t F = s.W1.size(3);
-  TTT_CHECK(a.phase_dev.defined() || int64_t(a.phase.size()) == Bn, "TttKernels<Cuda>::inner: ", a.phase.size(),
-            " phases for batch ", Bn);
+  TTT_CHECK(a.phase.defined() && a.phase.numel() == Bn && a.phase.is_contiguous() &&
+                (!a.commit.defined() || (a.commit.numel() == Bn && a.commit.is_contiguous())),
+            "TttKernels<Cuda>::inner: phase / commit must be contiguous [", Bn, "]");
   TTT_CHECK(mlp || F == f, "TttKernels<Cuda>::inner: TTT-Linear needs W1 [B, nh, f, f], got inner width ", F,
             " for head_dim ", f);
-  TTT_CHECK(a.commit.empty() || int64_t(a.commit.size()) == Bn, "TttKernels<Cuda>::inner: ", a.commit.size(),
-            " commit flags for batch ", Bn);
   if (L == 0 || Bn == 0 || nh == 0) return;
   const TttCudaPlan pl = plan(a.kind, Bn, nh, L, f, F, K, a.operands);
   if (!pl.device || !device_layout_problem(a, s, mlp).empty()) {
@@ -952,82 +939,40 @@ void TttKernels<Cuda>::inner(const TttInnerArgs<Cuda>& a, const TttFastWeights<C
   }
 
   InnerParams p = state_params(a, s, mlp, Bn, nh, L, f, F);
+  p.phase = a.phase.data();
+  p.commit = a.commit.defined() ? a.commit.data() : nullptr;
   p.xq = a.xq.data(), p.xk = a.xk.data(), p.xv = a.xv.data(), p.lr = a.lr.data();
   p.R = pl.rows, p.nc = pl.cluster, p.Fc = int(F) / pl.cluster;
   p.sm = pl.tensor_cores || pl.decode ? InnerSmem{} : inner_smem(mlp, p.f, p.F, p.nc, p.R, p.K);
   const InnerKernel kernel = pl.tensor_cores ? tc_kernel(mlp, f) : inner_kernel(mlp);
   const unsigned threads = unsigned(pl.tensor_cores ? tc_threads(mlp, f) : kThreads);
-  auto go = [&] {
-    if (pl.decode && mlp) {
-      launch(dec::ttt_mlp_decode_kernel, unsigned(Bn * nh * pl.cluster), unsigned(dec::MlpDecodeLayout::THREADS), 0,
-             pl.cluster, p);
-    } else if (pl.decode) {
-      dec::DecodeParams<float> dp{};
-      dp.in = p;
-      launch_decode<float, false>(dp, f, Bn * nh);
-    } else {
-      allow_smem(kernel, pl.smem_bytes);
-      launch(kernel, unsigned(Bn * nh * pl.cluster), threads, size_t(pl.smem_bytes), pl.cluster, p);
-    }
-  };
-  if (a.phase_dev.defined()) {
-    // Flags made on the device (graph-safe): nothing of this step travels in the params.
-    TTT_CHECK(a.phase_dev.numel() == Bn && a.phase_dev.is_contiguous() &&
-                  (!a.commit_dev.defined() || (a.commit_dev.numel() == Bn && a.commit_dev.is_contiguous())),
-              "TttKernels<Cuda>::inner: phase_dev / commit_dev must be contiguous [", Bn, "]");
-    p.flags_dev = 1;
-    p.phase_dev = a.phase_dev.data();
-    p.commit_dev = a.commit_dev.defined() ? a.commit_dev.data() : nullptr;
-    go();
-    return;
-  }
-  std::vector<int32_t> phase;
-  std::vector<uint8_t> commit;
-  host_flags(a, Bn, phase, commit);
-  Tensor<int32_t, Cuda> phase_dev;
-  Tensor<uint8_t, Cuda> commit_dev;
-  if (Bn <= kInlineItems) {
-    std::copy(phase.begin(), phase.end(), p.phase);
-    std::copy(commit.begin(), commit.end(), p.commit);
+  if (pl.decode && mlp) {
+    launch(dec::ttt_mlp_decode_kernel, unsigned(Bn * nh * pl.cluster), unsigned(dec::MlpDecodeLayout::THREADS), 0,
+           pl.cluster, p);
+  } else if (pl.decode) {
+    dec::DecodeParams<float> dp{};
+    dp.in = p;
+    launch_decode<float, false>(dp, f, Bn * nh);
   } else {
-    // Stream-ordered: the caching allocator hands these blocks out again only to later work.
-    phase_dev = Tensor<int32_t, Cpu>::from_vector({Bn}, phase).to<Cuda>();
-    commit_dev = Tensor<uint8_t, Cpu>::from_vector({Bn}, commit).to<Cuda>();
-    p.flags_dev = 1;
-    p.phase_dev = phase_dev.data();
-    p.commit_dev = commit_dev.data();
+    allow_smem(kernel, pl.smem_bytes);
+    launch(kernel, unsigned(Bn * nh * pl.cluster), threads, size_t(pl.smem_bytes), pl.cluster, p);
   }
-  go();
 }
 
 void TttKernels<Cuda>::causal_conv(const Tensor<float, Cuda>& out_q, const Tensor<float, Cuda>& out_k,
                                           const Tensor<float, Cuda>& x, const Tensor<float, Cuda>& history,
                                           const Tensor<float, Cuda>& wq, const Tensor<float, Cuda>& bq,
                                           const Tensor<float, Cuda>& wk, const Tensor<float, Cuda>& bk,
-                                          const std::vector<uint8_t>& commit,
-                                          const Tensor<uint8_t, Cuda>& commit_dev) {
+                                          const Tensor<uint8_t, Cuda>& commit) {
   using namespace cuda_detail;
   const int64_t Bn = x.size(0), L = x.size(1), C = x.size(2), kc = history.size(2);
   for (const Tensor<float, Cuda>* t : {&out_q, &out_k, &x, &history, &wq, &bq, &wk, &bk})
     TTT_CHECK(t->is_contiguous(), "TttKernels<Cuda>::causal_conv: tensors must be contiguous");
-  TTT_CHECK(commit.empty() || int64_t(commit.size()) == Bn, "causal_conv: ", commit.size(), " commit flags for batch ",
-            Bn);
+  TTT_CHECK(!commit.defined() || (commit.numel() == Bn && commit.is_contiguous()),
+            "TttKernels<Cuda>::causal_conv: commit must be contiguous [", Bn, "]");
   if (Bn == 0 || C == 0) return;
-  std::vector<uint8_t> flags(static_cast<size_t>(Bn), 1);
-  for (size_t b = 0; b < commit.size(); ++b) flags[b] = commit[b] ? 1 : 0;
   ConvParams p{x.data(), history.data(), wq.data(), bq.data(), wk.data(), bk.data(), out_q.data(), out_k.data(),
-               Bn, L, C, int(kc), nullptr, {}};
-  Tensor<uint8_t, Cuda> flags_dev;
-  if (commit_dev.defined()) {
-    TTT_CHECK(commit_dev.numel() == Bn && commit_dev.is_contiguous(), "causal_conv: commit_dev must be contiguous [",
-              Bn, "]");
-    p.commit_dev = commit_dev.data();
-  } else if (Bn <= kInlineItems) {
-    std::copy(flags.begin(), flags.end(), p.commit);
-  } else {
-    flags_dev = Tensor<uint8_t, Cpu>::from_vector({Bn}, flags).to<Cuda>();
-    p.commit_dev = flags_dev.data();
-  }
+               Bn, L, C, int(kc), commit.defined() ? commit.data() : nullptr};
   if (L > 0) launch(causal_conv_kernel, blocks_for(Bn * L * C, 256), 256, 0, 1, p);
   launch(conv_history_kernel, blocks_for(Bn * C, 256), 256, 0, 1, p);
 }
@@ -1101,8 +1046,7 @@ bool TttKernels<Cuda>::step(const TttStep<T, Cuda>& st, const TttFastWeights<Cud
       return false;
     if (!pr.proj.defined() || pr.proj.rank() != 3 || pr.proj.stride(2) != 1 || pr.proj.size(2) < 3 * C + nh)
       return false;
-    const bool host_flags_given = !a.phase.empty();
-    if (host_flags_given ? Bn > kInlineItems : !pr.positions.defined()) return false;
+    if (!pr.positions.defined()) return false;
     if (a.out.stride(3) != 1 || !st.post_weight.is_contiguous() || !st.post_bias.is_contiguous()) return false;
     for (const Tensor<float, Cuda>* t : {&s.W1, &s.b1, &s.W1_grad, &s.b1_grad, &a.tau, &a.ln_weight, &a.ln_bias})
       if (!t->defined() || !t->is_contiguous()) return false;
@@ -1112,18 +1056,10 @@ bool TttKernels<Cuda>::step(const TttStep<T, Cuda>& st, const TttFastWeights<Cud
     InnerParams& p = dp.in;
     p = state_params(a, s, false, Bn, nh, 1, f, f);
     p.nc = 1;
-    if (host_flags_given) {
-      std::vector<int32_t> phase;
-      std::vector<uint8_t> commit;
-      host_flags(a, Bn, phase, commit);
-      std::copy(phase.begin(), phase.end(), p.phase);
-      std::copy(commit.begin(), commit.end(), p.commit);
-    } else {
-      TTT_CHECK(pr.positions.rank() == 2 && pr.positions.size(0) == Bn, "TttKernels<Cuda>::step: positions ",
-                pr.positions.shape().str(), " for batch ", Bn);
-      dp.pos = pr.positions.data(), dp.pos_b = pr.positions.stride(0);
-      dp.exec = pr.exec.defined() ? pr.exec.data() : nullptr;
-    }
+    TTT_CHECK(pr.positions.rank() == 2 && pr.positions.size(0) == Bn, "TttKernels<Cuda>::step: positions ",
+              pr.positions.shape().str(), " for batch ", Bn);
+    dp.pos = pr.positions.data(), dp.pos_b = pr.positions.stride(0);
+    dp.exec = pr.exec.defined() ? pr.exec.data() : nullptr;
     dp.proj = pr.proj.data(), dp.proj_b = pr.proj.stride(0);
     dp.lr_bias = pr.lr_bias.data(), dp.lr_scale = pr.lr_scale, dp.theta = pr.rope_theta;
     dp.y = st.y.data(), dp.pn_w = st.post_weight.data(), dp.pn_b = st.post_bias.data(), dp.pn_eps = st.post_eps;

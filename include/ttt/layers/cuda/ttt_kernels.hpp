@@ -63,8 +63,7 @@ struct TttKernels<Cuda> {
   static void causal_conv(const Tensor<float, Cuda>& out_q, const Tensor<float, Cuda>& out_k,
                           const Tensor<float, Cuda>& x, const Tensor<float, Cuda>& history,
                           const Tensor<float, Cuda>& wq, const Tensor<float, Cuda>& bq, const Tensor<float, Cuda>& wk,
-                          const Tensor<float, Cuda>& bk, const std::vector<uint8_t>& commit,
-                          const Tensor<uint8_t, Cuda>& commit_dev = {});
+                          const Tensor<float, Cuda>& bk, const Tensor<uint8_t, Cuda>& commit);
   // See TttKernels<Cpu>::call_flags.
   static void call_flags(const Tensor<int64_t, Cuda>& positions, const Tensor<uint8_t, Cuda>& exec, int64_t add,
                          int64_t mod, const Tensor<int64_t, Cuda>& out_pos, const Tensor<int32_t, Cuda>& phase,
@@ -97,11 +96,9 @@ inline void inner_on_host(const TttInnerArgs<Cuda>& a, const TttFastWeights<Cuda
   ha.ln_bias = h(a.ln_bias);
   ha.out = Tensor<float, Cpu>::empty(a.out.shape());
   ha.operands = a.operands;
-  ha.phase = a.phase;
-  ha.commit = a.commit;
-  // Flags made on the device come down too (this path is not graph-safe); the host inner reads them.
-  if (a.phase_dev.defined()) ha.phase_dev = a.phase_dev.to<Cpu>();
-  if (a.commit_dev.defined()) ha.commit_dev = a.commit_dev.to<Cpu>();
+  // The flags come down too (this path is not graph-safe).
+  ha.phase = a.phase.to<Cpu>();
+  if (a.commit.defined()) ha.commit = a.commit.to<Cpu>();
   TttFastWeights<Cpu> hs{h(s.W1), h(s.b1), h(s.W2), h(s.b2), h(s.W1_grad), h(s.b1_grad), h(s.W2_grad), h(s.b2_grad)};
   TttKernels<Cpu>::inner(ha, hs);
   a.out.copy_from(ha.out.to<Cuda>());
