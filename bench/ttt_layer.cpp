@@ -267,10 +267,11 @@ void bench(const Options& o, Kind kind, int64_t batch, int64_t C, int64_t heads,
       auto positions = Tensor<int64_t, Cuda>::zeros({batch, 1});
       auto xin = Tensor<T, Cuda>::empty({batch, 1, C}), yout = Tensor<T, Cuda>::empty({batch, 1, C});
       Arena<Cuda> arena(size_t(16) << 20);
+      Workspace<Cuda> workspace;  // the session's persistent scratch, as the engine keeps it
       FrameGraph<Cuda> graph;
       auto work = [&] {
         ArenaScope<Cuda> scope(arena);
-        (void)ttt_forward_at(p, state, xin, positions, {});  // the output lives in the arena
+        (void)ttt_forward_at(p, state, xin, positions, {}, &workspace);  // the output lives in the arena
       };
       t.clear();
       for (int s = 0; s < warm + o.decode_steps; ++s) {

@@ -17,15 +17,15 @@
 using namespace ttt;
 using namespace ttt::moshi;
 
+// The members a policy must have (nn/layer.hpp); reset, clone, save and load of the state
+// come from the transformer, applied to the fields State lists (none here).
 template <class T, class B>
 struct FfnOnlyLayer {
   static constexpr const char* design = "ffn_only";  // the name a "ttt" entry gives
-  static constexpr bool needs_embeddings = false;
-  static constexpr bool graph_safe = true;
-  using Params = FfnBlock<T, B>;
+  using Params = nn::FfnBlock<T, B>;
   struct State {};  // nothing streams: no KV ring
 
-  static Params load(io::WeightSource& ws, const std::string& prefix, const LayerSpec& spec) {
+  static Params load(io::WeightSource& ws, const std::string& prefix, const nn::LayerSpec& spec) {
     // Our own options are strict: this design takes none.
     for (auto k = spec.entry.begin(); k != spec.entry.end(); ++k)
       if (k.key() != "layers" && k.key() != "design") fail(spec.where, ": design 'ffn_only' takes no key '", k.key(), "'");
@@ -33,17 +33,13 @@ struct FfnOnlyLayer {
   }
   static int64_t num_params(const Params& p) { return p.num_params(); }
   static State init_state(const Params&, int64_t, bool) { return {}; }
-  static void forward(const Params& p, State&, const Tensor<T, B>& x, const LayerInput<T, B>& in) {
+  static void forward(const Params& p, State&, const Tensor<T, B>& x, const nn::LayerInput<T, B>& in) {
     p.feed_forward(x, in);  // x [B, T, D] updated in place
   }
-  static void reset(State&, const std::vector<uint8_t>&) {}
-  static State clone(const State&) { return {}; }
-  static void save(const State&, io::SafeTensorsWriter&, const std::string&) {}
-  static void load_state(State&, const io::SafeTensors&, const std::string&) {}
 };
 
 // The engine's list plus ours; DefaultPolicies stays as it is.
-using MyPolicies = PolicyList<AttentionLayer, ReplaceLayer, AfterAttentionLayer, InplaceFfnLayer, KvMemoryLayer, FfnOnlyLayer>;
+using MyPolicies = nn::PolicyList<nn::AttentionLayer, ReplaceLayer, AfterAttentionLayer, InplaceFfnLayer, KvMemoryLayer, FfnOnlyLayer>;
 
 int main(int argc, char** argv) {
   cxxopts::Options o("custom-policy", "a user-defined layer policy selected by the config's \"ttt\" list");

@@ -471,7 +471,7 @@ int run_info(const Common& c) {
               (long long)cfg.dep_q);
   for (size_t i = 0; i < cfg.delays.size(); ++i) std::printf("%s%lld", i ? ", " : "", (long long)cfg.delays[i]);
   std::printf("]\n");
-  auto show = [](const char* name, const moshi::TransformerConfig& t) {
+  auto show = [](const char* name, const nn::TransformerConfig& t) {
     static const char* norms[] = {"layer_norm", "layer_norm_f32", "rms_norm", "rms_norm_f32"};
     static const char* pos[] = {"none", "sin", "rope", "sin_rope"};
     std::printf("%s: %lld layers, dim %lld, %lld heads (head_dim %lld, kv_repeat %lld), ffn %s %lld, norm %s, pos %s, "

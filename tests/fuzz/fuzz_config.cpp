@@ -6,7 +6,7 @@
 #include <string>
 
 #include "ttt/moshi/config.hpp"
-#include "ttt/moshi/ttt_designs.hpp"
+#include "ttt/moshi/ttt_plan.hpp"
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   ttt::io::Json j;

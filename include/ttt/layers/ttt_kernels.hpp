@@ -32,6 +32,7 @@
 #include "ttt/config.hpp"
 #include "ttt/core/backend.hpp"
 #include "ttt/core/tensor.hpp"
+#include "ttt/core/workspace.hpp"
 #include "ttt/layers/ttt_config.hpp"
 
 namespace ttt::layers {
@@ -98,9 +99,9 @@ struct TttPrologue {
 // One layer step between its two projections (prologue, inner loop, post_norm) for backends
 // that can run it as one kernel: TttKernels<B>::step(st, state) returns false when they cannot
 // (the caller then runs the three steps). `pro` and `in` carry only their inputs here (no
-// xq / xk / xv / lr): `in.out` is the token-major float scratch [B, nh, L, f] view,
-// `counters` [B] must be zero between calls and `scratch` holds per-CTA statistics
-// (TttState::step_counters, step_scratch).
+// xq / xk / xv / lr): `in.out` is the token-major float scratch [B, nh, L, f] view. A kernel
+// that needs persistent scratch (completion counters that must read zero at every call) takes
+// it from `workspace`, the session's; without one it allocates the call's own.
 template <class T, class B>
 struct TttStep {
   TttPrologue<T, B> pro;
@@ -108,8 +109,7 @@ struct TttStep {
   Tensor<T, B> y;                          // [B, L, C] out: post_norm(o)
   Tensor<float, B> post_weight, post_bias;  // [C]
   float post_eps = 1e-6f;
-  Tensor<int32_t, B> counters;  // [B]
-  Tensor<float, B> scratch;     // [B, nh * 8] (TttState::step_scratch)
+  Workspace<B>* workspace = nullptr;
 };
 
 // Primary template: a backend without TTT kernels is a compile error, not a link error.

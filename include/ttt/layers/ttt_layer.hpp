@@ -152,6 +152,19 @@ struct TttParams {
     return p;
   }
 
+  // Trained parameters (the derived tau and the fused views not counted twice).
+  int64_t num_params() const {
+    int64_t n = 0;
+    auto add = [&](const auto& t) { n += t.defined() ? t.numel() : 0; };
+    add(q_proj), add(k_proj), add(v_proj), add(o_proj), add(g_proj);
+    add(q_bias), add(k_bias), add(v_bias), add(o_bias);
+    add(conv_q_weight), add(conv_q_bias), add(conv_k_weight), add(conv_k_bias);
+    add(learnable_ttt_lr_weight), add(learnable_ttt_lr_bias), add(learnable_token_idx);
+    add(ttt_norm_weight), add(ttt_norm_bias), add(post_norm_weight), add(post_norm_bias);
+    add(W1), add(b1), add(W2), add(b2);
+    return n;
+  }
+
   // Recomputes tau; call after changing learnable_token_idx.
   void update_derived() {
     NoArenaScope<B> no_arena;
@@ -174,10 +187,6 @@ struct TttState {
   Tensor<float, B> W1_grad, b1_grad, W2_grad, b2_grad;
   Tensor<float, B> conv_states;  // [B, C, conv_kernel] last conv inputs, oldest first (share_qk)
   std::vector<int64_t> offset;   // [B] tokens seen per item; mini-batch phase = offset % K
-  // [B] zero between calls: completion counters of a one-kernel step (TttKernels<B>::step).
-  // Scratch, not state: not saved, fresh zeros in a clone.
-  Tensor<int32_t, B> step_counters;
-  Tensor<float, B> step_scratch;  // [B, nh * 8] per-CTA statistics of such a step
 
   template <class T>
   static TttState init(const TttParams<T, B>& p, int64_t batch) {
@@ -207,10 +216,19 @@ struct TttState {
       s.b2_grad = tiled(p.b2);
     }
     if (p.config.share_qk) s.conv_states = Tensor<float, B>::empty({batch, p.config.hidden_size, p.config.conv_kernel});
-    s.new_step_scratch();
     s.offset.assign(size_t(batch), 0);
     s.reset();
     return s;
+  }
+
+  bool defined() const { return batch > 0; }
+
+  // Host bookkeeping of a ttt_forward_at call of L tokens: committing items move on.
+  void advance(int64_t L, const std::vector<uint8_t>& exec) {
+    TTT_CHECK(exec.empty() || int64_t(exec.size()) == batch, "TttState::advance: exec mask has ", exec.size(),
+              " entries for batch ", batch);
+    for (int64_t b = 0; b < batch; ++b)
+      if (exec.empty() || exec[size_t(b)]) offset[size_t(b)] += L;
   }
 
   // Back to the layer's initial weights, zero sums, zero conv history, offset 0.
@@ -234,7 +252,6 @@ struct TttState {
     TttState s = *this;
     for (Tensor<float, B>* t : s.mutable_tensors())
       if (t->defined()) *t = t->clone();
-    s.new_step_scratch();
     return s;
   }
 
@@ -268,11 +285,6 @@ struct TttState {
 
  private:
   Tensor<float, B> W1_init_, b1_init_, W2_init_, b2_init_;  // the layer's W1, b1, W2, b2 (shared)
-
-  void new_step_scratch() {
-    step_counters = Tensor<int32_t, B>::zeros({batch});
-    step_scratch = Tensor<float, B>::zeros({batch, config.num_heads * 8});
-  }
 
   std::vector<Tensor<float, B>*> mutable_tensors() {
     return {&W1_states, &b1_states, &W2_states, &b2_states, &W1_grad, &b1_grad, &W2_grad, &b2_grad, &conv_states};
@@ -315,10 +327,12 @@ struct TttState {
 // post_norm, the optional gate and o_proj). Items whose exec entry is 0 are computed from
 // their state but their state (weights, sums, conv history) is left as it was. The host
 // offsets are not moved: call ttt_advance after the call (outside captured work), or use
-// ttt_forward, which does both.
+// ttt_forward, which does both. `workspace`: the session's persistent scratch, where a
+// backend's one-kernel step keeps what must outlive the call (null: per-call scratch).
 template <class T, class B>
 Tensor<T, B> ttt_forward_at(const TttParams<T, B>& p, TttState<B>& s, const Tensor<T, B>& x_in,
-                            const Tensor<int64_t, B>& positions, const Tensor<uint8_t, B>& exec) {
+                            const Tensor<int64_t, B>& positions, const Tensor<uint8_t, B>& exec,
+                            Workspace<B>* workspace = nullptr) {
   const TttConfig& c = p.config;
   const int64_t C = c.hidden_size, nh = c.num_heads, f = c.head_dim, K = c.mini_batch_size;
   TTT_CHECK(x_in.rank() == 3 && x_in.size(2) == C, "ttt_forward: x must be [B, L, ", C, "], got ",
@@ -375,7 +389,7 @@ Tensor<T, B> ttt_forward_at(const TttParams<T, B>& p, TttState<B>& s, const Tens
     pr.ln_eps = c.ttt_norm_eps;
     pr.l2_norm_qk = c.l2_norm_qk;
     pr.ln_target = c.ln_target;
-    TttStep<T, B> st{pr, a, y, p.post_norm_weight, p.post_norm_bias, c.post_norm_eps, s.step_counters, s.step_scratch};
+    TttStep<T, B> st{pr, a, y, p.post_norm_weight, p.post_norm_bias, c.post_norm_eps, workspace};
     done = TttKernels<B>::step(st, s.fast_weights());
     if (!done) {
       make_flags();
@@ -441,10 +455,7 @@ Tensor<T, B> ttt_forward_at(const TttParams<T, B>& p, TttState<B>& s, const Tens
 // Host bookkeeping of a ttt_forward_at call of L tokens: committing items move on.
 template <class B>
 void ttt_advance(TttState<B>& s, int64_t L, const std::vector<uint8_t>& exec) {
-  TTT_CHECK(exec.empty() || int64_t(exec.size()) == s.batch, "ttt_advance: exec mask has ", exec.size(),
-            " entries for batch ", s.batch);
-  for (int64_t b = 0; b < s.batch; ++b)
-    if (exec.empty() || exec[size_t(b)]) s.offset[size_t(b)] += L;
+  s.advance(L, exec);
 }
 
 // The eager form: the tokens' stream positions (each item's offset + t) and the exec mask

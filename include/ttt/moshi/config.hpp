@@ -1,7 +1,9 @@
 #pragma once
 // Moshi's LMModel configuration, read from Kyutai's config.json (the LMModel keyword
 // arguments plus loader keys). Every setting of the released models is driven from here
-// and from tensor shapes; the 7B values are only the defaults for a missing config.
+// and from tensor shapes; the 7B values are only the defaults for a missing config. The two
+// transformers (temporal, depformer) are nn::TransformerConfig values filled from the
+// LMModel keys with LMModel's own override rules.
 #include <cmath>
 #include <cstdio>
 #include <optional>
@@ -11,80 +13,9 @@
 
 #include "ttt/backend/ops.hpp"
 #include "ttt/io/json.hpp"
+#include "ttt/nn/transformer_config.hpp"
 
 namespace ttt::moshi {
-
-enum class NormKind { layer_norm, layer_norm_f32, rms_norm, rms_norm_f32 };
-enum class PosEmb { none, sin, rope, sin_rope };
-
-inline NormKind parse_norm(const std::string& s, const std::string& where) {
-  if (s == "layer_norm") return NormKind::layer_norm;
-  if (s == "layer_norm_f32") return NormKind::layer_norm_f32;
-  if (s == "rms_norm") return NormKind::rms_norm;
-  if (s == "rms_norm_f32") return NormKind::rms_norm_f32;
-  fail(where, ": unknown norm '", s, "' (layer_norm, layer_norm_f32, rms_norm, rms_norm_f32)");
-}
-inline float norm_eps(NormKind k) {
-  return (k == NormKind::layer_norm || k == NormKind::rms_norm) ? 1e-5f : 1e-8f;
-}
-inline bool is_rms(NormKind k) { return k == NormKind::rms_norm || k == NormKind::rms_norm_f32; }
-
-inline PosEmb parse_pos_emb(const std::string& s, const std::string& where) {
-  if (s == "none") return PosEmb::none;
-  if (s == "sin") return PosEmb::sin;
-  if (s == "rope") return PosEmb::rope;
-  if (s == "sin_rope") return PosEmb::sin_rope;
-  if (s == "rope_concat") fail(where, ": positional_embedding 'rope_concat' is not supported (no released Moshi uses it)");
-  fail(where, ": unknown positional_embedding '", s, "' (none, sin, rope, sin_rope)");
-}
-
-// Activation of a gated FFN ("silu" = SwiGLU), or "none" for the plain GELU FFN.
-inline bool parse_gating(const std::string& s, Unary& act, const std::string& where) {
-  if (s == "none") return false;
-  if (s == "silu") act = Unary::silu;
-  else if (s == "gelu") act = Unary::gelu;
-  else if (s == "sigmoid") act = Unary::sigmoid;
-  else if (s == "tanh") act = Unary::tanh;
-  else if (s == "relu") act = Unary::relu;
-  else if (s == "identity") act = Unary::identity;
-  else fail(where, ": unsupported gating '", s, "' (none, silu, gelu, sigmoid, tanh, relu, identity)");
-  return true;
-}
-
-// One StreamingTransformer (the temporal one or the depformer).
-struct TransformerConfig {
-  int64_t d_model = 0, num_heads = 0, num_layers = 0, kv_repeat = 1;
-  std::vector<int64_t> dim_feedforward;  // one per weight set (the per-step FFNs may differ)
-  NormKind norm = NormKind::layer_norm;
-  bool gated = false;
-  Unary activation = Unary::gelu;
-  PosEmb pos_emb = PosEmb::sin;
-  float max_period = 10000.f, positional_scale = 1.f;
-  std::optional<float> layer_scale;
-  int64_t context = 0;  // 0: unlimited (the depformer)
-  bool causal = true;
-  int64_t weights_per_step = 0;             // 0: one weight set
-  std::vector<int64_t> weights_schedule;    // step -> weight index (empty: identity)
-
-  int64_t head_dim() const { return d_model / num_heads; }
-  int64_t num_weight_sets() const {
-    if (!weights_per_step) return 1;
-    if (!weights_schedule.empty()) {
-      int64_t m = 0;
-      for (auto v : weights_schedule) m = std::max(m, v);
-      return m + 1;
-    }
-    return weights_per_step;
-  }
-  int64_t weight_index(int64_t step) const {
-    if (!weights_per_step) return 0;
-    TTT_CHECK(step >= 0 && step < weights_per_step, "weights_per_step: step ", step, " out of range [0, ",
-              weights_per_step, ")");
-    return weights_schedule.empty() ? step : weights_schedule[size_t(step)];
-  }
-  // ActivationGating's hidden size rule (used only when no checkpoint gives the shape).
-  int64_t gated_hidden(int64_t dff) const { return dff == 4 * d_model ? (21 * d_model) / 8 : (2 * dff) / 3; }
-};
 
 // LMGen sampling settings (lm_gen_config in config.json can override the defaults).
 struct GenConfig {
@@ -100,10 +31,10 @@ struct LmConfig {
   bool norm_emb = false, bias_proj = false;
   bool depformer_multi_linear = false, depformer_weights_per_step = false;
   std::optional<int64_t> depformer_low_rank_embeddings;
-  std::optional<NormKind> depformer_norm;
+  std::optional<nn::NormKind> depformer_norm;
   int64_t existing_text_padding_id = 3, existing_text_end_padding_id = 0;
   int64_t extra_heads_num_heads = 0, extra_heads_dim = 6;
-  TransformerConfig transformer, depformer;
+  nn::TransformerConfig transformer, depformer;
   GenConfig gen;
   // Loader keys kept for `info`.
   std::string moshi_name, mimi_name, tokenizer_name, model_type;
@@ -207,7 +138,7 @@ struct LmConfig {
     c.depformer_multi_linear = v.get<bool>("depformer_multi_linear", false);
     c.depformer_weights_per_step = v.get<bool>("depformer_weights_per_step", false);
     c.depformer_low_rank_embeddings = v.get_optional<int64_t>("depformer_low_rank_embeddings");
-    if (auto dn = v.get_optional<std::string>("depformer_norm")) c.depformer_norm = parse_norm(*dn, where + ": depformer_norm");
+    if (auto dn = v.get_optional<std::string>("depformer_norm")) c.depformer_norm = nn::parse_norm(*dn, where + ": depformer_norm");
     c.existing_text_padding_id = v.get<int64_t>("existing_text_padding_id", 3);
     c.existing_text_end_padding_id = v.get<int64_t>("existing_text_end_padding_id", 0);
     c.extra_heads_num_heads = v.get<int64_t>("extra_heads_num_heads", 0);
@@ -248,17 +179,16 @@ struct LmConfig {
     const std::string norm = v.get<std::string>("norm", "layer_norm");
 
     // Main transformer: LMModel passes the non-depformer kwargs.
-    TransformerConfig& t = c.transformer;
+    nn::TransformerConfig& t = c.transformer;
     t.d_model = c.dim;
     t.num_heads = v.get<int64_t>("num_heads", 8);
     t.num_layers = v.get<int64_t>("num_layers", 2);  // no LMModel default: required in practice
     if (!v.has("num_layers")) fail(where, ": missing key 'num_layers'");
     t.dim_feedforward = {int64_t(hidden_scale * float(c.dim))};
-    t.norm = parse_norm(norm, where + ": norm");
+    t.norm = nn::parse_norm(norm, where + ": norm");
     const std::string gating = v.get<std::string>("gating", "none");
-    t.gated = parse_gating(gating, t.activation, where + ": gating");
-    if (!t.gated) t.activation = Unary::gelu;
-    t.pos_emb = parse_pos_emb(v.get<std::string>("positional_embedding", "sin"), where + ": positional_embedding");
+    t.gated = nn::parse_gating(gating, t.activation, where + ": gating");
+    t.pos_emb = nn::parse_pos_emb(v.get<std::string>("positional_embedding", "sin"), where + ": positional_embedding");
     t.max_period = v.get<float>("max_period", 10000.f);
     t.positional_scale = v.get<float>("positional_scale", 1.f);
     t.layer_scale = v.get_optional<float>("layer_scale");
@@ -269,20 +199,19 @@ struct LmConfig {
       fail(where, ": key 'weights_per_step' is only supported for the depformer");
 
     // Depformer: main kwargs overridden by the depformer_ ones, with LMModel's own rules.
-    TransformerConfig& d = c.depformer;
+    nn::TransformerConfig& d = c.depformer;
     d = t;
     d.d_model = v.get<int64_t>("depformer_dim", 256);
     d.num_heads = v.get<int64_t>("depformer_num_heads", t.num_heads);
     d.num_layers = v.get<int64_t>("depformer_num_layers", t.num_layers);
     d.kv_repeat = v.get<int64_t>("depformer_kv_repeat", t.kv_repeat);
     if (v.has("depformer_gating")) {
-      d.gated = parse_gating(v.get<std::string>("depformer_gating"), d.activation, where + ": depformer_gating");
-      if (!d.gated) d.activation = Unary::gelu;
+      d.gated = nn::parse_gating(v.get<std::string>("depformer_gating"), d.activation, where + ": depformer_gating");
     }
     if (v.raw().contains("depformer_layer_scale")) d.layer_scale = v.get_optional<float>("depformer_layer_scale");
     d.max_period = v.get<float>("depformer_max_period", t.max_period);
     d.positional_scale = v.get<float>("depformer_positional_scale", t.positional_scale);
-    d.pos_emb = parse_pos_emb(v.get<std::string>("depformer_pos_emb", "sin"), where + ": depformer_pos_emb");
+    d.pos_emb = nn::parse_pos_emb(v.get<std::string>("depformer_pos_emb", "sin"), where + ": depformer_pos_emb");
     d.context = 0;  // LMModel forces context=None: the depformer sees every earlier codebook
     d.weights_per_step = c.depformer_weights_per_step ? c.dep_q : 0;
     d.weights_schedule = v.get<std::vector<int64_t>>("depformer_weights_per_step_schedule", std::vector<int64_t>{});
@@ -304,22 +233,10 @@ struct LmConfig {
     }
     if (!d.gated && d.weights_per_step) fail(where, ": depformer weights_per_step without gating is not supported (as in moshi)");
 
-    for (const TransformerConfig* tc : {&c.transformer, &c.depformer}) {
-      const char* which = tc == &c.transformer ? "transformer" : "depformer";
-      if (tc->d_model <= 0 || tc->d_model > 65536) fail(where, ": ", which, " dim ", tc->d_model, " out of range [1, 65536]");
-      if (tc->num_layers > 4096) fail(where, ": ", which, " num_layers ", tc->num_layers, " exceeds 4096");
-      for (auto f : tc->dim_feedforward)
-        if (f <= 0 || f > (int64_t(1) << 20)) fail(where, ": ", which, " feed-forward size ", f, " out of range");
-      if (tc->num_heads <= 0 || tc->d_model % tc->num_heads != 0)
-        fail(where, ": ", which, " dim ", tc->d_model, " is not divisible by num_heads ", tc->num_heads);
-      if (tc->kv_repeat <= 0 || tc->num_heads % tc->kv_repeat != 0)
-        fail(where, ": ", which, " num_heads ", tc->num_heads, " is not divisible by kv_repeat ", tc->kv_repeat);
-      if (tc->num_layers < 0) fail(where, ": ", which, " num_layers must be >= 0");
-      if ((tc->pos_emb == PosEmb::rope || tc->pos_emb == PosEmb::sin_rope) && tc->head_dim() % 2)
-        fail(where, ": ", which, " RoPE needs an even head dimension, got ", tc->head_dim());
-    }
     if (c.transformer.context < 0 || c.transformer.context > (int64_t(1) << 24))
       fail(where, ": key 'context' must be in [0, 2^24]");
+    c.transformer.validate(where, "transformer");
+    c.depformer.validate(where, "depformer");
     for (auto d : c.delays)
       if (d > 1024) fail(where, ": key 'delays' has a delay ", d, " above 1024");
     if (!std::isfinite(c.transformer.max_period) || c.transformer.max_period <= 1.f)

@@ -10,6 +10,7 @@
 
 #include "ttt/core/arena.hpp"
 #include "ttt/core/graph.hpp"
+#include "ttt/core/workspace.hpp"
 #include "ttt/io/safetensors.hpp"
 #include "ttt/moshi/lm.hpp"
 
@@ -46,6 +47,7 @@ class LmGen {
   // between sessions: a graph bakes in the addresses of one session's state.
   struct FrameRuntime {
     Arena<B> arena{size_t(16) << 20};
+    Workspace<B> workspace;  // persistent scratch of the layers (not state: never saved)
     FrameGraph<B> graph;
     std::shared_ptr<void> host_in, host_out;  // staging
     std::shared_ptr<void> dev_in, dev_out;
@@ -268,7 +270,8 @@ class LmGen {
     Memory<B>::from_host_async(rt.dev_in.get(), rt.host_in.get(), rt.in_bytes);
     int64_t* din = static_cast<int64_t*>(rt.dev_in.get());
     auto tokens = Tensor<int64_t, B>::borrow(din, {K, Bn, 1});
-    LayerInput<T, B> in;
+    nn::LayerInput<T, B> in;
+    in.workspace = &rt.workspace;
     in.positions = Tensor<int64_t, B>::borrow(din + K * Bn, {Bn, 1});
     auto counter = Tensor<int64_t, B>::borrow(din + K * Bn + Bn, {1});
     in.exec_mask = Tensor<uint8_t, B>::borrow(reinterpret_cast<uint8_t*>(din + K * Bn + Bn + 1), {Bn});
@@ -288,7 +291,7 @@ class LmGen {
     if (c.dep_q > 0) {
       DepformerT::reset(m_.depformer, s.depformer, std::vector<uint8_t>(size_t(Bn), 1));
       Tensor<int64_t, B> prev = text_tok;
-      LayerInput<T, B> din_k;
+      nn::LayerInput<T, B> din_k;
       for (int64_t k = 0; k < c.dep_q; ++k) {
         auto xk = m_.depformer_input(k, h, prev).reshape({Bn, 1, c.depformer.d_model});
         din_k.positions = rt.dep_positions.select(0, k);

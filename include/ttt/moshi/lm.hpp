@@ -10,16 +10,16 @@
 #include <vector>
 
 #include "ttt/moshi/config.hpp"
-#include "ttt/moshi/transformer.hpp"
-#include "ttt/moshi/ttt_designs.hpp"
+#include "ttt/moshi/ttt_plan.hpp"
 #include "ttt/nn/embedding.hpp"
+#include "ttt/nn/transformer.hpp"
 
 namespace ttt::moshi {
 
 template <class T, class B, class Policies>
 struct LmModel {
-  using TemporalT = Transformer<T, B, Policies>;
-  using DepformerT = Transformer<T, B, PolicyList<AttentionLayer>>;
+  using TemporalT = nn::Transformer<T, B, Policies>;
+  using DepformerT = nn::Transformer<T, B, nn::PolicyList<nn::AttentionLayer>>;
 
   LmConfig cfg;
   std::vector<nn::Embedding<T, B>> emb;  // n_q audio tables

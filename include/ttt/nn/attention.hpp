@@ -1,7 +1,9 @@
 #pragma once
-// Moshi's StreamingMultiheadAttention: fused in-projection (q | k | v, "(p h d)" rows,
-// one weight set per step for the depformer), interleaved RoPE at absolute positions,
-// a ring KV cache of `capacity` slots and a causal window of `context` steps.
+// Kyutai's StreamingMultiheadAttention: fused in-projection (q | k | v, "(p h d)" rows, one
+// weight set per step for per-step-weight transformers such as Moshi's depformer),
+// interleaved RoPE at absolute positions, a ring KV cache of `capacity` slots and a causal
+// window of `context` steps. A layer may add keys of its own in front of the ring's
+// (ExtraKeys: KV-memory's virtual keys) without writing attention again.
 #include <cmath>
 #include <string>
 #include <vector>
@@ -9,9 +11,9 @@
 #include "ttt/backend/ops.hpp"
 #include "ttt/io/safetensors.hpp"
 #include "ttt/io/weight_source.hpp"
-#include "ttt/moshi/config.hpp"
 #include "ttt/nn/module.hpp"
 #include "ttt/nn/norm.hpp"
+#include "ttt/nn/transformer_config.hpp"
 
 namespace ttt::nn {
 
@@ -72,26 +74,45 @@ struct KvRing {
   }
 };
 
+// Keys a layer adds in front of the attention's own: a ring of earlier ones (optional) and
+// this call's k, v [B, T, Hk, hd] at `positions` [B, T]. They are visible to a query while
+// pos_q - pos_k < window, with bias[h] added to their logits; after the call this call's
+// keys go into the ring (masked by the exec mask), like the layer's own.
+template <class T, class B>
+struct ExtraKeys {
+  KvRing<T, B>* ring = nullptr;
+  Tensor<T, B> k, v;
+  Tensor<int64_t, B> positions;
+  int64_t window = 0;
+  Tensor<float, B> bias;  // [H]
+};
+
 template <class T, class B>
 struct Mha {
   int64_t dim = 0, num_heads = 0, kv_heads = 0, head_dim = 0;
   bool rope = false;
   float max_period = 10000.f;
   int64_t context = 0;
-  moshi::TransformerConfig cfg;
+  TransformerConfig cfg;
   std::vector<Tensor<T, B>> in_proj;   // per weight set [D + 2 * kv_dim, D]
   std::vector<Tensor<T, B>> out_proj;  // per weight set [D, D]
 
   int64_t qkv_dim() const { return dim + 2 * kv_heads * head_dim; }
+  int64_t num_params() const {
+    int64_t n = 0;
+    for (auto& w : in_proj) n += w.numel();
+    for (auto& w : out_proj) n += w.numel();
+    return n;
+  }
 
-  static Mha load(io::WeightSource& ws, const std::string& prefix, const moshi::TransformerConfig& c) {
+  static Mha load(io::WeightSource& ws, const std::string& prefix, const TransformerConfig& c) {
     Mha m;
     m.cfg = c;
     m.dim = c.d_model;
     m.num_heads = c.num_heads;
     m.kv_heads = c.num_heads / c.kv_repeat;
     m.head_dim = c.head_dim();
-    m.rope = c.pos_emb == moshi::PosEmb::rope || c.pos_emb == moshi::PosEmb::sin_rope;
+    m.rope = uses_rope(c.pos_emb);
     m.max_period = c.max_period;
     m.context = c.context;
     const int64_t sets = c.num_weight_sets(), D = m.dim, Q = m.qkv_dim();
@@ -117,17 +138,17 @@ struct Mha {
   }
 
   KvRing<T, B> make_ring(int64_t batch) const {
-    int64_t cap = context > 0 ? context : cfg.weights_per_step;
+    const int64_t cap = cfg.cache_capacity();
     TTT_CHECK(cap > 0, "streaming attention needs a context or weights_per_step to size its KV cache");
     return KvRing<T, B>::make(batch, kv_heads, cap, head_dim);
   }
 
   // y [B, T, D] (+)= out_proj(attention(norm(x))); `norm` null: x is already normalised.
   // `ring` null: keys are this call's only (teacher forcing). `step` is the per-step weight
-  // index base (moshi's offset_cpu).
+  // index base (moshi's offset_cpu). `extra`: keys attended before the layer's own.
   void forward(const Tensor<T, B>& y, const Tensor<T, B>& x, const Norm<T, B>* norm, KvRing<T, B>* ring,
-               const Tensor<int64_t, B>& positions, const Tensor<uint8_t, B>& exec_mask, int64_t step,
-               float beta) const {
+               const Tensor<int64_t, B>& positions, const Tensor<uint8_t, B>& exec_mask, int64_t step, float beta,
+               const ExtraKeys<T, B>* extra = nullptr) const {
     const int64_t Bn = x.size(0), Tn = x.size(1), H = num_heads, Hk = kv_heads, hd = head_dim;
     auto qkv = Tensor<T, B>::empty({Bn, Tn, qkv_dim()});
     if (norm && (in_proj.size() == 1 || Tn == 1)) {
@@ -143,29 +164,41 @@ struct Mha {
       ops::rope(qk, qk, positions, max_period);
     }
     auto o = Tensor<T, B>::empty({Bn, Tn, H, hd});
-    const AttentionParams ap{context, 1.f / std::sqrt(float(hd))};
-    // The code path depends only on (ring?, T): a frame captured in a CUDA graph stays valid
-    // across resets, which only rewrite slot positions on the device.
-    if (!ring) {
+    AttentionParams ap{context, 1.f / std::sqrt(float(hd))};
+    // The code path depends only on (ring?, extra?, T): a frame captured in a CUDA graph
+    // stays valid across resets, which only rewrite slot positions on the device.
+    if (!ring && !extra) {
       ops::attention(o, q, k.transpose(1, 2), v.transpose(1, 2), positions, positions, ap);
-    } else if (Tn == 1) {
+    } else if (!extra && Tn == 1) {
       // One new step cannot evict a key it still needs (capacity >= context).
       ops::kv_write(ring->k, ring->v, ring->pos, k, v, positions, exec_mask);
       ops::attention(o, q, ring->k, ring->v, positions, ring->pos, ap);
     } else {
-      // Several steps: attend over the ring plus this call's keys, so no key is evicted
-      // before the queries of this call have seen it.
-      const int64_t C = ring->capacity();
-      auto kc = Tensor<T, B>::empty({Bn, Hk, C + Tn, hd}), vc = Tensor<T, B>::empty({Bn, Hk, C + Tn, hd});
-      auto pc = Tensor<int64_t, B>::empty({Bn, C + Tn});
-      kc.slice(2, 0, C).copy_from(ring->k);
-      vc.slice(2, 0, C).copy_from(ring->v);
-      pc.slice(1, 0, C).copy_from(ring->pos);
-      kc.slice(2, C, C + Tn).copy_from(k.transpose(1, 2));
-      vc.slice(2, C, C + Tn).copy_from(v.transpose(1, 2));
-      pc.slice(1, C, C + Tn).copy_from(positions);
+      // Attend over [extra ring | extra keys | ring | this call's keys], so that no key is
+      // evicted before the queries of this call have seen it; then write the new keys.
+      KvRing<T, B>* xring = extra ? extra->ring : nullptr;
+      const int64_t N = xring ? xring->capacity() : 0, nx = extra ? N + Tn : 0, C = ring ? ring->capacity() : 0;
+      const int64_t S = nx + C + Tn;
+      auto kc = Tensor<T, B>::empty({Bn, Hk, S, hd}), vc = Tensor<T, B>::empty({Bn, Hk, S, hd});
+      auto pc = Tensor<int64_t, B>::empty({Bn, S});
+      auto put = [&](int64_t at, const Tensor<T, B>& kk, const Tensor<T, B>& vv, const Tensor<int64_t, B>& pp) {
+        const int64_t n = kk.size(2);
+        kc.slice(2, at, at + n).copy_from(kk);
+        vc.slice(2, at, at + n).copy_from(vv);
+        pc.slice(1, at, at + n).copy_from(pp);
+      };
+      if (xring) put(0, xring->k, xring->v, xring->pos);
+      if (extra) {
+        put(N, extra->k.transpose(1, 2), extra->v.transpose(1, 2), extra->positions);
+        ap.prefix = nx;
+        ap.prefix_context = extra->window;
+        ap.prefix_bias = extra->bias.data();
+      }
+      if (ring) put(nx, ring->k, ring->v, ring->pos);
+      put(nx + C, k.transpose(1, 2), v.transpose(1, 2), positions);
       ops::attention(o, q, kc, vc, positions, pc, ap);
-      ops::kv_write(ring->k, ring->v, ring->pos, k, v, positions, exec_mask);
+      if (ring) ops::kv_write(ring->k, ring->v, ring->pos, k, v, positions, exec_mask);
+      if (xring) ops::kv_write(xring->k, xring->v, xring->pos, extra->k, extra->v, extra->positions, exec_mask);
     }
     project_into(y, o.reshape({Bn, Tn, dim}), out_proj, step, beta);
   }

@@ -1,5 +1,5 @@
 #pragma once
-// Moshi's feed-forward blocks: the gated one (ActivationGating: linear_in [2H, D], first
+// Kyutai's feed-forward blocks: the gated one (ActivationGating: linear_in [2H, D], first
 // half activated, times the second half, linear_out [D, H]) and the plain one (linear1,
 // exact GELU, linear2). Per-step weights (the depformer) are one set per weight index.
 #include <string>
@@ -7,8 +7,8 @@
 
 #include "ttt/backend/ops.hpp"
 #include "ttt/io/weight_source.hpp"
-#include "ttt/moshi/config.hpp"
 #include "ttt/nn/module.hpp"
+#include "ttt/nn/transformer_config.hpp"
 
 namespace ttt::nn {
 
@@ -20,14 +20,20 @@ struct Ffn {
   std::vector<Tensor<T, B>> w_out;  // per weight set: [D, H] gated, [D, F] plain
 
   int64_t hidden(int64_t set = 0) const { return w_out[size_t(set)].size(1); }
+  int64_t num_params() const {
+    int64_t n = 0;
+    for (auto& w : w_in) n += w.numel();
+    for (auto& w : w_out) n += w.numel();
+    return n;
+  }
 
-  static Ffn load(io::WeightSource& ws, const std::string& prefix, const moshi::TransformerConfig& c) {
+  static Ffn load(io::WeightSource& ws, const std::string& prefix, const TransformerConfig& c) {
     Ffn f;
     f.gated = c.gated;
     f.act = c.activation;
     const int64_t D = c.d_model, sets = c.num_weight_sets();
     for (int64_t i = 0; i < sets; ++i) {
-      const int64_t dff = c.dim_feedforward.size() > 1 ? c.dim_feedforward[size_t(i)] : c.dim_feedforward[0];
+      const int64_t dff = c.feedforward(i);
       if (f.gated) {
         const std::string p = c.weights_per_step ? prefix + ".gating." + std::to_string(i) : prefix + ".gating";
         // The hidden size comes from the checkpoint when there is one (the rule differs

@@ -1041,9 +1041,6 @@ bool TttKernels<Cuda>::step(const TttStep<T, Cuda>& st, const TttFastWeights<Cud
     if (L != 1 || F != f || (f != 64 && f != 128) || !has_decode_kernel(f) || nh * f != C ||
         a.mini_batch_size > 32)
       return false;
-    if (!st.counters.defined() || st.counters.numel() != Bn || !st.counters.is_contiguous()) return false;
-    if (!st.scratch.defined() || !st.scratch.is_contiguous() || st.scratch.numel() < Bn * nh * (f / 32) * 2)
-      return false;
     if (!pr.proj.defined() || pr.proj.rank() != 3 || pr.proj.stride(2) != 1 || pr.proj.size(2) < 3 * C + nh)
       return false;
     if (!pr.positions.defined()) return false;
@@ -1063,8 +1060,15 @@ bool TttKernels<Cuda>::step(const TttStep<T, Cuda>& st, const TttFastWeights<Cud
     dp.proj = pr.proj.data(), dp.proj_b = pr.proj.stride(0);
     dp.lr_bias = pr.lr_bias.data(), dp.lr_scale = pr.lr_scale, dp.theta = pr.rope_theta;
     dp.y = st.y.data(), dp.pn_w = st.post_weight.data(), dp.pn_b = st.post_bias.data(), dp.pn_eps = st.post_eps;
-    dp.counters = st.counters.data();
-    dp.scratch = st.scratch.data();
+    // Completion counters [B] (zero between calls: the last CTA of an item resets its own)
+    // and per-CTA LayerNorm partials [B, nh, f / 32, 2]: the session's when it has a workspace.
+    const Shape cshape{Bn}, sshape{Bn * nh * (f / 32) * 2};
+    const Tensor<int32_t, Cuda> counters = st.workspace ? st.workspace->template get<int32_t>("ttt.step.counters", cshape)
+                                                        : Tensor<int32_t, Cuda>::zeros(cshape);
+    const Tensor<float, Cuda> scratch = st.workspace ? st.workspace->template get<float>("ttt.step.scratch", sshape)
+                                                     : Tensor<float, Cuda>::empty(sshape);
+    dp.counters = counters.data();
+    dp.scratch = scratch.data();
     launch_decode<T, true>(dp, f, Bn * nh);
     return true;
   }

@@ -1,14 +1,18 @@
 #pragma once
-// Moshi's StreamingTransformer over a compile-time list of layer policies. Each layer is
-// a std::variant over the policies' Params; the config's "ttt" list picks the policy per
-// layer (plain attention when a layer is not listed).
+// Kyutai's StreamingTransformer over a compile-time list of layer policies (nn/layer.hpp).
+// Each layer is a std::variant over the policies' Params; the owner's layer plan picks the
+// policy per layer by its design name (plain attention when a layer is not listed). Moshi's
+// temporal transformer and depformer and Mimi's encoder and decoder transformers are all
+// this class with different configs (and, for Moshi's temporal one, the TTT policies).
 #include <string>
+#include <type_traits>
+#include <utility>
 #include <variant>
 #include <vector>
 
-#include "ttt/moshi/layer.hpp"
+#include "ttt/nn/layer.hpp"
 
-namespace ttt::moshi {
+namespace ttt::nn {
 
 template <class T, class B, class List>
 class Transformer;
@@ -19,7 +23,7 @@ class Transformer<T, B, PolicyList<Ps...>> {
   using LayerParams = std::variant<typename Ps<T, B>::Params...>;
   using LayerState = std::variant<typename Ps<T, B>::State...>;
 
-  // The design names this engine was built with (a config's "ttt" list may name any of them).
+  // The design names this transformer was built with (a layer plan may name any of them).
   static std::vector<std::string> designs() { return {std::string(Ps<T, B>::design)...}; }
 
   struct Params {
@@ -35,8 +39,8 @@ class Transformer<T, B, PolicyList<Ps...>> {
     int64_t batch() const { return int64_t(offsets.size()); }
   };
 
-  // `entries[i]` is layer i's "ttt" entry (null for plain attention) and `designs[i]` its
-  // design name.
+  // `entries[i]` is layer i's plan entry (null for plain attention) and `designs[i]` its
+  // design name (empty or missing: "attention").
   static Params load(io::WeightSource& ws, const std::string& prefix, const TransformerConfig& cfg,
                      const std::vector<io::Json>& entries = {}, const std::vector<std::string>& designs = {},
                      const std::string& where = "config") {
@@ -90,8 +94,7 @@ class Transformer<T, B, PolicyList<Ps...>> {
   // captures, so it must not branch on host state that changes from frame to frame.
   static void run(const Params& p, State& s, const Tensor<T, B>& x, const LayerInput<T, B>& in) {
     const auto& c = p.cfg;
-    if (c.pos_emb == PosEmb::sin || c.pos_emb == PosEmb::sin_rope)
-      ops::add_sin_embedding(x, in.positions, c.max_period, c.positional_scale);
+    if (uses_sin(c.pos_emb)) ops::add_sin_embedding(x, in.positions, c.max_period, c.positional_scale);
     for (size_t i = 0; i < p.layers.size(); ++i)
       std::visit(
           [&](const auto& params) {
@@ -102,7 +105,7 @@ class Transformer<T, B, PolicyList<Ps...>> {
   }
 
   // Host bookkeeping after a call of T steps (never inside a captured frame): the
-  // transformer's offsets, then each policy's own (an optional `advance` member).
+  // transformer's offsets, then each policy's own.
   static void advance(State& s, int64_t Tn, const std::vector<uint8_t>& exec_host) {
     for (size_t b = 0; b < s.offsets.size(); ++b)
       if (exec_host.empty() || exec_host[b]) s.offsets[b] += Tn;
@@ -111,14 +114,20 @@ class Transformer<T, B, PolicyList<Ps...>> {
       std::visit(
           [&](auto& st) {
             using P = decltype(policy_of_state(st));
-            if constexpr (requires { P::advance(st, Tn, exec_host); }) P::advance(st, Tn, exec_host);
+            if constexpr (requires { P::advance(st, Tn, exec_host); }) {
+              P::advance(st, Tn, exec_host);
+            } else {
+              for_each_field(st, [&](const char*, auto& m) {
+                if constexpr (requires { m.advance(Tn, exec_host); })
+                  if (m.defined()) m.advance(Tn, exec_host);
+              });
+            }
           },
           l);
   }
 
   // What the next one-frame call's device work depends on beyond device memory: a frame
-  // graph is captured per distinct key. Policies with host-decided work give an optional
-  // `graph_key(params, state, exec)`; the rest add nothing.
+  // graph is captured per distinct key.
   static uint64_t graph_key(const Params& p, const State& s, const std::vector<uint8_t>& exec_host) {
     uint64_t key = 0;
     for (size_t i = 0; i < p.layers.size(); ++i)
@@ -138,7 +147,13 @@ class Transformer<T, B, PolicyList<Ps...>> {
   static bool needs_embeddings(const Params& p) {
     bool any = false;
     for (const auto& lp : p.layers)
-      any = any || std::visit([](const auto& params) { return decltype(policy_of(params))::needs_embeddings; }, lp);
+      any = any || std::visit(
+                       [](const auto& params) {
+                         using P = decltype(policy_of(params));
+                         if constexpr (requires { P::needs_embeddings; }) return bool(P::needs_embeddings);
+                         else return false;
+                       },
+                       lp);
     return any;
   }
   // False when some layer's forward depends on host state that a replayed graph would not
@@ -146,7 +161,13 @@ class Transformer<T, B, PolicyList<Ps...>> {
   static bool graph_safe(const Params& p) {
     bool ok = true;
     for (const auto& lp : p.layers)
-      ok = ok && std::visit([](const auto& params) { return decltype(policy_of(params))::graph_safe; }, lp);
+      ok = ok && std::visit(
+                     [](const auto& params) {
+                       using P = decltype(policy_of(params));
+                       if constexpr (requires { P::graph_safe; }) return bool(P::graph_safe);
+                       else return true;
+                     },
+                     lp);
     return ok;
   }
 
@@ -154,8 +175,14 @@ class Transformer<T, B, PolicyList<Ps...>> {
     for (size_t b = 0; b < s.offsets.size(); ++b)
       if (mask[b]) s.offsets[b] = 0;
     s.step = 0;
-    for (size_t i = 0; i < s.layers.size(); ++i)
-      std::visit([&](auto& st) { policy_of_state(st).reset(st, mask); }, s.layers[i]);
+    for (auto& l : s.layers)
+      std::visit(
+          [&](auto& st) {
+            using P = decltype(policy_of_state(st));
+            if constexpr (requires { P::reset(st, mask); }) P::reset(st, mask);
+            else for_each_field(st, [&](const char*, auto& m) { if (m.defined()) m.reset(mask); });
+          },
+          l);
   }
 
   static State clone(const State& s) {
@@ -164,16 +191,34 @@ class Transformer<T, B, PolicyList<Ps...>> {
     c.step = s.step;
     c.streaming = s.streaming;
     for (const auto& l : s.layers)
-      c.layers.push_back(std::visit([](const auto& st) -> LayerState { return policy_of_state(st).clone(st); }, l));
+      c.layers.push_back(std::visit(
+          [](const auto& st) -> LayerState {
+            using P = decltype(policy_of_state(st));
+            if constexpr (requires { P::clone(st); }) {
+              return P::clone(st);
+            } else {
+              auto copy = st;  // plain members copied; fields deep-copied below
+              for_each_field(copy, [](const char*, auto& m) { if (m.defined()) m = m.clone(); });
+              return copy;
+            }
+          },
+          l));
     return c;
   }
 
   static void save(const State& s, io::SafeTensorsWriter& w, const std::string& prefix) {
     w.add(prefix + ".offsets", Tensor<int64_t, Cpu>::from_vector({int64_t(s.offsets.size())}, s.offsets));
     w.add(prefix + ".step", Tensor<int64_t, Cpu>::from_vector({1}, {s.step}));
-    for (size_t i = 0; i < s.layers.size(); ++i)
-      std::visit([&](const auto& st) { policy_of_state(st).save(st, w, prefix + ".layers." + std::to_string(i)); },
-                 s.layers[i]);
+    for (size_t i = 0; i < s.layers.size(); ++i) {
+      const std::string lp = prefix + ".layers." + std::to_string(i);
+      std::visit(
+          [&](const auto& st) {
+            using P = decltype(policy_of_state(st));
+            if constexpr (requires { P::save(st, w, lp); }) P::save(st, w, lp);
+            else for_each_field(st, [&](const char* name, const auto& m) { if (m.defined()) m.save(w, lp + "." + name); });
+          },
+          s.layers[i]);
+    }
   }
   static void load_state(State& s, const io::SafeTensors& st, const std::string& prefix) {
     const auto off = st.load_counters(prefix + ".offsets");
@@ -183,9 +228,16 @@ class Transformer<T, B, PolicyList<Ps...>> {
     const auto step = st.load_counters(prefix + ".step");
     TTT_CHECK(step.size() == 1, st.path(), ": bad '", prefix, ".step'");
     s.step = step[0];
-    for (size_t i = 0; i < s.layers.size(); ++i)
-      std::visit([&](auto& ls) { policy_of_state(ls).load_state(ls, st, prefix + ".layers." + std::to_string(i)); },
-                 s.layers[i]);
+    for (size_t i = 0; i < s.layers.size(); ++i) {
+      const std::string lp = prefix + ".layers." + std::to_string(i);
+      std::visit(
+          [&](auto& ls) {
+            using P = decltype(policy_of_state(ls));
+            if constexpr (requires { P::load_state(ls, st, lp); }) P::load_state(ls, st, lp);
+            else for_each_field(ls, [&](const char* name, auto& m) { if (m.defined()) m.load(st, lp + "." + name); });
+          },
+          s.layers[i]);
+    }
   }
 
   static int64_t num_params(const Params& p) {
@@ -195,7 +247,7 @@ class Transformer<T, B, PolicyList<Ps...>> {
     return n;
   }
 
-  // Index of the policy a layer uses (for `info`).
+  // The design a layer uses (for `info`).
   static const char* design_of(const LayerParams& lp) {
     return std::visit([](const auto& params) { return decltype(policy_of(params))::design; }, lp);
   }
@@ -207,6 +259,14 @@ class Transformer<T, B, PolicyList<Ps...>> {
     if (found || design != P<T, B>::design) return;
     found = true;
     p.layers.emplace_back(std::in_place_type<typename P<T, B>::Params>, P<T, B>::load(ws, prefix, spec));
+  }
+
+  // fn(name, member) for each entry of S::fields (const S gives const members).
+  template <class S, class F>
+  static void for_each_field(S& s, F&& fn) {
+    using St = std::remove_const_t<S>;
+    if constexpr (requires { St::fields; })
+      std::apply([&](const auto&... f) { (fn(f.name, s.*(f.member)), ...); }, St::fields);
   }
 
   // Maps a Params / State type back to its policy (each policy's types are distinct).
@@ -228,4 +288,4 @@ class Transformer<T, B, PolicyList<Ps...>> {
   }
 };
 
-}  // namespace ttt::moshi
+}  // namespace ttt::nn
