@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Installs what ttt needs to build and test, from the distribution's packages (Debian 12 /
+# Ubuntu 24.04). Idempotent: a machine that has everything installs nothing and prints nothing
+# (so the README's commands can call it every time). Runs apt-get as root or through sudo.
+# The CUDA toolkit is optional and not installed here: with nvcc on the PATH (or in
+# /usr/local/cuda/bin) the CUDA backend is built too.
+set -euo pipefail
+
+pkgs=(cmake g++ make pkg-config libeigen3-dev catch2 libcxxopts-dev nlohmann-json3-dev
+      libbenchmark-dev libsentencepiece-dev libsndfile1-dev libsoxr-dev)
+# Extra groups: "sanitize" (clang's runtimes for the fuzzers and sanitizer suite),
+# "audio-tools" (espeak-ng and sox, to regenerate examples/audio/: tools/make_example_audio.sh).
+for group in "$@"; do
+  case "$group" in
+    sanitize) pkgs+=(clang libclang-rt-14-dev) ;;
+    audio-tools) pkgs+=(espeak-ng sox) ;;
+    *) echo "install-deps: unknown group '$group' (known: sanitize, audio-tools)" >&2; exit 2 ;;
+  esac
+done
+
+missing=()
+for p in "${pkgs[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+[ ${#missing[@]} -eq 0 ] && exit 0
+
+SUDO=""
+if [ "$(id -u)" != 0 ]; then
+  command -v sudo >/dev/null || { echo "install-deps: need root or sudo to install: ${missing[*]}" >&2; exit 1; }
+  SUDO="sudo"
+fi
+echo "install-deps: installing ${missing[*]}" >&2
+export DEBIAN_FRONTEND=noninteractive
+$SUDO apt-get update -qq
+$SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
