@@ -28,6 +28,12 @@
 #define TTT_WITH_CUDA 0
 #endif
 
+// Set by the ttt::audio CMake target: libsndfile and libsoxr are linked, so the audio file
+// layer (ttt/io/audio.hpp) can be used.
+#ifndef TTT_WITH_AUDIO
+#define TTT_WITH_AUDIO 0
+#endif
+
 namespace ttt {
 inline constexpr int kMaxRank = 4;
 }  // namespace ttt

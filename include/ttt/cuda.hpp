@@ -2,7 +2,7 @@
 // The CUDA backend for any C++ translation unit: Memory<Cuda>, the stream context and
 // the declarations of Kernels<Cuda>. Link ttt::cuda and compile ttt/cuda.cuh in one
 // nvcc translation unit of the program to get the definitions.
-#include "ttt/ttt.hpp"
+#include "ttt/core.hpp"
 #include "ttt/backend/cuda/context.hpp"
 #include "ttt/backend/cuda/memory.hpp"
 #include "ttt/backend/cuda/kernels.hpp"

@@ -1,8 +1,22 @@
 #pragma once
-// Umbrella header: the tensor core, the CPU backend, I/O, layers and the Moshi engine.
-// For the CUDA backend also include ttt/cuda.hpp (declarations, any compiler) and compile
-// ttt/cuda.cuh in one nvcc translation unit (definitions).
-#include "ttt/config.hpp"
-#include "ttt/core/tensor.hpp"
-#include "ttt/backend/ops.hpp"
-#include "ttt/backend/cpu/kernels.hpp"
+// Umbrella header, CPU backend: the tensor core (ttt/core.hpp), I/O, the nn building blocks
+// and the generic streaming transformer, the TTT layers, and the Moshi engine with its
+// TTT designs. Audio files (io/audio.hpp) come too when the program links ttt::audio
+// (TTT_WITH_AUDIO). For the CUDA backend also include ttt/cuda.hpp (declarations, any
+// compiler) and compile ttt/cuda.cuh in one nvcc translation unit (definitions).
+#include "ttt/core.hpp"
+#include "ttt/io/json.hpp"
+#include "ttt/io/safetensors.hpp"
+#include "ttt/io/weight_source.hpp"
+#if TTT_WITH_AUDIO
+#include "ttt/io/audio.hpp"
+#endif
+#include "ttt/nn/embedding.hpp"
+#include "ttt/nn/layer.hpp"
+#include "ttt/nn/transformer.hpp"
+#include "ttt/layers/gating.hpp"
+#include "ttt/layers/ttt_kernels_cpu.hpp"
+#include "ttt/layers/ttt_layer.hpp"
+#include "ttt/moshi/generator.hpp"
+#include "ttt/moshi/lm.hpp"
+#include "ttt/moshi/policies.hpp"
