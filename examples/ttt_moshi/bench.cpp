@@ -1,0 +1,168 @@
+// ttt-moshi bench: frame time (CUDA events on CUDA) against the memory-bandwidth floor, on
+// random weights made on the device.
+#include <algorithm>
+#include <vector>
+
+#include "commands.hpp"
+#include "common.hpp"
+
+namespace ttt_moshi {
+namespace {
+
+// Wall time of a frame on the host backend; CUDA events on the stream for CUDA.
+template <class B>
+struct FrameTimer {
+  std::chrono::steady_clock::time_point t0;
+  void start() { t0 = std::chrono::steady_clock::now(); }
+  double stop_ms() { return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count(); }
+};
+#if TTT_WITH_CUDA
+template <>
+struct FrameTimer<Cuda> {
+  cudaEvent_t a = nullptr, b = nullptr;
+  FrameTimer() {
+    TTT_CUDA_CHECK(cudaEventCreate(&a));
+    TTT_CUDA_CHECK(cudaEventCreate(&b));
+  }
+  ~FrameTimer() {
+    cudaEventDestroy(a);
+    cudaEventDestroy(b);
+  }
+  void start() { TTT_CUDA_CHECK(cudaEventRecord(a, cuda::Context::get().stream())); }
+  double stop_ms() {
+    TTT_CUDA_CHECK(cudaEventRecord(b, cuda::Context::get().stream()));
+    TTT_CUDA_CHECK(cudaEventSynchronize(b));
+    float ms = 0;
+    TTT_CUDA_CHECK(cudaEventElapsedTime(&ms, a, b));
+    return ms;
+  }
+};
+// Device-to-device copy bandwidth (bytes read + written), the floor's denominator.
+double measured_bandwidth_gbs(Cuda) {
+  const size_t n = size_t(1) << 30;
+  auto a = Memory<Cuda>::allocate(n), b = Memory<Cuda>::allocate(n);
+  Memory<Cuda>::zero(a.get(), n);
+  FrameTimer<Cuda> t;
+  double best = 1e30;
+  for (int i = 0; i < 5; ++i) {
+    t.start();
+    Memory<Cuda>::copy(b.get(), a.get(), n);
+    best = std::min(best, t.stop_ms());
+  }
+  return 2.0 * double(n) / (best * 1e-3) / 1e9;
+}
+#endif
+double measured_bandwidth_gbs(Cpu) {
+  const size_t n = size_t(256) << 20;
+  std::vector<float> buf(n, 1.f);
+  double best = 0;
+  for (int rep = 0; rep < 3; ++rep) {
+    auto t0 = std::chrono::steady_clock::now();
+    double s = 0;
+#pragma omp parallel for reduction(+ : s) schedule(static)
+    for (size_t i = 0; i < n; i += 16) {
+      float a = 0;
+      for (size_t j = 0; j < 16; ++j) a += buf[i + j];
+      s += a;
+    }
+    const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    if (s < 0) std::printf("impossible\n");
+    best = std::max(best, double(n * sizeof(float)) / dt / 1e9);
+  }
+  return best;
+}
+
+// Bytes of every weight a frame reads: the layers (norms included, negligible) and the
+// heads; embedding tables only give one row per token.
+template <class M>
+double frame_weight_bytes(const M& m, size_t elem) {
+  double n = double(m.text_linear.numel()) + double(M::TemporalT::num_params(m.transformer)) +
+             double(M::DepformerT::num_params(m.depformer));
+  for (auto& w : m.depformer_in) n += double(w.numel());
+  for (auto& w : m.linears) n += double(w.numel());
+  return n * double(elem);
+}
+
+template <class T, class B>
+struct Bench {
+  static int run(const Common& c0, const cxxopts::ParseResult& r) {
+    Common c = c0;
+    const std::string preset = r["preset"].as<std::string>();
+    LmConfig cfg;
+    if (!c.config.empty()) cfg = LmConfig::load(c.config);
+    else if (preset == "7b") cfg = LmConfig::moshi_7b();
+    else fail("--preset must be 7b (or pass --config), got '", preset, "'");
+    io::WeightSource ws = load_weights(c, cfg);
+    auto model = build_model<T, B>(c, cfg, ws);
+    const int64_t batch = r["batch"].as<int64_t>();
+    const int frames = r["frames"].as<int>(), warmup = r["warmup"].as<int>();
+    if (batch <= 0 || frames <= 0 || warmup < 0) fail("--batch and --frames must be positive");
+    moshi::GenOptions opt = moshi::GenOptions::from(cfg.gen);
+    moshi::LmGen<T, B, moshi::DefaultPolicies> gen(model, opt);
+    if (r.count("no-graph")) gen.set_graphs(false);
+    auto s = gen.start(batch);
+    auto user = Tensor<int64_t, Cpu>::zeros({batch, gen.num_user_codebooks()});
+    uint64_t x = 7;
+    FrameTimer<B> timer;
+    std::vector<double> ms;
+    for (int i = 0; i < warmup + frames; ++i) {
+      for (int64_t k = 0; k < user.numel(); ++k)
+        user.data()[k] = int64_t(io::detail::splitmix64(x) % uint64_t(cfg.card));
+      timer.start();
+      gen.step(s, user);
+      const double t = timer.stop_ms();
+      if (i >= warmup) ms.push_back(t);
+    }
+    std::sort(ms.begin(), ms.end());
+    const double med = ms[ms.size() / 2], p90 = ms[std::min(ms.size() - 1, size_t(0.9 * double(ms.size())))];
+    const int64_t filled = std::min<int64_t>(warmup + frames, cfg.transformer.context);
+    const double kv = double(batch) * double(cfg.transformer.num_layers) * 2 * double(filled) *
+                      double(cfg.dim / cfg.transformer.kv_repeat) * double(sizeof(T));
+    const double wbytes = frame_weight_bytes(model, sizeof(T));
+    // Memory first: the bandwidth test below allocates its own buffers.
+    double gib = 0;
+#if TTT_WITH_CUDA
+    if constexpr (!B::is_host) {
+      size_t free_b = 0, total_b = 0;
+      TTT_CUDA_CHECK(cudaMemGetInfo(&free_b, &total_b));
+      gib = double(total_b - free_b) / double(1ull << 30);
+      const auto& al = cuda::CachingAllocator::get();
+      std::printf("device memory: %.2f GiB in use (ours: %.2f GiB live, %.2f GiB reserved)\n", gib,
+                  double(al.in_use()) / double(1ull << 30), double(al.reserved()) / double(1ull << 30));
+    }
+#endif
+    if (B::is_host) gib = rss_mib() / 1024.0;
+    const double bw = measured_bandwidth_gbs(B{});
+    const double floor_ms = (wbytes + kv) / (bw * 1e9) * 1e3;
+    const std::string label = c.config.empty() ? preset : c.config;
+    std::printf("bench %s %s %s batch %lld: median %.3f ms/frame (p90 %.3f) over %d frames after %d warm-up, "
+                "%.1f frames/s per stream\n",
+                label.c_str(), B::name, c.dtype.c_str(), (long long)batch, med, p90, frames, warmup, 1e3 / med);
+    std::printf("memory: %.2f GiB used; bytes per frame: weights %.2f GB + KV %.3f GB (%lld frames of context)\n", gib,
+                wbytes / 1e9, kv / 1e9, (long long)filled);
+    std::printf("floor: %.2f GB / %.0f GB/s measured = %.3f ms/frame; ttt at %.2fx the floor\n", (wbytes + kv) / 1e9,
+                bw, floor_ms, med / floor_ms);
+    if (r.count("anchor-ms"))
+      std::printf("anchor: %.2f ms/frame; ttt is %.2fx faster\n", r["anchor-ms"].as<double>(),
+                  r["anchor-ms"].as<double>() / med);
+    return 0;
+  }
+};
+
+}  // namespace
+
+int cmd_bench(int argc, char** argv) {
+  cxxopts::Options o("ttt-moshi bench", "");
+  add_common(o);
+  o.add_options()("preset", "model preset: 7b", cxxopts::value<std::string>()->default_value("7b"))(
+      "batch", "streams", cxxopts::value<int64_t>()->default_value("1"))(
+      "frames", "timed frames", cxxopts::value<int>()->default_value("100"))(
+      "warmup", "untimed frames first (graph capture happens here)", cxxopts::value<int>()->default_value("10"))(
+      "no-graph", "run frames eagerly (no CUDA graph)")(
+      "anchor-ms", "reference ms/frame to compare with", cxxopts::value<double>());
+  auto r = parse_options(o, argc, argv);
+  if (!r) return 0;
+  return dispatch<Bench>(read_common(*r), *r);
+}
+
+}  // namespace ttt_moshi

@@ -1,0 +1,96 @@
+#include "common.hpp"
+
+#include <unistd.h>
+
+#include <fstream>
+
+namespace ttt_moshi {
+
+void add_common(cxxopts::Options& o) {
+  o.add_options()("config", "Kyutai config.json (default: the Moshi 7B settings)", cxxopts::value<std::string>())(
+      "weights", "model.safetensors (default: seeded random weights)", cxxopts::value<std::string>())(
+      "backend", "cpu or cuda", cxxopts::value<std::string>()->default_value("cpu"))(
+      "dtype", "f32 or bf16 (engine dtype; checkpoints are converted at load)",
+      cxxopts::value<std::string>()->default_value("f32"))(
+      "init-seed", "seed of the random weights used when --weights is absent",
+      cxxopts::value<uint64_t>()->default_value("0"))("h,help", "this help");
+}
+
+Common read_common(const cxxopts::ParseResult& r) {
+  Common c;
+  if (r.count("config")) c.config = r["config"].as<std::string>();
+  if (r.count("weights")) c.weights = r["weights"].as<std::string>();
+  c.backend = r["backend"].as<std::string>();
+  c.dtype = r["dtype"].as<std::string>();
+  c.init_seed = r["init-seed"].as<uint64_t>();
+  if (c.backend != "cpu" && c.backend != "cuda") fail("--backend must be cpu or cuda, got '", c.backend, "'");
+  if (c.dtype != "f32" && c.dtype != "bf16") fail("--dtype must be f32 or bf16, got '", c.dtype, "'");
+  return c;
+}
+
+std::optional<cxxopts::ParseResult> parse_options(cxxopts::Options& o, int argc, char** argv) {
+  auto r = o.parse(argc, argv);
+  if (r.count("help")) {
+    std::printf("%s\n", o.help().c_str());
+    return std::nullopt;
+  }
+  if (!r.unmatched().empty()) fail("unexpected argument '", r.unmatched()[0], "'");
+  return r;
+}
+
+LmConfig load_config(const Common& c) {
+  if (c.config.empty()) {
+    std::fprintf(stderr, "note: no --config, using the Moshi 7B settings\n");
+    return LmConfig::moshi_7b();
+  }
+  return LmConfig::load(c.config);
+}
+
+io::WeightSource load_weights(const Common& c, const LmConfig& cfg) {
+  io::WeightSource ws;
+  if (c.weights.empty()) {
+    ws.enable_random_init(c.init_seed);
+  } else {
+    ws.add_file(c.weights);
+    ws.set_seed(c.init_seed);  // for new TTT weights the checkpoint lacks
+  }
+  ws.set_lora_scaling(cfg.lora_scaling);
+  return ws;
+}
+
+void report_unused(const io::WeightSource& ws) {
+  auto unused = ws.unused();
+  if (unused.empty()) return;
+  std::fprintf(stderr, "warning: %zu checkpoint tensors were not used, e.g. '%s'\n", unused.size(), unused[0].c_str());
+}
+
+void report_loaded(const Common& c, const io::WeightSource& ws, const char* backend,
+                   std::chrono::steady_clock::time_point t0) {
+  report_unused(ws);
+  if (!ws.random_init() && !ws.initialised().empty()) {
+    std::fprintf(stderr, "warning: %zu weights are not in the checkpoint and were initialised (seed %llu):",
+                 ws.initialised().size(), (unsigned long long)ws.seed());
+    for (const auto& n : ws.initialised()) std::fprintf(stderr, " %s", n.c_str());
+    std::fprintf(stderr, "\n");
+  }
+  const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  std::fprintf(stderr, "loaded %s model (%s, %s) in %.2f s\n", ws.random_init() ? "random-weight" : "checkpoint",
+               backend, c.dtype.c_str(), s);
+}
+
+double peak_rss_mib() {
+  std::ifstream f("/proc/self/status");
+  std::string line;
+  while (std::getline(f, line))
+    if (line.rfind("VmHWM:", 0) == 0) return std::stod(line.substr(6)) / 1024.0;
+  return 0;
+}
+
+double rss_mib() {
+  long pages = 0, resident = 0;
+  std::ifstream f("/proc/self/statm");
+  f >> pages >> resident;
+  return double(resident) * double(sysconf(_SC_PAGESIZE)) / (1024.0 * 1024.0);
+}
+
+}  // namespace ttt_moshi
