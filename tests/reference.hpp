@@ -169,4 +169,63 @@ inline std::vector<double> attention(const std::vector<double>& q, const std::ve
   return o;
 }
 
+// Convolutions, straight from PyTorch's definitions. y is the result, mag the sum of
+// |product| terms of each output (the scale a float accumulation error is relative to).
+struct Conv {
+  std::vector<double> y, mag;
+};
+
+// F.conv1d without padding: x [B, Cin, Tin], w [Cout, Cin/groups, K], bias [Cout] or empty.
+inline Conv conv1d(const std::vector<double>& x, const std::vector<double>& w, const std::vector<double>& bias,
+                   int64_t B, int64_t Cin, int64_t Tin, int64_t Cout, int64_t K, int64_t stride, int64_t dilation,
+                   int64_t groups) {
+  const int64_t Cg = Cin / groups, M = Cout / groups, Tout = (Tin - dilation * (K - 1) - 1) / stride + 1;
+  Conv r{std::vector<double>(size_t(B * Cout * Tout)), std::vector<double>(size_t(B * Cout * Tout))};
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t o = 0; o < Cout; ++o)
+      for (int64_t t = 0; t < Tout; ++t) {
+        double s = bias.empty() ? 0.0 : bias[size_t(o)], m = std::abs(s);
+        for (int64_t c = 0; c < Cg; ++c)
+          for (int64_t k = 0; k < K; ++k) {
+            const double p = w[size_t((o * Cg + c) * K + k)] *
+                             x[size_t((b * Cin + (o / M) * Cg + c) * Tin + t * stride + k * dilation)];
+            s += p;
+            m += std::abs(p);
+          }
+        r.y[size_t((b * Cout + o) * Tout + t)] = s;
+        r.mag[size_t((b * Cout + o) * Tout + t)] = m;
+      }
+  return r;
+}
+
+// F.conv_transpose1d without padding: x [B, Cin, Tin], w [Cin, Cout/groups, K]; every input
+// step scatters its kernel-long window.
+inline Conv conv_transpose1d(const std::vector<double>& x, const std::vector<double>& w,
+                             const std::vector<double>& bias, int64_t B, int64_t Cin, int64_t Tin, int64_t Cout,
+                             int64_t K, int64_t stride, int64_t groups) {
+  const int64_t Cg = Cin / groups, Og = Cout / groups, Tout = (Tin - 1) * stride + K;
+  Conv r{std::vector<double>(size_t(B * Cout * Tout)), std::vector<double>(size_t(B * Cout * Tout))};
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t o = 0; o < Cout; ++o)
+      for (int64_t j = 0; j < Tout; ++j) {
+        r.y[size_t((b * Cout + o) * Tout + j)] = bias.empty() ? 0.0 : bias[size_t(o)];
+        r.mag[size_t((b * Cout + o) * Tout + j)] = std::abs(r.y[size_t((b * Cout + o) * Tout + j)]);
+      }
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t ci = 0; ci < Cin; ++ci) {
+      const int64_t g = ci / Cg;
+      for (int64_t ol = 0; ol < Og; ++ol)
+        for (int64_t t = 0; t < Tin; ++t)
+          for (int64_t k = 0; k < K; ++k) {
+            const double p = x[size_t((b * Cin + ci) * Tin + t)] * w[size_t((ci * Og + ol) * K + k)];
+            const size_t o = size_t((b * Cout + g * Og + ol) * Tout + t * stride + k);
+            r.y[o] += p;
+            r.mag[o] += std::abs(p);
+          }
+    }
+  return r;
+}
+
+inline double elu(double x) { return x > 0 ? x : std::expm1(x); }
+
 }  // namespace ref

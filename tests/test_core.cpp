@@ -1,5 +1,8 @@
 // Tensor core and the CPU op set against independent float64 references.
 #include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
 #include <map>
 #include <numeric>
 #include <random>
@@ -348,4 +351,388 @@ TEST_CASE("sampling: greedy, top-k support, determinism and distribution", "[ops
   ops::sample(o1, logits, SampleParams{1.f, 0, 9, 0}, ctr);
   ops::sample(o2, logits, SampleParams{1.f, 0, 9, 0}, ctr);
   REQUIRE(o1.to_vector() == o2.to_vector());
+}
+
+// ---- Mimi's ops: ELU, convolutions, nearest-codebook search ---------------------------------
+
+namespace {
+
+// Relative error of the one rounding of a float result to T.
+template <class T>
+double rounding() {
+  return std::is_same_v<T, float> ? 0.0 : std::is_same_v<T, bf16> ? std::ldexp(1.0, -8) : std::ldexp(1.0, -11);
+}
+
+// Worst |y - r| over its allowance: T's final rounding of |r| plus 1e-6 of the sum of
+// |terms| (float accumulation). <= 1 passes. Also records the worst |y - r| / sum |terms|.
+template <class T>
+double conv_err(const Tensor<T, Cpu>& y, const ref::Conv& r, double* rel = nullptr) {
+  const auto yv = ref::values(y);
+  if (yv.size() != r.y.size()) return INFINITY;
+  double worst = 0;
+  for (size_t i = 0; i < yv.size(); ++i) {
+    const double e = std::abs(yv[i] - r.y[i]);
+    if (std::isnan(e)) return INFINITY;
+    worst = std::max(worst, e / (rounding<T>() * std::abs(r.y[i]) + 1e-6 * r.mag[i] + 1e-30));
+    if (rel) *rel = std::max(*rel, e / (r.mag[i] + 1e-30));
+  }
+  return worst;
+}
+
+// The same values in a [B, C, T] view with a unit time stride but padded rows.
+template <class T>
+Tensor<T, Cpu> padded_rows(const Tensor<T, Cpu>& t) {
+  auto big = Tensor<T, Cpu>::zeros({t.size(0), t.size(1), t.size(2) + 5});
+  auto view = big.slice(2, 2, 2 + t.size(2));
+  view.copy_from(t);
+  return view;
+}
+
+template <class T>
+Tensor<T, Cpu> garbage(const Shape& s) {
+  auto t = Tensor<T, Cpu>::empty(s);
+  ops::fill(t, std::nan(""));
+  return t;
+}
+
+template <class F>
+std::string error_of(F&& f) {
+  try {
+    f();
+  } catch (const Error& e) {
+    return e.what();
+  }
+  return "no error";
+}
+
+void report(const char* what, double v) {
+  if (std::getenv("TTT_PRINT_ERRORS")) std::printf("%s: %.3g\n", what, v);
+}
+
+}  // namespace
+
+TEMPLATE_TEST_CASE("elu matches expm1 in float64", "[ops][mimi]", float, bf16, f16) {
+  using T = TestType;
+  std::vector<float> v = {0.f,   -0.f,   1e-8f,  -1e-8f, 1e-4f, -1e-4f, 0.1f,  -0.1f,  -0.5f,   -1.f, -3.f,
+                          -10.f, -20.f,  -50.f,  -100.f, -1e4f, 1.f,    5.f,   100.f,  1e4f,    -3e-3f, 2e-6f};
+  std::mt19937 g(11);
+  std::uniform_real_distribution<float> d(-8.f, 8.f);
+  for (int i = 0; i < 200; ++i) v.push_back(d(g));
+  std::vector<T> tv;
+  for (float f : v) tv.push_back(from_f32<T>(f));
+  auto x = Tensor<T, Cpu>::from_vector({2, int64_t(v.size()) / 2}, tv);
+  const auto xv = ref::values(x);
+  std::vector<double> r(xv.size());
+  for (size_t i = 0; i < r.size(); ++i) r[i] = ref::elu(xv[i]);
+  // float: expm1f is within an ulp or two; bf16/f16 add one rounding of the result.
+  const double rel = std::is_same_v<T, float> ? 1e-6 : 2 * rounding<T>();
+  double worst = 0;
+  for (const auto& xs : {x, strided_copy(x)}) {
+    const auto y = ref::values(ops::unary(xs, Unary::elu));
+    for (size_t i = 0; i < r.size(); ++i) {
+      INFO("x = " << xv[i] << " elu = " << y[i] << " expected " << r[i]);
+      REQUIRE(std::abs(y[i] - r[i]) <= rel * std::abs(r[i]));
+      if (r[i] != 0) worst = std::max(worst, std::abs(y[i] - r[i]) / std::abs(r[i]));
+    }
+  }
+  report("elu max relative error", worst);
+  if constexpr (std::is_same_v<T, float>) {
+    // The shared formula over a sweep of every 101st negative float down to -100 (plus the
+    // special values): within 1e-6 relative of double expm1 (it measures under 1 ulp).
+    double sweep = 0;
+    for (uint32_t u = 0x80000001u; u < 0xC2C80000u; u += 101) {
+      float f;
+      std::memcpy(&f, &u, 4);
+      const double want = std::expm1(double(f));
+      sweep = std::max(sweep, std::abs(double(math::elu(f)) - want) / std::abs(want));
+    }
+    report("elu sweep max relative error", sweep);
+    REQUIRE(sweep <= 1e-6);
+    REQUIRE(math::elu(-1e-8f) == -1e-8f);  // exp(x) - 1 in float would give 0
+    REQUIRE(math::elu(-1e-45f) == -1e-45f);
+    REQUIRE(math::elu(-88.f) == -1.f);
+    REQUIRE(math::elu(-1e30f) == -1.f);
+    REQUIRE(math::elu(-INFINITY) == -1.f);
+    REQUIRE(math::elu(INFINITY) == INFINITY);
+    REQUIRE(std::isnan(math::elu(NAN)));
+    REQUIRE(std::signbit(math::elu(-0.f)));
+  }
+}
+
+TEMPLATE_TEST_CASE("conv1d matches float64", "[ops][mimi]", float, bf16, f16) {
+  using T = TestType;
+  std::mt19937 g(12);
+  struct Case {
+    int64_t Cin, Cout, K, stride, dil, groups, Tin, B;
+    bool bias;
+  };
+  const Case cases[] = {
+      {6, 4, 3, 1, 1, 1, 30, 1, false},    // plain
+      {6, 10, 1, 1, 1, 1, 25, 3, true},    // K = 1
+      {6, 10, 1, 2, 1, 1, 25, 2, true},    // K = 1, strided
+      {32, 48, 1, 1, 1, 1, 700, 1, true},  // K = 1, long: the input rows are the GEMM operand
+      {32, 48, 1, 1, 1, 1, 300, 3, false}, // K = 1, chunks spanning batch items
+      {1, 8, 7, 1, 1, 1, 40, 2, true},     // one input channel (SEANet's first layer)
+      {1, 64, 7, 1, 1, 1, 1926, 1, true},  // ... at its real size
+      {8, 8, 3, 1, 1, 8, 20, 2, true},     // depthwise
+      {8, 16, 3, 2, 2, 8, 33, 1, false},   // depthwise, channel multiplier 2, stride, dilation
+      {12, 6, 4, 2, 1, 3, 50, 2, true},    // 3 groups
+      {20, 24, 5, 3, 2, 2, 200, 3, true},  // groups, stride and dilation
+      {5, 7, 3, 1, 3, 1, 19, 2, true},     // dilation 3
+      {4, 3, 5, 1, 2, 1, 9, 2, true},      // Tin = the kernel's span: one step
+      {16, 32, 8, 4, 1, 1, 70, 1, true},   // SEANet's downsampling shape (K = 2 stride)
+      {48, 40, 3, 1, 1, 1, 700, 1, true},  // several column chunks
+      {8, 40, 3, 1, 1, 1, 9, 31, true},    // a chunk boundary inside a batch item
+      {16, 12, 4, 2, 1, 1, 9, 5, true},    // one chunk over five items
+      {32, 64, 16, 8, 1, 1, 24, 1, true},  // two output steps: the dot path
+      {64, 8, 3, 1, 1, 1, 3, 4, false},    // one step, batch 4: the dot path
+      {6, 4, 2, 2, 1, 2, 4, 2, true},      // dot path with groups
+      {64, 1, 7, 1, 1, 1, 1926, 1, true},  // one output channel (SEANet's last layer): direct loop
+      {12, 6, 3, 2, 3, 3, 2200, 2, false}, // two outputs per group, strided and dilated: direct, chunked
+  };
+  double rel = 0;
+  for (const Case& c : cases) {
+    INFO("Cin " << c.Cin << " Cout " << c.Cout << " K " << c.K << " stride " << c.stride << " dilation " << c.dil
+                << " groups " << c.groups << " Tin " << c.Tin << " B " << c.B << " bias " << c.bias);
+    auto x = ref::random<T>({c.B, c.Cin, c.Tin}, g);
+    auto w = ref::random<T>({c.Cout, c.Cin / c.groups, c.K}, g);
+    auto bias = c.bias ? ref::random<T>({c.Cout}, g) : Tensor<T, Cpu>();
+    const auto r = ref::conv1d(ref::values(x), ref::values(w), c.bias ? ref::values(bias) : std::vector<double>{}, c.B,
+                               c.Cin, c.Tin, c.Cout, c.K, c.stride, c.dil, c.groups);
+    const int64_t Tout = (c.Tin - c.dil * (c.K - 1) - 1) / c.stride + 1;
+    for (const auto& xs : {x, strided_copy(x), padded_rows(x)}) {
+      auto y = ops::conv1d(xs, w, bias, c.stride, c.dil, c.groups);
+      REQUIRE(y.shape() == Shape{c.B, c.Cout, Tout});
+      REQUIRE(conv_err(y, r, &rel) <= 1.0);
+      auto out = garbage<T>({c.B, c.Cout, Tout});
+      ops::conv1d(out, xs, w, bias, c.stride, c.dil, c.groups);
+      REQUIRE(conv_err(out, r) <= 1.0);
+    }
+  }
+  if constexpr (std::is_same_v<T, float>) report("conv1d max |error| / sum |terms|", rel);
+
+  // Bad shapes: ttt::Error naming the op and the problem.
+  auto x = ref::random<T>({2, 4, 10}, g), w = ref::random<T>({6, 2, 3}, g);
+  const Tensor<T, Cpu> none;
+  REQUIRE(ops::conv1d(x, w, none, 1, 1, 2).shape() == Shape{2, 6, 8});
+  REQUIRE_THAT(error_of([&] { ops::conv1d(x, w, none); }),
+               TTT_CONTAINS("conv1d: weight [6, 2, 3] with 1 groups expects 2 input channels"));
+  REQUIRE_THAT(error_of([&] { ops::conv1d(x, ref::random<T>({6, 1, 3}, g), none, 1, 1, 3); }),
+               TTT_CONTAINS("conv1d: 3 groups do not divide 4 input and 6 output channels"));
+  REQUIRE_THAT(error_of([&] { ops::conv1d(x, ref::random<T>({5, 2, 3}, g), none, 1, 1, 2); }),
+               TTT_CONTAINS("groups do not divide"));
+  REQUIRE_THAT(error_of([&] { ops::conv1d(x, w, none, 0, 1, 2); }), TTT_CONTAINS("must be >= 1"));
+  REQUIRE_THAT(error_of([&] { ops::conv1d(x, w, none, 1, 0, 2); }), TTT_CONTAINS("must be >= 1"));
+  REQUIRE_THAT(error_of([&] { ops::conv1d(x, w, none, 1, 5, 2); }),
+               TTT_CONTAINS("conv1d: input length 10 is shorter than the kernel's span 11"));
+  REQUIRE_THAT(error_of([&] { ops::conv1d(x, w, ref::random<T>({5}, g), 1, 1, 2); }), TTT_CONTAINS("conv1d: bias"));
+  REQUIRE_THAT(error_of([&] { ops::conv1d(Tensor<T, Cpu>::empty({2, 6, 9}), x, w, none, 1, 1, 2); }),
+               TTT_CONTAINS("conv1d: output shape [2, 6, 9], expected [2, 6, 8]"));
+  REQUIRE_THAT(error_of([&] { ops::conv1d(Tensor<T, Cpu>::empty({8, 6, 2}).transpose(0, 2), x, w, none, 1, 1, 2); }),
+               TTT_CONTAINS("conv1d: output must be contiguous"));
+  REQUIRE_THAT(error_of([&] { ops::conv1d(x, ref::random<T>({3, 2, 6}, g).transpose(0, 2), none, 1, 1, 2); }),
+               TTT_CONTAINS("conv1d: weight must be contiguous"));
+  REQUIRE_THAT(error_of([&] { ops::conv1d(x.select(0, 0), w, none); }),
+               TTT_CONTAINS("conv1d: input must be [B, Cin, T]"));
+}
+
+TEMPLATE_TEST_CASE("conv_transpose1d matches float64", "[ops][mimi]", float, bf16, f16) {
+  using T = TestType;
+  std::mt19937 g(13);
+  struct Case {
+    int64_t Cin, Cout, K, stride, groups, Tin, B;
+    bool bias;
+  };
+  const Case cases[] = {
+      {8, 4, 4, 2, 1, 5, 2, true},       // K = 2 stride (SEANet's upsampling)
+      {16, 8, 16, 8, 1, 2, 1, true},     // two input steps: rank-1 updates
+      {16, 8, 16, 8, 1, 2, 2, false},    // ... over two items
+      {6, 4, 6, 3, 2, 2, 1, true},       // ... with groups
+      {12, 6, 10, 5, 1, 20, 2, false},   // GEMM + overlap-add
+      {32, 64, 8, 4, 1, 600, 1, true},   // several input chunks
+      {64, 32, 12, 6, 1, 16, 3, true},   // several items in one product
+      {32, 24, 16, 8, 1, 2, 9, true},    // a batch of two-step inputs: one wide product
+      {16, 128, 8, 4, 2, 50, 5, false},  // chunks of 2 items over a batch of 5
+      {8, 8, 4, 2, 8, 3, 2, true},       // depthwise (Mimi's upsampler)
+      {6, 6, 4, 2, 6, 1, 1, false},      // depthwise, one step
+      {64, 64, 4, 2, 64, 40, 1, true},   // depthwise, enough work for threads
+      {6, 9, 3, 1, 3, 7, 2, true},       // 3 groups, K = 3, stride 1
+      {5, 3, 2, 3, 1, 6, 1, true},       // K < stride: gaps hold the bias
+      {4, 8, 1, 1, 2, 10, 2, true},      // K = 1, groups
+  };
+  double rel = 0;
+  for (const Case& c : cases) {
+    INFO("Cin " << c.Cin << " Cout " << c.Cout << " K " << c.K << " stride " << c.stride << " groups " << c.groups
+                << " Tin " << c.Tin << " B " << c.B << " bias " << c.bias);
+    const int64_t Cg = c.Cin / c.groups, Og = c.Cout / c.groups, Tout = (c.Tin - 1) * c.stride + c.K;
+    auto x = ref::random<T>({c.B, c.Cin, c.Tin}, g);
+    auto w = ref::random<T>({c.Cin, Og, c.K}, g);
+    auto bias = c.bias ? ref::random<T>({c.Cout}, g) : Tensor<T, Cpu>();
+    const auto xv = ref::values(x), wv = ref::values(w);
+    const auto bv = c.bias ? ref::values(bias) : std::vector<double>{};
+    const auto r = ref::conv_transpose1d(xv, wv, bv, c.B, c.Cin, c.Tin, c.Cout, c.K, c.stride, c.groups);
+    // An independent formulation: conv1d of the zero-stuffed input (stride - 1 zeros between
+    // steps, K - 1 on each side) with the kernel flipped in time and its channel axes swapped.
+    {
+      const int64_t Ts = (c.Tin - 1) * c.stride + 1 + 2 * (c.K - 1);
+      std::vector<double> xs(size_t(c.B * c.Cin * Ts), 0.0), wf(size_t(c.Cout * Cg * c.K));
+      for (int64_t b = 0; b < c.B; ++b)
+        for (int64_t ci = 0; ci < c.Cin; ++ci)
+          for (int64_t t = 0; t < c.Tin; ++t)
+            xs[size_t((b * c.Cin + ci) * Ts + c.K - 1 + t * c.stride)] = xv[size_t((b * c.Cin + ci) * c.Tin + t)];
+      for (int64_t o = 0; o < c.Cout; ++o)
+        for (int64_t ci = 0; ci < Cg; ++ci)
+          for (int64_t k = 0; k < c.K; ++k)
+            wf[size_t((o * Cg + ci) * c.K + k)] = wv[size_t((((o / Og) * Cg + ci) * Og + o % Og) * c.K + c.K - 1 - k)];
+      const auto r2 = ref::conv1d(xs, wf, bv, c.B, c.Cin, Ts, c.Cout, c.K, 1, 1, c.groups);
+      REQUIRE(ref::max_abs_diff(r2.y, r.y) <= 1e-12 * (1 + ref::max_abs(r.mag)));
+    }
+    for (const auto& xs : {x, strided_copy(x), padded_rows(x)}) {
+      auto y = ops::conv_transpose1d(xs, w, bias, c.stride, c.groups);
+      REQUIRE(y.shape() == Shape{c.B, c.Cout, Tout});
+      REQUIRE(conv_err(y, r, &rel) <= 1.0);
+      auto out = garbage<T>({c.B, c.Cout, Tout});
+      ops::conv_transpose1d(out, xs, w, bias, c.stride, c.groups);
+      REQUIRE(conv_err(out, r) <= 1.0);
+    }
+  }
+  if constexpr (std::is_same_v<T, float>) report("conv_transpose1d max |error| / sum |terms|", rel);
+
+  auto x = ref::random<T>({2, 4, 5}, g), w = ref::random<T>({4, 3, 4}, g);
+  const Tensor<T, Cpu> none;
+  REQUIRE(ops::conv_transpose1d(x, w, none, 2, 2).shape() == Shape{2, 6, 12});
+  REQUIRE_THAT(error_of([&] { ops::conv_transpose1d(x, ref::random<T>({3, 3, 4}, g), none, 2); }),
+               TTT_CONTAINS("conv_transpose1d: weight [3, 3, 4] expects 3 input channels, input [2, 4, 5] has 4"));
+  REQUIRE_THAT(error_of([&] { ops::conv_transpose1d(x, w, none, 2, 3); }),
+               TTT_CONTAINS("conv_transpose1d: 3 groups do not divide 4 input channels"));
+  REQUIRE_THAT(error_of([&] { ops::conv_transpose1d(x, w, none, 0); }), TTT_CONTAINS("must be >= 1"));
+  REQUIRE_THAT(error_of([&] { ops::conv_transpose1d(x, w, ref::random<T>({3}, g), 2, 2); }),
+               TTT_CONTAINS("conv_transpose1d: bias [3] must be contiguous [6]"));
+  REQUIRE_THAT(error_of([&] { ops::conv_transpose1d(Tensor<T, Cpu>::empty({2, 6, 11}), x, w, none, 2, 2); }),
+               TTT_CONTAINS("conv_transpose1d: output shape [2, 6, 11], expected [2, 6, 12]"));
+  REQUIRE_THAT(error_of([&] { ops::conv_transpose1d(x.slice(2, 0, 0), w, none, 2); }),
+               TTT_CONTAINS("at least one input step"));
+}
+
+TEMPLATE_TEST_CASE("vq_nearest matches a float64 argmin, ties to the smallest index", "[ops][mimi]", float, bf16,
+                   f16) {
+  using T = TestType;
+  std::mt19937 g(14);
+  auto argmin_ref = [](const std::vector<double>& x, const std::vector<double>& c, int64_t N, int64_t V, int64_t d) {
+    std::vector<int64_t> codes(size_t(N), 0);
+    for (int64_t n = 0; n < N; ++n) {
+      double best = INFINITY;
+      for (int64_t v = 0; v < V; ++v) {
+        double s = 0;
+        for (int64_t j = 0; j < d; ++j) {
+          const double e = x[size_t(n * d + j)] - c[size_t(v * d + j)];
+          s += e * e;
+        }
+        if (s < best) best = s, codes[size_t(n)] = v;
+      }
+    }
+    return codes;
+  };
+  using Nvd = std::tuple<int64_t, int64_t, int64_t>;
+  for (auto [N, V, d] : {Nvd{37, 300, 24}, Nvd{9, 2048, 256}, Nvd{1, 5, 1}, Nvd{130, 64, 40}}) {
+    INFO("N " << N << " V " << V << " d " << d);
+    auto cb = ref::random<T>({V, d}, g);
+    auto x = ref::random<T>({N, d}, g);
+    // Half the rows near a codebook entry, as encoder outputs are.
+    std::uniform_int_distribution<int64_t> pick(0, V - 1);
+    std::uniform_real_distribution<float> noise(-0.2f, 0.2f);
+    for (int64_t n = 0; n < N; n += 2) {
+      const int64_t v = pick(g);
+      for (int64_t j = 0; j < d; ++j) x(n, j) = from_f32<T>(to_f32(cb(v, j)) + noise(g));
+    }
+    const auto want = argmin_ref(ref::values(x), ref::values(cb), N, V, d);
+    REQUIRE(ops::vq_nearest(x, cb).to_vector() == want);
+    // Padded rows, and codes written through a strided view.
+    auto big = Tensor<T, Cpu>::zeros({N, d + 7});
+    auto xs = big.slice(1, 3, 3 + d);
+    xs.copy_from(x);
+    auto codes2 = Tensor<int64_t, Cpu>::zeros({N, 2});
+    ops::vq_nearest(codes2.select(1, 1), xs, cb);
+    REQUIRE(codes2.select(1, 1).to_vector() == want);
+  }
+  {
+    // Ties. V = 1000 spreads the codebook over the threads (ranges merged in index order).
+    const int64_t V = 1000, d = 32;
+    auto cb = ref::random<T>({V, d}, g);
+    auto x = ref::random<T>({5, d}, g);
+    std::uniform_int_distribution<int> q(-48, 48);
+    for (int64_t j = 0; j < d; ++j) {
+      // Row 0 equals entries 3, 700 and 900: distance 0 three times -> 3.
+      for (int64_t v : {700, 900}) cb(v, j) = cb(3, j);
+      x(0, j) = cb(3, j);
+      // Rows 1 and 2 are equidistant from two entries (x -/+ e, exact in every T): the
+      // smaller index wins, whichever thread's range it is in.
+      const float e = (j % 2 ? 1.f : -1.f) / 64.f;
+      for (int r : {1, 2}) x(r, j) = from_f32<T>(float(q(g)) / 64.f);
+      cb(480, j) = from_f32<T>(to_f32(x(1, j)) - e), cb(650, j) = from_f32<T>(to_f32(x(1, j)) + e);
+      cb(300, j) = from_f32<T>(to_f32(x(2, j)) + e), cb(310, j) = from_f32<T>(to_f32(x(2, j)) - e);
+      // Row 3 is NaN: every distance is NaN -> code 0.
+      x(3, j) = from_f32<T>(std::nanf(""));
+      // Row 4 equals entries 401 and 402, neighbours searched in one pass -> 401.
+      cb(401, j) = cb(402, j);
+      x(4, j) = cb(402, j);
+    }
+    REQUIRE(ops::vq_nearest(x, cb).to_vector() == std::vector<int64_t>{3, 480, 300, 0, 401});
+  }
+
+  REQUIRE_THAT(error_of([&] { ops::vq_nearest(ref::random<T>({3, 5}, g), ref::random<T>({7, 4}, g)); }),
+               TTT_CONTAINS("vq_nearest: input [3, 5] and codebook [7, 4] differ in dimension"));
+  REQUIRE_THAT(error_of([&] {
+                 auto codes = Tensor<int64_t, Cpu>::empty({2});
+                 ops::vq_nearest(codes, ref::random<T>({3, 4}, g), ref::random<T>({7, 4}, g));
+               }),
+               TTT_CONTAINS("vq_nearest: codes [2] for input [3, 4], expected [3]"));
+  REQUIRE_THAT(error_of([&] { ops::vq_nearest(ref::random<T>({4, 3}, g).transpose(0, 1), ref::random<T>({7, 4}, g)); }),
+               TTT_CONTAINS("vq_nearest: needs a unit stride on the last dimension"));
+  REQUIRE_THAT(error_of([&] { ops::vq_nearest(ref::random<T>({3, 4}, g), ref::random<T>({4, 7}, g).transpose(0, 1)); }),
+               TTT_CONTAINS("vq_nearest: codebook must be contiguous"));
+}
+
+TEST_CASE("vq_nearest takes differences, not the expanded |x|^2 - 2 x.c + |c|^2", "[ops][mimi]") {
+  // x near 1000 in every coordinate, two entries c0 = x + a0, c1 = x + a1 a few 1/1024 away,
+  // c1 truly closer (a0 = a1 but one coordinate 1/1024 further). All values are exact floats.
+  // The expansion rounds |x|^2 ~ 2.6e8 at about 15 (2^-24 relative, summed over d = 256),
+  // far above the distances themselves (~0.01) and their gap (~1e-4), so in float it picks
+  // by rounding noise: it chooses c0 (index 0, wrong) in some trial below, which the test
+  // demands so that it is known to discriminate. The differences x - c are exact (Sterbenz),
+  // so the op's float distances are accurate to ~1e-7 relative and it always picks c1.
+  const int64_t d = 256;
+  std::mt19937 g(15);
+  std::uniform_int_distribution<int> frac(0, 1023), off(-6, 6);
+  int naive_wrong = 0;
+  for (int trial = 0; trial < 20; ++trial) {
+    auto x = Tensor<float, Cpu>::empty({1, d});
+    auto cb = Tensor<float, Cpu>::empty({2, d});
+    for (int64_t j = 0; j < d; ++j) {
+      x(0, j) = 1000.f + float(frac(g)) / 1024.f;
+      int a = off(g);
+      if (a == 0) a = 1;
+      cb(1, j) = x(0, j) + float(a) / 1024.f;
+      cb(0, j) = x(0, j) + float(j == 0 ? a + (a > 0 ? 1 : -1) : a) / 1024.f;
+    }
+    double d64[2];
+    float naive[2];
+    for (int v = 0; v < 2; ++v) {
+      double s = 0;
+      float xx = 0.f, xc = 0.f, cc = 0.f;
+      for (int64_t j = 0; j < d; ++j) {
+        s += (double(x(0, j)) - double(cb(v, j))) * (double(x(0, j)) - double(cb(v, j)));
+        xx += x(0, j) * x(0, j);
+        xc += x(0, j) * cb(v, j);
+        cc += cb(v, j) * cb(v, j);
+      }
+      d64[v] = s;
+      naive[v] = xx - 2.f * xc + cc;
+    }
+    REQUIRE(d64[1] < d64[0]);
+    if (!(naive[1] < naive[0])) ++naive_wrong;
+    REQUIRE(ops::vq_nearest(x, cb).to_vector() == std::vector<int64_t>{1});
+  }
+  report("vq near-tie trials the expanded formula gets wrong (of 20)", naive_wrong);
+  REQUIRE(naive_wrong > 0);
 }

@@ -15,6 +15,32 @@ TTT_HD inline float gelu_tanh(float x) {
   const float k = 0.79788456080286536f;  // sqrt(2 / pi)
   return 0.5f * x * (1.f + tanhf(k * (x + 0.044715f * x * x * x)));
 }
+// expm1(x) for x <= 0 (ELU's negative side) within 1 ulp (tests sweep it against double
+// expm1), without branches or library calls so the CPU vectorises it (libm's expm1f costs
+// ~7 ns an element). x = n ln2 + r, |r| <= ln2/2 (Cody-Waite: n * ln2_hi is exact);
+// expm1(x) = 2^n expm1(r) + (2^n - 1), where 2^n expm1(r) is exact and 2^n - 1 exact for
+// n >= -24; expm1(r) is its Taylor series to r^8 (truncation < 1e-9 relative). Below -88,
+// expm1 is -1 in float; NaN and -0 pass through. Whether a compiler fuses the products into fmas
+// changes nothing but last bits (<= 1 ulp either way).
+TTT_HD inline float expm1_nonpositive(float x) {
+  const float xc = x > -88.f ? x : -88.f;  // NaN -> -88 too: keeps the int conversion defined
+  const float n = nearbyintf(xc * 1.44269504088896341f);
+  const float r = (xc - n * 0.693145751953125f) - n * 1.428606765330187e-06f;
+  float p = 2.4801587301587302e-05f;  // 1/8!
+  p = p * r + 1.9841269841269841e-04f;
+  p = p * r + 1.3888888888888889e-03f;
+  p = p * r + 8.3333333333333333e-03f;
+  p = p * r + 4.1666666666666667e-02f;
+  p = p * r + 1.6666666666666667e-01f;
+  p = p * r + 0.5f;
+  const float em = r + r * r * p;  // expm1(r)
+  const float s = ::ttt::detail::bits_float(uint32_t(int(n) + 127) << 23);  // 2^n (n = -127: 0)
+  const float y = s * em + (s - 1.f);
+  return x == x && x != 0.f ? y : x;  // NaN stays NaN, -0 stays -0
+}
+// torch.nn.ELU(alpha=1): x > 0 ? x : expm1(x) (expm1 keeps small negative inputs exact,
+// where exp(x) - 1 would cancel).
+TTT_HD inline float elu(float x) { return x > 0.f ? x : expm1_nonpositive(x); }
 
 TTT_HD inline float apply(Unary op, float x, float alpha) {
   switch (op) {
@@ -27,6 +53,7 @@ TTT_HD inline float apply(Unary op, float x, float alpha) {
     case Unary::exp: return expf(x);
     case Unary::relu: return x > 0.f ? x : 0.f;
     case Unary::identity: return x;
+    case Unary::elu: return elu(x);
   }
   return x;
 }

@@ -5,6 +5,7 @@
 #include <Eigen/Core>
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <limits>
 #include <numeric>
 #include <vector>
@@ -13,6 +14,7 @@
 #include <omp.h>
 #endif
 
+#include "ttt/backend/cpu/conv.hpp"
 #include "ttt/backend/cpu/strided.hpp"
 #include "ttt/backend/math.hpp"
 #include "ttt/backend/ops.hpp"
@@ -105,13 +107,28 @@ struct Kernels<Cpu> {
     });
   }
 
+  // ELU's loop is resolved outside the element loop so that it inlines and vectorises
+  // (SEANet applies it to every activation); the other ops go through math::apply.
   template <class T>
   static void unary(const Tensor<T, Cpu>& out, const Tensor<T, Cpu>& in, Unary op, float alpha) {
+    if (op == Unary::elu) return unary_with(out, in, [](float v) { return math::elu(v); });
+    unary_with(out, in, [op, alpha](float v) { return math::apply(op, v, alpha); });
+  }
+  template <class T, class F>
+  static void unary_with(const Tensor<T, Cpu>& out, const Tensor<T, Cpu>& in, F f) {
     T* o = out.data();
     const T* a = in.data();
     cpu::for_each_row<2>(out.shape(), {out.strides(), in.strides()}, [&](auto off, auto inner, int64_t n) {
-      for (int64_t j = 0; j < n; ++j)
-        o[off[0] + j * inner[0]] = from_f32<T>(math::apply(op, to_f32(a[off[1] + j * inner[1]]), alpha));
+      T* po = o + off[0];
+      const T* pa = a + off[1];
+      const auto lo = reinterpret_cast<uintptr_t>(po), li = reinterpret_cast<uintptr_t>(pa);
+      const auto bytes = uintptr_t(n) * sizeof(T);
+      if (inner[0] == 1 && inner[1] == 1 && (lo == li || lo + bytes <= li || li + bytes <= lo)) {
+#pragma omp simd
+        for (int64_t j = 0; j < n; ++j) po[j] = from_f32<T>(f(to_f32(pa[j])));  // in place: same index
+      } else {
+        for (int64_t j = 0; j < n; ++j) po[j * inner[0]] = from_f32<T>(f(to_f32(pa[j * inner[1]])));
+      }
     });
   }
 
@@ -390,6 +407,22 @@ struct Kernels<Cpu> {
       if (id < 0 || id >= V) std::fill(o, o + D, from_f32<T>(0.f));
       else std::copy(table.data() + id * D, table.data() + (id + 1) * D, o);
     }
+  }
+
+  // Convolutions and the codebook search live in cpu/conv.hpp (im2col + GEMM tiles).
+  template <class T>
+  static void conv1d(const Tensor<T, Cpu>& out, const Tensor<T, Cpu>& x, const Tensor<T, Cpu>& w,
+                     const Tensor<T, Cpu>& bias, int64_t stride, int64_t dilation, int64_t groups) {
+    cpu::conv::conv1d(out, x, w, bias, stride, dilation, groups);
+  }
+  template <class T>
+  static void conv_transpose1d(const Tensor<T, Cpu>& out, const Tensor<T, Cpu>& x, const Tensor<T, Cpu>& w,
+                               const Tensor<T, Cpu>& bias, int64_t stride, int64_t groups) {
+    cpu::conv::conv_transpose1d(out, x, w, bias, stride, groups);
+  }
+  template <class T>
+  static void vq_nearest(const Tensor<int64_t, Cpu>& codes, const Tensor<T, Cpu>& x, const Tensor<T, Cpu>& codebook) {
+    cpu::conv::vq_nearest(codes, x, codebook);
   }
 
   template <class T>
