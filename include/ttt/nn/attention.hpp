@@ -169,8 +169,9 @@ struct Mha {
     // stays valid across resets, which only rewrite slot positions on the device.
     if (!ring && !extra) {
       ops::attention(o, q, k.transpose(1, 2), v.transpose(1, 2), positions, positions, ap);
-    } else if (!extra && Tn == 1) {
-      // One new step cannot evict a key it still needs (capacity >= context).
+    } else if (!extra && (Tn == 1 || cfg.ring_write_first)) {
+      // One new step cannot evict a key it still needs (capacity >= context); several can,
+      // which is Kyutai's streaming semantics when the config asks for it.
       ops::kv_write(ring->k, ring->v, ring->pos, k, v, positions, exec_mask);
       ops::attention(o, q, ring->k, ring->v, positions, ring->pos, ap);
     } else {

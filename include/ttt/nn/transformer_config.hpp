@@ -75,6 +75,13 @@ struct TransformerConfig {
   std::optional<float> layer_scale;  // LayerScale's initial value; nullopt: no LayerScale
   int64_t context = 0;               // attention window in steps; 0: unlimited (the depformer)
   bool causal = true;
+  // How a streaming call of several steps meets the KV ring. false: it attends over the ring
+  // plus its own keys, then writes them (every query sees its whole window: the same numbers
+  // as one whole-sequence call). true: Kyutai's RingKVCache, which writes the call's keys
+  // first and attends over the ring only, so with T > 1 steps per call the oldest keys of the
+  // window are gone before the call's first queries see them (Mimi's streaming transformers,
+  // which run 2 steps per frame). One-step calls are the same either way.
+  bool ring_write_first = false;
   int64_t weights_per_step = 0;           // 0: one weight set; else a set per step of a call
   std::vector<int64_t> weights_schedule;  // step -> weight index (empty: identity)
 
