@@ -12,6 +12,7 @@
 #include <catch2/catch_session.hpp>
 #endif
 #include "ttt/cuda.hpp"
+#include "ttt/layers/cpu/ttt_kernels.hpp"
 #include "ttt/moshi/generator.hpp"
 #include "ttt/moshi/policies.hpp"
 

@@ -30,6 +30,7 @@
 #include "reference.hpp"
 #include "ttt/cuda.hpp"
 #include "ttt/io/json.hpp"
+#include "ttt/layers/cpu/ttt_kernels.hpp"
 #include "ttt/layers/ttt_layer.hpp"
 
 using namespace ttt;

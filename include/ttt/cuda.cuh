@@ -6,7 +6,6 @@
 // To support another element type or conversion, add it to one of the type lists.
 #include "ttt/cuda.hpp"
 #include "ttt/backend/cuda/kernels.cuh"
-#include "ttt/backend/cuda/init.cuh"
 #include "ttt/layers/cuda/ttt_kernels.cuh"
 
 // Element types with the full op set (float arithmetic inside).

@@ -15,7 +15,7 @@
 #include "ttt/nn/layer.hpp"
 #include "ttt/nn/transformer.hpp"
 #include "ttt/layers/gating.hpp"
-#include "ttt/layers/ttt_kernels_cpu.hpp"
+#include "ttt/layers/cpu/ttt_kernels.hpp"
 #include "ttt/layers/ttt_layer.hpp"
 #include "ttt/moshi/generator.hpp"
 #include "ttt/moshi/lm.hpp"

@@ -1,7 +1,7 @@
 #pragma once
 // The inner loop of the TTT layers behind a backend-templated interface. TttKernels<B> is
 // declared here and refuses to compile until a backend specialises it
-// (ttt/layers/ttt_kernels_cpu.hpp for the host; a CUDA specialisation can be dropped in
+// (ttt/layers/cpu/ttt_kernels.hpp for the host; a CUDA specialisation can be dropped in
 // beside it). Everything around the inner loop (projections, RoPE, post_norm, gate,
 // o_proj) is written with the backend-generic ops in ttt_layer.hpp.
 //
@@ -116,7 +116,7 @@ struct TttStep {
 template <class B>
 struct TttKernels {
   static_assert(always_false_v<B>,
-                "no TttKernels<B> for this backend: include ttt/layers/ttt_kernels_cpu.hpp (cpu) or the "
+                "no TttKernels<B> for this backend: include ttt/layers/cpu/ttt_kernels.hpp (cpu) or the "
                 "backend's TTT kernel header");
 };
 

@@ -26,7 +26,6 @@
 #include "ttt/io/weight_source.hpp"
 #include "ttt/layers/ttt_config.hpp"
 #include "ttt/layers/ttt_kernels.hpp"
-#include "ttt/layers/ttt_kernels_cpu.hpp"
 
 namespace ttt::layers {
 

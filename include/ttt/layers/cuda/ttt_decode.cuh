@@ -22,12 +22,10 @@
 
 #include <cstdint>
 
-#include "ttt/backend/cuda/kernels.cuh"
+#include "ttt/backend/math.hpp"
 #include "ttt/layers/cuda/ttt_inner_common.cuh"
 
-namespace ttt::layers {
-namespace cuda_detail {
-namespace dec {
+namespace ttt::layers::cuda_kernels::decode {
 
 constexpr int kRowGroups = 16;
 
@@ -218,7 +216,7 @@ __global__ void __launch_bounds__(2 * HD) ttt_linear_decode_kernel(const DecodeP
       if (tid < HD / 2) {
         const int i = tid;
         float sn, cs;
-        sincosf(::ttt::cuda::detail::rope_freq_rn(i, HD, dp.theta) * float(pp), &sn, &cs);
+        sincosf(rope_freq_rn(i, HD, dp.theta) * float(pp), &sn, &cs);
         qv[2 * i] = in0 * cs - in1 * sn, qv[2 * i + 1] = in0 * sn + in1 * cs;
         kv[2 * i] = in2 * cs - in3 * sn, kv[2 * i + 1] = in2 * sn + in3 * cs;
       } else if (tid < HD) {
@@ -582,6 +580,4 @@ __global__ void __launch_bounds__(MlpDecodeLayout::THREADS) ttt_mlp_decode_kerne
   cluster_sync(nc);  // peers may still read this CTA's cp2
 }
 
-}  // namespace dec
-}  // namespace cuda_detail
-}  // namespace ttt::layers
+}  // namespace ttt::layers::cuda_kernels::decode

@@ -1,18 +1,19 @@
 #pragma once
-// Device-side pieces shared by the TTT inner-loop kernels (nvcc only): the launch parameters,
-// the shared-memory layout of the fp32 kernels, cluster helpers and the row statistics.
-// Included by ttt/layers/cuda/ttt_kernels.cuh (fp32 kernels, host side) and
-// ttt/layers/cuda/ttt_mma.cuh (tensor-core kernels).
+// Device-side pieces shared by the TTT kernels (nvcc only): the inner loop's launch
+// parameters, the shared-memory layout of the fp32 kernels, cluster helpers, the row
+// statistics and LayerNorm pieces. Included by every layers/cuda/*.cuh.
 #include <cooperative_groups.h>
 #include <cuda_runtime.h>
 
 #include <algorithm>
 #include <cstdint>
 
+#include "ttt/backend/cuda/device.cuh"
 #include "ttt/layers/cuda/ttt_kernels.hpp"
 
-namespace ttt::layers {
-namespace cuda_detail {
+namespace ttt::layers::cuda_kernels {
+
+using namespace ::ttt::cuda::device;
 
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
@@ -104,14 +105,6 @@ struct InnerParams {
 __device__ __forceinline__ float* dynamic_smem() {
   extern __shared__ float4 ttt_inner_smem[];  // float4: 16-byte alignment for vector accesses
   return reinterpret_cast<float*>(ttt_inner_smem);
-}
-
-__device__ __forceinline__ int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
-
-__device__ __forceinline__ float warp_sum(float v) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  return v;
 }
 
 // The same formula as the host's gelu_rows (Eigen), with CUDA's tanhf.
@@ -390,5 +383,4 @@ __device__ __forceinline__ void ln_target_row(float* v, const float* k, const fl
   for (int j = lane; j < f; j += 32) v[j] = k[j] + (w[j] * ((v[j] - k[j] - m) * inv) + bias[j]);
 }
 
-}  // namespace cuda_detail
-}  // namespace ttt::layers
+}  // namespace ttt::layers::cuda_kernels

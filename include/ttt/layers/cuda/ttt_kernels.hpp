@@ -12,13 +12,12 @@
 //
 // Shapes the kernels do not handle (head_dim or inner width not a multiple of 4, unaligned or
 // non-contiguous tensors, state too large for shared memory at any cluster size) take the
-// host round trip below: slow, exact, never silently wrong.
+// host round trip (TttKernels<Cpu>::inner on copies): slow, exact, never silently wrong.
 #include <cstdint>
 #include <vector>
 
 #include "ttt/backend/cuda/kernels.hpp"
 #include "ttt/layers/ttt_kernels.hpp"
-#include "ttt/layers/ttt_kernels_cpu.hpp"
 
 namespace ttt::layers {
 
@@ -77,38 +76,5 @@ struct TttKernels<Cuda> {
     return t;
   }
 };
-
-namespace cuda_detail {
-
-// The inner loop through the host: q/k/v and the state go down, the results come back.
-inline void inner_on_host(const TttInnerArgs<Cuda>& a, const TttFastWeights<Cuda>& s) {
-  auto h = [](const Tensor<float, Cuda>& t) { return t.defined() ? t.to<Cpu>() : Tensor<float, Cpu>{}; };
-  TttInnerArgs<Cpu> ha;
-  ha.kind = a.kind;
-  ha.mini_batch_size = a.mini_batch_size;
-  ha.eps = a.eps;
-  ha.xq = h(a.xq);
-  ha.xk = h(a.xk);
-  ha.xv = h(a.xv);
-  ha.lr = h(a.lr);
-  ha.tau = h(a.tau);
-  ha.ln_weight = h(a.ln_weight);
-  ha.ln_bias = h(a.ln_bias);
-  ha.out = Tensor<float, Cpu>::empty(a.out.shape());
-  ha.operands = a.operands;
-  // The flags come down too (this path is not graph-safe).
-  ha.phase = a.phase.to<Cpu>();
-  if (a.commit.defined()) ha.commit = a.commit.to<Cpu>();
-  TttFastWeights<Cpu> hs{h(s.W1), h(s.b1), h(s.W2), h(s.b2), h(s.W1_grad), h(s.b1_grad), h(s.W2_grad), h(s.b2_grad)};
-  TttKernels<Cpu>::inner(ha, hs);
-  a.out.copy_from(ha.out.to<Cuda>());
-  auto back = [](const Tensor<float, Cuda>& d, const Tensor<float, Cpu>& t) {
-    if (d.defined()) d.copy_from(t.to<Cuda>());
-  };
-  back(s.W1, hs.W1), back(s.b1, hs.b1), back(s.W2, hs.W2), back(s.b2, hs.b2);
-  back(s.W1_grad, hs.W1_grad), back(s.b1_grad, hs.b1_grad), back(s.W2_grad, hs.W2_grad), back(s.b2_grad, hs.b2_grad);
-}
-
-}  // namespace cuda_detail
 
 }  // namespace ttt::layers

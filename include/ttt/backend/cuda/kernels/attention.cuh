@@ -1,0 +1,285 @@
+#pragma once
+// Kernels<Cuda> attention (nvcc only): masked attention over a key ring (split over the keys,
+// flash-decoding style, when the rows alone do not fill the GPU) and kv_write into the ring.
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+
+#include "ttt/backend/cuda/context.hpp"
+#include "ttt/backend/cuda/device.cuh"
+#include "ttt/backend/cuda/kernels.hpp"
+
+namespace ttt {
+namespace cuda::kernels {
+
+using namespace device;
+
+// ---- attention ------------------------------------------------------------------------
+
+// One block per (query row, split of the keys). Per split: each thread scores whole keys
+// (scores in shared memory), then the block forms softmax weights and threads over D
+// accumulate the weighted values (coalesced rows of V, masked keys skipped). With more
+// than one split, partial (max, sum, acc[D]) rows are merged by attention_combine_kernel
+// (flash-decoding), so a single decoding query still spreads over the GPU.
+constexpr int kAttnThreads = 256, kAttnMaxChunk = 2048, kAttnMinChunk = 128;
+
+template <class T>
+struct AttentionKernelParams {
+  const T* q;
+  const T* k;
+  const T* v;
+  T* out;
+  const int64_t* q_pos;
+  const int64_t* k_pos;
+  float* partial;  // [rows, splits, D + 2] when splits > 1
+  int64_t qs[3], ks[3], vs[3], os[3];  // strides of dims 0..2 (the last is 1)
+  int64_t qps[2], kps[2];
+  int64_t T_, H, Hk, S, D, context, chunk;
+  int64_t prefix, prefix_context;  // keys [0, prefix): the second key set (AttentionParams)
+  const float* prefix_bias;        // [H] on the device, may be null
+  float scale;
+  int splits;
+  bool vec_k;  // key rows 16-byte aligned
+};
+
+template <class T>
+__device__ inline float dot_key(const T* k, const float* q, int64_t D, bool vec) {
+  float dot = 0.f;
+  if (vec) {
+    constexpr int kV = kVec<T>;
+#pragma unroll 4
+    for (int64_t d = 0; d < D; d += kV) {
+      float kf[kV];
+      load16(k + d, kf);
+#pragma unroll
+      for (int j = 0; j < kV; ++j) dot += q[d + j] * kf[j];
+    }
+  } else {
+    for (int64_t d = 0; d < D; ++d) dot += q[d] * to_f32(k[d]);
+  }
+  return dot;
+}
+
+template <class T>
+__global__ void __launch_bounds__(kAttnThreads) attention_kernel(const AttentionKernelParams<T> p) {
+  extern __shared__ float smem[];
+  const int64_t D = p.D;
+  float* qf = smem;                // [D]
+  float* w = smem + D;             // [chunk]: scores, then softmax weights
+  float* red = w + p.chunk;        // [kAttnThreads]: per-group partial sums of phase 3
+  const int64_t row = blockIdx.x;  // (b * T + t) * H + h
+  const int64_t h = row % p.H, t = (row / p.H) % p.T_, b = row / (p.H * p.T_);
+  const int64_t hk = h / (p.H / p.Hk);
+  const int64_t s0 = int64_t(blockIdx.y) * p.chunk, s1 = min64(p.S, s0 + p.chunk);
+  const T* kb = p.k + b * p.ks[0] + hk * p.ks[1];
+  const T* vb = p.v + b * p.vs[0] + hk * p.vs[1];
+
+  const T* qrow = p.q + b * p.qs[0] + t * p.qs[1] + h * p.qs[2];
+  for (int64_t d = threadIdx.x; d < D; d += kAttnThreads) qf[d] = to_f32(qrow[d]);
+  __syncthreads();
+
+  // Phase 1: masked scores.
+  const int64_t qp = p.q_pos[b * p.qps[0] + t * p.qps[1]];
+  float m = -INFINITY;
+  for (int64_t s = s0 + threadIdx.x; s < s1; s += kAttnThreads) {
+    // kp <= qp before subtracting, as on the CPU: session positions may be arbitrary.
+    const int64_t kp = p.k_pos[b * p.kps[0] + s * p.kps[1]];
+    const bool in_prefix = s < p.prefix;
+    const int64_t ctx = in_prefix ? p.prefix_context : p.context;
+    float sc = -INFINITY;
+    if (kp >= 0 && kp <= qp && (ctx <= 0 || qp - kp < ctx)) {
+      sc = dot_key(kb + s * p.ks[2], qf, D, p.vec_k) * p.scale + (in_prefix && p.prefix_bias ? p.prefix_bias[h] : 0.f);
+      m = fmaxf(m, sc);
+    }
+    w[s - s0] = sc;
+  }
+  m = block_all_reduce<kAttnThreads>(m, MaxOp{});
+
+  // Phase 2: weights (a masked key, or a split that sees none, weighs 0).
+  float z = 0.f;
+  for (int64_t s = s0 + threadIdx.x; s < s1; s += kAttnThreads) {
+    const float sc = w[s - s0];
+    const float e = sc == -INFINITY ? 0.f : expf(sc - m);
+    w[s - s0] = e;
+    z += e;
+  }
+  z = block_all_reduce<kAttnThreads>(z, SumOp{});  // its barrier publishes w
+
+  // Phase 3: acc[d] = sum_s w_s v[s, d]; G groups of `span` threads split the keys.
+  const int span = int(min64(D, kAttnThreads)), G = kAttnThreads / span;
+  const int g = threadIdx.x / span, dl = threadIdx.x % span;
+  const bool single = p.splits == 1;
+  float* part = single ? nullptr : p.partial + (row * p.splits + blockIdx.y) * (D + 2);
+  auto finish = [&](int64_t d, float a) {
+    if (single) {
+      T* o = p.out + b * p.os[0] + t * p.os[1] + h * p.os[2];
+      o[d] = from_f32<T>(m == -INFINITY ? 0.f : a * (1.f / z));
+    } else {
+      part[2 + d] = a;
+    }
+  };
+  if (g < G) {
+    for (int64_t d = dl; d < D; d += span) {
+      float a = 0.f;
+      int64_t s = s0 + g;
+      // Four keys per step so that four rows of V are in flight.
+      for (; s + 3 * G < s1; s += 4 * G) {
+        float ws[4], xs[4];
+#pragma unroll
+        for (int u = 0; u < 4; ++u) ws[u] = w[s + u * G - s0];
+#pragma unroll
+        for (int u = 0; u < 4; ++u) xs[u] = ws[u] != 0.f ? to_f32(vb[(s + u * G) * p.vs[2] + d]) : 0.f;
+#pragma unroll
+        for (int u = 0; u < 4; ++u) a += ws[u] * xs[u];
+      }
+      for (; s < s1; s += G) {
+        const float ws = w[s - s0];
+        if (ws != 0.f) a += ws * to_f32(vb[s * p.vs[2] + d]);
+      }
+      if (G == 1) finish(d, a);
+      else red[g * span + dl] = a;
+    }
+  }
+  if (G > 1) {
+    __syncthreads();
+    if (threadIdx.x < D) {
+      float a = 0.f;
+      for (int j = 0; j < G; ++j) a += red[j * span + threadIdx.x];
+      finish(threadIdx.x, a);
+    }
+  }
+  if (!single && threadIdx.x == 0) {
+    part[0] = m;
+    part[1] = z;
+  }
+}
+
+template <class T>
+__global__ void __launch_bounds__(kAttnThreads) attention_combine_kernel(const AttentionKernelParams<T> p) {
+  const int64_t row = blockIdx.x, D = p.D, width = D + 2;
+  const int64_t h = row % p.H, t = (row / p.H) % p.T_, b = row / (p.H * p.T_);
+  const float* part = p.partial + row * p.splits * width;
+  float m = -INFINITY;
+  for (int j = 0; j < p.splits; ++j) m = fmaxf(m, part[j * width]);
+  float z = 0.f;
+  for (int j = 0; j < p.splits; ++j)
+    if (part[j * width] != -INFINITY) z += part[j * width + 1] * expf(part[j * width] - m);
+  T* o = p.out + b * p.os[0] + t * p.os[1] + h * p.os[2];
+  for (int64_t d = threadIdx.x; d < D; d += kAttnThreads) {
+    float a = 0.f;
+    for (int j = 0; j < p.splits; ++j)
+      if (part[j * width] != -INFINITY) a += part[j * width + 2 + d] * expf(part[j * width] - m);
+    o[d] = from_f32<T>(m == -INFINITY ? 0.f : a * (1.f / z));
+  }
+}
+
+}  // namespace cuda::kernels
+
+template <class T>
+void Kernels<Cuda>::attention(const Tensor<T, Cuda>& out, const Tensor<T, Cuda>& q, const Tensor<T, Cuda>& k,
+                              const Tensor<T, Cuda>& v, const Tensor<int64_t, Cuda>& q_pos,
+                              const Tensor<int64_t, Cuda>& k_pos, const AttentionParams& ap) {
+  using namespace cuda::kernels;
+  const int64_t Bn = q.size(0), Tn = q.size(1), H = q.size(2), D = q.size(3), S = k.size(2);
+  const int64_t rows = Bn * Tn * H;
+  // Enough splits to give the GPU ~4 blocks per SM, each split at least kAttnMinChunk
+  // keys and at most kAttnMaxChunk (the scores live in shared memory).
+  const int64_t target = 4 * int64_t(cuda::Context::get().sm_count());
+  int64_t splits = rows >= target ? 1 : (target + rows - 1) / rows;
+  splits = std::min(splits, (S + kAttnMinChunk - 1) / kAttnMinChunk);
+  splits = std::max({splits, (S + kAttnMaxChunk - 1) / kAttnMaxChunk, int64_t(1)});
+  TTT_CHECK(splits <= 65535, "attention: ", S, " keys is too many for the CUDA kernel");
+  const int64_t chunk = (S + splits - 1) / splits;
+  const size_t smem = size_t(D + chunk + kAttnThreads) * sizeof(float);
+  TTT_CHECK(smem <= 48 * 1024, "attention: head dimension ", D, " is too large for the CUDA kernel");
+
+  AttentionKernelParams<T> p{};
+  p.q = q.data(), p.k = k.data(), p.v = v.data(), p.out = out.data();
+  p.q_pos = q_pos.data(), p.k_pos = k_pos.data();
+  for (int i = 0; i < 3; ++i) {
+    p.qs[i] = q.stride(i), p.ks[i] = k.stride(i), p.vs[i] = v.stride(i), p.os[i] = out.stride(i);
+  }
+  p.qps[0] = q_pos.stride(0), p.qps[1] = q_pos.stride(1);
+  p.kps[0] = k_pos.stride(0), p.kps[1] = k_pos.stride(1);
+  p.T_ = Tn, p.H = H, p.Hk = k.size(1), p.S = S, p.D = D, p.context = ap.context, p.chunk = chunk;
+  p.prefix = ap.prefix, p.prefix_context = ap.prefix_context, p.prefix_bias = ap.prefix_bias;
+  p.scale = ap.scale;
+  p.splits = int(splits);
+  const bool rows_aligned = k.stride(0) % kVec<T> == 0 && k.stride(1) % kVec<T> == 0 &&
+                            k.stride(2) % kVec<T> == 0 && D % kVec<T> == 0;
+  p.vec_k = rows_aligned && aligned16(k.data());
+
+  Tensor<float, Cuda> partial;
+  if (splits > 1) {
+    partial = Tensor<float, Cuda>::empty({rows * splits * (D + 2)});
+    p.partial = partial.data();
+  }
+  launch(attention_kernel<T>, dim3(unsigned(rows), unsigned(splits)), kAttnThreads, smem, 1, p);
+  if (splits > 1) launch(attention_combine_kernel<T>, unsigned(rows), kAttnThreads, 0, 1, p);
+}
+
+namespace cuda::kernels {
+
+// ---- kv_write -------------------------------------------------------------------------
+
+template <class T>
+struct KvWriteParams {
+  T* ring_k;
+  T* ring_v;
+  int64_t* ring_pos;
+  const T* k;
+  const T* v;
+  const int64_t* pos;
+  const uint8_t* mask;  // null: every batch item executes
+  int64_t ks[3], vs[3], ps[2];
+  int64_t T_, H, C, D;
+};
+
+// One block per (b, t, h), threads over d. A token whose slot a later token of the same
+// call also writes is skipped, so the ring ends as after the CPU's sequential writes
+// (last writer wins).
+template <class T>
+__global__ void __launch_bounds__(128) kv_write_kernel(const KvWriteParams<T> p) {
+  const int64_t bt = blockIdx.x, h = blockIdx.y;
+  const int64_t b = bt / p.T_, t = bt % p.T_;
+  if (p.mask && !p.mask[b]) return;
+  auto slot_of = [&](int64_t tt) {
+    const int64_t pos = p.pos[b * p.ps[0] + tt * p.ps[1]];
+    return ((pos % p.C) + p.C) % p.C;
+  };
+  const int64_t slot = slot_of(t);
+  int later = 0;
+  for (int64_t t2 = t + 1 + threadIdx.x; t2 < p.T_; t2 += blockDim.x) later |= slot_of(t2) == slot;
+  if (__syncthreads_or(later)) return;
+  if (threadIdx.x == 0 && h == 0) p.ring_pos[b * p.C + slot] = p.pos[b * p.ps[0] + t * p.ps[1]];
+  const int64_t dst = ((b * p.H + h) * p.C + slot) * p.D;
+  const T* ks = p.k + b * p.ks[0] + t * p.ks[1] + h * p.ks[2];
+  const T* vs = p.v + b * p.vs[0] + t * p.vs[1] + h * p.vs[2];
+  for (int64_t d = threadIdx.x; d < p.D; d += blockDim.x) {
+    p.ring_k[dst + d] = ks[d];
+    p.ring_v[dst + d] = vs[d];
+  }
+}
+
+}  // namespace cuda::kernels
+
+template <class T>
+void Kernels<Cuda>::kv_write(const Tensor<T, Cuda>& ring_k, const Tensor<T, Cuda>& ring_v,
+                             const Tensor<int64_t, Cuda>& ring_pos, const Tensor<T, Cuda>& k,
+                             const Tensor<T, Cuda>& v, const Tensor<int64_t, Cuda>& positions,
+                             const Tensor<uint8_t, Cuda>& exec_mask) {
+  using namespace cuda::kernels;
+  KvWriteParams<T> p{ring_k.data(), ring_v.data(), ring_pos.data(), k.data(), v.data(), positions.data(),
+                     exec_mask.defined() ? exec_mask.data() : nullptr,
+                     {k.stride(0), k.stride(1), k.stride(2)},
+                     {v.stride(0), v.stride(1), v.stride(2)},
+                     {positions.stride(0), positions.stride(1)},
+                     k.size(1), ring_k.size(1), ring_k.size(2), ring_k.size(3)};
+  const int64_t blocks = ring_k.size(0) * p.T_;
+  if (blocks == 0 || p.H == 0) return;
+  launch(kv_write_kernel<T>, dim3(unsigned(blocks), unsigned(p.H)), 128, 0, 1, p);
+}
+
+}  // namespace ttt

@@ -1,0 +1,266 @@
+#pragma once
+// Kernels<Cuda>, one block per row of the last dimension (nvcc only): reduce, argmax,
+// softmax, layer_norm, rms_norm, glu.
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <type_traits>
+
+#include "ttt/backend/cuda/device.cuh"
+#include "ttt/backend/cuda/kernels.hpp"
+#include "ttt/backend/math.hpp"
+
+namespace ttt {
+namespace cuda::kernels {
+
+using namespace device;
+
+// ---- row ops (reduce, argmax, softmax, norms, glu) --------------------------------------
+
+inline unsigned grid_rows(int64_t rows) { return unsigned(std::max<int64_t>(1, std::min<int64_t>(rows, 1 << 20))); }
+
+// Rows of the last dimension: up to three outer dimensions (padded with 1 in front) and
+// the element offsets of a row in the input and in the output.
+struct RowLayout {
+  int64_t rows, n;
+  int64_t outer[3];
+  int64_t in_stride[3], out_stride[3];
+  int64_t in_inner;  // input stride along the row (the output's is 1)
+};
+
+// out_strides holds at least the outer dimensions' strides of the output.
+inline RowLayout make_rows(const Shape& shape, const Shape& in_strides, const Shape& out_strides) {
+  RowLayout L{};
+  const int outer = shape.rank - 1;
+  L.n = shape.d[outer];
+  L.in_inner = in_strides.d[outer];
+  L.rows = 1;
+  for (int j = 0; j < 3; ++j) L.outer[j] = 1;
+  for (int i = 0; i < outer; ++i) {
+    const int j = 3 - outer + i;
+    L.outer[j] = shape.d[i];
+    L.in_stride[j] = in_strides.d[i];
+    L.out_stride[j] = out_strides.d[i];
+    L.rows *= shape.d[i];
+  }
+  return L;
+}
+
+__device__ inline void row_offsets(const RowLayout& L, int64_t r, int64_t& in_off, int64_t& out_off) {
+  in_off = out_off = 0;
+#pragma unroll
+  for (int j = 2; j >= 0; --j) {
+    const int64_t c = r % L.outer[j];
+    r /= L.outer[j];
+    in_off += c * L.in_stride[j];
+    out_off += c * L.out_stride[j];
+  }
+}
+template <class T>
+struct RowParams {
+  RowLayout L;
+  const T* in;
+  T* out;
+  int64_t* index_out;  // argmax
+  const T* weight;     // layer_norm (may be null), rms_norm alpha
+  const T* bias;       // layer_norm (may be null)
+  float eps;
+  Reduce reduce;
+  Unary act;  // glu
+};
+
+template <class T>
+__global__ void __launch_bounds__(kRowThreads) reduce_kernel(const RowParams<T> p) {
+  const RowLayout& L = p.L;
+  for (int64_t r = blockIdx.x; r < L.rows; r += gridDim.x) {
+    int64_t io, oo;
+    row_offsets(L, r, io, oo);
+    const T* x = p.in + io;
+    float v;
+    if (p.reduce == Reduce::max) {
+      float acc = -INFINITY;
+      for (int64_t j = threadIdx.x; j < L.n; j += kRowThreads) acc = NanMaxOp{}(acc, to_f32(x[j * L.in_inner]));
+      v = block_all_reduce<kRowThreads>(acc, NanMaxOp{});
+    } else {
+      float acc = 0.f;
+      for (int64_t j = threadIdx.x; j < L.n; j += kRowThreads) acc += to_f32(x[j * L.in_inner]);
+      v = block_all_reduce<kRowThreads>(acc, SumOp{});
+      if (p.reduce == Reduce::mean) v /= float(L.n);
+    }
+    if (threadIdx.x == 0) p.out[oo] = from_f32<T>(v);
+  }
+}
+
+template <class T>
+__global__ void __launch_bounds__(kRowThreads) argmax_kernel(const RowParams<T> p) {
+  const RowLayout& L = p.L;
+  for (int64_t r = blockIdx.x; r < L.rows; r += gridDim.x) {
+    int64_t io, oo;
+    row_offsets(L, r, io, oo);
+    const T* x = p.in + io;
+    ArgBest best{0.f, 0, false};
+    for (int64_t j = threadIdx.x; j < L.n; j += kRowThreads) offer(best, to_f32(x[j * L.in_inner]), j);
+    best = block_all_reduce<kRowThreads>(best, ArgBestOp{});
+    // A row of NaNs gives index 0, as on the CPU.
+    if (threadIdx.x == 0) p.index_out[oo] = best.valid ? best.i : 0;
+  }
+}
+
+template <class T>
+__global__ void __launch_bounds__(kRowThreads) softmax_kernel(const RowParams<T> p) {
+  const RowLayout& L = p.L;
+  for (int64_t r = blockIdx.x; r < L.rows; r += gridDim.x) {
+    int64_t io, oo;
+    row_offsets(L, r, io, oo);
+    const T* x = p.in + io;
+    T* o = p.out + oo;
+    float m = -INFINITY;
+    for (int64_t j = threadIdx.x; j < L.n; j += kRowThreads) m = fmaxf(m, to_f32(x[j * L.in_inner]));
+    m = block_all_reduce<kRowThreads>(m, MaxOp{});
+    float z = 0.f;
+    for (int64_t j = threadIdx.x; j < L.n; j += kRowThreads) z += expf(to_f32(x[j * L.in_inner]) - m);
+    z = block_all_reduce<kRowThreads>(z, SumOp{});
+    const float inv = 1.f / z;
+    for (int64_t j = threadIdx.x; j < L.n; j += kRowThreads) o[j] = from_f32<T>(expf(to_f32(x[j * L.in_inner]) - m) * inv);
+  }
+}
+
+// Two passes (mean, then squared deviations) like the CPU: no cancellation in E[x^2]-mu^2.
+template <class T>
+__global__ void __launch_bounds__(kRowThreads) layer_norm_kernel(const RowParams<T> p) {
+  const RowLayout& L = p.L;
+  for (int64_t r = blockIdx.x; r < L.rows; r += gridDim.x) {
+    int64_t io, oo;
+    row_offsets(L, r, io, oo);
+    const T* x = p.in + io;
+    T* o = p.out + oo;
+    float s = 0.f;
+    for (int64_t j = threadIdx.x; j < L.n; j += kRowThreads) s += to_f32(x[j * L.in_inner]);
+    const float mu = block_all_reduce<kRowThreads>(s, SumOp{}) / float(L.n);
+    float ss = 0.f;
+    for (int64_t j = threadIdx.x; j < L.n; j += kRowThreads) {
+      const float d = to_f32(x[j * L.in_inner]) - mu;
+      ss += d * d;
+    }
+    const float var = block_all_reduce<kRowThreads>(ss, SumOp{}) / float(L.n);
+    const float rstd = 1.f / sqrtf(var + p.eps);
+    for (int64_t j = threadIdx.x; j < L.n; j += kRowThreads) {
+      float v = (to_f32(x[j * L.in_inner]) - mu) * rstd;
+      if (p.weight) v *= to_f32(p.weight[j]);
+      if (p.bias) v += to_f32(p.bias[j]);
+      o[j] = from_f32<T>(v);
+    }
+  }
+}
+
+template <class T>
+__global__ void __launch_bounds__(kRowThreads) rms_norm_kernel(const RowParams<T> p) {
+  const RowLayout& L = p.L;
+  for (int64_t r = blockIdx.x; r < L.rows; r += gridDim.x) {
+    int64_t io, oo;
+    row_offsets(L, r, io, oo);
+    const T* x = p.in + io;
+    T* o = p.out + oo;
+    float ss = 0.f;
+    for (int64_t j = threadIdx.x; j < L.n; j += kRowThreads) {
+      const float v = to_f32(x[j * L.in_inner]);
+      ss += v * v;
+    }
+    ss = block_all_reduce<kRowThreads>(ss, SumOp{});
+    const float rs = 1.f / sqrtf(p.eps + ss / float(L.n));
+    for (int64_t j = threadIdx.x; j < L.n; j += kRowThreads)
+      o[j] = from_f32<T>(to_f32(x[j * L.in_inner]) * (to_f32(p.weight[j]) * rs));
+  }
+}
+
+// L describes the output rows (width H); the input row (width 2H, unit stride) shares
+// the output's outer coordinates through in_stride. blockIdx.y spreads a row's columns.
+template <class T>
+__global__ void __launch_bounds__(kRowThreads) glu_kernel(const RowParams<T> p) {
+  const RowLayout& L = p.L;
+  for (int64_t r = blockIdx.x; r < L.rows; r += gridDim.x) {
+    int64_t io, oo;
+    row_offsets(L, r, io, oo);
+    const T* g = p.in + io;
+    T* o = p.out + oo;
+    for (int64_t j = int64_t(blockIdx.y) * kRowThreads + threadIdx.x; j < L.n; j += int64_t(gridDim.y) * kRowThreads)
+      o[j] = from_f32<T>(math::apply(p.act, to_f32(g[j]), 1.f) * to_f32(g[L.n + j]));
+  }
+}
+
+// The params of a row op over in's rows (make_rows) into out (argmax: the indices).
+template <class T, class O>
+RowParams<T> row_params(const Tensor<O, Cuda>& out, const Tensor<T, Cuda>& in) {
+  RowParams<T> p{};
+  p.L = make_rows(in.shape(), in.strides(), out.strides());
+  p.in = in.data();
+  if constexpr (std::is_same_v<O, T>) p.out = out.data();
+  else p.index_out = out.data();
+  return p;
+}
+
+template <class T, class Kernel>
+void launch_rows(Kernel kernel, const RowParams<T>& p) {
+  if (p.L.rows == 0) return;
+  launch(kernel, grid_rows(p.L.rows), kRowThreads, 0, 1, p);
+}
+
+}  // namespace cuda::kernels
+
+template <class T>
+void Kernels<Cuda>::glu(const Tensor<T, Cuda>& out, const Tensor<T, Cuda>& in, Unary act) {
+  using namespace cuda::kernels;
+  RowParams<T> p{};
+  p.L = make_rows(out.shape(), in.strides(), out.strides());
+  p.in = in.data();
+  p.out = out.data();
+  p.act = act;
+  if (p.L.rows == 0) return;
+  const unsigned gy = unsigned(std::min<int64_t>((p.L.n + kRowThreads - 1) / kRowThreads, 1024));
+  launch(glu_kernel<T>, dim3(grid_rows(p.L.rows), gy), kRowThreads, 0, 1, p);
+}
+
+template <class T>
+void Kernels<Cuda>::reduce(const Tensor<T, Cuda>& out, const Tensor<T, Cuda>& in, Reduce op) {
+  using namespace cuda::kernels;
+  RowParams<T> p = row_params(out, in);
+  p.reduce = op;
+  launch_rows(reduce_kernel<T>, p);
+}
+
+template <class T>
+void Kernels<Cuda>::argmax(const Tensor<int64_t, Cuda>& out, const Tensor<T, Cuda>& in) {
+  using namespace cuda::kernels;
+  launch_rows(argmax_kernel<T>, row_params(out, in));
+}
+
+template <class T>
+void Kernels<Cuda>::softmax(const Tensor<T, Cuda>& out, const Tensor<T, Cuda>& in) {
+  using namespace cuda::kernels;
+  launch_rows(softmax_kernel<T>, row_params(out, in));
+}
+
+template <class T>
+void Kernels<Cuda>::layer_norm(const Tensor<T, Cuda>& out, const Tensor<T, Cuda>& in, const Tensor<T, Cuda>& weight,
+                               const Tensor<T, Cuda>& bias, float eps) {
+  using namespace cuda::kernels;
+  RowParams<T> p = row_params(out, in);
+  p.weight = weight.defined() ? weight.data() : nullptr;
+  p.bias = bias.defined() ? bias.data() : nullptr;
+  p.eps = eps;
+  launch_rows(layer_norm_kernel<T>, p);
+}
+
+template <class T>
+void Kernels<Cuda>::rms_norm(const Tensor<T, Cuda>& out, const Tensor<T, Cuda>& in, const Tensor<T, Cuda>& alpha,
+                             float eps) {
+  using namespace cuda::kernels;
+  RowParams<T> p = row_params(out, in);
+  p.weight = alpha.data();
+  p.eps = eps;
+  launch_rows(rms_norm_kernel<T>, p);
+}
+
+}  // namespace ttt
