@@ -10,10 +10,12 @@
 // Tolerances, with u = 1e-5 (f32), 1e-2 (bf16), 2e-3 (f16): a few fp32 roundings, or one
 // ulp of the storage type where the fp32 values differ slightly and round apart.
 //   copy, cast, fill, embedding, kv_write ....... 0  (identical values)
-//   reduce_max, argmax, sample .................. 0  (identical; sample picks the same token)
+//   reduce_max, argmax, sample, vq_nearest ...... 0  (identical; sample picks the same token,
+//                                                     vq_nearest the same code)
 //   unary, binary, glu, softmax ................. u
 //   reduce_sum/mean, layer_norm, rms_norm ....... 2u (fp32 statistics vs the CPU's double)
 //   matmul, linear, attention ................... 2u (fp32 accumulation in another order)
+//   conv1d, conv_transpose1d .................... 2u (likewise)
 //   random_normal ............................... u  (device logf/cosf within an ulp or two)
 //   rope, add_sin_embedding ..................... u + 2^-22 * max|position| (host and device
 //       exp/pow disagree by an ulp for ~0.06% of frequencies; the angle scales that ulp by
@@ -307,8 +309,8 @@ TEMPLATE_TEST_CASE("fill strided views", "[backend]", float, bf16, f16, int64_t,
 TEMPLATE_TEST_CASE("unary ops", "[backend]", float, bf16, f16) {
   using T = TestType;
   std::mt19937 g(21);
-  const Unary all[] = {Unary::scale, Unary::silu,    Unary::gelu, Unary::gelu_tanh, Unary::tanh,
-                       Unary::sigmoid, Unary::exp, Unary::relu, Unary::identity};
+  const Unary all[] = {Unary::scale,   Unary::silu, Unary::gelu, Unary::gelu_tanh, Unary::tanh,
+                       Unary::sigmoid, Unary::exp,  Unary::relu, Unary::identity,  Unary::elu};
   for (Shape s : {Shape{1}, Shape{7}, Shape{3, 33}, Shape{2, 5, 7}, Shape{2, 3, 4, 9}, Shape{1000}})
     for (Layout l : kLayouts)
       for (Unary op : all) {
@@ -843,6 +845,266 @@ TEMPLATE_TEST_CASE("random_normal", "[backend]", float, bf16, f16) {
         ops::random_normal(out.gpu, std, 1234, key);
         record("random_normal", dname<T>(), error(out), unit<T>(), "n " + std::to_string(n));
       }
+}
+
+// ======================================================================================
+// convolutions and vector quantisation (Mimi)
+// ======================================================================================
+
+namespace {
+
+// Mimi's SEANet layers at one streaming 80 ms frame (bench/mimi_ops.cpp): Cin, Cout, K,
+// stride, groups, t (Tout of conv1d, Tin of conv_transpose1d).
+struct MimiLayer {
+  bool transpose;
+  int64_t cin, cout, k, stride, groups, t;
+};
+const MimiLayer kMimiLayers[] = {
+    {false, 1, 64, 7, 1, 1, 1920},    {false, 64, 32, 3, 1, 1, 1920},   {false, 32, 64, 1, 1, 1, 1920},
+    {false, 64, 128, 8, 4, 1, 480},   {false, 128, 64, 3, 1, 1, 480},   {false, 64, 128, 1, 1, 1, 480},
+    {false, 128, 256, 10, 5, 1, 96},  {false, 256, 128, 3, 1, 1, 96},   {false, 128, 256, 1, 1, 1, 96},
+    {false, 256, 512, 12, 6, 1, 16},  {false, 512, 256, 3, 1, 1, 16},   {false, 256, 512, 1, 1, 1, 16},
+    {false, 512, 1024, 16, 8, 1, 2},  {false, 1024, 512, 3, 1, 1, 2},   {false, 512, 512, 4, 2, 1, 1},
+    {true, 512, 512, 4, 2, 512, 1},   {false, 512, 1024, 7, 1, 1, 2},   {true, 1024, 512, 16, 8, 1, 2},
+    {true, 512, 256, 12, 6, 1, 16},   {true, 256, 128, 10, 5, 1, 96},   {true, 128, 64, 8, 4, 1, 480},
+    {false, 64, 1, 7, 1, 1, 1920},
+};
+
+// Weights scaled by 1/sqrt(fan-in) (outputs of order one, as in a trained network).
+template <class T>
+Both<T> conv_weight(const Shape& s, int64_t fan_in, std::mt19937& g) {
+  const double a = 1.0 / std::sqrt(double(std::max<int64_t>(1, fan_in)));
+  return make<T>(s, Layout::contiguous, g, -a, a);
+}
+
+template <class T>
+void conv1d_case(std::mt19937& g, int64_t B, int64_t Cin, int64_t Cout, int64_t K, int64_t stride, int64_t dil,
+                 int64_t groups, int64_t Tout, bool with_bias, Layout lx, const std::string& what) {
+  const int64_t Tin = (Tout - 1) * stride + dil * (K - 1) + 1 + (Tout % 3 == 0 ? stride - 1 : 0);
+  auto x = make<T>({B, Cin, Tin}, lx, g);
+  auto w = conv_weight<T>({Cout, Cin / groups, K}, Cin / groups * K, g);
+  Both<T> b;
+  if (with_bias) b = make<T>({Cout}, Layout::contiguous, g);
+  Both<T> y{ops::conv1d(x.cpu, w.cpu, b.cpu, stride, dil, groups),
+            ops::conv1d(x.gpu, w.gpu, b.gpu, stride, dil, groups)};
+  const std::string tag = "B " + std::to_string(B) + " " + std::to_string(Cin) + "->" + std::to_string(Cout) + " K " +
+                          std::to_string(K) + " s " + std::to_string(stride) + " d " + std::to_string(dil) + " g " +
+                          std::to_string(groups) + " Tout " + std::to_string(Tout) + (with_bias ? " bias " : " ") +
+                          name(lx) + what;
+  record("conv1d", dname<T>(), error(y), 2 * unit<T>(), tag);
+}
+
+template <class T>
+void conv_transpose1d_case(std::mt19937& g, int64_t B, int64_t Cin, int64_t Cout, int64_t K, int64_t stride,
+                           int64_t groups, int64_t Tin, bool with_bias, Layout lx, const std::string& what) {
+  auto x = make<T>({B, Cin, Tin}, lx, g);
+  auto w = conv_weight<T>({Cin, Cout / groups, K}, Cin / groups * ((K + stride - 1) / stride), g);
+  Both<T> b;
+  if (with_bias) b = make<T>({Cout}, Layout::contiguous, g);
+  Both<T> y{ops::conv_transpose1d(x.cpu, w.cpu, b.cpu, stride, groups),
+            ops::conv_transpose1d(x.gpu, w.gpu, b.gpu, stride, groups)};
+  const std::string tag = "B " + std::to_string(B) + " " + std::to_string(Cin) + "->" + std::to_string(Cout) + " K " +
+                          std::to_string(K) + " s " + std::to_string(stride) + " g " + std::to_string(groups) +
+                          " Tin " + std::to_string(Tin) + (with_bias ? " bias " : " ") + name(lx) + what;
+  record("conv_transpose1d", dname<T>(), error(y), 2 * unit<T>(), tag);
+}
+
+// Random shapes: a third depthwise or grouped, K = 1, strides, dilations, short and long outputs
+// (the direct, dot and GEMM kernels), bias or not, the three input layouts.
+struct ConvShape {
+  int64_t B, Cin, Cout, K, stride, dil, groups, T;
+  bool bias;
+  Layout layout;
+};
+ConvShape random_conv_shape(std::mt19937& g, bool transpose) {
+  auto U = [&](int64_t lo, int64_t hi) { return std::uniform_int_distribution<int64_t>(lo, hi)(g); };
+  ConvShape c{};
+  c.B = U(1, 3);
+  const int64_t kind = U(0, 5);
+  if (kind == 0) {  // depthwise
+    c.groups = U(1, 40), c.Cin = c.groups, c.Cout = c.groups * U(1, 2);
+  } else {
+    c.groups = kind == 1 ? U(2, 4) : 1;
+    c.Cin = c.groups * U(1, 40);
+    c.Cout = c.groups * (U(0, 3) == 0 ? U(1, 4) : U(5, 70));
+  }
+  c.K = U(0, 4) == 0 ? 1 : U(2, 12);
+  c.stride = U(1, 5);
+  if (transpose && U(0, 1)) c.K = 2 * c.stride;  // Mimi's
+  c.dil = transpose ? 1 : U(0, 2) == 0 ? U(2, 3) : 1;
+  c.T = U(0, 2) == 0 ? U(1, 6) : U(7, 90);
+  c.bias = U(0, 1);
+  c.layout = kLayouts[U(0, 2)];
+  return c;
+}
+
+}  // namespace
+
+TEMPLATE_TEST_CASE("conv1d", "[backend][conv]", float, bf16, f16) {
+  using T = TestType;
+  std::mt19937 g(71);
+  for (int it = 0; it < 80; ++it) {
+    const ConvShape c = random_conv_shape(g, false);
+    conv1d_case<T>(g, c.B, c.Cin, c.Cout, c.K, c.stride, c.dil, c.groups, c.T, c.bias, c.layout, "");
+  }
+  // Every GEMM tile, with and without split reductions, on shapes the automatic choice would
+  // send elsewhere too.
+  for (int tile = 0; tile < 4; ++tile)
+    for (int splits : {1, 3}) {
+      Kernels<Cuda>::set_conv_gemm(tile, splits);
+      const std::string what = " tile " + std::to_string(tile) + " splits " + std::to_string(splits);
+      conv1d_case<T>(g, 2, 24, 70, 5, 2, 2, 1, 77, true, Layout::sliced, what);
+      conv1d_case<T>(g, 3, 16, 36, 3, 1, 1, 2, 150, false, Layout::transposed, what);
+      conv1d_case<T>(g, 1, 300, 130, 1, 1, 1, 1, 40, true, Layout::contiguous, what);
+      conv1d_case<T>(g, 2, 7, 7, 4, 3, 1, 7, 5, true, Layout::contiguous, what);  // depthwise
+      conv1d_case<T>(g, 1, 64, 1, 7, 1, 1, 1, 300, true, Layout::sliced, what);
+    }
+  Kernels<Cuda>::set_conv_gemm(-1, 0);
+  // The cuBLAS lowering (im2col / col2im + one GEMM) forced on every shape it takes.
+  Kernels<Cuda>::set_conv_lowered_min_macs(0);
+  for (int it = 0; it < 40; ++it) {
+    const ConvShape c = random_conv_shape(g, false);
+    conv1d_case<T>(g, c.B, c.Cin, c.Cout, c.K, c.stride, c.dil, c.groups, c.T, c.bias, c.layout, " lowered");
+  }
+  Kernels<Cuda>::set_conv_lowered_min_macs(-1);
+  // Mimi's layers at batch 1 and 3 (contiguous input; the last layers also sliced, as the
+  // streaming convolution's [history | x] views can be), and at batch 8, where the FLOP-heavy
+  // layers take the lowered path by the default threshold.
+  for (int64_t B : {1, 3, 8})
+    for (const MimiLayer& L : kMimiLayers) {
+      if (L.transpose) continue;
+      conv1d_case<T>(g, B, L.cin, L.cout, L.k, L.stride, 1, L.groups, L.t, true,
+                     L.t <= 16 ? Layout::sliced : Layout::contiguous, " (Mimi)");
+    }
+}
+
+TEMPLATE_TEST_CASE("conv_transpose1d", "[backend][conv]", float, bf16, f16) {
+  using T = TestType;
+  std::mt19937 g(72);
+  for (int it = 0; it < 80; ++it) {
+    const ConvShape c = random_conv_shape(g, true);
+    conv_transpose1d_case<T>(g, c.B, c.Cin, c.Cout, c.K, c.stride, c.groups, c.T, c.bias, c.layout, "");
+  }
+  // K < stride (outputs no window covers are the bias), and every GEMM tile with splits.
+  conv_transpose1d_case<T>(g, 2, 6, 10, 2, 5, 1, 9, true, Layout::contiguous, " K < stride");
+  conv_transpose1d_case<T>(g, 2, 6, 10, 2, 5, 2, 3, true, Layout::sliced, " K < stride");
+  for (int tile = 0; tile < 4; ++tile)
+    for (int splits : {1, 3}) {
+      Kernels<Cuda>::set_conv_gemm(tile, splits);
+      const std::string what = " tile " + std::to_string(tile) + " splits " + std::to_string(splits);
+      conv_transpose1d_case<T>(g, 2, 40, 70, 10, 5, 1, 30, true, Layout::sliced, what);
+      conv_transpose1d_case<T>(g, 1, 24, 12, 7, 3, 2, 45, false, Layout::transposed, what);
+      conv_transpose1d_case<T>(g, 3, 9, 9, 4, 2, 9, 11, true, Layout::contiguous, what);  // depthwise
+      conv_transpose1d_case<T>(g, 1, 8, 6, 2, 4, 1, 13, true, Layout::contiguous, what);  // K < stride
+    }
+  Kernels<Cuda>::set_conv_gemm(-1, 0);
+  Kernels<Cuda>::set_conv_lowered_min_macs(0);
+  for (int it = 0; it < 40; ++it) {
+    const ConvShape c = random_conv_shape(g, true);
+    conv_transpose1d_case<T>(g, c.B, c.Cin, c.Cout, c.K, c.stride, c.groups, c.T, c.bias, c.layout, " lowered");
+  }
+  Kernels<Cuda>::set_conv_lowered_min_macs(-1);
+  for (int64_t B : {1, 3, 8})
+    for (const MimiLayer& L : kMimiLayers) {
+      if (!L.transpose) continue;
+      conv_transpose1d_case<T>(g, B, L.cin, L.cout, L.k, L.stride, L.groups, L.t, L.groups == 1,
+                               L.t <= 16 ? Layout::sliced : Layout::contiguous, " (Mimi)");
+    }
+}
+
+namespace {
+
+// codes must equal the CPU's. x rows are a padded view (row stride != d), codes a strided
+// column of an [N, 2] tensor.
+template <class T>
+void vq_case(const Tensor<T, Cpu>& xh, const Tensor<T, Cpu>& cbh, const std::string& tag) {
+  const int64_t N = xh.size(0), d = xh.size(1);
+  auto pad = Tensor<T, Cpu>::zeros({N, d + 5});
+  auto xv = pad.slice(1, 2, 2 + d);
+  xv.copy_from(xh);
+  Both<T> x{xv, pad.template to<Cuda>().slice(1, 2, 2 + d)};
+  auto cb = upload(cbh);
+  auto cc = Tensor<int64_t, Cpu>::zeros({N, 2});
+  auto cg = Tensor<int64_t, Cuda>::zeros({N, 2});
+  Both<int64_t> codes{cc.select(1, 1), cg.select(1, 1)};
+  ops::vq_nearest(codes.cpu, x.cpu, cb.cpu);
+  ops::vq_nearest(codes.gpu, x.gpu, cb.gpu);
+  record("vq_nearest", dname<T>(), error(codes), 0, tag);
+}
+
+}  // namespace
+
+TEMPLATE_TEST_CASE("vq_nearest", "[backend][conv]", float, bf16, f16) {
+  using T = TestType;
+  std::mt19937 g(73);
+  // Random rows against random codebooks, Mimi's V = 2048, d = 256 with N = 1..64 among them
+  // (d > 256 takes the kernel without register-resident rows).
+  struct Dims {
+    int64_t N, V, d;
+  };
+  const Dims dims[] = {{1, 1, 1},     {3, 7, 5},      {9, 100, 32},   {5, 33, 33},    {17, 300, 300},
+                       {1, 2048, 256}, {2, 2048, 256}, {8, 2048, 256}, {13, 2048, 256}, {64, 2048, 256},
+                       {40, 513, 64},  {3, 50, 1000}};
+  for (auto [N, V, d] : dims) {
+    const std::string tag = "N " + std::to_string(N) + " V " + std::to_string(V) + " d " + std::to_string(d);
+    auto cb = random_tensor<T>({V, d}, g, -1, 1);
+    auto x = random_tensor<T>({N, d}, g, -1, 1);
+    vq_case(x, cb, tag);
+    // Rows near codebook entries (the typical RVQ residual).
+    std::uniform_int_distribution<int64_t> pick(0, V - 1);
+    std::normal_distribution<float> noise(0.f, 0.05f);
+    for (int64_t n = 0; n < N; ++n) {
+      const int64_t v = pick(g);
+      for (int64_t j = 0; j < d; ++j) x(n, j) = from_f32<T>(to_f32(cb(v, j)) + noise(g));
+    }
+    vq_case(x, cb, tag + " near entries");
+  }
+  // Near ties: duplicated entries (equal distances: the lower index), entries one ulp apart
+  // in one coordinate, rows equal to an entry (distance 0) and half-way between two entries,
+  // and a quantised codebook (many exactly equal distances).
+  {
+    const int64_t V = 2048, d = 256, N = 64;
+    auto cb = random_tensor<T>({V, d}, g, -1, 1);
+    for (int64_t v = 1; v < V; v += 7)  // v duplicates v - 1
+      for (int64_t j = 0; j < d; ++j) cb(v, j) = cb(v - 1, j);
+    for (int64_t v = 3; v < V; v += 11) {  // v differs from v - 1 in one coordinate by one ulp
+      for (int64_t j = 0; j < d; ++j) cb(v, j) = cb(v - 1, j);
+      if constexpr (std::is_same_v<T, float>) cb(v, d / 2) = std::nextafter(cb(v, d / 2), 2.f);
+      if constexpr (!std::is_same_v<T, float>) {  // 16-bit T: step the storage's own ulp
+        T t = cb(v, d / 2);
+        t.bits = uint16_t(t.bits + 1);
+        cb(v, d / 2) = t;
+      }
+    }
+    auto x = Tensor<T, Cpu>::empty({N, d});
+    std::uniform_int_distribution<int64_t> pick(1, V - 1);
+    for (int64_t n = 0; n < N; ++n) {
+      const int64_t v = pick(g);
+      for (int64_t j = 0; j < d; ++j) {
+        const float a = to_f32(cb(v, j)), b = to_f32(cb(v - 1, j)), c = to_f32(cb((v * 5) % V, j));
+        x(n, j) = from_f32<T>(n % 3 == 0 ? a : n % 3 == 1 ? 0.5f * (a + b) : 0.5f * (a + c));
+      }
+    }
+    vq_case(x, cb, "near ties");
+    auto q = random_tensor<T>({V, d}, g, -2, 2);
+    for (int64_t i = 0; i < q.numel(); ++i) q.data()[i] = from_f32<T>(std::round(to_f32(q.data()[i])));
+    auto xq = random_tensor<T>({N, d}, g, -2, 2);
+    for (int64_t i = 0; i < xq.numel(); ++i) xq.data()[i] = from_f32<T>(std::round(to_f32(xq.data()[i])));
+    vq_case(xq, q, "quantised (exact ties)");
+  }
+  // NaN: a NaN entry never wins; a row of NaN gets code 0; inf coordinates give inf or NaN
+  // distances.
+  {
+    const int64_t V = 300, d = 40, N = 9;
+    auto cb = random_tensor<T>({V, d}, g, -1, 1);
+    auto x = random_tensor<T>({N, d}, g, -1, 1);
+    for (int64_t v = 0; v < V; v += 3) cb(v, v % d) = from_f32<T>(NAN);
+    for (int64_t j = 0; j < d; ++j) x(2, j) = from_f32<T>(NAN);
+    x(4, 3) = from_f32<T>(INFINITY);
+    cb(7, 3) = from_f32<T>(INFINITY);
+    x(5, 0) = from_f32<T>(NAN);
+    vq_case(x, cb, "NaN and inf");
+  }
 }
 
 int main(int argc, char** argv) {

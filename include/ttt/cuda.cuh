@@ -63,6 +63,14 @@
   template void ::ttt::Kernels<::ttt::Cuda>::kv_write<T>(                                                           \
       const TTT_CUDA_T_(T)&, const TTT_CUDA_T_(T)&, const TTT_CUDA_I64_&, const TTT_CUDA_T_(T)&,                    \
       const TTT_CUDA_T_(T)&, const TTT_CUDA_I64_&, const ::ttt::Tensor<uint8_t, ::ttt::Cuda>&);                      \
+  template void ::ttt::Kernels<::ttt::Cuda>::conv1d<T>(const TTT_CUDA_T_(T)&, const TTT_CUDA_T_(T)&,                 \
+                                                       const TTT_CUDA_T_(T)&, const TTT_CUDA_T_(T)&, int64_t,      \
+                                                       int64_t, int64_t);                                          \
+  template void ::ttt::Kernels<::ttt::Cuda>::conv_transpose1d<T>(const TTT_CUDA_T_(T)&, const TTT_CUDA_T_(T)&,       \
+                                                                 const TTT_CUDA_T_(T)&, const TTT_CUDA_T_(T)&,       \
+                                                                 int64_t, int64_t);                                \
+  template void ::ttt::Kernels<::ttt::Cuda>::vq_nearest<T>(const TTT_CUDA_I64_&, const TTT_CUDA_T_(T)&,             \
+                                                           const TTT_CUDA_T_(T)&);                                 \
   template void ::ttt::Kernels<::ttt::Cuda>::random_normal<T>(const TTT_CUDA_T_(T)&, float, uint64_t, uint64_t); \
   template void ::ttt::Kernels<::ttt::Cuda>::sample<T>(const TTT_CUDA_I64_&, const TTT_CUDA_T_(T)&,                  \
                                                        const ::ttt::SampleParams&, const TTT_CUDA_I64_&);

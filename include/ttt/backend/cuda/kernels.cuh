@@ -8,7 +8,9 @@
 // utilities they share (launch, grid sizing, vector loads, reductions) are
 // backend/cuda/device.cuh, which also states the namespaces of the CUDA code.
 #include "ttt/backend/cuda/kernels/attention.cuh"
+#include "ttt/backend/cuda/kernels/conv.cuh"
 #include "ttt/backend/cuda/kernels/elementwise.cuh"
 #include "ttt/backend/cuda/kernels/linear.cuh"
 #include "ttt/backend/cuda/kernels/random.cuh"
 #include "ttt/backend/cuda/kernels/rows.cuh"
+#include "ttt/backend/cuda/kernels/vq.cuh"

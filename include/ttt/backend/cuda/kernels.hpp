@@ -11,6 +11,13 @@ template <>
 struct Kernels<Cuda> {
   // linear / fused_linear use the GEMV kernel up to this many rows, cuBLAS above.
   static void set_gemv_max_rows(int rows);
+  // Tests and benchmarks: conv1d / conv_transpose1d always on the implicit-GEMM kernel with
+  // tile `tile` (0..3: 128x128, 64x128, 32x128, 64x64) and `splits` splits of the reduction
+  // (0: chosen per call); tile -1 restores the automatic choice of kernel and tile.
+  static void set_conv_gemm(int tile, int splits);
+  // conv1d / conv_transpose1d with groups = 1 go through im2col / col2im + cuBLAS from this many
+  // multiply-adds on (negative: the default, kConvLoweredMinMacs; 0: always, for tests).
+  static void set_conv_lowered_min_macs(int64_t macs);
   template <class T>
   static void copy(const Tensor<T, Cuda>& out, const Tensor<T, Cuda>& in);
   template <class To, class From>
@@ -58,6 +65,15 @@ struct Kernels<Cuda> {
   static void kv_write(const Tensor<T, Cuda>& ring_k, const Tensor<T, Cuda>& ring_v,
                        const Tensor<int64_t, Cuda>& ring_pos, const Tensor<T, Cuda>& k, const Tensor<T, Cuda>& v,
                        const Tensor<int64_t, Cuda>& positions, const Tensor<uint8_t, Cuda>& exec_mask);
+  template <class T>
+  static void conv1d(const Tensor<T, Cuda>& out, const Tensor<T, Cuda>& x, const Tensor<T, Cuda>& w,
+                     const Tensor<T, Cuda>& bias, int64_t stride, int64_t dilation, int64_t groups);
+  template <class T>
+  static void conv_transpose1d(const Tensor<T, Cuda>& out, const Tensor<T, Cuda>& x, const Tensor<T, Cuda>& w,
+                               const Tensor<T, Cuda>& bias, int64_t stride, int64_t groups);
+  template <class T>
+  static void vq_nearest(const Tensor<int64_t, Cuda>& codes, const Tensor<T, Cuda>& x,
+                         const Tensor<T, Cuda>& codebook);
   template <class T>
   static void random_normal(const Tensor<T, Cuda>& out, float std, uint64_t seed, uint64_t key);
   template <class T>
