@@ -101,8 +101,10 @@ struct StreamingConv1d {
     c.in_channels = cin, c.out_channels = cout, c.kernel = k, c.stride = stride, c.dilation = dilation;
     c.groups = groups, c.replicate = replicate;
     const std::string name = prefix + ".conv.conv.";
-    const float bound = 1.f / std::sqrt(float(cin / groups * k));
-    c.weight = conv_detail::load_weight<T, B>(ws, name + "weight", {cout, cin / groups, k}, io::Init::normal(bound));
+    // Random weights (no checkpoint) spread like PyTorch's default Conv1d init: uniform
+    // ±1/sqrt(fan_in), i.e. std 1/sqrt(3 fan_in).
+    const float std = 1.f / std::sqrt(3.f * float(cin / groups * k));
+    c.weight = conv_detail::load_weight<T, B>(ws, name + "weight", {cout, cin / groups, k}, io::Init::normal(std));
     if (bias) c.bias = nn::weight<T, B>(ws, name + "bias", {cout}, io::Init::constant(0.f));
     return c;
   }
@@ -197,8 +199,9 @@ struct StreamingConvTranspose1d {
     StreamingConvTranspose1d c;
     c.in_channels = cin, c.out_channels = cout, c.kernel = k, c.stride = stride, c.groups = groups;
     const std::string name = prefix + ".convtr.convtr.";
-    const float bound = 1.f / std::sqrt(float(cin / groups * k) / float(stride));
-    c.weight = conv_detail::load_weight<T, B>(ws, name + "weight", {cin, cout / groups, k}, io::Init::normal(bound));
+    // Random weights as PyTorch's default ConvTranspose1d init (fan_in = Cout/groups · K).
+    const float std = 1.f / std::sqrt(3.f * float(cout / groups * k));
+    c.weight = conv_detail::load_weight<T, B>(ws, name + "weight", {cin, cout / groups, k}, io::Init::normal(std));
     if (bias) c.bias = nn::weight<T, B>(ws, name + "bias", {cout}, io::Init::constant(0.f));
     return c;
   }

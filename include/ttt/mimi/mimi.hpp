@@ -16,9 +16,13 @@
 // first queries see them: nn::TransformerConfig::ring_write_first), and both are reproduced.
 #include <algorithm>
 #include <cstdint>
+#include <memory>
 #include <string>
+#include <tuple>
 #include <vector>
 
+#include "ttt/core/arena.hpp"
+#include "ttt/core/graph.hpp"
 #include "ttt/io/safetensors.hpp"
 #include "ttt/io/weight_source.hpp"
 #include "ttt/mimi/config.hpp"
@@ -76,16 +80,30 @@ class Mimi {
     TTT_CHECK(F > 0, "mimi: encode of an empty signal");
     auto x = Tensor<T, B>::zeros({Bn, 1, F * fs});
     x.slice(2, 0, S).copy_from(pcm);
-    return latent_of(x, nullptr);
+    return latent_of(x);
   }
   // codes [B, K, F] of pcm [B, 1, S].
   Tensor<int64_t, B> encode(const Tensor<T, B>& pcm) const { return quantize(encode_latent(pcm)); }
   // pcm [B, 1, F · frame_size] of codes [B, K, F].
-  Tensor<T, B> decode(const Tensor<int64_t, B>& codes) const { return synthesize(dequantize(codes), nullptr); }
+  Tensor<T, B> decode(const Tensor<int64_t, B>& codes) const { return synthesize(dequantize(codes)); }
 
   // ---- streaming ----------------------------------------------------------------------------
 
+  // Per-session device plumbing of the streaming calls: pinned staging buffers, the arena
+  // that makes a frame's allocations replayable, and one captured graph per direction. Never
+  // shared between sessions: a graph bakes in the addresses of one session's state.
+  struct Runtime {
+    Arena<B> arena{size_t(8) << 20};
+    FrameGraph<B> enc_graph, dec_graph;
+    // encode: in = positions i64 [B, s] | pcm f32 [B, frame]; out = codes i64 [B, K]
+    // decode: in = positions i64 [B, s] | codes i64 [B, K];    out = pcm f32 [B, frame]
+    std::shared_ptr<void> enc_in_h, enc_out_h, dec_in_h, dec_out_h;
+    std::shared_ptr<void> enc_in_d, enc_out_d, dec_in_d, dec_out_d;
+    size_t enc_in = 0, enc_out = 0, dec_in = 0, dec_out = 0;
+  };
+
   struct Session {
+    std::shared_ptr<Runtime> rt;
     typename Seanet<T, B>::State enc, dec;
     typename Transformer::State enc_tr, dec_tr;
     typename StreamingConv1d<T, B>::State down;
@@ -104,14 +122,18 @@ class Mimi {
     s.down = downsample.init_state(batch);
     s.up = upsample.init_state(batch);
     s.pending.assign(size_t(batch), {});
+    s.rt = make_runtime(batch);
     return s;
   }
+
+  // Capturing frames into CUDA graphs is on by default.
+  void set_graphs(bool on) { graphs_ = on; }
 
   // Streaming encode of any number of samples per item (pcm [B, n], host): samples are
   // buffered to whole frames; returns the codes [B, K, f] of the frames completed (f >= 0, the
   // same for every item since every item gets n samples).
   Tensor<int64_t, Cpu> encode_step(Session& s, const Tensor<float, Cpu>& pcm) const {
-    const int64_t Bn = s.batch(), fs = frame_size();
+    const int64_t Bn = s.batch(), fs = frame_size(), K = num_codebooks();
     TTT_CHECK(pcm.rank() == 2 && pcm.size(0) == Bn, "mimi: encode_step takes pcm [B, n] for batch ", Bn, ", got ",
               pcm.shape().str());
     const auto p = pcm.contiguous();
@@ -120,34 +142,50 @@ class Mimi {
       q.insert(q.end(), p.data() + b * p.size(1), p.data() + (b + 1) * p.size(1));
     }
     const int64_t F = int64_t(s.pending[0].size()) / fs;
-    if (F == 0) return Tensor<int64_t, Cpu>::empty({Bn, num_codebooks(), 0});
-    auto x = Tensor<float, Cpu>::empty({Bn, 1, F * fs});
-    for (int64_t b = 0; b < Bn; ++b) {
-      auto& q = s.pending[size_t(b)];
-      std::copy(q.begin(), q.begin() + F * fs, x.data() + b * F * fs);
-      q.erase(q.begin(), q.begin() + F * fs);
-    }
+    auto codes = Tensor<int64_t, Cpu>::empty({Bn, K, F});
     // One frame per call through the network: the transformers see frame-sized calls, as
     // Kyutai's streaming encode does.
-    auto codes = Tensor<int64_t, Cpu>::empty({Bn, num_codebooks(), F});
+    Runtime& rt = *s.rt;
+    const int64_t steps = cfg.downsample_stride();
     for (int64_t f = 0; f < F; ++f) {
-      auto xf = nn::to_backend<B>(ops::cast<T>(x.slice(2, f * fs, (f + 1) * fs).contiguous()));
-      codes.slice(2, f, f + 1).copy_from(quantize(latent_of(xf, &s)).template to<Cpu>());
+      int64_t* pos = static_cast<int64_t*>(rt.enc_in_h.get());
+      float* x = reinterpret_cast<float*>(pos + Bn * steps);
+      stage_positions(pos, s.enc_tr, steps);
+      for (int64_t b = 0; b < Bn; ++b) {
+        auto& q = s.pending[size_t(b)];
+        std::copy(q.begin() + f * fs, q.begin() + (f + 1) * fs, x + b * fs);
+      }
+      rt.enc_graph.run([&] { encode_frame(s); });
+      Memory<B>::synchronize();
+      Transformer::advance(s.enc_tr, steps, {});
+      const int64_t* out = static_cast<const int64_t*>(rt.enc_out_h.get());
+      for (int64_t b = 0; b < Bn; ++b)
+        for (int64_t k = 0; k < K; ++k) codes(b, k, f) = out[b * K + k];
     }
+    for (auto& q : s.pending) q.erase(q.begin(), q.begin() + F * fs);
     return codes;
   }
 
   // Streaming decode of f >= 1 frames of codes [B, K, f] (host): pcm [B, f · frame_size].
   Tensor<float, Cpu> decode_step(Session& s, const Tensor<int64_t, Cpu>& codes) const {
-    const int64_t Bn = s.batch(), fs = frame_size();
+    const int64_t Bn = s.batch(), fs = frame_size(), K = num_codebooks();
     check_codes(codes);
     TTT_CHECK(codes.size(0) == Bn, "mimi: decode_step codes ", codes.shape().str(), " for batch ", Bn);
     const int64_t F = codes.size(2);
     auto out = Tensor<float, Cpu>::empty({Bn, F * fs});
+    Runtime& rt = *s.rt;
+    const int64_t steps = cfg.downsample_stride();
     for (int64_t f = 0; f < F; ++f) {
-      auto cf = nn::to_backend<B>(codes.slice(2, f, f + 1).contiguous());
-      auto y = ops::cast<float>(synthesize(dequantize(cf), &s)).template to<Cpu>();  // [B, 1, fs]
-      out.slice(1, f * fs, (f + 1) * fs).copy_from(y.reshape({Bn, fs}));
+      int64_t* pos = static_cast<int64_t*>(rt.dec_in_h.get());
+      int64_t* c = pos + Bn * steps;
+      stage_positions(pos, s.dec_tr, steps);
+      for (int64_t b = 0; b < Bn; ++b)
+        for (int64_t k = 0; k < K; ++k) c[b * K + k] = codes(b, k, f);
+      rt.dec_graph.run([&] { decode_frame(s); });
+      Memory<B>::synchronize();
+      Transformer::advance(s.dec_tr, steps, {});
+      const float* y = static_cast<const float*>(rt.dec_out_h.get());
+      for (int64_t b = 0; b < Bn; ++b) std::copy(y + b * fs, y + (b + 1) * fs, out.data() + b * F * fs + f * fs);
     }
     return out;
   }
@@ -164,6 +202,7 @@ class Mimi {
 
   Session snapshot(const Session& s) const {
     Session c = s;
+    c.rt = make_runtime(s.batch());
     for_each_state(c, [&](const std::string&, auto& m) { m = m.clone(); });
     c.enc_tr = Transformer::clone(s.enc_tr);
     c.dec_tr = Transformer::clone(s.dec_tr);
@@ -219,30 +258,91 @@ class Mimi {
     TTT_CHECK(pcm.rank() == 3 && pcm.size(1) == 1, "mimi: pcm must be [B, 1, S], got ", pcm.shape().str());
   }
 
-  // x [B, 1, T] (T whole frames) -> latent [B, D, T / (hop·s)]. `s` null: a whole sequence.
-  Tensor<T, B> latent_of(const Tensor<T, B>& x, Session* s) const {
-    auto e = encoder.forward(x, s ? &s->enc : nullptr);                            // [B, D, T / hop]
-    e = run_transformer(encoder_transformer, e, s ? &s->enc_tr : nullptr);
-    return downsample.forward(e, s ? &s->down : nullptr);                         // [B, D, F]
+  // Whole sequences: x [B, 1, T] (T whole frames) -> latent [B, D, T / (hop·s)].
+  Tensor<T, B> latent_of(const Tensor<T, B>& x) const {
+    auto e = encoder.forward(x, nullptr);  // [B, D, T / hop]
+    e = whole_transformer(encoder_transformer, e);
+    return downsample.forward(e, nullptr);  // [B, D, F]
   }
   // latent [B, D, F] -> audio [B, 1, F · frame_size].
-  Tensor<T, B> synthesize(const Tensor<T, B>& latent, Session* s) const {
-    auto u = upsample.forward(latent, s ? &s->up : nullptr);                      // [B, D, F · s]
-    u = run_transformer(decoder_transformer, u, s ? &s->dec_tr : nullptr);
-    return decoder.forward(u, s ? &s->dec : nullptr);
+  Tensor<T, B> synthesize(const Tensor<T, B>& latent) const {
+    auto u = upsample.forward(latent, nullptr);  // [B, D, F · s]
+    u = whole_transformer(decoder_transformer, u);
+    return decoder.forward(u, nullptr);
   }
 
-  // The transformer on [B, D, T] (Kyutai's conv layout): through [B, T, D] and back.
-  Tensor<T, B> run_transformer(const typename Transformer::Params& p, const Tensor<T, B>& x,
-                               typename Transformer::State* st) const {
-    const int64_t Bn = x.size(0);
-    auto xt = x.transpose(1, 2).contiguous();
-    if (st) {
-      Transformer::forward(p, *st, xt, {}, {});
-    } else {
-      auto fresh = Transformer::init_state(p, Bn, false);
-      Transformer::forward(p, fresh, xt, {}, {});
+  std::shared_ptr<Runtime> make_runtime(int64_t batch) const {
+    NoArenaScope<B> persistent;
+    auto rt = std::make_shared<Runtime>();
+    const size_t pos = size_t(batch * cfg.downsample_stride()) * 8, fs = size_t(frame_size()),
+                 K = size_t(num_codebooks());
+    rt->enc_in = pos + size_t(batch) * fs * 4, rt->enc_out = size_t(batch) * K * 8;
+    rt->dec_in = pos + size_t(batch) * K * 8, rt->dec_out = size_t(batch) * fs * 4;
+    for (auto [h, d, n] : {std::tuple{&rt->enc_in_h, &rt->enc_in_d, rt->enc_in}, {&rt->enc_out_h, &rt->enc_out_d, rt->enc_out},
+                           {&rt->dec_in_h, &rt->dec_in_d, rt->dec_in}, {&rt->dec_out_h, &rt->dec_out_d, rt->dec_out}}) {
+      *h = Memory<B>::allocate_pinned(n);
+      *d = Memory<B>::allocate(n);
     }
+    rt->enc_graph.set_enabled(graphs_);
+    rt->dec_graph.set_enabled(graphs_);
+    return rt;
+  }
+
+  // The positions of a transformer's next `steps` steps per item (offset + t).
+  static void stage_positions(int64_t* pos, const typename Transformer::State& st, int64_t steps) {
+    for (int64_t b = 0; b < st.batch(); ++b)
+      for (int64_t t = 0; t < steps; ++t) pos[b * steps + t] = st.offsets[size_t(b)] + t;
+  }
+
+  // The device work of one streaming frame (what a CUDA graph captures): staged inputs in,
+  // the network on the session's state, the outputs back to the pinned buffer.
+  void encode_frame(Session& s) const {
+    Runtime& rt = *s.rt;
+    ArenaScope<B> scope(rt.arena);
+    const int64_t Bn = s.batch(), steps = cfg.downsample_stride(), fs = frame_size(), K = num_codebooks();
+    Memory<B>::from_host_async(rt.enc_in_d.get(), rt.enc_in_h.get(), rt.enc_in);
+    int64_t* din = static_cast<int64_t*>(rt.enc_in_d.get());
+    const auto pos = Tensor<int64_t, B>::borrow(din, {Bn, steps});
+    const auto pcm = Tensor<float, B>::borrow(reinterpret_cast<float*>(din + Bn * steps), {Bn, 1, fs});
+    auto e = encoder.forward(ops::cast<T>(pcm), &s.enc);
+    e = transformer_step(encoder_transformer, e, s.enc_tr, pos);
+    const auto codes = quantize(downsample.forward(e, &s.down));  // [B, K, 1]
+    Tensor<int64_t, B>::borrow(static_cast<int64_t*>(rt.enc_out_d.get()), {Bn, K, 1}).copy_from(codes);
+    Memory<B>::to_host_async(rt.enc_out_h.get(), rt.enc_out_d.get(), rt.enc_out);
+  }
+  void decode_frame(Session& s) const {
+    Runtime& rt = *s.rt;
+    ArenaScope<B> scope(rt.arena);
+    const int64_t Bn = s.batch(), steps = cfg.downsample_stride(), fs = frame_size(), K = num_codebooks();
+    Memory<B>::from_host_async(rt.dec_in_d.get(), rt.dec_in_h.get(), rt.dec_in);
+    int64_t* din = static_cast<int64_t*>(rt.dec_in_d.get());
+    const auto pos = Tensor<int64_t, B>::borrow(din, {Bn, steps});
+    const auto codes = Tensor<int64_t, B>::borrow(din + Bn * steps, {Bn, K, 1});
+    auto u = upsample.forward(dequantize(codes), &s.up);
+    u = transformer_step(decoder_transformer, u, s.dec_tr, pos);
+    const auto y = decoder.forward(u, &s.dec);  // [B, 1, fs]
+    Tensor<float, B>::borrow(static_cast<float*>(rt.dec_out_d.get()), {Bn, 1, fs}).copy_from(ops::cast<float>(y));
+    Memory<B>::to_host_async(rt.dec_out_h.get(), rt.dec_out_d.get(), rt.dec_out);
+  }
+
+  // One streaming call of a transformer on [B, D, T] at device positions [B, T] (the host
+  // offsets move on after the frame: Transformer::advance).
+  static Tensor<T, B> transformer_step(const typename Transformer::Params& p, const Tensor<T, B>& x,
+                                       typename Transformer::State& st, const Tensor<int64_t, B>& positions) {
+    auto xt = x.transpose(1, 2).contiguous();
+    nn::LayerInput<T, B> in;
+    in.positions = positions;
+    in.step = st.step;
+    Transformer::run(p, st, xt, in);
+    return xt.transpose(1, 2).contiguous();
+  }
+
+  // A whole sequence through a transformer on [B, D, T] (Kyutai's conv layout: through
+  // [B, T, D] and back), no cache: the causal mask with the context window.
+  static Tensor<T, B> whole_transformer(const typename Transformer::Params& p, const Tensor<T, B>& x) {
+    auto xt = x.transpose(1, 2).contiguous();
+    auto st = Transformer::init_state(p, x.size(0), false);
+    Transformer::forward(p, st, xt, {}, {});
     return xt.transpose(1, 2).contiguous();
   }
 
@@ -268,6 +368,8 @@ class Mimi {
     fn(std::string("downsample"), s.down);
     fn(std::string("upsample"), s.up);
   }
+
+  bool graphs_ = true;
 };
 
 }  // namespace ttt::mimi

@@ -107,6 +107,9 @@ struct InplaceFfnLayer {
     p.blk = nn::AttentionBlock<T, B>::load(ws, prefix, spec.cfg);
     TTT_CHECK(p.blk.ff.ffn.gated && p.blk.ff.ffn.w_in.size() == 1, where,
               ": design 'inplace_ffn' needs a gated FFN with one weight set");
+    // LayerScale is folded into w_out at load (nn::fold_layer_scale), and the fast weight's
+    // update rule is stated for the unscaled projection: not combined.
+    TTT_CHECK(!spec.cfg.layer_scale, where, ": design 'inplace_ffn' does not take a transformer with LayerScale");
     p.chunk = o.chunk_size;
     p.lr = o.lr;
     // ttt_conv is zero-initialised (the layer then equals the pretrained one); ttt_proj
@@ -166,26 +169,18 @@ struct InplaceFfnLayer {
  private:
   using Mem = InplaceFastWeights<B>;
 
-  // xs [1, n, D] += LS2(zs W^T) for one item's rows, W [D, Hf] its fast weight. The product
+  // xs [1, n, D] += zs W^T for one item's rows, W [D, Hf] its fast weight. The product
   // goes through ops::linear like the plain FFN's, so an untouched W (zero conv) gives the
   // pretrained layer bit for bit in fp32.
-  static void add_fast_out(const Params& p, const Tensor<float, B>& W, const Tensor<T, B>& xs, const Tensor<T, B>& zs) {
-    const auto& ls2 = p.blk.ff.ls2;
+  static void add_fast_out(const Params&, const Tensor<float, B>& W, const Tensor<T, B>& xs, const Tensor<T, B>& zs) {
     if constexpr (std::is_same_v<T, float>) {
-      if (ls2.defined()) {
-        auto u = ops::linear(zs, W);
-        nn::add_scaled(xs, u, ls2);
-      } else {
-        ops::linear(xs, zs, W, 1.f);
-      }
+      ops::linear(xs, zs, W, 1.f);
     } else {
-      auto u = ops::cast<T>(ops::linear(ops::cast<float>(zs), W));
-      if (ls2.defined()) nn::add_scaled(xs, u, ls2);
-      else ops::add_(xs, u);
+      ops::add_(xs, ops::cast<T>(ops::linear(ops::cast<float>(zs), W)));
     }
   }
 
-  // Item b: x [1, T, D] += LS2(Z W^T) frame by frame with the weights of each frame's
+  // Item b: x [1, T, D] += Z W^T frame by frame with the weights of each frame's
   // chunk, buffering the chunk and updating W at its end only when `commit`.
   static void run(const Params& p, Mem& s, int64_t b, const Tensor<T, B>& x, const Tensor<T, B>& Z,
                   const Tensor<T, B>& E, bool commit) {
@@ -207,7 +202,7 @@ struct InplaceFfnLayer {
     }
   }
 
-  // One frame for every item: x += LS2(Z W_b^T); the chunk buffers take Z and E at slot
+  // One frame for every item: x += Z W_b^T; the chunk buffers take Z and E at slot
   // position % C (kv_write, masked by the device exec mask), and items whose chunk this
   // frame completes (host offsets: see graph_key) update W. Equal to run() with Tn = 1.
   static void step(const Params& p, Mem& s, const Tensor<T, B>& x, const Tensor<T, B>& Z, const nn::LayerInput<T, B>& in) {

@@ -78,11 +78,18 @@ struct LayerInput {
   Workspace<B>* workspace = nullptr;  // the session's persistent scratch (null: per-call scratch)
 };
 
-// Residual add with the optional LayerScale: x += scale * update.
+// LayerScale folded into the projection that feeds it, at load: scale ⊙ (W h) = (diag(scale) W) h,
+// so the residual add stays fused into the projection (linear with beta 1) and a streaming step
+// launches no separate scale and add. Each weight set becomes a new tensor (the loaded one may
+// be a read-only view of a mapped file). In float the product differs from scaling the output
+// by one rounding of each weight.
 template <class T, class B>
-void add_scaled(const Tensor<T, B>& x, const Tensor<T, B>& update, const Tensor<T, B>& scale) {
-  if (scale.defined()) ops::binary(update, update, scale, Binary::mul);
-  ops::binary(x, x, update, Binary::add);
+void fold_layer_scale(std::vector<Tensor<T, B>>& weights, const Tensor<T, B>& scale) {
+  for (auto& w : weights) {
+    auto folded = Tensor<T, B>::empty(w.shape());  // [D, H]: row o scaled by scale[o]
+    ops::binary(folded, w, scale.reshape({w.size(0), 1}).expand(w.shape()), Binary::mul);
+    w = folded;
+  }
 }
 
 template <class T, class B>
@@ -95,7 +102,7 @@ template <class T, class B>
 struct FfnBlock {
   Norm<T, B> norm2;
   Ffn<T, B> ffn;
-  Tensor<T, B> ls2;  // [D] LayerScale, undefined when layer_scale is null
+  Tensor<T, B> ls2;  // [D] LayerScale (folded into ffn.w_out), undefined when layer_scale is null
   TransformerConfig cfg;
 
   static FfnBlock load(io::WeightSource& ws, const std::string& prefix, const TransformerConfig& c) {
@@ -103,8 +110,10 @@ struct FfnBlock {
     p.cfg = c;
     p.norm2 = Norm<T, B>::load(ws, prefix + ".norm2", c.d_model, c.norm);
     p.ffn = Ffn<T, B>::load(ws, prefix, c);
-    if (c.layer_scale)
+    if (c.layer_scale) {
       p.ls2 = weight<T, B>(ws, prefix + ".layer_scale_2.scale", {c.d_model}, io::Init::constant(*c.layer_scale));
+      fold_layer_scale(p.ffn.w_out, p.ls2);
+    }
     return p;
   }
   int64_t num_params() const { return norm2.num_params() + ffn.num_params() + count_params(ls2); }
@@ -125,25 +134,14 @@ struct FfnBlock {
         h = ops::fused_linear(x, ffn.w_in[size_t(set)], norm2.as_prologue());
         ops::unary(h, h, ffn.act);
       }
-      if (ls2.defined()) {
-        auto u = ops::linear(h, ffn.w_out[size_t(set)]);
-        add_scaled(x, u, ls2);
-      } else {
-        ops::linear(x, h, ffn.w_out[size_t(set)], 1.f);
-      }
+      ops::linear(x, h, ffn.w_out[size_t(set)], 1.f);  // LayerScale folded into w_out
       return;
     }
     auto xn = norm2(x);
     for (int64_t t = 0; t < Tn; ++t) {
       auto xt = x.slice(1, t, t + 1).contiguous(), nt = xn.slice(1, t, t + 1).contiguous();
       const int64_t set = cfg.weight_index(in.step + t);
-      if (ls2.defined()) {
-        auto u = Tensor<T, B>::empty(xt.shape());
-        ffn.forward(u, nt, set, 0.f);
-        add_scaled(xt, u, ls2);
-      } else {
-        ffn.forward(xt, nt, set, 1.f);
-      }
+      ffn.forward(xt, nt, set, 1.f);
       x.slice(1, t, t + 1).copy_from(xt);
     }
   }
@@ -155,15 +153,17 @@ template <class T, class B>
 struct AttentionBlock {
   Norm<T, B> norm1;
   Mha<T, B> attn;
-  Tensor<T, B> ls1;  // [D] LayerScale, undefined when layer_scale is null
+  Tensor<T, B> ls1;  // [D] LayerScale (folded into attn.out_proj), undefined when layer_scale is null
   FfnBlock<T, B> ff;
 
   static AttentionBlock load(io::WeightSource& ws, const std::string& prefix, const TransformerConfig& c) {
     AttentionBlock p;
     p.norm1 = Norm<T, B>::load(ws, prefix + ".norm1", c.d_model, c.norm);
     p.attn = Mha<T, B>::load(ws, prefix + ".self_attn", c);
-    if (c.layer_scale)
+    if (c.layer_scale) {
       p.ls1 = weight<T, B>(ws, prefix + ".layer_scale_1.scale", {c.d_model}, io::Init::constant(*c.layer_scale));
+      fold_layer_scale(p.attn.out_proj, p.ls1);
+    }
     p.ff = FfnBlock<T, B>::load(ws, prefix, c);
     return p;
   }
@@ -175,13 +175,7 @@ struct AttentionBlock {
                  const ExtraKeys<T, B>* extra = nullptr, const Tensor<T, B>& normed = {}) const {
     const Tensor<T, B>& src = normed.defined() ? normed : x;
     const Norm<T, B>* norm = normed.defined() ? nullptr : &norm1;
-    if (ls1.defined()) {
-      auto u = Tensor<T, B>::empty(x.shape());
-      attn.forward(u, src, norm, ring, in.positions, in.exec_mask, in.step, 0.f, extra);
-      add_scaled(x, u, ls1);
-    } else {
-      attn.forward(x, src, norm, ring, in.positions, in.exec_mask, in.step, 1.f, extra);
-    }
+    attn.forward(x, src, norm, ring, in.positions, in.exec_mask, in.step, 1.f, extra);  // LayerScale folded
   }
   // x += LS2(FFN(N2(x)))
   void feed_forward(const Tensor<T, B>& x, const LayerInput<T, B>& in) const { ff.feed_forward(x, in); }

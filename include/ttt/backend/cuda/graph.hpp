@@ -30,6 +30,24 @@ class FrameGraph<Cuda> {
   }
   bool captured() const { return !graphs_.empty(); }
   size_t num_graphs() const { return graphs_.size(); }
+  // Kernel nodes of the graph captured for `key` (0 when none is): what one replay launches.
+  size_t num_kernels(uint64_t key = 0) const {
+    for (const auto& g : graphs_) {
+      if (g.key != key) continue;
+      size_t n = 0;
+      TTT_CUDA_CHECK(cudaGraphGetNodes(g.graph, nullptr, &n));
+      std::vector<cudaGraphNode_t> nodes(n);
+      TTT_CUDA_CHECK(cudaGraphGetNodes(g.graph, nodes.data(), &n));
+      size_t kernels = 0;
+      for (auto node : nodes) {
+        cudaGraphNodeType t{};
+        TTT_CUDA_CHECK(cudaGraphNodeGetType(node, &t));
+        kernels += t == cudaGraphNodeTypeKernel;
+      }
+      return kernels;
+    }
+    return 0;
+  }
 
   template <class F>
   void run(F&& work) {
