@@ -209,6 +209,77 @@ TEST_CASE("bad inputs: one clear error, non-zero exit, no output left", "[errors
        },
        gen + "--resume big_session.safetensors", "'lmgen.counters' holds 9223372036854775807, a counter must be in"},
   };
+#if TTT_CLI_HAS_AUDIO
+  // --- audio and Mimi (converse, mimi encode / decode) -------------------------------------
+  const std::string kWav = std::string(TTT_SOURCE_DIR) + "/examples/audio/user.wav";
+  const std::string kMimi = fixture("mimi/mimi_real_strides");
+  const std::string mimi = "mimi --config " + kMimi + "/config.json --weights " + kMimi + "/model.safetensors ";
+  const std::string wav_out = "bad_out.safetensors";  // converse and decode write WAVs there
+  const std::vector<Case> audio_cases = {
+      {"text file named .wav", [] { std::ofstream("bad.wav") << "this is not audio, just text\n"; },
+       mimi + "encode --in bad.wav --out " + out, "bad.wav: not an audio file"},
+      {"empty audio file", [] { std::ofstream("bad.wav"); }, mimi + "encode --in bad.wav --out " + out,
+       "bad.wav: is empty (0 bytes)"},
+      {"truncated WAV",
+       [&] {
+         auto all = slurp(kWav);
+         std::ofstream("bad.wav", std::ios::binary) << all.substr(0, all.size() / 3);
+       },
+       mimi + "encode --in bad.wav --out " + out, "bad.wav: truncated"},
+      {"missing audio file", [] {}, mimi + "encode --in no_such.wav --out " + out, "no_such.wav: cannot open"},
+      {"audio input that is a directory", [] {}, mimi + "encode --in . --out " + out, ".: is a directory"},
+      {"codes out of Mimi's range",
+       [] {
+         auto c = Tensor<int64_t, Cpu>::zeros({1, 8, 3});
+         c(0, 5, 2) = 5000;
+         io::SafeTensorsWriter w;
+         w.add("codes", c);
+         w.write("bad_codes.safetensors");
+       },
+       mimi + "decode --in bad_codes.safetensors --out " + wav_out, "code 5000 at [0, 5, 2] is out of range [0, 512)"},
+      {"codes with the wrong number of codebooks",
+       [] {
+         io::SafeTensorsWriter w;
+         w.add("codes", Tensor<int64_t, Cpu>::zeros({1, 3, 4}));
+         w.write("bad_codes.safetensors");
+       },
+       mimi + "decode --in bad_codes.safetensors --out " + wav_out, "must be [B, 8, F]"},
+      {"Mimi checkpoint missing a key",
+       [&] {
+         auto st = io::SafeTensors::open(kMimi + "/model.safetensors");
+         io::SafeTensorsWriter w;
+         for (auto& n : st.names())
+           if (n != "decoder.model.2.convtr.convtr.weight") w.add(n, st.load<float>(n).clone());
+         w.write("bad_mimi.safetensors");
+       },
+       "mimi encode --config " + kMimi + "/config.json --weights bad_mimi.safetensors --in " + kWav + " --out " + out,
+       "missing tensor 'decoder.model.2.convtr.convtr.weight'"},
+      {"Mimi checkpoint with a mis-shaped key",
+       [&] {
+         auto st = io::SafeTensors::open(kMimi + "/model.safetensors");
+         io::SafeTensorsWriter w;
+         for (auto& n : st.names())
+           w.add(n, n == "encoder.model.0.conv.conv.weight" ? Tensor<float, Cpu>::zeros({8, 1, 5}) : st.load<float>(n).clone());
+         w.write("bad_mimi.safetensors");
+       },
+       "mimi encode --config " + kMimi + "/config.json --weights bad_mimi.safetensors --in " + kWav + " --out " + out,
+       "tensor 'encoder.model.0.conv.conv.weight' has shape [8, 1, 5], expected [8, 1, 7]"},
+      {"Mimi config with an unsupported setting",
+       [&] {
+         io::Json j = io::read_json_file(kMimi + "/config.json");
+         j["seanet"]["pad_mode"] = "reflect";
+         write_json("bad_mimi.json", j);
+       },
+       "mimi encode --config bad_mimi.json --in " + kWav + " --out " + out,
+       "bad_mimi.json: seanet: key 'pad_mode' must be \"constant\" or \"replicate\""},
+      {"converse: unreadable input", [] { std::ofstream("bad.wav") << "RIFF garbage"; },
+       "converse --input bad.wav --out " + wav_out, "bad.wav:"},
+      {"converse: Mimi and LM disagree on codebooks", [] {},
+       "converse --config " + kCfg + " --mimi-config " + fixture("mimi/mimi_tiny") + "/config.json --out " + wav_out,
+       "Mimi gives 4 codebooks but the LM takes 8"},
+  };
+  cases.insert(cases.end(), audio_cases.begin(), audio_cases.end());
+#endif
   REQUIRE(cases.size() >= 20);
   for (auto& c : cases) {
     INFO("case: " << c.what << "\nargs: " << c.args);

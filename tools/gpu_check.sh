@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # On the GPU machine (device tool): the CUDA tests, compute-sanitizer and the CUDA benchmarks,
 # each time-boxed, logs under $OUT (or ./gpu_out), a short summary on stdout.
-#   tools/gpu_check.sh [build|test|sanitize|bench|bench-ttt|bench-designs|all]...
+#   tools/gpu_check.sh [build|test|sanitize|bench|bench-ttt|bench-designs|bench-mimi|all]...
 #
 # Binaries: BIN_DIR (default build-gpu/bin) when it already holds ttt-moshi, else a build into
 # build-gpu. A build made elsewhere (`tools/gpu_prebuild.sh`, non-native, sm_90) can be carried
@@ -35,7 +35,7 @@ t=$bin/tests
 mkdir -p "$(dirname "$bin")/tests"   # TTT_TEST_OUT of the CLI test
 
 if has test; then
-  for tb in test_backend_ops test_cuda_moshi test_ttt_cuda; do
+  for tb in test_backend_ops test_cuda_moshi test_ttt_cuda test_cuda_mimi; do
     s=$(date +%s)
     timeout 150 "$t/$tb" > "$out/$tb.log" 2>&1
     echo "$tb rc=$? ($(( $(date +%s) - s )) s): $(grep -E '^(test cases|All tests passed)' "$out/$tb.log" | tail -1)"
@@ -43,6 +43,7 @@ if has test; then
   grep -E "^\s*(op|[a-z_]+ +(f32|bf16|f16|i64|i32|u8))" "$out/test_backend_ops.log" | tail -40
   grep "^\[cuda" "$out/test_cuda_moshi.log"
   grep -E "^\[ttt" "$out/test_ttt_cuda.log" | tail -30
+  grep -E "^\[mimi" "$out/test_cuda_mimi.log"
   (cd "$(dirname "$bin")/tests" && timeout 120 "$OLDPWD/$t/test_ttt" "[cli]" > "$out/ttt_cli.log" 2>&1)
   echo "ttt-layer CLI rc=$?"; grep "^\[ttt cli\] cuda" "$out/ttt_cli.log"
 fi
@@ -53,6 +54,7 @@ if has sanitize; then
   # memcheck over the CUDA suites (the long cases left out: 10-100x slower under the tool);
   # racecheck (shared memory) over the kernels that share it: TTT inner loops, attention, sampling.
   for run in "memcheck|test_ttt_cuda|~[long]" "memcheck|test_cuda_moshi|~[bf16]" "memcheck|test_backend_ops|" \
+             "memcheck|test_cuda_mimi|~[bf16]" \
              "racecheck|test_ttt_cuda|[inner]~[long]" "racecheck|test_backend_ops|attention*,sample*"; do
     IFS='|' read -r tool name args <<< "$run"
     case " ${CS_TOOLS:-memcheck racecheck} " in *" $tool "*) ;; *) continue ;; esac
@@ -70,8 +72,8 @@ fi
 if has bench; then
   for b in 1 8; do
     timeout 150 "$bin/ttt-moshi" bench --preset 7b --backend cuda --dtype bf16 --batch $b --frames 100 --warmup 10 \
-      --anchor-ms $([ $b = 1 ] && echo 12.56 || echo 16.49) > "$out/bench_7b_b$b.log" 2>&1
-    tail -12 "$out/bench_7b_b$b.log"
+      --anchor-ms $([ $b = 1 ] && echo 12.56 || echo 16.49) --mimi > "$out/bench_7b_b$b.log" 2>&1
+    tail -13 "$out/bench_7b_b$b.log"
   done
 fi
 
@@ -80,5 +82,19 @@ if has bench-designs; then
     timeout 150 "$bin/ttt-moshi" bench --config bench/configs/moshi_7b_$d.json --backend cuda --dtype bf16 --batch 1 \
       --frames 100 --warmup 10 > "$out/bench_7b_$d.log" 2>&1
     echo "== $d rc=$?"; tail -6 "$out/bench_7b_$d.log"
+  done
+fi
+
+if has bench-mimi; then
+  # Kyutai's PyTorch Mimi as the anchor in the same run: the moshi wheel is carried in .whl.
+  if [ -d .whl ] && ! python3 -c "import moshi" 2>/dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl && \
+      export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+  fi
+  for run in "bfloat16 1" "bfloat16 64" "float32 1"; do
+    read -r dt b <<< "$run"
+    BIN_DIR=$bin FRAMES=${MIMI_FRAMES:-100} timeout 300 bench/mimi.sh --device cuda --dtype "$dt" --batch "$b" \
+      > "$out/bench_mimi_${dt}_b$b.log" 2>&1
+    echo "== mimi cuda $dt batch $b rc=$?"; tail -5 "$out/bench_mimi_${dt}_b$b.log"
   done
 fi

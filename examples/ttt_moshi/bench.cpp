@@ -1,10 +1,14 @@
 // ttt-moshi bench: frame time (CUDA events on CUDA) against the memory-bandwidth floor, on
 // random weights made on the device.
 #include <algorithm>
+#include <chrono>
+#include <optional>
+#include <type_traits>
 #include <vector>
 
 #include "commands.hpp"
 #include "common.hpp"
+#include "ttt/core/worker.hpp"
 
 namespace ttt_moshi {
 namespace {
@@ -145,6 +149,71 @@ struct Bench {
     if (r.count("anchor-ms"))
       std::printf("anchor: %.2f ms/frame; ttt is %.2fx faster\n", r["anchor-ms"].as<double>(),
                   r["anchor-ms"].as<double>() / med);
+    if (r.count("mimi")) {
+      // A whole conversation frame: Mimi encodes the user's 80 ms, the LM steps, Mimi decodes
+      // Moshi's audio tokens (Kyutai's Mimi config, random weights), against the LM alone.
+      const auto mcfg = load_mimi_config(r.count("mimi-config") ? r["mimi-config"].as<std::string>() : "", true);
+      auto mws = load_mimi_weights("", c.init_seed + 1);
+      const auto mimi = build_mimi<T, B>(c, mcfg, mws);
+      if (mimi.num_codebooks() != gen.num_user_codebooks() || mimi.num_codebooks() != cfg.dep_q)
+        fail("--mimi: Mimi gives ", mimi.num_codebooks(), " codebooks, the LM takes ", gen.num_user_codebooks());
+      auto enc = mimi.start(batch), dec = mimi.start(batch);
+      auto pcm = Tensor<float, Cpu>::empty({batch, mimi.frame_size()});
+      auto audio = Tensor<int64_t, Cpu>::zeros({batch, mimi.num_codebooks(), 1});
+      std::vector<double> conv;
+      for (int i = 0; i < warmup + frames; ++i) {
+        for (int64_t k = 0; k < pcm.numel(); ++k)
+          pcm.data()[k] = 0.1f * (float(io::detail::splitmix64(x) % 2001) / 1000.f - 1.f);
+        timer.start();
+        const auto codes = mimi.encode_step(enc, pcm);
+        for (int64_t b = 0; b < batch; ++b)
+          for (int64_t k = 0; k < user.size(1); ++k) user(b, k) = codes(b, k, 0);
+        const auto out = gen.step(s, user);
+        if (out)
+          for (int64_t b = 0; b < batch; ++b)
+            for (int64_t k = 0; k < mimi.num_codebooks(); ++k) audio(b, k, 0) = (*out)(b, 1 + k);
+        (void)mimi.decode_step(dec, audio);
+        const double t = timer.stop_ms();
+        if (i >= warmup) conv.push_back(t);
+      }
+      std::sort(conv.begin(), conv.end());
+      const double cm = conv[conv.size() / 2];
+      std::printf("conversation frame (Mimi encode + LM + Mimi decode): median %.3f ms, %.3fx the LM's %.3f ms\n", cm,
+                  cm / med, med);
+      if constexpr (!B::is_host) {
+        // Pipelined, as a server runs it: the reply of frame t-1 decodes on a second host
+        // thread (its own stream; its Mimi session and graphs made there) while this thread
+        // encodes frame t and steps the LM. Host wall time per frame, both finished.
+        Worker worker;
+        std::optional<typename std::decay_t<decltype(mimi)>::Session> pdec;
+        worker.run([&] { pdec = mimi.start(batch); });
+        auto penc = mimi.start(batch);
+        auto reply = Tensor<int64_t, Cpu>::zeros({batch, mimi.num_codebooks(), 1});
+        std::vector<double> pipe;
+        for (int i = 0; i < warmup + frames; ++i) {
+          for (int64_t k = 0; k < pcm.numel(); ++k)
+            pcm.data()[k] = 0.1f * (float(io::detail::splitmix64(x) % 2001) / 1000.f - 1.f);
+          const auto t0 = std::chrono::steady_clock::now();
+          worker.post([&] { (void)mimi.decode_step(*pdec, reply); });
+          const auto codes = mimi.encode_step(penc, pcm);
+          for (int64_t b = 0; b < batch; ++b)
+            for (int64_t k = 0; k < user.size(1); ++k) user(b, k) = codes(b, k, 0);
+          const auto out = gen.step(s, user);
+          worker.wait();
+          if (out)
+            for (int64_t b = 0; b < batch; ++b)
+              for (int64_t k = 0; k < mimi.num_codebooks(); ++k) reply(b, k, 0) = (*out)(b, 1 + k);
+          const double t = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+          if (i >= warmup) pipe.push_back(t);
+        }
+        worker.run([&] { pdec.reset(); });
+        std::sort(pipe.begin(), pipe.end());
+        const double pm = pipe[pipe.size() / 2];
+        std::printf("pipelined conversation frame (decode of frame t-1 on a second stream): median %.3f ms, %.3fx the "
+                    "LM's\n",
+                    pm, pm / med);
+      }
+    }
     return 0;
   }
 };
@@ -159,7 +228,9 @@ int cmd_bench(int argc, char** argv) {
       "frames", "timed frames", cxxopts::value<int>()->default_value("100"))(
       "warmup", "untimed frames first (graph capture happens here)", cxxopts::value<int>()->default_value("10"))(
       "no-graph", "run frames eagerly (no CUDA graph)")(
-      "anchor-ms", "reference ms/frame to compare with", cxxopts::value<double>());
+      "anchor-ms", "reference ms/frame to compare with", cxxopts::value<double>())(
+      "mimi", "also time whole conversation frames: Mimi encode + LM + Mimi decode")(
+      "mimi-config", "Mimi config for --mimi (default: Kyutai's Mimi)", cxxopts::value<std::string>());
   auto r = parse_options(o, argc, argv);
   if (!r) return 0;
   return dispatch<Bench>(read_common(*r), *r);

@@ -8,5 +8,7 @@ int cmd_forward(int argc, char** argv);   // forward.cpp
 int cmd_generate(int argc, char** argv);  // generate.cpp
 int cmd_info(int argc, char** argv);      // info.cpp
 int cmd_bench(int argc, char** argv);     // bench.cpp
+int cmd_mimi(int argc, char** argv);      // mimi.cpp
+int cmd_converse(int argc, char** argv);  // converse.cpp
 
 }  // namespace ttt_moshi

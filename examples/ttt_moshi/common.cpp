@@ -2,6 +2,8 @@
 
 #include <unistd.h>
 
+#include "bundled_configs.hpp"
+
 #include <fstream>
 
 namespace ttt_moshi {
@@ -76,6 +78,20 @@ void report_loaded(const Common& c, const io::WeightSource& ws, const char* back
   const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   std::fprintf(stderr, "loaded %s model (%s, %s) in %.2f s\n", ws.random_init() ? "random-weight" : "checkpoint",
                backend, c.dtype.c_str(), s);
+}
+
+mimi::MimiConfig load_mimi_config(const std::string& config, bool have_weights) {
+  if (!config.empty()) return mimi::MimiConfig::load(config);
+  if (have_weights) return mimi::MimiConfig::kyutai();
+  std::fprintf(stderr, "note: no Mimi weights or config, using the bundled small Mimi with random weights\n");
+  return mimi::MimiConfig::from_json(io::Json::parse(bundled::kSmallMimi), "bundled mimi_small.json");
+}
+
+io::WeightSource load_mimi_weights(const std::string& weights, uint64_t seed) {
+  io::WeightSource ws;
+  if (weights.empty()) ws.enable_random_init(seed);
+  else ws.add_file(weights);
+  return ws;
 }
 
 double peak_rss_mib() {

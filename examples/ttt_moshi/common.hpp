@@ -8,6 +8,7 @@
 #include <optional>
 #include <string>
 
+#include "ttt/mimi/mimi.hpp"
 #include "ttt/ttt.hpp"
 #if TTT_WITH_CUDA
 #include "ttt/cuda.hpp"
@@ -46,6 +47,26 @@ void report_loaded(const Common& c, const io::WeightSource& ws, const char* back
 
 template <class T, class B>
 using Model = moshi::LmModel<T, B, moshi::DefaultPolicies>;
+
+// ---- Mimi --------------------------------------------------------------------------------
+
+// --mimi-config (moshi's _mimi_config layout) when given; else Kyutai's Mimi when weights are
+// given (the release checkpoint), else the bundled small Mimi (examples/configs/mimi_small.json).
+mimi::MimiConfig load_mimi_config(const std::string& config, bool have_weights);
+// The Mimi checkpoint, else seeded random weights.
+io::WeightSource load_mimi_weights(const std::string& weights, uint64_t seed);
+
+template <class T, class B>
+mimi::Mimi<T, B> build_mimi(const Common& c, const mimi::MimiConfig& cfg, io::WeightSource& ws) {
+  auto t0 = std::chrono::steady_clock::now();
+  auto m = mimi::Mimi<T, B>::load(cfg, ws);
+  report_unused(ws);
+  const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  std::fprintf(stderr, "loaded %s Mimi (%s, %s, %lld codebooks of %lld) in %.2f s\n",
+               ws.random_init() ? "random-weight" : "checkpoint", B::name, c.dtype.c_str(), (long long)cfg.num_codebooks,
+               (long long)cfg.quantizer.bins, s);
+  return m;
+}
 
 template <class T, class B>
 Model<T, B> build_model(const Common& c, const LmConfig& cfg, io::WeightSource& ws) {

@@ -3,6 +3,8 @@
 //   generate  streaming generation (LMGen), printing progress (and text with --tokenizer)
 //   info      the model's structure, parameter count, bytes and a checkpoint key check
 //   bench     (CUDA) frame time on random weights made on the device
+//   mimi      Kyutai's Mimi codec: fixture format, or encode / decode between WAV and codes
+//   converse  a spoken conversation: user WAV -> Mimi -> Moshi -> Mimi -> reply WAV
 // This file only dispatches: a subcommand is one file (commands.hpp), one line of the table
 // below and one source line in examples/CMakeLists.txt.
 #include <cstdio>
@@ -30,8 +32,16 @@ const Command commands[] = {
      "[--save-session F] [--resume F] --out OUT",
      ttt_moshi::cmd_generate},
     {"info", "[--config C] [--weights W]", ttt_moshi::cmd_info},
-    {"bench", "[--preset 7b | --config C] [--batch N] [--frames N] [--dtype bf16] [--backend cuda]",
+    {"bench", "[--preset 7b | --config C] [--batch N] [--frames N] [--dtype bf16] [--backend cuda] [--mimi]",
      ttt_moshi::cmd_bench},
+    {"mimi",
+     "[encode|decode] --in IN --out OUT [--config MIMI_CFG] [--weights MIMI_W] [--backend cpu|cuda]\n"
+     "[--dtype f32|bf16]",
+     ttt_moshi::cmd_mimi},
+    {"converse",
+     "[--input USER.wav] --out REPLY.wav [--config C] [--weights W] [--mimi-config M]\n"
+     "[--mimi-weights MW] [--tokenizer SPM] [--tail S] [--backend cpu|cuda] [--dtype f32|bf16]",
+     ttt_moshi::cmd_converse},
 };
 
 int usage() {
