@@ -4,6 +4,8 @@
 // any chunking of the input gives the frame-by-frame codes, snapshot / save / load resume
 // exactly, and a per-item reset restarts that item only.
 #include <cstdio>
+#include <filesystem>
+#include <string>
 #include <random>
 
 #include "catch.hpp"
@@ -75,9 +77,14 @@ TEST_CASE("Mimi streaming: any chunking, snapshot, save / load, per-item reset",
   auto snap = m.snapshot(a);
   io::SafeTensorsWriter w;
   m.save(a, w);
-  w.write("mimi_session.safetensors");
+  // In the temp directory (ctest runs suites in parallel from the build tree).
+  const std::string path = (std::filesystem::temp_directory_path() /
+                            ("ttt_test_mimi_session_" + std::to_string(std::random_device{}()) + ".safetensors"))
+                               .string();
+  w.write(path);
   auto loaded = m.start(Bn);
-  m.load(loaded, io::SafeTensors::open("mimi_session.safetensors"));
+  m.load(loaded, io::SafeTensors::open(path));
+  std::filesystem::remove(path);
   const auto rest = pcm.slice(1, half * fs + fs / 3, S).contiguous();
   const auto c1 = m.encode_step(a, rest), c2 = m.encode_step(snap, rest), c3 = m.encode_step(loaded, rest);
   const auto ref = c.codes_stream.slice(2, half, F).contiguous();
