@@ -1,8 +1,10 @@
 // ttt-layer: one TTT-Linear / TTT-MLP layer (ttt-lm-pytorch's TTTLinear / TTTMLP) over a
-// stored input, in the three ways the reference fixtures record it.
+// stored input, in the three ways the reference fixtures record it, or its backward.
 //
 //   ttt-layer --config C --weights W --io IO --mode full|decode|prefill-decode [--prefill N]
 //             --out OUT [--backend cpu|cuda] [--dtype f32|bf16]
+//   ttt-layer --config C --weights W --io IO --mode grad --out OUT [--backend cpu]
+//             [--checkpoint-group G]
 //
 // C is the fixtures' config.json, W the layer's state_dict (ttt-lm-pytorch names), IO holds
 // `x` [B, L, C]. OUT (written atomically) gets `y` [B, L, C] (F32 whatever --dtype) and the
@@ -10,6 +12,10 @@
 // [conv_states], offset). full = one call over the sequence, decode = one call per token,
 // prefill-decode = one call of N tokens (default: the config's prefill_len), then one per
 // token.
+//
+// grad: IO holds `x` and the upstream gradient `dy` [B, L, C]; OUT gets `y` (the whole-sequence
+// output), `grad.x` and `grad.<name>` = d sum(y * dy) / d(name) for every weight of the layer
+// (the weight file's names and shapes), all F32. CPU and f32 only for now.
 #include <chrono>
 #include <cstdio>
 #include <cxxopts.hpp>
@@ -34,7 +40,44 @@ using namespace ttt::layers;
 struct Options {
   std::string config, weights, io, mode, out, backend, dtype;
   int64_t prefill = -1;  // -1: from the config
+  int64_t checkpoint_group = 1;
 };
+
+// --mode grad on the host in float: y, grad.x, grad.<name>.
+void run_grad(const Options& o, const TttConfig& cfg) {
+  io::WeightSource ws(o.weights);
+  const auto params = TttParams<float, Cpu>::load(ws, "", cfg);
+  const auto st = io::SafeTensors::open(o.io);
+  const auto x = st.load<float>("x").contiguous();
+  if (x.rank() != 3 || x.size(2) != cfg.hidden_size || x.size(0) == 0 || x.size(1) == 0)
+    fail(o.io, ": tensor 'x' has shape ", x.shape().str(), ", expected a non-empty [B, L, ", cfg.hidden_size, "]");
+  if (!st.contains("dy")) fail(o.io, ": --mode grad needs the upstream gradient 'dy' [B, L, C] beside 'x'");
+  const auto dy = st.load<float>("dy").contiguous();
+  if (dy.shape() != x.shape())
+    fail(o.io, ": tensor 'dy' has shape ", dy.shape().str(), ", expected that of 'x' ", x.shape().str());
+  TttTrainOptions opt;
+  opt.checkpoint_group = o.checkpoint_group;
+  const auto t0 = std::chrono::steady_clock::now();
+  TttTape<float, Cpu> tape;
+  const auto y = ttt_forward_train(params, x, &tape, opt);
+  const auto t1 = std::chrono::steady_clock::now();
+  const auto g = ttt_backward(params, tape, dy);
+  const auto t2 = std::chrono::steady_clock::now();
+  auto ms = [](auto a, auto b) { return std::chrono::duration<double, std::milli>(b - a).count(); };
+
+  io::SafeTensorsWriter w;
+  w.add("y", y);
+  w.add("grad.x", g.x.contiguous());
+  for (const auto& [name, t] : g.params) w.add("grad." + name, t.contiguous());
+  w.add_metadata("mode", o.mode);
+  w.add_metadata("kind", cfg.kind_name());
+  w.write(o.out);
+  std::printf("ttt-layer: %s C=%lld heads=%lld K=%lld cpu f32, x [%lld, %lld, %lld], mode grad (checkpoint group "
+              "%lld, tape %.1f KiB): forward %.3f ms, backward %.3f ms -> %s\n",
+              cfg.kind_name(), (long long)cfg.hidden_size, (long long)cfg.num_heads, (long long)cfg.mini_batch_size,
+              (long long)x.size(0), (long long)x.size(1), (long long)cfg.hidden_size, (long long)o.checkpoint_group,
+              double(tape.saved_bytes()) / 1024.0, ms(t0, t1), ms(t1, t2), o.out.c_str());
+}
 
 std::vector<int64_t> call_lengths(const std::string& mode, int64_t L, int64_t prefill) {
   std::vector<int64_t> lens;
@@ -101,9 +144,11 @@ int main(int argc, char** argv) {
       ("config", "layer config.json (kind, hidden_size, num_heads, mini_batch_size, ...)", cxxopts::value<std::string>())
       ("weights", "layer weights (.safetensors, ttt-lm-pytorch names)", cxxopts::value<std::string>())
       ("io", "input .safetensors holding x [B, L, C]", cxxopts::value<std::string>())
-      ("mode", "full | decode | prefill-decode", cxxopts::value<std::string>()->default_value("full"))
+      ("mode", "full | decode | prefill-decode | grad", cxxopts::value<std::string>()->default_value("full"))
       ("prefill", "prefill length for prefill-decode (default: the config's prefill_len)", cxxopts::value<int64_t>())
-      ("out", "output .safetensors (y and the final state)", cxxopts::value<std::string>())
+      ("out", "output .safetensors (y and the final state; grad: y, grad.x, grad.<name>)", cxxopts::value<std::string>())
+      ("checkpoint-group", "grad: mini-batches between stored fast-weight states (memory / recompute)",
+       cxxopts::value<int64_t>()->default_value("1"))
       ("backend", "cpu | cuda", cxxopts::value<std::string>()->default_value("cpu"))
       ("dtype", "f32 | bf16 (projections; the inner loop is always f32)", cxxopts::value<std::string>()->default_value("f32"))
       ("h,help", "print this help");
@@ -121,8 +166,10 @@ int main(int argc, char** argv) {
     o.mode = r["mode"].as<std::string>();
     o.backend = r["backend"].as<std::string>();
     o.dtype = r["dtype"].as<std::string>();
-    if (o.mode != "full" && o.mode != "decode" && o.mode != "prefill-decode")
-      fail("--mode must be full, decode or prefill-decode, got '", o.mode, "'");
+    if (o.mode != "full" && o.mode != "decode" && o.mode != "prefill-decode" && o.mode != "grad")
+      fail("--mode must be full, decode, prefill-decode or grad, got '", o.mode, "'");
+    o.checkpoint_group = r["checkpoint-group"].as<int64_t>();
+    if (o.checkpoint_group < 1) fail("--checkpoint-group must be >= 1, got ", o.checkpoint_group);
     if (o.dtype != "f32" && o.dtype != "bf16") fail("--dtype must be f32 or bf16, got '", o.dtype, "'");
     if (o.backend != "cpu" && o.backend != "cuda") fail("--backend must be cpu or cuda, got '", o.backend, "'");
 #if TTT_WITH_CUDA
@@ -142,7 +189,11 @@ int main(int argc, char** argv) {
     } else if (r.count("prefill")) {
       fail("--prefill only applies to --mode prefill-decode");
     }
-    if (o.backend == "cuda") {
+    if (o.mode == "grad") {
+      if (o.backend != "cpu") fail("--mode grad: the backward runs on --backend cpu only (no CUDA backward yet)");
+      if (o.dtype != "f32") fail("--mode grad: only --dtype f32");
+      run_grad(o, cfg);
+    } else if (o.backend == "cuda") {
 #if TTT_WITH_CUDA
       if (o.dtype == "bf16") run<bf16, Cuda>(o, cfg, prefill);
       else run<float, Cuda>(o, cfg, prefill);

@@ -58,6 +58,38 @@ TTT_HD inline float apply(Unary op, float x, float alpha) {
   return x;
 }
 
+// d/dx apply(op, x, alpha), the exact derivative of each formula above (what autograd
+// computes; ops::unary_backward). elu: expm1(x) + 1 on the negative side.
+TTT_HD inline float apply_grad(Unary op, float x, float alpha) {
+  switch (op) {
+    case Unary::scale: return alpha;
+    case Unary::silu: {
+      const float s = sigmoid(x);
+      return s * (1.f + x * (1.f - s));
+    }
+    case Unary::gelu:
+      return 0.5f * (1.f + erff(x * 0.70710678118654752f)) + x * 0.39894228040143268f * expf(-0.5f * x * x);
+    case Unary::gelu_tanh: {
+      const float k = 0.79788456080286536f;  // sqrt(2 / pi)
+      const float t = tanhf(k * (x + 0.044715f * x * x * x));
+      return 0.5f * (1.f + t) + 0.5f * x * (1.f - t * t) * k * (1.f + 3.f * 0.044715f * x * x);
+    }
+    case Unary::tanh: {
+      const float t = tanhf(x);
+      return 1.f - t * t;
+    }
+    case Unary::sigmoid: {
+      const float s = sigmoid(x);
+      return s * (1.f - s);
+    }
+    case Unary::exp: return expf(x);
+    case Unary::relu: return x > 0.f ? 1.f : 0.f;
+    case Unary::identity: return 1.f;
+    case Unary::elu: return x > 0.f ? 1.f : expm1_nonpositive(x) + 1.f;
+  }
+  return 1.f;
+}
+
 TTT_HD inline float apply(Binary op, float a, float b) {
   switch (op) {
     case Binary::add: return a + b;

@@ -391,6 +391,46 @@ Tensor<T, B> layer_norm(const Tensor<T, B>& in, const Tensor<T, B>& weight, cons
   return out;
 }
 
+// ---- backward of row ops (training) ----------------------------------------------------
+
+// dx = dy * op'(x) elementwise (math::apply_grad: the exact derivative of unary's formula).
+// Shapes equal; any strides.
+template <class T, class B>
+void unary_backward(const Tensor<T, B>& dx, const Tensor<T, B>& x, const Tensor<T, B>& dy, Unary op,
+                    float alpha = 1.f) {
+  detail::check_same_shape("unary_backward", dx, x.shape());
+  TTT_CHECK(dy.shape() == x.shape(), "unary_backward: dy ", dy.shape().str(), " for x ", x.shape().str());
+  if (x.numel()) Kernels<B>::unary_backward(dx, x, dy, op, alpha);
+}
+template <class T, class B>
+Tensor<T, B> unary_backward(const Tensor<T, B>& x, const Tensor<T, B>& dy, Unary op, float alpha = 1.f) {
+  auto dx = Tensor<T, B>::empty(x.shape());
+  unary_backward(dx, x, dy, op, alpha);
+  return dx;
+}
+
+// Backward of layer_norm(x, weight, bias, eps) over the last dimension (n wide), given the
+// output gradient dy. Per row, with x̂ = (x - μ)/σ, σ = sqrt(var_biased + eps), u = dy ⊙ w:
+//   dx = (u - mean(u) - x̂ mean(u ⊙ x̂)) / σ
+// and over all rows dweight = Σ dy ⊙ x̂, dbias = Σ dy (overwritten; either may be undefined:
+// not computed). weight undefined means w = 1. Statistics recomputed from x in double, sums
+// over rows in double.
+template <class T, class B>
+void layer_norm_backward(const Tensor<T, B>& dx, const Tensor<T, B>& dweight, const Tensor<T, B>& dbias,
+                         const Tensor<T, B>& x, const Tensor<T, B>& weight, const Tensor<T, B>& dy, float eps) {
+  detail::check_rows("layer_norm_backward", x);
+  detail::check_same_shape("layer_norm_backward", dx, x.shape());
+  TTT_CHECK(dy.shape() == x.shape(), "layer_norm_backward: dy ", dy.shape().str(), " for x ", x.shape().str());
+  detail::check_unit_last("layer_norm_backward", dx);
+  const int64_t n = x.size(-1);
+  for (const Tensor<T, B>* t : {&weight, &dweight, &dbias})
+    TTT_CHECK(!t->defined() || (t->numel() == n && t->is_contiguous()), "layer_norm_backward: weight-shaped tensor ",
+              t->shape().str(), " does not match width ", n);
+  if (dweight.defined()) fill(dweight, 0.0);
+  if (dbias.defined()) fill(dbias, 0.0);
+  if (x.numel()) Kernels<B>::layer_norm_backward(dx, dweight, dbias, x, weight, dy, eps);
+}
+
 // RMSNorm as moshi writes it: y = x * (alpha * rsqrt(eps + mean(x^2))), fp32 statistics.
 template <class T, class B>
 void rms_norm(const Tensor<T, B>& out, const Tensor<T, B>& in, const Tensor<T, B>& alpha, float eps) {

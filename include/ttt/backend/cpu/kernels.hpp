@@ -337,6 +337,60 @@ struct Kernels<Cpu> {
   }
 
   template <class T>
+  static void unary_backward(const Tensor<T, Cpu>& dx, const Tensor<T, Cpu>& x, const Tensor<T, Cpu>& dy, Unary op,
+                             float alpha) {
+    T* o = dx.data();
+    const T* px = x.data();
+    const T* pd = dy.data();
+    cpu::for_each_row<3>(dx.shape(), {dx.strides(), x.strides(), dy.strides()}, [&](auto off, auto inner, int64_t n) {
+      for (int64_t j = 0; j < n; ++j)
+        o[off[0] + j * inner[0]] = from_f32<T>(to_f32(pd[off[2] + j * inner[2]]) *
+                                               math::apply_grad(op, to_f32(px[off[1] + j * inner[1]]), alpha));
+    });
+  }
+
+  // See ops::layer_norm_backward. dweight / dbias arrive zeroed.
+  template <class T>
+  static void layer_norm_backward(const Tensor<T, Cpu>& dx, const Tensor<T, Cpu>& dweight, const Tensor<T, Cpu>& dbias,
+                                  const Tensor<T, Cpu>& x, const Tensor<T, Cpu>& weight, const Tensor<T, Cpu>& dy,
+                                  float eps) {
+    const int64_t rows = cpu::num_rows(x.shape()), n = x.size(-1), sx = x.stride(-1), sd = dy.stride(-1);
+    std::vector<double> xh(static_cast<size_t>(n)), u(static_cast<size_t>(n));
+    std::vector<double> dw(dweight.defined() ? size_t(n) : 0), db(dbias.defined() ? size_t(n) : 0);
+    for (int64_t r = 0; r < rows; ++r) {
+      const T* px = x.data() + cpu::row_offset(x.shape(), x.strides(), r);
+      const T* pd = dy.data() + cpu::row_offset(dy.shape(), dy.strides(), r);
+      T* o = dx.data() + cpu::row_offset(dx.shape(), dx.strides(), r);
+      double mu = 0;
+      for (int64_t j = 0; j < n; ++j) mu += to_f32(px[j * sx]);
+      mu /= double(n);
+      double var = 0;
+      for (int64_t j = 0; j < n; ++j) {
+        const double d = to_f32(px[j * sx]) - mu;
+        var += d * d;
+      }
+      const double rstd = 1.0 / std::sqrt(var / double(n) + double(eps));
+      double su = 0, sux = 0;
+      for (int64_t j = 0; j < n; ++j) {
+        const double g = to_f32(pd[j * sd]);
+        const double xj = (to_f32(px[j * sx]) - mu) * rstd;
+        const double uj = weight.defined() ? g * to_f32(weight.data()[j]) : g;
+        xh[size_t(j)] = xj;
+        u[size_t(j)] = uj;
+        su += uj;
+        sux += uj * xj;
+        if (!dw.empty()) dw[size_t(j)] += g * xj;
+        if (!db.empty()) db[size_t(j)] += g;
+      }
+      su /= double(n);
+      sux /= double(n);
+      for (int64_t j = 0; j < n; ++j) o[j] = from_f32<T>(float((u[size_t(j)] - su - xh[size_t(j)] * sux) * rstd));
+    }
+    for (size_t j = 0; j < dw.size(); ++j) dweight.data()[j] = from_f32<T>(float(dw[j]));
+    for (size_t j = 0; j < db.size(); ++j) dbias.data()[j] = from_f32<T>(float(db[j]));
+  }
+
+  template <class T>
   static void rms_norm(const Tensor<T, Cpu>& out, const Tensor<T, Cpu>& in, const Tensor<T, Cpu>& alpha, float eps) {
     const int64_t rows = cpu::num_rows(in.shape()), n = in.size(-1), s = in.stride(-1);
     for (int64_t r = 0; r < rows; ++r) {
