@@ -98,4 +98,24 @@ Errors run_case(const Case& c) {
   return e;
 }
 
+// Both fixture cases in fp32 on backend B: codes identical, latent and audio within 1e-5 of the
+// largest reference value, whole-sequence and one frame per call; a line per case.
+template <class B>
+void check_fixtures(const char* tag) {
+  for (const char* name : {"mimi_tiny", "mimi_real_strides"}) {
+    const Case c(name);
+    const auto e = run_case<float, B>(c);
+    std::printf("[mimi %s f32] %-18s codes %lld/%lld wrong, stream codes %lld wrong, latent %.2e, decoded %.2e, "
+                "decoded_stream %.2e\n",
+                tag, name, (long long)e.codes, (long long)c.codes.numel(), (long long)e.codes_stream, e.latent,
+                e.decoded, e.decoded_stream);
+    INFO(name);
+    CHECK(e.codes == 0);
+    CHECK(e.codes_stream == 0);
+    CHECK(e.latent <= 1e-5);
+    CHECK(e.decoded <= 1e-5);
+    CHECK(e.decoded_stream <= 1e-5);
+  }
+}
+
 }  // namespace mimi_test

@@ -16,20 +16,7 @@ using namespace ttt;
 using mimi_test::Case;
 
 TEST_CASE("Mimi reproduces Kyutai's float64 reference on the CPU", "[mimi]") {
-  for (const char* name : {"mimi_tiny", "mimi_real_strides"}) {
-    const Case c(name);
-    const auto e = mimi_test::run_case<float, Cpu>(c);
-    std::printf("[mimi cpu f32] %-18s codes %lld/%lld wrong, stream codes %lld wrong, latent %.2e, decoded %.2e, "
-                "decoded_stream %.2e\n",
-                name, (long long)e.codes, (long long)c.codes.numel(), (long long)e.codes_stream, e.latent, e.decoded,
-                e.decoded_stream);
-    INFO(name);
-    CHECK(e.codes == 0);
-    CHECK(e.codes_stream == 0);
-    CHECK(e.latent <= 1e-5);
-    CHECK(e.decoded <= 1e-5);
-    CHECK(e.decoded_stream <= 1e-5);
-  }
+  mimi_test::check_fixtures<Cpu>("cpu");
 }
 
 TEST_CASE("the tiny case's streaming and whole-sequence paths differ, as in Kyutai's code", "[mimi]") {
