@@ -350,6 +350,13 @@ TEST_CASE("broken inputs: one clear error naming the file", "[audio][errors]") {
          sf_write_raw(p, SF_FORMAT_WAV | SF_FORMAT_FLOAT, 24000, 2, x);
        },
        "sample 50 (0.00208333 s, channel 1) is infinite"},
+      {"float samples far past full scale (random bytes read as floats)", "huge.wav",
+       [&](const std::string& p) {
+         auto x = sig.sample(24000, 2400);
+         x[700] = 3e30f;
+         sf_write_raw(p, SF_FORMAT_WAV | SF_FORMAT_FLOAT, 24000, 1, x);
+       },
+       "samples reach 3e+30, 1000 times full scale or more"},
   };
   for (auto& c : cases) {
     INFO(c.what);

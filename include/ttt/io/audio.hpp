@@ -32,6 +32,8 @@ namespace ttt::io {
 // audio up to 768 kHz; anything outside is a broken header, not a recording.
 inline constexpr int64_t kMinAudioRate = 1000;
 inline constexpr int64_t kMaxAudioRate = 768000;
+// Largest sample magnitude read_audio accepts (60 dB over full scale).
+inline constexpr float kMaxAudioPeak = 1000.f;
 // Mimi's rate; read_audio's default target.
 inline constexpr int64_t kMimiRate = 24000;
 // read_audio(path, kKeepRate): no resampling, the clip keeps the file's rate.
@@ -330,6 +332,10 @@ inline AudioClip decode_mono(SoundFile& f, double max_seconds) {
   if (channels > 1) clip.notes.push_back(str("downmixed ", channels, " channels to mono (mean)"));
   float peak = 0.f;
   for (float v : clip.pcm) peak = std::max(peak, std::fabs(v));
+  // Float files may go past full scale (±1), a little; 60 dB past it is not a recording but
+  // random bytes read as floats, and its magnitudes overflow what a resampler or codec computes.
+  TTT_CHECK(peak <= kMaxAudioPeak, name, ": samples reach ", peak, ", ", kMaxAudioPeak,
+            " times full scale or more (full scale is 1): not a recording, the file is corrupt");
   if (peak > 1.f) clip.notes.push_back(str("peak ", peak, " exceeds full scale (kept as is)"));
   return clip;
 }
