@@ -34,6 +34,12 @@
 #define TTT_WITH_AUDIO 0
 #endif
 
+// Set by the ttt::opus CMake target: libopus and libogg are linked, so the Ogg Opus stream
+// writer and reader (ttt/io/opus_stream.hpp) can be used.
+#ifndef TTT_WITH_OPUS
+#define TTT_WITH_OPUS 0
+#endif
+
 namespace ttt {
 inline constexpr int kMaxRank = 4;
 }  // namespace ttt

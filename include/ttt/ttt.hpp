@@ -2,7 +2,7 @@
 // Umbrella header, CPU backend: the tensor core (ttt/core.hpp), I/O, the nn building blocks
 // and the generic streaming transformer, the TTT layers, and the Moshi engine with its
 // TTT designs. Audio files (io/audio.hpp) come too when the program links ttt::audio
-// (TTT_WITH_AUDIO). For the CUDA backend also include ttt/cuda.hpp (declarations, any
+// (TTT_WITH_AUDIO), Ogg Opus streams (io/opus_stream.hpp) when it links ttt::opus (TTT_WITH_OPUS). For the CUDA backend also include ttt/cuda.hpp (declarations, any
 // compiler) and compile ttt/cuda.cuh in one nvcc translation unit (definitions).
 #include "ttt/core.hpp"
 #include "ttt/io/json.hpp"
@@ -10,6 +10,9 @@
 #include "ttt/io/weight_source.hpp"
 #if TTT_WITH_AUDIO
 #include "ttt/io/audio.hpp"
+#endif
+#if TTT_WITH_OPUS
+#include "ttt/io/opus_stream.hpp"
 #endif
 #include "ttt/nn/embedding.hpp"
 #include "ttt/nn/layer.hpp"

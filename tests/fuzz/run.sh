@@ -3,8 +3,9 @@
 # (default 60) from its seed corpus of real files. Prints the executions of each run.
 #   tests/fuzz/run.sh [SECONDS] [TARGET...]
 # Needs: clang, libclang-rt-dev (Debian: clang libclang-rt-14-dev), Eigen, nlohmann-json;
-# fuzz_audio also libsndfile and libsoxr (libsndfile1-dev libsoxr-dev), and is left out of
-# the default list, with a message, where pkg-config does not find them.
+# fuzz_audio also libsndfile and libsoxr (libsndfile1-dev libsoxr-dev), fuzz_opus libopus and
+# libogg (libopus-dev libogg-dev); each is left out of the default list, with a message, where
+# pkg-config does not find them.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/../.." && pwd)
@@ -18,6 +19,11 @@ if [ ${#targets[@]} -eq 0 ]; then
   else
     echo "skipping fuzz_audio: libsndfile/libsoxr not found by pkg-config (tools/install-deps.sh)"
   fi
+  if pkg-config --exists opus ogg 2>/dev/null; then
+    targets+=(opus)
+  else
+    echo "skipping fuzz_opus: libopus/libogg not found by pkg-config (tools/install-deps.sh)"
+  fi
 fi
 cxx=${CLANGXX:-clang++}
 out=${FUZZ_OUT:-$root/build-fuzz}
@@ -30,6 +36,7 @@ for t in "${targets[@]}"; do
     echo "building fuzz_$t"
     extra=()
     [ "$t" = audio ] && read -r -a extra <<<"$(pkg-config --cflags --libs sndfile soxr)"
+    [ "$t" = opus ] && read -r -a extra <<<"$(pkg-config --cflags --libs opus ogg)"
     "$cxx" "${flags[@]}" "$here/fuzz_$t.cpp" -o "$out/fuzz_$t" "${extra[@]}"
   fi
 done
