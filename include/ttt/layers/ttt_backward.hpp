@@ -160,14 +160,7 @@ Tensor<T, B> ttt_forward_train(const TttParams<T, B>& p, const Tensor<T, B>& x_i
 
   Tensor<T, B> proj = ops::linear(x, p.qkvl_proj);  // [B, L, 3C + nh]
   if (p.qkvl_bias.defined()) ops::add_(proj, p.qkvl_bias);
-  TttInnerArgs<B> a;
-  a.kind = c.kind;
-  a.mini_batch_size = K;
-  a.eps = c.ttt_norm_eps;
-  a.operands = std::is_same_v<T, float> ? TttOperands::fp32 : TttOperands::bf16;
-  a.tau = p.tau;
-  a.ln_weight = p.ttt_norm_weight;
-  a.ln_bias = p.ttt_norm_bias;
+  TttInnerArgs<B> a = inner_args(p);
   a.phase = Tensor<int32_t, B>::empty({Bn});
   a.commit = Tensor<uint8_t, B>::empty({Bn});
   TttPrologue<T, B> pr;

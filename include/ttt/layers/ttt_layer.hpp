@@ -317,6 +317,22 @@ struct TttState {
   }
 };
 
+// The inner loop's arguments that come from the parameters alone (the forward and the training
+// forward add the per-call tensors).
+template <class T, class B>
+TttInnerArgs<B> inner_args(const TttParams<T, B>& p) {
+  TttInnerArgs<B> a;
+  a.kind = p.config.kind;
+  a.mini_batch_size = p.config.mini_batch_size;
+  a.eps = p.config.ttt_norm_eps;
+  // The bf16 (f16) layer lets the inner loop's products run on bf16 operands.
+  a.operands = std::is_same_v<T, float> ? TttOperands::fp32 : TttOperands::bf16;
+  a.tau = p.tau;
+  a.ln_weight = p.ttt_norm_weight;
+  a.ln_bias = p.ttt_norm_bias;
+  return a;
+}
+
 // The layer on x [B, L, C] (the block's normalised input), continuing each item's stream
 // from `state`, with every step-dependent value made on the backend from `positions` [B, L]
 // (each token's position in its stream since reset: the state's offset + t) and `exec`
@@ -350,15 +366,7 @@ Tensor<T, B> ttt_forward_at(const TttParams<T, B>& p, TttState<B>& s, const Tens
   if (L == 0) return Tensor<T, B>::empty({Bn, 0, C});
   const Tensor<T, B> x = x_in.contiguous();
 
-  TttInnerArgs<B> a;
-  a.kind = c.kind;
-  a.mini_batch_size = K;
-  a.eps = c.ttt_norm_eps;
-  // The bf16 (f16) layer lets the inner loop's products run on bf16 operands.
-  a.operands = std::is_same_v<T, float> ? TttOperands::fp32 : TttOperands::bf16;
-  a.tau = p.tau;
-  a.ln_weight = p.ttt_norm_weight;
-  a.ln_bias = p.ttt_norm_bias;
+  TttInnerArgs<B> a = inner_args(p);
   // The per-item flags [B] of a call that is not one kernel (see `done` below).
   auto make_flags = [&] {
     a.phase = Tensor<int32_t, B>::empty({Bn});
