@@ -7,7 +7,8 @@
 set -euo pipefail
 
 pkgs=(cmake g++ make pkg-config libeigen3-dev catch2 libcxxopts-dev nlohmann-json3-dev
-      libbenchmark-dev libsentencepiece-dev libsndfile1-dev libsoxr-dev libopus-dev libogg-dev)
+      libbenchmark-dev libsentencepiece-dev libsndfile1-dev libsoxr-dev libopus-dev libogg-dev
+      python3 python3-venv)
 # Extra groups: "sanitize" (clang's runtimes for the fuzzers and sanitizer suite),
 # "audio-tools" (espeak-ng and sox, to regenerate examples/audio/: tools/make_example_audio.sh).
 for group in "$@"; do
@@ -22,7 +23,9 @@ missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
 done
-[ ${#missing[@]} -eq 0 ] && exit 0
+# The Python packages of the tests (a virtual environment; idempotent too).
+py_env() { "$(dirname "$0")/python_env.sh"; }
+[ ${#missing[@]} -eq 0 ] && { py_env; exit 0; }
 
 SUDO=""
 if [ "$(id -u)" != 0 ]; then
@@ -33,3 +36,4 @@ echo "install-deps: installing ${missing[*]}" >&2
 export DEBIAN_FRONTEND=noninteractive
 $SUDO apt-get update -qq
 $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+py_env

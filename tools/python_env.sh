@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# The Python side of the tests (a real WebSocket client on Kyutai's sphn, the PyTorch
+# extension): a virtual environment that sees the distribution's packages (Debian's
+# python3-torch) plus what tools/requirements.txt pins from PyPI. Idempotent: it does nothing
+# when the requirements have not changed since the last run. Offline, it warns and exits 0: the
+# tests that need a missing module then report "skipped" and say why.
+#   tools/python_env.sh          -> prints nothing, or what it installed
+#   TTT_VENV=DIR                 -> where the environment lives (default ~/.cache/ttt/venv)
+# CMake picks the environment's python (TTT_PYTHON) when it exists.
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+venv=${TTT_VENV:-$HOME/.cache/ttt/venv}
+req=$root/tools/requirements.txt
+[ -f "$req" ] || exit 0
+if [ ! -x "$venv/bin/python" ]; then
+  mkdir -p "$(dirname "$venv")"
+  if ! python3 -m venv --system-site-packages "$venv" >/dev/null 2>&1; then
+    echo "python_env: could not create $venv (python3-venv missing?); Python tests will skip" >&2
+    rm -rf "$venv"
+    exit 0
+  fi
+fi
+stamp=$venv/.ttt-requirements
+if [ -f "$stamp" ] && cmp -s "$stamp" "$req"; then exit 0; fi
+echo "python_env: installing $(grep -cv '^\s*\(#\|$\)' "$req") packages from tools/requirements.txt into $venv" >&2
+if "$venv/bin/python" -m pip install -q --disable-pip-version-check -r "$req" >&2; then
+  cp "$req" "$stamp"
+else
+  echo "python_env: pip install failed (offline?); the Python tests that need these packages will skip" >&2
+fi
