@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The include layering of the library (docs/architecture.md): each folder includes only the
-# folders below it, core -> backend -> io -> nn -> layers -> moshi / mimi (moshi and mimi are
+# folders below it, core -> backend -> io -> nn -> layers -> moshi / mimi -> serve (moshi and mimi are
 # siblings and do not include each other). The umbrella headers at the top (ttt.hpp, core.hpp,
 # cuda.hpp, cuda.cuh, config.hpp) may include anything. Prints every violation; exits 1 if any.
 set -euo pipefail
@@ -8,7 +8,7 @@ root=$(cd "$(dirname "$0")/.." && pwd)/include/ttt
 rank() {
   case "$1" in
     config.hpp) echo 0 ;; core) echo 1 ;; backend) echo 2 ;; io) echo 3 ;; nn) echo 4 ;; layers) echo 5 ;;
-    moshi|mimi) echo 6 ;; *) echo 99 ;;
+    moshi|mimi) echo 6 ;; serve) echo 7 ;; *) echo 99 ;;
   esac
 }
 bad=0 checked=0
