@@ -1,0 +1,37 @@
+// CUDA kernels of the torch ops (ttt_ops.cpp declares them): the same code as the CPU's
+// over our Cuda backend, instantiated in this one nvcc translation unit with the backend's
+// definitions (ttt/cuda.cuh). The op runs on our backend's stream: it waits for torch's
+// current stream before reading its tensors, and torch's stream waits for ours after.
+#include "ttt_torch.hpp"
+
+#include <ATen/cuda/CUDAContext.h>
+
+#include "ttt/cuda.cuh"
+#include "ttt/layers/cuda/ttt_backward_kernels.hpp"
+
+namespace {
+// Everything queued on torch's current stream before the op finishes before our work, and
+// torch's stream waits for our work after it (our backend synchronises its own stream when
+// it hands results back through from_blob otherwise).
+struct StreamFence {
+  StreamFence() { C10_CUDA_CHECK(cudaStreamSynchronize(at::cuda::getCurrentCUDAStream())); }
+  ~StreamFence() { cudaDeviceSynchronize(); }
+};
+
+torch::Tensor forward_cuda(const torch::Tensor& x, std::vector<torch::Tensor> params, std::vector<std::string> names,
+                           std::string config) {
+  StreamFence fence;
+  return ttt_torch::forward<ttt::Cuda>(x, params, names, config);
+}
+std::vector<torch::Tensor> backward_cuda(const torch::Tensor& x, std::vector<torch::Tensor> params,
+                                         std::vector<std::string> names, std::string config, const torch::Tensor& dy,
+                                         int64_t checkpoint_group) {
+  StreamFence fence;
+  return ttt_torch::backward<ttt::Cuda>(x, params, names, config, dy, checkpoint_group);
+}
+}  // namespace
+
+TORCH_LIBRARY_IMPL(ttt, CUDA, m) {
+  m.impl("layer_forward", &forward_cuda);
+  m.impl("layer_backward", &backward_cuda);
+}

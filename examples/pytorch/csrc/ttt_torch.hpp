@@ -1,0 +1,132 @@
+#pragma once
+// The torch side of the TTT layer ops, generic over our backend: torch tensors in, the
+// layer's forward (y) or its backward (d x and d every parameter) out, through
+// ttt::layers::ttt_forward_train / ttt_backward. ttt_ops.cpp instantiates it for Cpu,
+// ttt_ops_cuda.cu for Cuda.
+//
+// Parameters travel as two parallel lists (names, tensors) under ttt-lm-pytorch's names
+// ("q_proj.weight", "W1", ...) in the shapes its module stores them; they go into an
+// in-memory io::WeightSource, and TttParams::load reads them exactly as it reads a
+// checkpoint (shape checks, the fused q|k|v|lr weight), so the op and `ttt-layer` agree.
+//
+// The backward does not keep the forward's tape between the two ops (a torch op returns
+// tensors, not a C++ tape): it re-runs ttt_forward_train (checkpointing at the op level:
+// one more forward per step, no tape held between forward and backward).
+#include <torch/extension.h>
+
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "ttt/io/json.hpp"
+#include "ttt/io/weight_source.hpp"
+#include "ttt/layers/ttt_backward.hpp"
+#include "ttt/layers/ttt_layer.hpp"
+
+namespace ttt_torch {
+
+inline ttt::layers::TttConfig parse_config(const std::string& json) {
+  ttt::io::Json j;
+  try {
+    j = ttt::io::Json::parse(json);
+  } catch (const ttt::io::Json::exception& e) {
+    TORCH_CHECK(false, "ttt: config is not valid JSON (", e.what(), ")");
+  }
+  return ttt::layers::TttConfig::from_json(ttt::io::JsonView(j, "ttt op config"));
+}
+
+inline ttt::Shape shape_of(const torch::Tensor& t) {
+  TORCH_CHECK(t.dim() <= ttt::kMaxRank, "ttt: tensor rank ", t.dim(), " exceeds ", ttt::kMaxRank);
+  ttt::Shape s = ttt::Shape::of_rank(int(t.dim()));
+  for (int i = 0; i < int(t.dim()); ++i) s.d[i] = t.size(i);
+  return s;
+}
+
+// A contiguous float32 copy of `t` (or `t` itself) on `device`, named for errors.
+inline torch::Tensor as_f32(const torch::Tensor& t, const torch::Device& device, const std::string& name) {
+  TORCH_CHECK(t.defined(), "ttt: tensor '", name, "' is undefined");
+  TORCH_CHECK(t.device() == device, "ttt: tensor '", name, "' is on ", t.device(), ", x is on ", device);
+  TORCH_CHECK(t.is_floating_point(), "ttt: tensor '", name, "' must be floating point, got ", t.scalar_type());
+  return t.to(torch::kFloat32).contiguous();
+}
+
+// Our tensor viewing a torch tensor's memory; `keep` holds the torch storage alive.
+template <class B>
+ttt::Tensor<float, B> view_of(const torch::Tensor& t) {
+  auto keep = std::make_shared<torch::Tensor>(t);
+  return ttt::Tensor<float, B>::borrow(t.data_ptr<float>(), shape_of(t), std::shared_ptr<void>(keep, keep.get()));
+}
+
+template <class B>
+torch::Tensor to_torch(const ttt::Tensor<float, B>& t, const torch::TensorOptions& opt) {
+  const ttt::Tensor<float, B> c = t.contiguous();
+  std::vector<int64_t> sizes(c.shape().d, c.shape().d + c.rank());
+  // Hold our storage in the torch tensor's deleter: no copy.
+  auto* hold = new ttt::Tensor<float, B>(c);
+  return torch::from_blob(
+      c.data(), sizes, [hold](void*) { delete hold; }, opt.dtype(torch::kFloat32));
+}
+
+template <class B>
+ttt::layers::TttParams<float, B> load_params(const std::vector<std::string>& names,
+                                             const std::vector<torch::Tensor>& params,
+                                             const ttt::layers::TttConfig& cfg) {
+  TORCH_CHECK(names.size() == params.size(), "ttt: ", names.size(), " names for ", params.size(), " parameters");
+  ttt::io::WeightSource ws;
+  for (size_t i = 0; i < names.size(); ++i) {
+    // The source holds CPU tensors; TttParams::load uploads them to B.
+    torch::Tensor h = params[i].detach().to(torch::kCPU, torch::kFloat32).contiguous();
+    ws.put(names[i], ttt::Tensor<float, ttt::Cpu>::from_host(shape_of(h), h.data_ptr<float>()));
+  }
+  return ttt::layers::TttParams<float, B>::load(ws, "", cfg);
+}
+
+inline void check_x(const torch::Tensor& x, const ttt::layers::TttConfig& cfg, const char* what) {
+  TORCH_CHECK(x.dim() == 3 && x.size(2) == cfg.hidden_size && x.size(0) > 0 && x.size(1) > 0, "ttt: ", what,
+              " must be a non-empty [B, L, ", cfg.hidden_size, "], got ", x.sizes());
+}
+
+// The layer's output for x [B, L, C].
+template <class B>
+torch::Tensor forward(const torch::Tensor& x_in, const std::vector<torch::Tensor>& params,
+                      const std::vector<std::string>& names, const std::string& config) {
+  const auto cfg = parse_config(config);
+  check_x(x_in, cfg, "x");
+  const torch::Tensor x = as_f32(x_in, x_in.device(), "x");
+  try {
+    auto p = load_params<B>(names, params, cfg);
+    auto y = ttt::layers::ttt_forward_train<float, B>(p, view_of<B>(x), nullptr);
+    return to_torch(y, x.options()).to(x_in.scalar_type());
+  } catch (const ttt::Error& e) {
+    TORCH_CHECK(false, e.what());
+  }
+}
+
+// [d x, d params[0], d params[1], ...] for the upstream gradient dy [B, L, C].
+template <class B>
+std::vector<torch::Tensor> backward(const torch::Tensor& x_in, const std::vector<torch::Tensor>& params,
+                                    const std::vector<std::string>& names, const std::string& config,
+                                    const torch::Tensor& dy_in, int64_t checkpoint_group) {
+  const auto cfg = parse_config(config);
+  check_x(x_in, cfg, "x");
+  check_x(dy_in, cfg, "dy");
+  TORCH_CHECK(dy_in.sizes() == x_in.sizes(), "ttt: dy ", dy_in.sizes(), " differs from x ", x_in.sizes());
+  const torch::Tensor x = as_f32(x_in, x_in.device(), "x"), dy = as_f32(dy_in, x_in.device(), "dy");
+  try {
+    auto p = load_params<B>(names, params, cfg);
+    ttt::layers::TttTape<float, B> tape;
+    ttt::layers::ttt_forward_train(p, view_of<B>(x), &tape, {checkpoint_group});
+    const ttt::layers::TttGrads<B> g = ttt::layers::ttt_backward(p, tape, view_of<B>(dy));
+    std::vector<torch::Tensor> out;
+    out.push_back(to_torch(g.x, x.options()).to(x_in.scalar_type()));
+    for (size_t i = 0; i < names.size(); ++i) {
+      TORCH_CHECK(g.contains(names[i]), "ttt: the backward has no gradient for '", names[i], "'");
+      out.push_back(to_torch(g[names[i]], x.options()).reshape(params[i].sizes()).to(params[i].scalar_type()));
+    }
+    return out;
+  } catch (const ttt::Error& e) {
+    TORCH_CHECK(false, e.what());
+  }
+}
+
+}  // namespace ttt_torch
