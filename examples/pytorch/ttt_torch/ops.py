@@ -13,6 +13,7 @@ class TttLayerFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, config, names, checkpoint_group, *params):
+        _ext.load()
         ctx.config, ctx.names, ctx.checkpoint_group = config, names, checkpoint_group
         ctx.save_for_backward(x, *params)
         return torch.ops.ttt.layer_forward(x, list(params), list(names), config)
