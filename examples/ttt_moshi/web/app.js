@@ -18,8 +18,8 @@
 
   // Everything the page counts, also read by the headless test (window.tttStats and the DOM).
   const stats = {
-    state: 'idle', sessionId: null, sentSeconds: 0, sentPages: 0, replySamples: 0, replyRate: 0,
-    replyPackets: 0, textChars: 0, textMessages: 0, errors: 0, lastError: null,
+    state: 'idle', sessionId: null, resumed: false, frame: 0, sentSeconds: 0, sentPages: 0, replySamples: 0, replyRate: 0,
+    replyPackets: 0, replyPeak: 0, textChars: 0, textMessages: 0, errors: 0, lastError: null,
   };
   window.tttStats = stats;
 
@@ -53,6 +53,7 @@
     document.body.dataset.state = stats.state;
     $('state').textContent = stats.state;
     $('session-id').textContent = stats.sessionId || '\u2013';
+    $('session-note').textContent = stats.sessionId && stats.resumed ? `resumed at frame ${stats.frame}` : '';
     $('sent-seconds').textContent = stats.sentSeconds.toFixed(2);
     $('sent-pages').textContent = stats.sentPages;
     $('reply-samples').textContent = stats.replySamples;
@@ -117,9 +118,9 @@
       encoder: null, decoder: null, oggOut: null, granuleOut: 0, oggIn: null, preSkipLeft: null,
       granuleIn: 0, playAt: 0, handshake: false, closing: false,
     };
-    stats.sessionId = null;
-    Object.assign(stats, { sentSeconds: 0, sentPages: 0, replySamples: 0, replyRate: 0, replyPackets: 0,
-                           textChars: 0, textMessages: 0 });
+    Object.assign(stats, { sessionId: null, resumed: false, frame: 0, sentSeconds: 0, sentPages: 0,
+                           replySamples: 0, replyRate: 0, replyPackets: 0, replyPeak: 0, textChars: 0,
+                           textMessages: 0 });
     $('transcript').textContent = '';
     setState('connecting');
     try {
@@ -190,7 +191,11 @@
       }
       case KIND.METADATA: {
         const meta = JSON.parse(new TextDecoder().decode(payload));
+        // The server's conversation: its id (to resume later), whether this is a resume, and
+        // its position in frames (80 ms each).
         if (meta && typeof meta.session_id === 'string') stats.sessionId = meta.session_id;
+        if (meta && typeof meta.resumed === 'boolean') stats.resumed = meta.resumed;
+        if (meta && Number.isInteger(meta.frame)) stats.frame = meta.frame;
         render();
         break;
       }
@@ -313,6 +318,7 @@
     stats.replyRate = rate;
     if (pcm.length === 0) { render(); return; }
     stats.replySamples += pcm.length;
+    for (const v of pcm) stats.replyPeak = Math.max(stats.replyPeak, Math.abs(v));
     $('reply-level').value = Math.min(1, 4 * rms(pcm));
     const buf = c.ctx.createBuffer(1, pcm.length, rate);
     buf.copyToChannel(pcm, 0);
