@@ -8,14 +8,17 @@ set -euo pipefail
 
 pkgs=(cmake g++ make pkg-config libeigen3-dev catch2 libcxxopts-dev nlohmann-json3-dev
       libbenchmark-dev libsentencepiece-dev libsndfile1-dev libsoxr-dev libopus-dev libogg-dev
-      python3 python3-venv)
+      python3 python3-venv haproxy)
 # Extra groups: "sanitize" (clang's runtimes for the fuzzers and sanitizer suite),
-# "audio-tools" (espeak-ng and sox, to regenerate examples/audio/: tools/make_example_audio.sh).
+# "audio-tools" (espeak-ng and sox, to regenerate examples/audio/: tools/make_example_audio.sh),
+# "browser" (Debian's chromium, ~350 MB, for tests/serve/test_web.py; on Ubuntu the package is a
+# snap stub, use Google's Chrome there). haproxy (above) is for tests/serve/test_failover.py.
 for group in "$@"; do
   case "$group" in
     sanitize) pkgs+=(clang libclang-rt-14-dev) ;;
     audio-tools) pkgs+=(espeak-ng sox) ;;
-    *) echo "install-deps: unknown group '$group' (known: sanitize, audio-tools)" >&2; exit 2 ;;
+    browser) pkgs+=(chromium) ;;
+    *) echo "install-deps: unknown group '$group' (known: sanitize, audio-tools, browser)" >&2; exit 2 ;;
   esac
 done
 
