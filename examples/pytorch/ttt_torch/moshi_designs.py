@@ -5,12 +5,13 @@
   replace          transformer.layers.{i}.ttt.*, .ttt_gate.alpha [D]
   after_attention  transformer.layers.{i}.ttt.*, .ttt_gate.alpha [D], .ttt_norm_in.* (the model's norm)
   inplace_ffn      transformer.layers.{i}.gating.ttt_conv.weight [D, 1, k], .gating.ttt_proj.weight [D, D]
-  kv_memory        not implemented here yet (build_lm refuses it, naming the layer)
+  kv_memory        transformer.layers.{i}.self_attn.memory.* (the TTT module), .memory.to_k.weight,
+                   .memory.to_v.weight [D, D], .memory.virtual_bias [H]
 
 build_lm(config) reads the engine's config.json (moshi's keys plus the "ttt" list, parsed with the
 engine's defaults), makes moshi's LMModel and turns the listed temporal layers into their design in
 place: the design's modules are added to moshi's StreamingTransformerLayer and its class is switched
-to a subclass that overrides the attention (A, B) or feed-forward (C) block. The rest is moshi's
+to a subclass that overrides the attention (A, B, D) or feed-forward (C) block. The rest is moshi's
 code. The TTT modules run our C++ kernels (ttt_torch.TTTLayer) with gradients.
 
 Scope: teacher-forced forward (training, LMModel.forward on whole sequences from frame 0). Moshi's
@@ -76,8 +77,28 @@ def _no_streaming(layer, design):
                            "frame 0) in PyTorch; stream with `ttt-moshi generate` (the C++ engine)")
 
 
+class TTTMemory(TTTLayer):
+    """D's memory: the TTT module (its names at self_attn.memory.*) plus to_k, to_v [D, D] and
+    virtual_bias [H], which the TTT op does not read."""
+
+    def __init__(self, dim, model_heads, e):
+        kind = e.get("kind", "linear")
+        super().__init__(dim, e.get("num_heads", model_heads), kind=kind, mini_batch_size=e.get("mini_batch_size", 16),
+                         ttt_base_lr=e.get("base_lr"), mlp_expansion=e.get("mlp_expansion", 4),
+                         use_gate=e.get("use_gate", False), rope_theta=e.get("rope_theta", 10000.0))
+        self.to_k = nn.Linear(dim, dim, bias=False)
+        self.to_v = nn.Linear(dim, dim, bias=False)
+        nn.init.normal_(self.to_k.weight, 0.0, 0.02)
+        nn.init.normal_(self.to_v.weight, 0.0, 0.02)
+        self.virtual_bias = nn.Parameter(torch.full((model_heads,), float(e.get("virtual_bias_init", -30.0))))
+        self.recent, self.num_virtual = int(e.get("recent", 100)), int(e.get("num_virtual", 10))
+
+    def ttt_names(self):
+        return [n for n in super().ttt_names() if n not in ("to_k.weight", "to_v.weight", "virtual_bias")]
+
+
 def _layer_classes():
-    from moshi.modules.transformer import StreamingTransformerLayer
+    from moshi.modules.transformer import StreamingTransformerLayer, apply_weights_per_step
 
     class ReplaceLayer(StreamingTransformerLayer):
         """A: x += tanh(α) ⊙ TTT(N1(x)) instead of attention."""
@@ -124,7 +145,44 @@ def _layer_classes():
             update = torch.cat(outs, dim=1)
             return x + self.layer_scale_2(update)
 
-    return ReplaceLayer, AfterAttentionLayer, InplaceFfnLayer
+    class KvMemoryLayer(StreamingTransformerLayer):
+        """D: attention over the R most recent exact keys plus N virtual keys/values made by a TTT
+        memory of the layer input: k̂_p = RoPE(m_p W_kᵀ, p − R), v̂_p = m_p W_vᵀ, m = TTT(N1(x)); query t
+        sees virtual p for 0 <= t − p < N (logit + β_h) and recent s for 0 <= t − s < R, one softmax."""
+
+        def _sa_block(self, x):
+            _no_streaming(self, "kv_memory")
+            sa, mem = self.self_attn, self.self_attn.memory
+            u = self.norm1(x)
+            B, T, D = u.shape
+            H = sa.num_heads
+            hd = D // H
+            proj = apply_weights_per_step(sa.in_projs, sa.weights_per_step_schedule, u, 0)
+            q, k, v = proj.view(B, T, 3, H, hd).permute(2, 0, 3, 1, 4)  # each [B, H, T, hd]
+            zero = torch.zeros(B, device=u.device, dtype=torch.long)
+            if sa.rope:
+                q, k = sa.rope(q, k, zero, time_before_heads=False)
+            t = torch.arange(T, device=u.device)
+            delta = t.view(-1, 1) - t.view(1, -1)  # query t - key s
+            logits = torch.einsum("bhtd,bhsd->bhts", q, k) / math.sqrt(hd)
+            logits = logits.masked_fill(~((delta >= 0) & (delta < mem.recent)), float("-inf"))
+            values = v
+            if mem.num_virtual > 0:
+                m = mem(u)
+                kv_ = mem.to_k(m).view(B, T, H, hd).transpose(1, 2)
+                vv = mem.to_v(m).view(B, T, H, hd).transpose(1, 2)
+                if sa.rope:
+                    kv_, _ = sa.rope(kv_, kv_, zero - mem.recent, time_before_heads=False)
+                lv = torch.einsum("bhtd,bhsd->bhts", q, kv_) / math.sqrt(hd) + mem.virtual_bias.view(1, H, 1, 1).to(q)
+                lv = lv.masked_fill(~((delta >= 0) & (delta < mem.num_virtual)), float("-inf"))
+                logits = torch.cat([lv, logits], dim=-1)
+                values = torch.cat([vv, v], dim=2)
+            attn = torch.softmax(logits.float(), dim=-1).to(q)
+            out = torch.einsum("bhts,bhsd->bhtd", attn, values).transpose(1, 2).reshape(B, T, D)
+            out = apply_weights_per_step(sa.out_projs, sa.weights_per_step_schedule, out, 0)
+            return x + self.layer_scale_1(out)
+
+    return ReplaceLayer, AfterAttentionLayer, InplaceFfnLayer, KvMemoryLayer
 
 
 class _EmbeddingTap:
@@ -158,7 +216,7 @@ def build_lm(config, device="cpu", dtype=torch.float32):
     lm = LMModel(device=device, dtype=dtype, **lm_kwargs(config))
     layers = lm.transformer.layers
     D, H = config["dim"], config["num_heads"]
-    ReplaceLayer, AfterAttentionLayer, InplaceFfnLayer = _layer_classes()
+    ReplaceLayer, AfterAttentionLayer, InplaceFfnLayer, KvMemoryLayer = _layer_classes()
     seen = set()
     tap = None
     for n, e in enumerate(config.get("ttt", [])):
@@ -200,7 +258,11 @@ def build_lm(config, device="cpu", dtype=torch.float32):
                     lm.transformer.register_forward_pre_hook(tap)
                 layer._ttt_embeddings = (lambda t=tap: t.value)
                 layer.__class__ = InplaceFfnLayer
-            else:
-                raise NotImplementedError(f"ttt_torch.moshi_designs: design '{d}' (ttt[{n}], layer {i}) is not "
-                                          "implemented in PyTorch yet; the C++ engine runs it")
+            else:  # kv_memory
+                if layer.self_attn.kv_repeat != 1:
+                    raise ValueError(f"config: ttt[{n}]: kv_memory needs kv_repeat = 1 (layer {i})")
+                if int(e.get("recent", 100)) < 1 or not 0 <= int(e.get("num_virtual", 10)) <= 4096:
+                    raise ValueError(f"config: ttt[{n}]: recent must be >= 1 and num_virtual in [0, 4096]")
+                layer.self_attn.memory = TTTMemory(D, H, e).to(device)
+                layer.__class__ = KvMemoryLayer
     return lm
