@@ -34,6 +34,7 @@ CASES = [
 
 
 def make(case, seed):
+    torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
     m = ttt_torch.TTTLayer(8, 2, kind=case["kind"], mini_batch_size=4, use_gate=case["use_gate"],
                            proj_bias=case["proj_bias"])

@@ -266,3 +266,13 @@ def build_lm(config, device="cpu", dtype=torch.float32):
                 layer.self_attn.memory = TTTMemory(D, H, e).to(device)
                 layer.__class__ = KvMemoryLayer
     return lm
+
+
+def export_state_dict(lm):
+    """name -> contiguous float32 CPU tensor of every weight, under the names `ttt-moshi` loads
+    (write it with safetensors' save_file, or tests/common.write_safetensors)."""
+    out = {}
+    for name, t in lm.state_dict().items():
+        if t.is_floating_point():
+            out[name] = t.detach().to("cpu", torch.float32).contiguous().clone()
+    return out
