@@ -3,7 +3,7 @@
 The extension is compiled on first use with torch.utils.cpp_extension.load (JIT, cached):
 csrc/ttt_ops.cpp (CPU) and, when torch has CUDA and nvcc is found, csrc/ttt_ops_cuda.cu
 (CUDA, over our CUDA backend). Environment:
-  TTT_TORCH_BUILD_DIR   where the build is cached (default ~/.cache/ttt/torch_ext/<torch version>)
+  TTT_TORCH_BUILD_DIR   where the build is cached, per torch version (default ~/.cache/ttt/torch_ext)
   TTT_TORCH_CUDA        0: CPU only even when CUDA is available; 1: require CUDA
   TTT_INCLUDE           the ttt headers (default: this checkout's include/)
   TTT_TORCH_VERBOSE     1: print the compiler commands
@@ -50,8 +50,8 @@ def load():
     sources = [str(_ROOT / "csrc" / "ttt_ops.cpp")]
     if use_cuda:
         sources.append(str(_ROOT / "csrc" / "ttt_ops_cuda.cu"))
-    build = os.environ.get("TTT_TORCH_BUILD_DIR") or os.path.join(
-        os.path.expanduser("~"), ".cache", "ttt", "torch_ext", torch.__version__.replace("+", "_") + ("_cuda" if use_cuda else "_cpu"))
+    build = os.path.join(os.environ.get("TTT_TORCH_BUILD_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "ttt", "torch_ext"),
+                         torch.__version__.replace("+", "_") + ("_cuda" if use_cuda else "_cpu"))
     os.makedirs(build, exist_ok=True)
     # C++20 (our headers); -O2 without -march=native so the cache stays valid across machines.
     cflags = ["-std=c++20", "-O2", "-fopenmp", "-DNDEBUG", "-Wno-unused-parameter"]
