@@ -16,12 +16,12 @@ TORCH_LIBRARY(ttt, m) {
 }
 
 namespace {
-torch::Tensor forward_cpu(const torch::Tensor& x, std::vector<torch::Tensor> params, std::vector<std::string> names,
+at::Tensor forward_cpu(const at::Tensor& x, std::vector<at::Tensor> params, std::vector<std::string> names,
                           std::string config) {
   return ttt_torch::forward<ttt::Cpu>(x, params, names, config);
 }
-std::vector<torch::Tensor> backward_cpu(const torch::Tensor& x, std::vector<torch::Tensor> params,
-                                        std::vector<std::string> names, std::string config, const torch::Tensor& dy,
+std::vector<at::Tensor> backward_cpu(const at::Tensor& x, std::vector<at::Tensor> params,
+                                        std::vector<std::string> names, std::string config, const at::Tensor& dy,
                                         int64_t checkpoint_group) {
   return ttt_torch::backward<ttt::Cpu>(x, params, names, config, dy, checkpoint_group);
 }

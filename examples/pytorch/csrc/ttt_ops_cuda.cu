@@ -18,13 +18,13 @@ struct StreamFence {
   ~StreamFence() { cudaDeviceSynchronize(); }
 };
 
-torch::Tensor forward_cuda(const torch::Tensor& x, std::vector<torch::Tensor> params, std::vector<std::string> names,
+at::Tensor forward_cuda(const at::Tensor& x, std::vector<at::Tensor> params, std::vector<std::string> names,
                            std::string config) {
   StreamFence fence;
   return ttt_torch::forward<ttt::Cuda>(x, params, names, config);
 }
-std::vector<torch::Tensor> backward_cuda(const torch::Tensor& x, std::vector<torch::Tensor> params,
-                                         std::vector<std::string> names, std::string config, const torch::Tensor& dy,
+std::vector<at::Tensor> backward_cuda(const at::Tensor& x, std::vector<at::Tensor> params,
+                                         std::vector<std::string> names, std::string config, const at::Tensor& dy,
                                          int64_t checkpoint_group) {
   StreamFence fence;
   return ttt_torch::backward<ttt::Cuda>(x, params, names, config, dy, checkpoint_group);

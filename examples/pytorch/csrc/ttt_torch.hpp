@@ -12,7 +12,8 @@
 // The backward does not keep the forward's tape between the two ops (a torch op returns
 // tensors, not a C++ tape): it re-runs ttt_forward_train (checkpointing at the op level:
 // one more forward per step, no tape held between forward and backward).
-#include <torch/extension.h>
+#include <ATen/ATen.h>
+#include <torch/library.h>
 
 #include <cstring>
 #include <string>
@@ -35,7 +36,7 @@ inline ttt::layers::TttConfig parse_config(const std::string& json) {
   return ttt::layers::TttConfig::from_json(ttt::io::JsonView(j, "ttt op config"));
 }
 
-inline ttt::Shape shape_of(const torch::Tensor& t) {
+inline ttt::Shape shape_of(const at::Tensor& t) {
   TORCH_CHECK(t.dim() <= ttt::kMaxRank, "ttt: tensor rank ", t.dim(), " exceeds ", ttt::kMaxRank);
   ttt::Shape s = ttt::Shape::of_rank(int(t.dim()));
   for (int i = 0; i < int(t.dim()); ++i) s.d[i] = t.size(i);
@@ -43,56 +44,56 @@ inline ttt::Shape shape_of(const torch::Tensor& t) {
 }
 
 // A contiguous float32 copy of `t` (or `t` itself) on `device`, named for errors.
-inline torch::Tensor as_f32(const torch::Tensor& t, const torch::Device& device, const std::string& name) {
+inline at::Tensor as_f32(const at::Tensor& t, const c10::Device& device, const std::string& name) {
   TORCH_CHECK(t.defined(), "ttt: tensor '", name, "' is undefined");
   TORCH_CHECK(t.device() == device, "ttt: tensor '", name, "' is on ", t.device(), ", x is on ", device);
   TORCH_CHECK(t.is_floating_point(), "ttt: tensor '", name, "' must be floating point, got ", t.scalar_type());
-  return t.to(torch::kFloat32).contiguous();
+  return t.to(at::kFloat).contiguous();
 }
 
 // Our tensor viewing a torch tensor's memory; `keep` holds the torch storage alive.
 template <class B>
-ttt::Tensor<float, B> view_of(const torch::Tensor& t) {
-  auto keep = std::make_shared<torch::Tensor>(t);
+ttt::Tensor<float, B> view_of(const at::Tensor& t) {
+  auto keep = std::make_shared<at::Tensor>(t);
   return ttt::Tensor<float, B>::borrow(t.data_ptr<float>(), shape_of(t), std::shared_ptr<void>(keep, keep.get()));
 }
 
 template <class B>
-torch::Tensor to_torch(const ttt::Tensor<float, B>& t, const torch::TensorOptions& opt) {
+at::Tensor to_torch(const ttt::Tensor<float, B>& t, const at::TensorOptions& opt) {
   const ttt::Tensor<float, B> c = t.contiguous();
   std::vector<int64_t> sizes(c.shape().d, c.shape().d + c.rank());
   // Hold our storage in the torch tensor's deleter: no copy.
   auto* hold = new ttt::Tensor<float, B>(c);
-  return torch::from_blob(
-      c.data(), sizes, [hold](void*) { delete hold; }, opt.dtype(torch::kFloat32));
+  return at::from_blob(
+      c.data(), sizes, [hold](void*) { delete hold; }, opt.dtype(at::kFloat));
 }
 
 template <class B>
 ttt::layers::TttParams<float, B> load_params(const std::vector<std::string>& names,
-                                             const std::vector<torch::Tensor>& params,
+                                             const std::vector<at::Tensor>& params,
                                              const ttt::layers::TttConfig& cfg) {
   TORCH_CHECK(names.size() == params.size(), "ttt: ", names.size(), " names for ", params.size(), " parameters");
   ttt::io::WeightSource ws;
   for (size_t i = 0; i < names.size(); ++i) {
     // The source holds CPU tensors; TttParams::load uploads them to B.
-    torch::Tensor h = params[i].detach().to(torch::kCPU, torch::kFloat32).contiguous();
+    at::Tensor h = params[i].detach().to(at::kCPU, at::kFloat).contiguous();
     ws.put(names[i], ttt::Tensor<float, ttt::Cpu>::from_host(shape_of(h), h.data_ptr<float>()));
   }
   return ttt::layers::TttParams<float, B>::load(ws, "", cfg);
 }
 
-inline void check_x(const torch::Tensor& x, const ttt::layers::TttConfig& cfg, const char* what) {
+inline void check_x(const at::Tensor& x, const ttt::layers::TttConfig& cfg, const char* what) {
   TORCH_CHECK(x.dim() == 3 && x.size(2) == cfg.hidden_size && x.size(0) > 0 && x.size(1) > 0, "ttt: ", what,
               " must be a non-empty [B, L, ", cfg.hidden_size, "], got ", x.sizes());
 }
 
 // The layer's output for x [B, L, C].
 template <class B>
-torch::Tensor forward(const torch::Tensor& x_in, const std::vector<torch::Tensor>& params,
+at::Tensor forward(const at::Tensor& x_in, const std::vector<at::Tensor>& params,
                       const std::vector<std::string>& names, const std::string& config) {
   const auto cfg = parse_config(config);
   check_x(x_in, cfg, "x");
-  const torch::Tensor x = as_f32(x_in, x_in.device(), "x");
+  const at::Tensor x = as_f32(x_in, x_in.device(), "x");
   try {
     auto p = load_params<B>(names, params, cfg);
     auto y = ttt::layers::ttt_forward_train<float, B>(p, view_of<B>(x), nullptr);
@@ -104,20 +105,20 @@ torch::Tensor forward(const torch::Tensor& x_in, const std::vector<torch::Tensor
 
 // [d x, d params[0], d params[1], ...] for the upstream gradient dy [B, L, C].
 template <class B>
-std::vector<torch::Tensor> backward(const torch::Tensor& x_in, const std::vector<torch::Tensor>& params,
+std::vector<at::Tensor> backward(const at::Tensor& x_in, const std::vector<at::Tensor>& params,
                                     const std::vector<std::string>& names, const std::string& config,
-                                    const torch::Tensor& dy_in, int64_t checkpoint_group) {
+                                    const at::Tensor& dy_in, int64_t checkpoint_group) {
   const auto cfg = parse_config(config);
   check_x(x_in, cfg, "x");
   check_x(dy_in, cfg, "dy");
   TORCH_CHECK(dy_in.sizes() == x_in.sizes(), "ttt: dy ", dy_in.sizes(), " differs from x ", x_in.sizes());
-  const torch::Tensor x = as_f32(x_in, x_in.device(), "x"), dy = as_f32(dy_in, x_in.device(), "dy");
+  const at::Tensor x = as_f32(x_in, x_in.device(), "x"), dy = as_f32(dy_in, x_in.device(), "dy");
   try {
     auto p = load_params<B>(names, params, cfg);
     ttt::layers::TttTape<float, B> tape;
     ttt::layers::ttt_forward_train(p, view_of<B>(x), &tape, {checkpoint_group});
     const ttt::layers::TttGrads<B> g = ttt::layers::ttt_backward(p, tape, view_of<B>(dy));
-    std::vector<torch::Tensor> out;
+    std::vector<at::Tensor> out;
     out.push_back(to_torch(g.x, x.options()).to(x_in.scalar_type()));
     for (size_t i = 0; i < names.size(); ++i) {
       TORCH_CHECK(g.contains(names[i]), "ttt: the backward has no gradient for '", names[i], "'");

@@ -51,13 +51,14 @@ def make(case, seed):
 
 
 def central_difference_worst(fn, inputs, analytic_fn):
-    """(max |numerical - analytical|, max |analytical|) over all inputs of the scalar <y, w>
-    (w a random projection of the output)."""
+    """(max |numerical - analytical|, max |analytical|, the rounding bound 64 u Σ|w y| / eps) over all
+    inputs of the scalar <y, w> (w a random projection of the output)."""
     worst, scale = 0.0, 0.0
     with torch.no_grad():
         y0 = fn(*inputs)
     w = torch.randn(y0.shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
     grads = analytic_fn(w)
+    bound = 64 * U * float((w * y0).abs().sum()) / EPS
     with torch.no_grad():
         for t, gt in zip(inputs, grads):
             flat = t.view(-1)
@@ -70,7 +71,7 @@ def central_difference_worst(fn, inputs, analytic_fn):
                 flat[i] = v
                 worst = max(worst, abs((fp - fm) / (2 * EPS) - gt.view(-1)[i].item()))
                 scale = max(scale, abs(gt.view(-1)[i].item()))
-    return worst, scale
+    return worst, scale, bound
 
 
 failures = 0
@@ -90,9 +91,11 @@ for i, case in enumerate(CASES):
         y = fn(x, *params)
         return torch.autograd.grad((y * w).sum(), (x, *params))
 
-    worst, scale = central_difference_worst(fn, [x, *params], analytic)
+    worst, scale, bound = central_difference_worst(fn, [x, *params], analytic)
+    ok = ok and worst <= bound
     print(f"gradcheck {case}: {n_in} inputs, max|y| {ymax:.3f}, eps {EPS}, atol {atol:.2e}, rtol 1e-3: "
-          f"{'pass' if ok else 'FAIL'}; d<y, w>/d(all): worst |fd - analytic| {worst:.2e} of max {scale:.2e}")
+          f"{'pass' if ok else 'FAIL'}; d<y, w>/d(all): worst |fd - analytic| {worst:.2e} "
+          f"(bound {bound:.2e}) of max {scale:.2e}")
     failures += 0 if ok else 1
 
 # The check can fail: a wrong gradient (here the analytic one of x scaled by 1.01) is refused.
