@@ -13,12 +13,15 @@ pkgs=(cmake g++ make pkg-config libeigen3-dev catch2 libcxxopts-dev nlohmann-jso
 # "audio-tools" (espeak-ng and sox, to regenerate examples/audio/: tools/make_example_audio.sh),
 # "browser" (Debian's chromium, ~350 MB, for tests/serve/test_web.py; on Ubuntu the package is a
 # snap stub, use Google's Chrome there). haproxy (above) is for tests/serve/test_failover.py.
+# "torch" (Debian's PyTorch 1.13 CPU with its C++ headers, ~150 MB download, and ninja for its JIT
+# extension builds: the PyTorch extension's tests, examples/pytorch; CI installs it).
 for group in "$@"; do
   case "$group" in
     sanitize) pkgs+=(clang libclang-rt-14-dev) ;;
     audio-tools) pkgs+=(espeak-ng sox) ;;
     browser) pkgs+=(chromium) ;;
-    *) echo "install-deps: unknown group '$group' (known: sanitize, audio-tools, browser)" >&2; exit 2 ;;
+    torch) pkgs+=(python3-torch libtorch-dev ninja-build) ;;
+    *) echo "install-deps: unknown group '$group' (known: sanitize, audio-tools, browser, torch)" >&2; exit 2 ;;
   esac
 done
 
