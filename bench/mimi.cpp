@@ -23,78 +23,6 @@ using namespace ttt;
 
 namespace {
 
-template <class B>
-struct Clock {
-  template <class F>
-  double ms(F&& f) {
-    auto t0 = std::chrono::steady_clock::now();
-    f();
-    Memory<B>::synchronize();
-    return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
-  }
-};
-#if TTT_WITH_CUDA
-template <>
-struct Clock<Cuda> {
-  cudaEvent_t a = nullptr, b = nullptr;
-  Clock() {
-    TTT_CUDA_CHECK(cudaEventCreate(&a));
-    TTT_CUDA_CHECK(cudaEventCreate(&b));
-  }
-  ~Clock() {
-    cudaEventDestroy(a);
-    cudaEventDestroy(b);
-  }
-  template <class F>
-  double ms(F&& f) {
-    TTT_CUDA_CHECK(cudaEventRecord(a, cuda::Context::get().stream()));
-    f();
-    TTT_CUDA_CHECK(cudaEventRecord(b, cuda::Context::get().stream()));
-    TTT_CUDA_CHECK(cudaEventSynchronize(b));
-    float v = 0;
-    TTT_CUDA_CHECK(cudaEventElapsedTime(&v, a, b));
-    return v;
-  }
-};
-#endif
-
-double median(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  return v.empty() ? 0 : v[v.size() / 2];
-}
-
-// Read bandwidth in GB/s: device-to-device copy on CUDA (bytes read + written), a parallel
-// read on the CPU.
-template <class B>
-double bandwidth_gbs() {
-  if constexpr (B::is_host) {
-    const size_t n = size_t(128) << 20;
-    std::vector<float> buf(n, 1.f);
-    double best = 0;
-    for (int rep = 0; rep < 3; ++rep) {
-      auto t0 = std::chrono::steady_clock::now();
-      double s = 0;
-#pragma omp parallel for reduction(+ : s) schedule(static)
-      for (size_t i = 0; i < n; i += 16) {
-        float a = 0;
-        for (size_t j = 0; j < 16; ++j) a += buf[i + j];
-        s += a;
-      }
-      const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-      if (s < 0) std::printf("impossible\n");
-      best = std::max(best, double(n * sizeof(float)) / dt / 1e9);
-    }
-    return best;
-  } else {
-    const size_t n = size_t(1) << 30;
-    auto a = Memory<B>::allocate(n), b = Memory<B>::allocate(n);
-    Memory<B>::zero(a.get(), n);
-    Clock<B> c;
-    double best = 1e30;
-    for (int i = 0; i < 5; ++i) best = std::min(best, c.ms([&] { Memory<B>::copy(b.get(), a.get(), n); }));
-    return 2.0 * double(n) / (best * 1e-3) / 1e9;
-  }
-}
 
 // The matrix-product rate (GFLOP/s) in T: the best of a few large products.
 template <class T, class B>
@@ -103,7 +31,7 @@ double gemm_gflops() {
   auto a = Tensor<T, B>::empty({n, n}), b = Tensor<T, B>::empty({n, n}), c = Tensor<T, B>::empty({n, n});
   ops::random_normal(a, 1.f, 1, 1);
   ops::random_normal(b, 1.f, 1, 2);
-  Clock<B> clk;
+  Timer<B> clk;
   double best = 1e30;
   for (int i = 0; i < 4; ++i) best = std::min(best, clk.ms([&] { ops::matmul(c, a, b); }));
   return 2.0 * double(n) * double(n) * double(n) / (best * 1e-3) / 1e9;
@@ -159,7 +87,7 @@ int run(const cxxopts::ParseResult& r) {
   const int64_t batch = r["batch"].as<int64_t>(), fs = m.frame_size();
   const int warmup = r["warmup"].as<int>(), frames = r["frames"].as<int>();
   auto s = m.start(batch), d = m.start(batch);
-  Clock<B> clk;
+  Timer<B> clk;
   std::vector<double> te, td;
   auto pcm = Tensor<float, Cpu>::empty({batch, fs});
   uint64_t x = 1;
@@ -202,7 +130,7 @@ int run(const cxxopts::ParseResult& r) {
   const double cb_total = double(cfg.quantizer.n_q) * double(cfg.quantizer.bins) * double(cfg.quantizer.dimension);
   const double cb_used = double(cfg.num_codebooks) * double(cfg.quantizer.bins) * double(cfg.quantizer.dimension);
   const double bytes = (double(m.num_params()) - cb_total) * elem + cb_used * (elem + 4.0);
-  const double bw = bandwidth_gbs<B>(), peak = gemm_gflops<T, B>();
+  const double bw = memory_bandwidth_gbs<B>(), peak = gemm_gflops<T, B>();
   const double floor_bytes_ms = bytes / (bw * 1e9) * 1e3, floor_flops_ms = 2 * (enc_macs + dec_macs) / (peak * 1e9) * 1e3;
   std::printf("bench_mimi: %s %s batch %lld, frame %lld samples (%.0f ms), %lld codebooks, %lld parameters, graphs %s\n",
               B::name, std::is_same_v<T, bf16> ? "bf16" : "f32", (long long)batch, (long long)fs,

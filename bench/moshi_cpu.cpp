@@ -17,27 +17,6 @@ using Model = moshi::LmModel<float, Cpu, moshi::DefaultPolicies>;
 
 namespace {
 
-// Read bandwidth with all OpenMP threads: the best of a few passes over 1 GiB.
-double read_bandwidth_gbs() {
-  const size_t n = size_t(256) << 20;  // floats
-  std::vector<float> buf(n, 1.f);
-  double best = 0;
-  for (int rep = 0; rep < 5; ++rep) {
-    auto t0 = std::chrono::steady_clock::now();
-    double s = 0;
-#pragma omp parallel for reduction(+ : s) schedule(static)
-    for (size_t i = 0; i < n; i += 16) {
-      float a = 0;
-      for (size_t j = 0; j < 16; ++j) a += buf[i + j];
-      s += a;
-    }
-    const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-    if (s < 0) std::printf("impossible\n");
-    best = std::max(best, double(n * sizeof(float)) / dt / 1e9);
-  }
-  return best;
-}
-
 int64_t matrix_elements(const Model& m) {
   int64_t n = m.text_linear.numel() + Model::TemporalT::num_params(m.transformer) +
               Model::DepformerT::num_params(m.depformer);
@@ -84,7 +63,7 @@ int main(int argc, char** argv) {
     const int64_t filled = std::min<int64_t>(warmup + frames, cfg.transformer.context);
     const double kv_bytes = double(cfg.transformer.num_layers) * 2 * double(filled) * double(cfg.dim / cfg.transformer.kv_repeat) * 4;
     const double bytes = double(matrix_elements(model)) * 4 + kv_bytes;
-    const double bw = read_bandwidth_gbs();
+    const double bw = memory_bandwidth_gbs<Cpu>();
     const double floor_ms = bytes / (bw * 1e9) * 1e3;
     std::printf("ttt cpu f32 (%d threads): median %.2f ms/frame = %.1f frames/s (p90 %.2f ms) over %d frames\n",
 #ifdef _OPENMP

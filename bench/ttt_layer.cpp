@@ -48,85 +48,10 @@ struct Options {
   int runs = 0;  // 0: 10 on CUDA, 3 on the CPU
 };
 
-double median(std::vector<double> v) {
-  if (v.empty()) return 0;
-  std::sort(v.begin(), v.end());
-  const size_t n = v.size();
-  return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
-}
-
-// Milliseconds of f(): host clock on the CPU, CUDA events on the thread's stream.
-template <class B>
-struct Clock {
-  template <class F>
-  double ms(F&& f) {
-    const auto t0 = std::chrono::steady_clock::now();
-    f();
-    return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
-  }
-};
-
-#if TTT_WITH_CUDA
-template <>
-struct Clock<Cuda> {
-  cudaEvent_t a = nullptr, b = nullptr;
-  Clock() {
-    TTT_CUDA_CHECK(cudaEventCreate(&a));
-    TTT_CUDA_CHECK(cudaEventCreate(&b));
-  }
-  ~Clock() {
-    cudaEventDestroy(a);
-    cudaEventDestroy(b);
-  }
-  Clock(const Clock&) = delete;
-  Clock& operator=(const Clock&) = delete;
-  template <class F>
-  double ms(F&& f) {
-    const cudaStream_t s = cuda::Context::get().stream();
-    TTT_CUDA_CHECK(cudaEventRecord(a, s));
-    f();
-    TTT_CUDA_CHECK(cudaEventRecord(b, s));
-    TTT_CUDA_CHECK(cudaEventSynchronize(b));
-    float t = 0;
-    TTT_CUDA_CHECK(cudaEventElapsedTime(&t, a, b));
-    return double(t);
-  }
-};
-#endif
-
-// Memory bandwidth in bytes per second. CUDA: device-to-device copies of 512 MiB (read +
-// write), the best of a few. CPU: reads of 1 GiB with all OpenMP threads, the best of a few.
+// Memory bandwidth in bytes per second (backend/timing.hpp measures it).
 template <class B>
 double memory_bandwidth() {
-  if constexpr (B::is_host) {
-    const size_t n = size_t(256) << 20;  // floats
-    std::vector<float> buf(n, 1.f);
-    double best = 0;
-    for (int rep = 0; rep < 5; ++rep) {
-      const auto t0 = std::chrono::steady_clock::now();
-      double s = 0;
-#pragma omp parallel for reduction(+ : s) schedule(static)
-      for (size_t i = 0; i < n; i += 16) {
-        float a = 0;
-        for (size_t j = 0; j < 16; ++j) a += buf[i + j];
-        s += a;
-      }
-      const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-      if (s < 0) std::printf("impossible\n");
-      best = std::max(best, double(n * sizeof(float)) / dt);
-    }
-    return best;
-  } else {
-    const int64_t n = int64_t(128) << 20;  // floats
-    auto src = Tensor<float, B>::zeros({n}), dst = Tensor<float, B>::zeros({n});
-    Clock<B> clock;
-    double best = 0;
-    for (int rep = 0; rep < 5; ++rep) {
-      const double ms = clock.ms([&] { dst.copy_from(src); });
-      best = std::max(best, 2.0 * double(n) * sizeof(float) / (ms * 1e-3));
-    }
-    return best;
-  }
+  return memory_bandwidth_gbs<B>() * 1e9;
 }
 
 // FLOP/s of one [rows, C] x [C, C]ᵀ linear in T (the projections' product).
@@ -135,7 +60,7 @@ double gemm_rate(int64_t rows, int64_t C, int runs) {
   auto x = Tensor<T, B>::empty({rows, C}), w = Tensor<T, B>::empty({C, C}), y = Tensor<T, B>::empty({rows, C});
   ops::random_normal(x, 1.f, 1, 1);
   ops::random_normal(w, 0.02f, 1, 2);
-  Clock<B> clock;
+  Timer<B> clock;
   ops::linear(y, x, w);
   std::vector<double> t;
   for (int r = 0; r < runs; ++r) t.push_back(clock.ms([&] { ops::linear(y, x, w); }));
@@ -201,7 +126,7 @@ void bench(const Options& o, Kind kind, int64_t batch, int64_t C, int64_t heads,
   const int64_t L = o.seq, f = cfg.head_dim, F = cfg.inner_dim(), K = cfg.mini_batch_size;
   const char* dt = std::is_same_v<T, bf16> ? "bf16" : "f32";
   const Anchor an = anchor(kind);
-  Clock<B> clock;
+  Timer<B> clock;
   auto state = TttState<B>::init(p, batch);
 
   // Prefill: one call of L tokens from the initial state.

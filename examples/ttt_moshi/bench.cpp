@@ -13,78 +13,18 @@
 namespace ttt_moshi {
 namespace {
 
-// Wall time of a frame on the host backend; CUDA events on the stream for CUDA.
-template <class B>
-struct FrameTimer {
-  std::chrono::steady_clock::time_point t0;
-  void start() { t0 = std::chrono::steady_clock::now(); }
-  double stop_ms() { return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count(); }
-};
-#if TTT_WITH_CUDA
-template <>
-struct FrameTimer<Cuda> {
-  cudaEvent_t a = nullptr, b = nullptr;
-  FrameTimer() {
-    TTT_CUDA_CHECK(cudaEventCreate(&a));
-    TTT_CUDA_CHECK(cudaEventCreate(&b));
-  }
-  ~FrameTimer() {
-    cudaEventDestroy(a);
-    cudaEventDestroy(b);
-  }
-  void start() { TTT_CUDA_CHECK(cudaEventRecord(a, cuda::Context::get().stream())); }
-  double stop_ms() {
-    TTT_CUDA_CHECK(cudaEventRecord(b, cuda::Context::get().stream()));
-    TTT_CUDA_CHECK(cudaEventSynchronize(b));
-    float ms = 0;
-    TTT_CUDA_CHECK(cudaEventElapsedTime(&ms, a, b));
-    return ms;
-  }
-};
-// Device-to-device copy bandwidth (bytes read + written), the floor's denominator.
-double measured_bandwidth_gbs(Cuda) {
-  const size_t n = size_t(1) << 30;
-  auto a = Memory<Cuda>::allocate(n), b = Memory<Cuda>::allocate(n);
-  Memory<Cuda>::zero(a.get(), n);
-  FrameTimer<Cuda> t;
-  double best = 1e30;
-  for (int i = 0; i < 5; ++i) {
-    t.start();
-    Memory<Cuda>::copy(b.get(), a.get(), n);
-    best = std::min(best, t.stop_ms());
-  }
-  return 2.0 * double(n) / (best * 1e-3) / 1e9;
-}
-#endif
-double measured_bandwidth_gbs(Cpu) {
-  const size_t n = size_t(256) << 20;
-  std::vector<float> buf(n, 1.f);
-  double best = 0;
-  for (int rep = 0; rep < 3; ++rep) {
-    auto t0 = std::chrono::steady_clock::now();
-    double s = 0;
-#pragma omp parallel for reduction(+ : s) schedule(static)
-    for (size_t i = 0; i < n; i += 16) {
-      float a = 0;
-      for (size_t j = 0; j < 16; ++j) a += buf[i + j];
-      s += a;
-    }
-    const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-    if (s < 0) std::printf("impossible\n");
-    best = std::max(best, double(n * sizeof(float)) / dt / 1e9);
-  }
-  return best;
-}
-
 // Bytes of every weight a frame reads: the layers (norms included, negligible) and the
-// heads; embedding tables only give one row per token.
+// heads; embedding tables only give one row per token. With quantised linear weights
+// (--dtype fp8 / int8) a parameter is one byte: exact for the linear weights (their per-row
+// scales add 4 bytes per row, < 0.1%), a slight undercount for norms and TTT weights, which
+// stay bf16 (< 0.01% of plain Moshi's parameters).
 template <class M>
-double frame_weight_bytes(const M& m, size_t elem) {
+double frame_weight_bytes(const M& m, size_t elem, WeightFormat f) {
   double n = double(m.text_linear.numel()) + double(M::TemporalT::num_params(m.transformer)) +
              double(M::DepformerT::num_params(m.depformer));
   for (auto& w : m.depformer_in) n += double(w.numel());
   for (auto& w : m.linears) n += double(w.numel());
-  return n * double(elem);
+  return n * double(f == WeightFormat::dense ? elem : 1);
 }
 
 template <class T, class B>
@@ -107,7 +47,7 @@ struct Bench {
     auto s = gen.start(batch);
     auto user = Tensor<int64_t, Cpu>::zeros({batch, gen.num_user_codebooks()});
     uint64_t x = 7;
-    FrameTimer<B> timer;
+    Timer<B> timer;
     std::vector<double> ms;
     for (int i = 0; i < warmup + frames; ++i) {
       for (int64_t k = 0; k < user.numel(); ++k)
@@ -122,7 +62,7 @@ struct Bench {
     const int64_t filled = std::min<int64_t>(warmup + frames, cfg.transformer.context);
     const double kv = double(batch) * double(cfg.transformer.num_layers) * 2 * double(filled) *
                       double(cfg.dim / cfg.transformer.kv_repeat) * double(sizeof(T));
-    const double wbytes = frame_weight_bytes(model, sizeof(T));
+    const double wbytes = frame_weight_bytes(model, sizeof(T), c.weight_format);
     // Memory first: the bandwidth test below allocates its own buffers.
     double gib = 0;
 #if TTT_WITH_CUDA
@@ -136,7 +76,7 @@ struct Bench {
     }
 #endif
     if (B::is_host) gib = rss_mib() / 1024.0;
-    const double bw = measured_bandwidth_gbs(B{});
+    const double bw = memory_bandwidth_gbs<B>();
     const double floor_ms = (wbytes + kv) / (bw * 1e9) * 1e3;
     const std::string label = c.config.empty() ? preset : c.config;
     std::printf("bench %s %s %s batch %lld: median %.3f ms/frame (p90 %.3f) over %d frames after %d warm-up, "

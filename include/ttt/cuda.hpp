@@ -7,4 +7,5 @@
 #include "ttt/backend/cuda/memory.hpp"
 #include "ttt/backend/cuda/kernels.hpp"
 #include "ttt/backend/cuda/graph.hpp"
+#include "ttt/backend/cuda/timing.hpp"
 #include "ttt/layers/cuda/ttt_kernels.hpp"
