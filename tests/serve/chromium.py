@@ -141,7 +141,14 @@ class Chromium:
             raise RuntimeError(f"evaluating {expression!r}: {r['exceptionDetails']}")
         return r["result"].get("value")
 
-    async def screenshot(self, path):
-        r = await self.send("Page.captureScreenshot", format="png")
+    async def screenshot(self, path, selector=None, margin=16):
+        """A PNG of the page, or of the element matching selector (plus a margin)."""
+        params = {"format": "png"}
+        if selector:
+            box = await self.eval(f"(() => {{ const r = document.querySelector({selector!r}).getBoundingClientRect();"
+                                  " return {x: r.x, y: r.y, w: r.width, h: r.height}; })()")
+            params["clip"] = {"x": max(0, box["x"] - margin), "y": max(0, box["y"] - margin),
+                              "width": box["w"] + 2 * margin, "height": box["h"] + 2 * margin, "scale": 1}
+        r = await self.send("Page.captureScreenshot", **params)
         with open(path, "wb") as f:
             f.write(base64.b64decode(r["data"]))

@@ -128,6 +128,8 @@ class Conversation:
                 seg.sent_frames += 1
                 # Real time: frame k leaves at k * 80 ms.
                 await asyncio.sleep(max(0.0, t0 + seg.sent_frames * FRAME / SAMPLE_RATE - time.monotonic()))
+            if self.stop.is_set():
+                await ws.close()  # ends the receiving loop below: the conversation is over
 
         sender = asyncio.create_task(send())
         first = True
@@ -224,7 +226,9 @@ async def run(args):
 
             # 2. SIGTERM instance 1: it saves, closes, exits 0; its conversations resume on 2.
             b_before = {c.name: c.segments[0].audio_samples for c in on_b}
+            t_term = time.monotonic()
             rc = a.stop(signal.SIGTERM)
+            print(f"  instance 1 saved and exited {time.monotonic() - t_term:.2f} s after SIGTERM")
             check(rc == 0, "instance 1 exits 0 on SIGTERM")
             saved = {}
             for c in on_a:
@@ -233,6 +237,11 @@ async def run(args):
             await wait_until(lambda: all(len(c.segments) >= 2 and c.segments[1].audio_samples >= 5 * FRAME
                                          and c.segments[1].text_chars > 0 for c in on_a),
                              "the resumed conversations' audio and text", 30)
+            gaps = [(c.segments[1].first_reply_at or float("nan")) - t_term for c in on_a]
+            print(f"  SIGTERM -> first reply audio of the resumed conversations: "
+                  f"{', '.join(f'{g:.2f}' for g in gaps)} s")
+            sizes = sorted(os.path.getsize(os.path.join(shared, f)) for f in os.listdir(shared))
+            print(f"  session directory: {len(sizes)} files, {sizes} bytes")
             for c in on_a:
                 s0, s1 = c.segments[0], c.segments[1]
                 check(s1.served_by == "moshi2" and s1.meta["resumed"] and s1.meta["session_id"] == c.session_id,
@@ -257,10 +266,13 @@ async def run(args):
                 await wait_until(lambda: c.segments[n - 1].audio_samples >= 8 * FRAME, f"{c.name} progress", 20)
             b.proc.kill()
             b.proc.wait()
+            t_kill = time.monotonic()
             print("  instance 2 killed (SIGKILL)")
             await wait_until(lambda: all(len(c.segments) >= 3 and c.segments[2].audio_samples >= 5 * FRAME
                                          for c in on_a) and all(len(c.segments) >= 2 for c in on_b),
                              "reconnections after SIGKILL", 30)
+            gaps = [(c.segments[2].first_reply_at or float("nan")) - t_kill for c in on_a]
+            print(f"  SIGKILL -> first reply audio on the restarted instance 1: {', '.join(f'{g:.2f}' for g in gaps)} s")
             for c in on_a:
                 s1, s2 = c.segments[1], c.segments[2]
                 check(s2.served_by == "moshi1" and s2.meta["resumed"],

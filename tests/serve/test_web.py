@@ -148,7 +148,7 @@ async def run(args, exe, chromium_exe):
             check(dom["samples"] > 0 and dom["session"] == st["sessionId"] and not dom["error"],
                   "counters and session id rendered in the DOM, no error box")
             shot = os.path.join(os.getcwd(), "serve_page.png")
-            await page.screenshot(shot)
+            await page.screenshot(shot, "main")
             print(f"  screenshot: {shot} ({os.path.getsize(shot)} bytes)")
             if args.screenshot:
                 shutil.copyfile(shot, args.screenshot)

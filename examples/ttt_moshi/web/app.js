@@ -334,10 +334,12 @@
   // ---- ending -----------------------------------------------------------------------------
 
   // Ends the connection c (once), with an error message or null.
+  // A failure after the end (a worklet still loading, a codec callback) is not reported: the
+  // first reason is the one that matters.
   function teardown(c, error) {
-    if (error) showError(error);
     if (c.closed) return;
     c.closed = true;
+    if (error) showError(error);
     c.closing = true;
     if (c.ws && c.ws.readyState <= WebSocket.OPEN) c.ws.close(1000);
     if (c.capture) { c.capture.port.onmessage = null; c.capture.disconnect(); }
