@@ -41,7 +41,8 @@ class Chromium:
             self.exe, "--headless=new", "--remote-debugging-port=0",
             f"--user-data-dir={self._tmp}", "--no-first-run", "--no-default-browser-check",
             "--disable-extensions", "--disable-background-networking", "--disable-sync",
-            "--mute-audio",
+            "--mute-audio", "--disable-gpu",
+            "--disable-dev-shm-usage",  # containers often have a 64 MB /dev/shm
             f"--window-size={self.size[0]},{self.size[1]}",
             # The microphone: granted without a prompt, a fake device that plays the WAV.
             "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
