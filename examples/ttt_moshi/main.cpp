@@ -5,6 +5,7 @@
 //   bench     (CUDA) frame time on random weights made on the device
 //   mimi      Kyutai's Mimi codec: fixture format, or encode / decode between WAV and codes
 //   converse  a spoken conversation: user WAV -> Mimi -> Moshi -> Mimi -> reply WAV
+//   serve     real-time conversations over WebSocket (Kyutai's protocol), batched
 // This file only dispatches: a subcommand is one file (commands.hpp), one line of the table
 // below and one source line in examples/CMakeLists.txt.
 #include <cstdio>
@@ -42,6 +43,10 @@ const Command commands[] = {
      "[--input USER.wav] --out REPLY.wav [--config C] [--weights W] [--mimi-config M]\n"
      "[--mimi-weights MW] [--tokenizer SPM] [--tail S] [--backend cpu|cuda] [--dtype f32|bf16]",
      ttt_moshi::cmd_converse},
+    {"serve",
+     "[--config C] [--weights W] [--mimi-config M] [--mimi-weights MW] [--tokenizer SPM]\n"
+     "[--host H] [--port P] [--max-sessions N] [--session-dir D] [--auth-token T] [--static-dir D]",
+     ttt_moshi::cmd_serve},
 };
 
 int usage() {

@@ -3,7 +3,7 @@
 # (default 60) from its seed corpus of real files. Prints the executions of each run.
 #   tests/fuzz/run.sh [SECONDS] [TARGET...]
 # Needs: clang, libclang-rt-dev (Debian: clang libclang-rt-14-dev), Eigen, nlohmann-json;
-# fuzz_audio also libsndfile and libsoxr (libsndfile1-dev libsoxr-dev), fuzz_opus libopus and
+# fuzz_audio also libsndfile and libsoxr (libsndfile1-dev libsoxr-dev), fuzz_opus and fuzz_ws_message libopus and
 # libogg (libopus-dev libogg-dev); each is left out of the default list, with a message, where
 # pkg-config does not find them.
 set -euo pipefail
@@ -20,9 +20,9 @@ if [ ${#targets[@]} -eq 0 ]; then
     echo "skipping fuzz_audio: libsndfile/libsoxr not found by pkg-config (tools/install-deps.sh)"
   fi
   if pkg-config --exists opus ogg 2>/dev/null; then
-    targets+=(opus)
+    targets+=(opus ws_message)
   else
-    echo "skipping fuzz_opus: libopus/libogg not found by pkg-config (tools/install-deps.sh)"
+    echo "skipping fuzz_opus, fuzz_ws_message: libopus/libogg not found by pkg-config (tools/install-deps.sh)"
   fi
 fi
 cxx=${CLANGXX:-clang++}
@@ -32,11 +32,11 @@ flags=(-std=c++20 -O1 -g -fsanitize=fuzzer,address,undefined -fno-sanitize-recov
        -I"$root/include" -I/usr/include/eigen3 -DTTT_FIXTURES="\"$root/tests/data/fixtures\"")
 for t in "${targets[@]}"; do
   if [ ! -x "$out/fuzz_$t" ] || [ "$here/fuzz_$t.cpp" -nt "$out/fuzz_$t" ] || \
-     [ -n "$(find "$root/include" -newer "$out/fuzz_$t" -name '*.hpp' | head -1)" ]; then
+     [ -n "$(find "$root/include" "$root/examples/ttt_moshi" -newer "$out/fuzz_$t" -name '*.hpp' | head -1)" ]; then
     echo "building fuzz_$t"
     extra=()
     [ "$t" = audio ] && read -r -a extra <<<"$(pkg-config --cflags --libs sndfile soxr)"
-    [ "$t" = opus ] && read -r -a extra <<<"$(pkg-config --cflags --libs opus ogg)"
+    [ "$t" = opus ] || [ "$t" = ws_message ] && read -r -a extra <<<"$(pkg-config --cflags --libs opus ogg)"
     "$cxx" "${flags[@]}" "$here/fuzz_$t.cpp" -o "$out/fuzz_$t" "${extra[@]}"
   fi
 done

@@ -1,0 +1,59 @@
+#pragma once
+// The network half of `ttt-moshi serve` (serve_server.cpp, Boost.Beast / Asio): the listener,
+// the WebSocket connections, static files, and the engine thread that ticks the conversation
+// batch. It sees the batch through `Engine` (virtual calls), so the Beast code is compiled once,
+// whatever the model's dtype and backend (serve.cpp adapts ttt::serve::ConversationBatch<T, B>).
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "serve_protocol.hpp"
+
+namespace ttt_moshi::serve {
+
+struct StepOut {
+  int64_t text = -1;       // the text token of the frame, -1 for none
+  bool has_audio = false;  // the reply row holds a frame of audio
+};
+
+// The conversation batch, as the server uses it. Called from the engine thread only.
+class Engine {
+ public:
+  virtual ~Engine() = default;
+  virtual int64_t slots() const = 0;
+  virtual int64_t frame_size() const = 0;
+  virtual int64_t sample_rate() const = 0;
+  virtual int64_t join(const ClientParams& p) = 0;              // slot or -1 when full; throws ttt::Error
+  virtual int64_t resume(const std::string& path) = 0;          // slot or -1; throws ttt::Error
+  virtual void save(int64_t slot, const std::string& path) = 0;  // atomic
+  virtual void leave(int64_t slot) = 0;
+  // pcm [slots, frame_size], ready [slots] -> reply [slots, frame_size] and one StepOut per slot.
+  virtual std::vector<StepOut> step(const float* pcm, const std::vector<uint8_t>& ready, float* reply) = 0;
+  // The text piece of a token ("" for padding): SentencePiece with "▁" as a space, or "<id>".
+  virtual std::string text_piece(int64_t token) const = 0;
+  // A live conversation's position (frames stepped, kept across save / resume) and its sampling
+  // options as JSON (for the metadata message).
+  virtual int64_t frames(int64_t slot) const = 0;
+  virtual std::string options_json(int64_t slot) const = 0;
+  virtual std::string model_name() const = 0;
+};
+
+struct ServerOptions {
+  std::string host = "127.0.0.1";
+  int port = 8998;
+  int64_t max_sessions = 4;
+  std::string session_dir;  // empty: conversations are not saved
+  std::string auth_token;   // empty: none required (only allowed on loopback)
+  std::string static_dir;   // GET / and other non-/api paths
+  std::string ssl_cert, ssl_key;
+  Limits limits;
+  double tick_ms = 80.0;        // one frame at 12.5 Hz
+  double status_seconds = 10.0; // the status line's period (0: never)
+  int io_threads = 2;
+};
+
+// Serves until SIGINT / SIGTERM; then saves every live conversation (with a session dir), closes
+// the clients and returns 0.
+int run_server(Engine& engine, const ServerOptions& opt);
+
+}  // namespace ttt_moshi::serve
