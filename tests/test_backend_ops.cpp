@@ -16,6 +16,8 @@
 //   reduce_sum/mean, layer_norm, rms_norm ....... 2u (fp32 statistics vs the CPU's double)
 //   matmul, linear, attention ................... 2u (fp32 accumulation in another order)
 //   conv1d, conv_transpose1d .................... 2u (likewise)
+//   quantize_rows, dequantize ................... 0  (same codes, scales and values)
+//   linear_q (int8 / fp8 weights) ............... 4u (as fused_linear: fp32 sums in another order)
 //   random_normal ............................... u  (device logf/cosf within an ulp or two)
 //   rope, add_sin_embedding ..................... u + 2^-22 * max|position| (host and device
 //       exp/pow disagree by an ulp for ~0.06% of frequencies; the angle scales that ulp by
@@ -518,6 +520,66 @@ TEMPLATE_TEST_CASE("fused_linear (norm prologue, glu epilogue, split GEMV)", "[b
             }
           }
       }
+}
+
+// Quantised weights (core/quant.hpp): both backends quantise a weight to the same bytes and
+// scales; linear / fused_linear on them (the int8 / fp8 GEMV up to 8 rows, dequantise + the
+// dense path above) agree like the dense ops do.
+template <class F, class T>
+void quant_cases(std::mt19937& g) {
+  const double tol = 4 * unit<T>();
+  const std::string dt = dname<T>() + (std::is_same_v<F, Int8> ? " int8" : " fp8");
+  for (int64_t R : {1, 2, 5, 8, 9, 33})
+    for (int64_t K : {16, 64, 1000, 4096, 4104})
+      for (int64_t N : {2, 130, 4096}) {
+        if (R * K * N > int64_t(40) << 20) continue;
+        auto x = make<T>({R, K}, Layout::contiguous, g, -3, 3);
+        auto w = make<T>({N, K}, Layout::contiguous, g, -0.2, 0.2);
+        auto qc = ops::quantize_rows<F>(w.cpu);
+        auto qg = ops::quantize_rows<F>(w.gpu);
+        Both<uint8_t> codes{qc.data, qg.data};
+        Both<float> scales{qc.scale, qg.scale};
+        const std::string tag = "R " + std::to_string(R) + " K " + std::to_string(K) + " N " + std::to_string(N);
+        record("quantize_rows", dt, std::max(error(codes), error(scales)), 0, tag);
+        Both<T> dq{Tensor<T, Cpu>::empty({N, K}), Tensor<T, Cuda>::empty({N, K})};
+        ops::dequantize(dq.cpu, qc);
+        ops::dequantize(dq.gpu, qg);
+        record("dequantize", dt, error(dq), 0, tag);
+        auto nw = make<T>({K}, Layout::contiguous, g, 0.5f, 1.5f), nb = make<T>({K}, Layout::contiguous, g);
+        for (FusedNorm norm : {FusedNorm::none, FusedNorm::rms, FusedNorm::layer})
+          for (bool glu : {false, true}) {
+            FusedLinear<T, Cpu> fc;
+            FusedLinear<T, Cuda> fg;
+            fc.norm = fg.norm = norm;
+            if (norm != FusedNorm::none) {
+              fc.norm_weight = nw.cpu;
+              fg.norm_weight = nw.gpu;
+              fc.eps = fg.eps = 1e-5f;
+            }
+            if (norm == FusedNorm::layer) {
+              fc.norm_bias = nb.cpu;
+              fg.norm_bias = nb.gpu;
+            }
+            fc.glu = fg.glu = glu;
+            fc.act = fg.act = Unary::silu;
+            const std::string t2 = tag + " norm " + std::to_string(int(norm)) + (glu ? " glu" : "");
+            Both<T> y{ops::fused_linear(x.cpu, qc, fc), ops::fused_linear(x.gpu, qg, fg)};
+            record("linear_q", dt, error(y), tol, t2);
+            if (!glu && norm == FusedNorm::none) {
+              auto y1 = make<T>({R, N}, Layout::contiguous, g);
+              ops::linear(y1.cpu, x.cpu, qc, 1.f);
+              ops::linear(y1.gpu, x.gpu, qg, 1.f);
+              record("linear_q", dt, error(y1), tol, t2 + " beta 1");
+            }
+          }
+      }
+}
+
+TEMPLATE_TEST_CASE("quantised weights: quantize_rows, dequantize, linear / fused_linear (int8, fp8 e4m3)", "[backend]",
+                   float, bf16) {
+  std::mt19937 g(91);
+  quant_cases<Int8, TestType>(g);
+  quant_cases<Fp8E4M3, TestType>(g);
 }
 
 // ======================================================================================

@@ -10,6 +10,7 @@ int cmd_info(int argc, char** argv);      // info.cpp
 int cmd_bench(int argc, char** argv);     // bench.cpp
 int cmd_mimi(int argc, char** argv);      // mimi.cpp
 int cmd_converse(int argc, char** argv);  // converse.cpp
+int cmd_quantize(int argc, char** argv);  // quantize.cpp
 int cmd_serve(int argc, char** argv);     // serve.cpp (+ serve_server.cpp)
 
 }  // namespace ttt_moshi

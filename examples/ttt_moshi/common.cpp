@@ -12,7 +12,8 @@ void add_common(cxxopts::Options& o) {
   o.add_options()("config", "Kyutai config.json (default: the Moshi 7B settings)", cxxopts::value<std::string>())(
       "weights", "model.safetensors (default: seeded random weights)", cxxopts::value<std::string>())(
       "backend", "cpu or cuda", cxxopts::value<std::string>()->default_value("cpu"))(
-      "dtype", "f32 or bf16 (engine dtype; checkpoints are converted at load)",
+      "dtype", "f32, bf16, fp8 or int8 (engine dtype; checkpoints are converted at load; fp8 / int8: bf16 with the "
+      "transformer and head linear weights quantised per output row, fp8 e4m3 or int8)",
       cxxopts::value<std::string>()->default_value("f32"))(
       "init-seed", "seed of the random weights used when --weights is absent",
       cxxopts::value<uint64_t>()->default_value("0"))("h,help", "this help");
@@ -26,7 +27,9 @@ Common read_common(const cxxopts::ParseResult& r) {
   c.dtype = r["dtype"].as<std::string>();
   c.init_seed = r["init-seed"].as<uint64_t>();
   if (c.backend != "cpu" && c.backend != "cuda") fail("--backend must be cpu or cuda, got '", c.backend, "'");
-  if (c.dtype != "f32" && c.dtype != "bf16") fail("--dtype must be f32 or bf16, got '", c.dtype, "'");
+  if (c.dtype == "fp8") c.weight_format = WeightFormat::fp8_e4m3;
+  else if (c.dtype == "int8") c.weight_format = WeightFormat::int8;
+  else if (c.dtype != "f32" && c.dtype != "bf16") fail("--dtype must be f32, bf16, fp8 or int8, got '", c.dtype, "'");
   return c;
 }
 
@@ -57,6 +60,7 @@ io::WeightSource load_weights(const Common& c, const LmConfig& cfg) {
     ws.set_seed(c.init_seed);  // for new TTT weights the checkpoint lacks
   }
   ws.set_lora_scaling(cfg.lora_scaling);
+  ws.set_weight_format(c.weight_format);
   return ws;
 }
 

@@ -24,6 +24,8 @@ using moshi::LmConfig;
 struct Common {
   std::string config, weights, backend = "cpu", dtype = "f32";
   uint64_t init_seed = 0;
+  // --dtype fp8 / int8: the bf16 engine with its big linear weights quantised at load.
+  WeightFormat weight_format = WeightFormat::dense;
 };
 
 // --config, --weights, --backend, --dtype, --init-seed and -h/--help.
@@ -102,12 +104,12 @@ double backend_mib() {
 template <template <class, class> class Fn>
 int dispatch(const Common& c, const cxxopts::ParseResult& r) {
   if (c.backend == "cpu") {
-    if (c.dtype == "bf16") return Fn<bf16, Cpu>::run(c, r);
+    if (c.dtype == "bf16" || c.weight_format != WeightFormat::dense) return Fn<bf16, Cpu>::run(c, r);
     return Fn<float, Cpu>::run(c, r);
   }
 #if TTT_WITH_CUDA
   if (!cuda::device_available()) fail("--backend cuda: no CUDA device available");
-  if (c.dtype == "bf16") return Fn<bf16, Cuda>::run(c, r);
+  if (c.dtype == "bf16" || c.weight_format != WeightFormat::dense) return Fn<bf16, Cuda>::run(c, r);
   return Fn<float, Cuda>::run(c, r);
 #else
   fail("--backend cuda: this build has no CUDA backend");

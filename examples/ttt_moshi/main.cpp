@@ -5,6 +5,7 @@
 //   bench     (CUDA) frame time on random weights made on the device
 //   mimi      Kyutai's Mimi codec: fixture format, or encode / decode between WAV and codes
 //   converse  a spoken conversation: user WAV -> Mimi -> Moshi -> Mimi -> reply WAV
+//   quantize  a checkpoint with int8 / fp8 linear weights (per-row scales)
 //   serve     real-time conversations over WebSocket (Kyutai's protocol), batched
 // This file only dispatches: a subcommand is one file (commands.hpp), one line of the table
 // below and one source line in examples/CMakeLists.txt.
@@ -25,7 +26,7 @@ struct Command {
 };
 
 const Command commands[] = {
-    {"forward", "--config C --weights W --codes IN --out OUT [--backend cpu|cuda] [--dtype f32|bf16]",
+    {"forward", "--config C --weights W --codes IN --out OUT [--backend cpu|cuda] [--dtype f32|bf16|fp8|int8]",
      ttt_moshi::cmd_forward},
     {"generate",
      "[--config C] [--weights W] [--user-codes IN] [--steps N] [--batch B] [--greedy] [--seed S]\n"
@@ -33,7 +34,7 @@ const Command commands[] = {
      "[--save-session F] [--resume F] --out OUT",
      ttt_moshi::cmd_generate},
     {"info", "[--config C] [--weights W]", ttt_moshi::cmd_info},
-    {"bench", "[--preset 7b | --config C] [--batch N] [--frames N] [--dtype bf16] [--backend cuda] [--mimi]",
+    {"bench", "[--preset 7b | --config C] [--batch N] [--frames N] [--dtype bf16|fp8|int8] [--backend cuda] [--mimi]",
      ttt_moshi::cmd_bench},
     {"mimi",
      "[encode|decode] --in IN --out OUT [--config MIMI_CFG] [--weights MIMI_W] [--backend cpu|cuda]\n"
@@ -41,8 +42,9 @@ const Command commands[] = {
      ttt_moshi::cmd_mimi},
     {"converse",
      "[--input USER.wav] --out REPLY.wav [--config C] [--weights W] [--mimi-config M]\n"
-     "[--mimi-weights MW] [--tokenizer SPM] [--tail S] [--backend cpu|cuda] [--dtype f32|bf16]",
+     "[--mimi-weights MW] [--tokenizer SPM] [--tail S] [--backend cpu|cuda] [--dtype f32|bf16|fp8|int8]",
      ttt_moshi::cmd_converse},
+    {"quantize", "--weights W --dtype int8|fp8 --out OUT", ttt_moshi::cmd_quantize},
     {"serve",
      "[--config C] [--weights W] [--mimi-config M] [--mimi-weights MW] [--tokenizer SPM]\n"
      "[--host H] [--port P] [--max-sessions N] [--session-dir D] [--auth-token T] [--static-dir D]",

@@ -9,6 +9,7 @@
 // (fp32 accumulation, fp32 norm statistics and softmax).
 #include <cstdint>
 
+#include "ttt/core/quant.hpp"
 #include "ttt/core/tensor.hpp"
 
 namespace ttt {
@@ -289,11 +290,106 @@ Tensor<T, B> fused_linear(const Tensor<T, B>& x, const Tensor<T, B>& w, const Fu
   return y;
 }
 
-// The composition fused_linear stands for, out of the backend's plain kernels: the
-// reference (CPU) and the fallback (large batches on CUDA).
+// ---- quantised weights (weight-only int8 / fp8 e4m3, per output row; core/quant.hpp) ----
+
+namespace detail {
+template <class F, class B>
+void check_quant(const char* op, const QuantWeight<F, B>& w) {
+  TTT_CHECK(w.data.rank() == 2 && w.data.is_contiguous(), op, ": quantised weight must be contiguous [out, in], got ",
+            w.data.shape().str());
+  TTT_CHECK(w.scale.shape() == Shape{w.data.size(0)} && w.scale.is_contiguous(), op, ": scale ",
+            w.scale.shape().str(), " does not match weight ", w.data.shape().str());
+}
+}  // namespace detail
+
+// out = quantised w [N, K]: scale[n] = max_k |w[n, k]| / F::qmax (1 for a zero row), codes
+// F::encode(w / scale). The same bytes on every backend.
+template <class F, class T, class B>
+void quantize_rows(const QuantWeight<F, B>& out, const Tensor<T, B>& w) {
+  TTT_CHECK(w.rank() == 2, "quantize_rows: weight must be [out, in], got ", w.shape().str());
+  detail::check_quant("quantize_rows", out);
+  detail::check_same_shape("quantize_rows", out.data, w.shape());
+  if (w.numel()) Kernels<B>::quantize_rows(out, w.is_contiguous() ? w : w.contiguous());
+}
+template <class F, class T, class B>
+QuantWeight<F, B> quantize_rows(const Tensor<T, B>& w) {
+  TTT_CHECK(w.rank() == 2, "quantize_rows: weight must be [out, in], got ", w.shape().str());
+  QuantWeight<F, B> q{Tensor<uint8_t, B>::empty(w.shape()), Tensor<float, B>::empty({w.size(0)})};
+  quantize_rows(q, w);
+  return q;
+}
+// out [N, K] = scale[n] * decode(q[n, k]), rounded to T.
+template <class T, class F, class B>
+void dequantize(const Tensor<T, B>& out, const QuantWeight<F, B>& w) {
+  detail::check_quant("dequantize", w);
+  detail::check_same_shape("dequantize", out, w.data.shape());
+  TTT_CHECK(out.is_contiguous(), "dequantize: needs a contiguous output");
+  if (out.numel()) Kernels<B>::dequantize(out, w);
+}
+
+// y[.., N] = x[.., K] @ (scale * decode(q))^T (+ beta * y): linear with a quantised weight.
+// fp32 accumulation over x as stored (T) and the decoded codes; the scale multiplies the sum.
+template <class T, class F, class B>
+void linear(const Tensor<T, B>& y, const Tensor<T, B>& x, const QuantWeight<F, B>& w, float beta = 0.f) {
+  detail::check_quant("linear", w);
+  TTT_CHECK(x.rank() >= 1 && x.size(-1) == w.size(1), "linear: input ", x.shape().str(),
+            " does not match quantised weight ", w.shape().str());
+  Shape s = x.shape();
+  s.d[s.rank - 1] = w.size(0);
+  detail::check_same_shape("linear", y, s);
+  if (y.numel() == 0) return;
+  TTT_CHECK(x.is_contiguous() && y.is_contiguous(), "linear: needs contiguous input and output");
+  const int64_t rows = x.numel() / x.size(-1);
+  Kernels<B>::linear_q(y.reshape({rows, w.size(0)}), x.reshape({rows, w.size(1)}), w, beta);
+}
+template <class T, class F, class B>
+void fused_linear(const Tensor<T, B>& y, const Tensor<T, B>& x, const QuantWeight<F, B>& w,
+                  const FusedLinear<T, B>& f) {
+  detail::check_quant("fused_linear", w);
+  TTT_CHECK(x.rank() >= 1 && x.size(-1) == w.size(1), "fused_linear: input ", x.shape().str(),
+            " does not match quantised weight ", w.shape().str());
+  TTT_CHECK(!f.glu || (w.size(0) % 2 == 0 && f.beta == 0.f), "fused_linear: glu needs an even output and beta = 0");
+  const int64_t K = w.size(1), N = f.glu ? w.size(0) / 2 : w.size(0);
+  Shape s = x.shape();
+  s.d[s.rank - 1] = N;
+  detail::check_same_shape("fused_linear", y, s);
+  TTT_CHECK(x.is_contiguous() && y.is_contiguous(), "fused_linear: needs contiguous input and output");
+  if (f.norm != FusedNorm::none) {
+    TTT_CHECK(f.norm_weight.defined() || f.norm == FusedNorm::layer, "fused_linear: RMS norm needs its alpha");
+    TTT_CHECK(!f.norm_weight.defined() || (f.norm_weight.numel() == K && f.norm_weight.is_contiguous()),
+              "fused_linear: norm weight ", f.norm_weight.shape().str(), " does not match width ", K);
+    TTT_CHECK(!f.norm_bias.defined() || (f.norm_bias.numel() == K && f.norm_bias.is_contiguous()),
+              "fused_linear: norm bias ", f.norm_bias.shape().str(), " does not match width ", K);
+  }
+  if (y.numel() == 0) return;
+  const int64_t rows = x.numel() / K;
+  Kernels<B>::fused_linear_q(y.reshape({rows, N}), x.reshape({rows, K}), w, f);
+}
+template <class T, class F, class B>
+Tensor<T, B> fused_linear(const Tensor<T, B>& x, const QuantWeight<F, B>& w, const FusedLinear<T, B>& f) {
+  Shape s = x.shape();
+  TTT_CHECK(s.rank >= 1 && w.data.rank() == 2, "fused_linear: bad ranks");
+  s.d[s.rank - 1] = f.glu ? w.size(0) / 2 : w.size(0);
+  auto y = Tensor<T, B>::empty(s);
+  fused_linear(y, x, w, f);
+  return y;
+}
+
+namespace detail {
 template <class T, class B>
-void fused_linear_unfused(const Tensor<T, B>& y, const Tensor<T, B>& x, const Tensor<T, B>& w,
-                          const FusedLinear<T, B>& f) {
+void linear_kernel(const Tensor<T, B>& y, const Tensor<T, B>& x, const Tensor<T, B>& w, float beta) {
+  Kernels<B>::linear(y, x, w, beta);
+}
+template <class T, class F, class B>
+void linear_kernel(const Tensor<T, B>& y, const Tensor<T, B>& x, const QuantWeight<F, B>& w, float beta) {
+  Kernels<B>::linear_q(y, x, w, beta);
+}
+}  // namespace detail
+
+// The composition fused_linear stands for, out of the backend's plain kernels: the
+// reference (CPU) and the fallback (large batches on CUDA). W: Tensor<T, B> or QuantWeight.
+template <class T, class B, class W>
+void fused_linear_unfused(const Tensor<T, B>& y, const Tensor<T, B>& x, const W& w, const FusedLinear<T, B>& f) {
   Tensor<T, B> xn = x;
   if (f.norm != FusedNorm::none) {
     xn = Tensor<T, B>::empty(x.shape());
@@ -301,11 +397,11 @@ void fused_linear_unfused(const Tensor<T, B>& y, const Tensor<T, B>& x, const Te
     else Kernels<B>::layer_norm(xn, x, f.norm_weight, f.norm_bias, f.eps);
   }
   if (!f.glu) {
-    Kernels<B>::linear(y, xn, w, f.beta);
+    detail::linear_kernel(y, xn, w, f.beta);
     return;
   }
   auto h = Tensor<T, B>::empty({x.size(0), w.size(0)});
-  Kernels<B>::linear(h, xn, w, 0.f);
+  detail::linear_kernel(h, xn, w, 0.f);
   Kernels<B>::glu(y, h, f.act);
 }
 

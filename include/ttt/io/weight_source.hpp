@@ -74,6 +74,25 @@ class WeightSource {
     seed_ = seed;
   }
   bool random_init() const { return random_; }
+
+  // The storage the big linear weights get when they are read as floats (nn::linear_weight
+  // quantises them at load): dense (default), int8 or fp8 e4m3.
+  void set_weight_format(WeightFormat f) { weight_format_ = f; }
+  WeightFormat weight_format() const { return weight_format_; }
+  // The format of a tensor stored quantised (a `<name>_scale` beside it): the metadata key
+  // "ttt.weight_format" of its file (docs/weights.md).
+  WeightFormat quant_format(const std::string& name) const {
+    auto it = where_.find(name);
+    if (it == where_.end()) fail("weights (", description(), "): missing quantised tensor '", name, "'");
+    const auto& md = files_[it->second]->metadata();
+    auto m = md.find("ttt.weight_format");
+    WeightFormat f = WeightFormat::dense;
+    if (m == md.end() || !parse_weight_format(m->second, f) || f == WeightFormat::dense)
+      fail(files_[it->second]->path(), ": tensor '", name, "' has a '", name,
+           "_scale' but the file's metadata 'ttt.weight_format' is ",
+           m == md.end() ? std::string("missing") : "'" + m->second + "'", " (expected int8 or fp8_e4m3)");
+    return f;
+  }
   uint64_t seed() const { return seed_; }
   void set_seed(uint64_t seed) { seed_ = seed; }
 
@@ -234,6 +253,7 @@ class WeightSource {
   bool random_ = false;
   uint64_t seed_ = 0;
   std::vector<std::string> initialised_;
+  WeightFormat weight_format_ = WeightFormat::dense;
 };
 
 }  // namespace ttt::io

@@ -61,6 +61,13 @@ struct InplaceFastWeights {
     c.ebuf = ebuf.clone();
     return c;
   }
+  // Item src_b of `src` (the same layer, any batch) into item dst_b of this one.
+  void copy_item(int64_t dst_b, const InplaceFastWeights& src, int64_t src_b) {
+    W.select(0, dst_b).copy_from(src.W.select(0, src_b));
+    zbuf.select(0, dst_b).copy_from(src.zbuf.select(0, src_b));
+    ebuf.select(0, dst_b).copy_from(src.ebuf.select(0, src_b));
+    offset[size_t(dst_b)] = src.offset[size_t(src_b)];
+  }
   void save(io::SafeTensorsWriter& w, const std::string& key) const {
     w.add(key + ".W", W);
     w.add(key + ".zbuf", zbuf);
@@ -132,7 +139,7 @@ struct InplaceFfnLayer {
     NoArenaScope<B> persistent;
     State s;
     if (streaming) s.ring = p.blk.attn.make_ring(batch);
-    s.mem = InplaceFastWeights<B>::init(ops::cast<float>(p.blk.ff.ffn.w_out[0]).clone(), batch, p.chunk);
+    s.mem = InplaceFastWeights<B>::init(p.blk.ff.ffn.w_out[0].template to_dense<float>().clone(), batch, p.chunk);
     return s;
   }
 
@@ -143,7 +150,7 @@ struct InplaceFfnLayer {
     auto f = ffb.norm2.as_prologue();
     f.glu = true;
     f.act = ffb.ffn.act;
-    auto Z = ops::fused_linear(x, ffb.ffn.w_in[0], f);  // [B, T, Hf]: act(gate) * value of norm2(x)
+    auto Z = nn::fused_linear(x, ffb.ffn.w_in[0], f);  // [B, T, Hf]: act(gate) * value of norm2(x)
     if (x.size(1) == 1) {
       step(p, s.mem, x, Z, in);
       return;

@@ -26,13 +26,15 @@ struct LmModel {
   nn::Embedding<T, B> text_emb;
   typename TemporalT::Params transformer;
   nn::Norm<T, B> out_norm;
-  Tensor<T, B> text_linear, text_linear_bias;
-  std::vector<Tensor<T, B>> depformer_in;
+  nn::LinearWeight<T, B> text_linear;
+  Tensor<T, B> text_linear_bias;
+  std::vector<nn::LinearWeight<T, B>> depformer_in;
   std::vector<nn::Embedding<T, B>> depformer_emb;  // dep_q - 1
   nn::Embedding<T, B> depformer_text_emb;
   typename DepformerT::Params depformer;
   std::vector<nn::Norm<T, B>> depformer_norms;  // empty: identity
-  std::vector<Tensor<T, B>> linears, linears_bias;
+  std::vector<nn::LinearWeight<T, B>> linears;
+  std::vector<Tensor<T, B>> linears_bias;
   std::vector<Tensor<T, B>> extra_heads;  // loaded so checkpoints that have them load cleanly
 
   static LmModel load(const LmConfig& c, io::WeightSource& ws) {
@@ -43,17 +45,21 @@ struct LmModel {
     auto lin = [&](const std::string& name, int64_t out, int64_t in) {
       return nn::weight<T, B>(ws, name, {out, in}, io::Init::normal(1.f / std::sqrt(float(in))));
     };
+    // The output heads and the depformer's input projections take the weight storage too.
+    auto qlin = [&](const std::string& name, int64_t out, int64_t in) {
+      return nn::linear_weight<T, B>(ws, name, {out, in}, io::Init::normal(1.f / std::sqrt(float(in))));
+    };
     for (int64_t i = 0; i < c.n_q; ++i)
       m.emb.push_back(nn::Embedding<T, B>::load(ws, "emb." + std::to_string(i), c.card + 1, D, std::nullopt, c.norm_emb));
     m.text_emb = nn::Embedding<T, B>::load(ws, "text_emb", c.text_card + 1, D, std::nullopt, c.norm_emb);
     m.transformer = TemporalT::load(ws, "transformer", c.transformer, plan.entries, plan.designs, "config");
     m.out_norm = nn::Norm<T, B>::load(ws, "out_norm", D, c.transformer.norm);
-    m.text_linear = lin("text_linear.weight", c.text_card_out, D);
+    m.text_linear = qlin("text_linear.weight", c.text_card_out, D);
     if (c.bias_proj)
       m.text_linear_bias = nn::weight<T, B>(ws, "text_linear.bias", {c.text_card_out}, io::Init::constant(0.f));
     if (c.dep_q > 0) {
       for (int64_t i = 0; i < c.num_depformer_in(); ++i)
-        m.depformer_in.push_back(lin("depformer_in." + std::to_string(i) + ".weight", Dd, D));
+        m.depformer_in.push_back(qlin("depformer_in." + std::to_string(i) + ".weight", Dd, D));
       for (int64_t i = 0; i + 1 < c.dep_q; ++i)
         m.depformer_emb.push_back(nn::Embedding<T, B>::load(ws, "depformer_emb." + std::to_string(i), c.card + 1, Dd,
                                                             c.depformer_low_rank_embeddings, c.norm_emb));
@@ -65,7 +71,7 @@ struct LmModel {
           m.depformer_norms.push_back(nn::Norm<T, B>::load(ws, "depformer_norms." + std::to_string(i), Dd, *c.depformer_norm));
     }
     for (int64_t i = 0; i < c.dep_q; ++i) {
-      m.linears.push_back(lin("linears." + std::to_string(i) + ".weight", c.card, Dd));
+      m.linears.push_back(qlin("linears." + std::to_string(i) + ".weight", c.card, Dd));
       if (c.bias_proj)
         m.linears_bias.push_back(
             nn::weight<T, B>(ws, "linears." + std::to_string(i) + ".bias", {c.card}, io::Init::constant(0.f)));
@@ -116,7 +122,7 @@ struct LmModel {
 
   // Text logits [R, text_card_out] from the normalised temporal output h [R, D].
   Tensor<T, B> text_head(const Tensor<T, B>& h) const {
-    auto logits = ops::linear(h, text_linear);
+    auto logits = nn::linear(h, text_linear);
     if (text_linear_bias.defined()) ops::add_(logits, text_linear_bias);
     return logits;
   }
@@ -124,7 +130,7 @@ struct LmModel {
   // logits [R, card] of codebook k from the depformer output y [R, Dd].
   Tensor<T, B> audio_logits(int64_t k, const Tensor<T, B>& y) const {
     auto yn = depformer_norms.empty() ? y : depformer_norms[size_t(k)](y);
-    auto l = ops::linear(yn, linears[size_t(k)]);
+    auto l = nn::linear(yn, linears[size_t(k)]);
     if (!linears_bias.empty()) ops::add_(l, linears_bias[size_t(k)]);
     return l;
   }
@@ -132,7 +138,7 @@ struct LmModel {
   // Depformer input of codebook k: depformer_in(h) + embedding of the previous token
   // (the text token for k = 0). h [R, D], prev ids [R].
   Tensor<T, B> depformer_input(int64_t k, const Tensor<T, B>& h, const Tensor<int64_t, B>& prev) const {
-    auto x = ops::linear(h, depformer_in[size_t(depformer_in_index(k))]);
+    auto x = nn::linear(h, depformer_in[size_t(depformer_in_index(k))]);
     ops::add_(x, k == 0 ? depformer_text_emb(prev) : depformer_emb[size_t(k - 1)](prev));
     return x;
   }

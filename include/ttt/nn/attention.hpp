@@ -11,6 +11,7 @@
 #include "ttt/backend/ops.hpp"
 #include "ttt/io/safetensors.hpp"
 #include "ttt/io/weight_source.hpp"
+#include "ttt/nn/linear.hpp"
 #include "ttt/nn/module.hpp"
 #include "ttt/nn/norm.hpp"
 #include "ttt/nn/transformer_config.hpp"
@@ -55,6 +56,14 @@ struct KvRing {
     r.pos = pos.clone();
     return r;
   }
+  // Item src_b of `src` (a ring of the same layer, any batch) into item dst_b of this one.
+  void copy_item(int64_t dst_b, const KvRing& src, int64_t src_b) {
+    TTT_CHECK(src.k.shape().d[1] == k.shape().d[1] && src.capacity() == capacity() && src.k.size(3) == k.size(3),
+              "KvRing::copy_item: rings of different layers (", src.k.shape().str(), " vs ", k.shape().str(), ")");
+    k.select(0, dst_b).copy_from(src.k.select(0, src_b));
+    v.select(0, dst_b).copy_from(src.v.select(0, src_b));
+    pos.select(0, dst_b).copy_from(src.pos.select(0, src_b));
+  }
   void save(io::SafeTensorsWriter& w, const std::string& prefix) const {
     w.add(prefix + ".k", k);
     w.add(prefix + ".v", v);
@@ -94,8 +103,8 @@ struct Mha {
   float max_period = 10000.f;
   int64_t context = 0;
   TransformerConfig cfg;
-  std::vector<Tensor<T, B>> in_proj;   // per weight set [D + 2 * kv_dim, D]
-  std::vector<Tensor<T, B>> out_proj;  // per weight set [D, D]
+  std::vector<LinearWeight<T, B>> in_proj;   // per weight set [D + 2 * kv_dim, D]
+  std::vector<LinearWeight<T, B>> out_proj;  // per weight set [D, D]
 
   int64_t qkv_dim() const { return dim + 2 * kv_heads * head_dim; }
   int64_t num_params() const {
@@ -121,18 +130,18 @@ struct Mha {
     // weight.view(mult, -1, in)); fine-tuned ones keep in_projs.{i}.
     for (const char* fused : {".in_proj_weight", ".in_proj.weight"}) {
       if (!ws.has(prefix + fused) || !m.in_proj.empty()) continue;
-      auto w = ws.get<T>(prefix + fused, {sets * Q, D});
-      for (int64_t i = 0; i < sets; ++i) m.in_proj.push_back(to_backend<B>(w.slice(0, i * Q, (i + 1) * Q)));
+      auto w = linear_weight<T, B>(ws, prefix + fused, {sets * Q, D});
+      for (int64_t i = 0; i < sets; ++i) m.in_proj.push_back(w.rows(i * Q, (i + 1) * Q));
     }
     if (m.in_proj.empty())
       for (int64_t i = 0; i < sets; ++i)
-        m.in_proj.push_back(nn::weight<T, B>(ws, prefix + ".in_projs." + std::to_string(i) + ".weight", {Q, D}, init));
+        m.in_proj.push_back(linear_weight<T, B>(ws, prefix + ".in_projs." + std::to_string(i) + ".weight", {Q, D}, init));
     if (ws.has(prefix + ".out_proj.weight")) {
-      auto w = ws.get<T>(prefix + ".out_proj.weight", {sets * D, D});
-      for (int64_t i = 0; i < sets; ++i) m.out_proj.push_back(to_backend<B>(w.slice(0, i * D, (i + 1) * D)));
+      auto w = linear_weight<T, B>(ws, prefix + ".out_proj.weight", {sets * D, D});
+      for (int64_t i = 0; i < sets; ++i) m.out_proj.push_back(w.rows(i * D, (i + 1) * D));
     } else {
       for (int64_t i = 0; i < sets; ++i)
-        m.out_proj.push_back(nn::weight<T, B>(ws, prefix + ".out_projs." + std::to_string(i) + ".weight", {D, D}, init));
+        m.out_proj.push_back(linear_weight<T, B>(ws, prefix + ".out_projs." + std::to_string(i) + ".weight", {D, D}, init));
     }
     return m;
   }
@@ -153,7 +162,7 @@ struct Mha {
     auto qkv = Tensor<T, B>::empty({Bn, Tn, qkv_dim()});
     if (norm && (in_proj.size() == 1 || Tn == 1)) {
       // Norm and projection in one pass (one kernel per step when decoding on CUDA).
-      ops::fused_linear(qkv, x, in_proj[size_t(cfg.weight_index(in_proj.size() == 1 ? 0 : step))], norm->as_prologue());
+      nn::fused_linear(qkv, x, in_proj[size_t(cfg.weight_index(in_proj.size() == 1 ? 0 : step))], norm->as_prologue());
     } else {
       project(qkv, norm ? (*norm)(x) : x, in_proj, step);
     }
@@ -205,24 +214,25 @@ struct Mha {
   }
 
   // out [B, T, N] = x [B, T, K] @ W^T with per-step weights (weights_per_step).
-  void project(const Tensor<T, B>& out, const Tensor<T, B>& x, const std::vector<Tensor<T, B>>& w, int64_t step) const {
+  void project(const Tensor<T, B>& out, const Tensor<T, B>& x, const std::vector<LinearWeight<T, B>>& w,
+               int64_t step) const {
     project_into(out, x, w, step, 0.f);
   }
-  void project_into(const Tensor<T, B>& out, const Tensor<T, B>& x, const std::vector<Tensor<T, B>>& w, int64_t step,
-                    float beta) const {
+  void project_into(const Tensor<T, B>& out, const Tensor<T, B>& x, const std::vector<LinearWeight<T, B>>& w,
+                    int64_t step, float beta) const {
     const int64_t Tn = x.size(1);
     if (w.size() == 1) {
-      ops::linear(out, x, w[0], beta);
+      nn::linear(out, x, w[0], beta);
       return;
     }
     for (int64_t t = 0; t < Tn; ++t) {
       const auto& wt = w[size_t(cfg.weight_index(step + t))];
       if (Tn == 1) {
-        ops::linear(out, x, wt, beta);
+        nn::linear(out, x, wt, beta);
       } else {
         auto xt = x.slice(1, t, t + 1).contiguous();
         auto ot = out.slice(1, t, t + 1).contiguous();
-        ops::linear(ot, xt, wt, beta);
+        nn::linear(ot, xt, wt, beta);
         out.slice(1, t, t + 1).copy_from(ot);
       }
     }

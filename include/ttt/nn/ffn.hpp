@@ -7,6 +7,7 @@
 
 #include "ttt/backend/ops.hpp"
 #include "ttt/io/weight_source.hpp"
+#include "ttt/nn/linear.hpp"
 #include "ttt/nn/module.hpp"
 #include "ttt/nn/transformer_config.hpp"
 
@@ -16,8 +17,8 @@ template <class T, class B>
 struct Ffn {
   bool gated = false;
   Unary act = Unary::gelu;
-  std::vector<Tensor<T, B>> w_in;   // per weight set: [2H, D] gated, [F, D] plain
-  std::vector<Tensor<T, B>> w_out;  // per weight set: [D, H] gated, [D, F] plain
+  std::vector<LinearWeight<T, B>> w_in;   // per weight set: [2H, D] gated, [F, D] plain
+  std::vector<LinearWeight<T, B>> w_out;  // per weight set: [D, H] gated, [D, F] plain
 
   int64_t hidden(int64_t set = 0) const { return w_out[size_t(set)].size(1); }
   int64_t num_params() const {
@@ -40,11 +41,11 @@ struct Ffn {
         // between moshi, candle and mlx for unusual sizes).
         int64_t H = c.gated_hidden(dff);
         if (ws.has(p + ".linear_out.weight")) H = ws.shape_of(p + ".linear_out.weight").d[1];
-        f.w_in.push_back(nn::weight<T, B>(ws, p + ".linear_in.weight", {2 * H, D}, io::Init::normal(1.f / std::sqrt(float(D)))));
-        f.w_out.push_back(nn::weight<T, B>(ws, p + ".linear_out.weight", {D, H}, io::Init::normal(1.f / std::sqrt(float(H)))));
+        f.w_in.push_back(nn::linear_weight<T, B>(ws, p + ".linear_in.weight", {2 * H, D}, io::Init::normal(1.f / std::sqrt(float(D)))));
+        f.w_out.push_back(nn::linear_weight<T, B>(ws, p + ".linear_out.weight", {D, H}, io::Init::normal(1.f / std::sqrt(float(H)))));
       } else {
-        f.w_in.push_back(nn::weight<T, B>(ws, prefix + ".linear1.weight", {dff, D}, io::Init::normal(1.f / std::sqrt(float(D)))));
-        f.w_out.push_back(nn::weight<T, B>(ws, prefix + ".linear2.weight", {D, dff}, io::Init::normal(1.f / std::sqrt(float(dff)))));
+        f.w_in.push_back(nn::linear_weight<T, B>(ws, prefix + ".linear1.weight", {dff, D}, io::Init::normal(1.f / std::sqrt(float(D)))));
+        f.w_out.push_back(nn::linear_weight<T, B>(ws, prefix + ".linear2.weight", {D, dff}, io::Init::normal(1.f / std::sqrt(float(dff)))));
       }
     }
     return f;
@@ -58,13 +59,13 @@ struct Ffn {
     Shape hs = x.shape();
     hs.d[hs.rank - 1] = wi.size(0);
     auto h = Tensor<T, B>::empty(hs);
-    ops::linear(h, x, wi);
+    nn::linear(h, x, wi);
     if (gated) {
       auto g = ops::glu(h, act);
-      ops::linear(out, g, wo, beta);
+      nn::linear(out, g, wo, beta);
     } else {
       ops::unary(h, h, act);
-      ops::linear(out, h, wo, beta);
+      nn::linear(out, h, wo, beta);
     }
   }
 };

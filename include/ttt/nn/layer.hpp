@@ -42,6 +42,7 @@
 #include "ttt/io/weight_source.hpp"
 #include "ttt/nn/attention.hpp"
 #include "ttt/nn/ffn.hpp"
+#include "ttt/nn/linear.hpp"
 #include "ttt/nn/norm.hpp"
 #include "ttt/nn/transformer_config.hpp"
 
@@ -82,15 +83,8 @@ struct LayerInput {
 // so the residual add stays fused into the projection (linear with beta 1) and a streaming step
 // launches no separate scale and add. Each weight set becomes a new tensor (the loaded one may
 // be a read-only view of a mapped file). In float the product differs from scaling the output
-// by one rounding of each weight.
-template <class T, class B>
-void fold_layer_scale(std::vector<Tensor<T, B>>& weights, const Tensor<T, B>& scale) {
-  for (auto& w : weights) {
-    auto folded = Tensor<T, B>::empty(w.shape());  // [D, H]: row o scaled by scale[o]
-    ops::binary(folded, w, scale.reshape({w.size(0), 1}).expand(w.shape()), Binary::mul);
-    w = folded;
-  }
-}
+// by one rounding of each weight. (fold_layer_scale, nn/linear.hpp: on a quantised weight it
+// scales the row scales.)
 
 template <class T, class B>
 int64_t count_params(const Tensor<T, B>& t) {
@@ -129,12 +123,12 @@ struct FfnBlock {
         auto f = norm2.as_prologue();
         f.glu = true;
         f.act = ffn.act;
-        h = ops::fused_linear(x, ffn.w_in[size_t(set)], f);
+        h = nn::fused_linear(x, ffn.w_in[size_t(set)], f);
       } else {
-        h = ops::fused_linear(x, ffn.w_in[size_t(set)], norm2.as_prologue());
+        h = nn::fused_linear(x, ffn.w_in[size_t(set)], norm2.as_prologue());
         ops::unary(h, h, ffn.act);
       }
-      ops::linear(x, h, ffn.w_out[size_t(set)], 1.f);  // LayerScale folded into w_out
+      nn::linear(x, h, ffn.w_out[size_t(set)], 1.f);  // LayerScale folded into w_out
       return;
     }
     auto xn = norm2(x);

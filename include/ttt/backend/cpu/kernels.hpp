@@ -46,6 +46,11 @@ std::vector<float> to_float_rows(const Tensor<T, Cpu>& t) {
   return out;
 }
 
+// A row of 1-byte codes decoded through a 256-entry table (quantised weights).
+inline void decode_row(const float* table, const uint8_t* codes, int64_t n, float* out) {
+  for (int64_t k = 0; k < n; ++k) out[k] = table[codes[k]];
+}
+
 using RowMajorMap = Eigen::Map<const Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>, 0,
                                Eigen::Stride<Eigen::Dynamic, Eigen::Dynamic>>;
 using RowMajorMutMap = Eigen::Map<Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>, 0,
@@ -250,6 +255,69 @@ struct Kernels<Cpu> {
   template <class T>
   static void fused_linear(const Tensor<T, Cpu>& y, const Tensor<T, Cpu>& x, const Tensor<T, Cpu>& w,
                            const FusedLinear<T, Cpu>& f) {
+    ops::fused_linear_unfused(y, x, w, f);
+  }
+
+  // Quantised weights (core/quant.hpp): rows decoded to float one at a time, as linear
+  // converts bf16 rows, then the same dot products; the row scale multiplies each sum.
+  template <class F, class T>
+  static void quantize_rows(const QuantWeight<F, Cpu>& out, const Tensor<T, Cpu>& w) {
+    const int64_t N = w.size(0), K = w.size(1);
+    const T* wp = w.data();
+    uint8_t* codes = out.data.data();
+    float* scales = out.scale.data();
+#pragma omp parallel for schedule(static) if (N * K > (int64_t(1) << 16))
+    for (int64_t n = 0; n < N; ++n) {
+      const T* src = wp + n * K;
+      float amax = 0.f;
+      for (int64_t k = 0; k < K; ++k) amax = std::max(amax, std::fabs(to_f32(src[k])));
+      const float s = amax > 0.f ? amax / F::qmax : 1.f;
+      uint8_t* dst = codes + n * K;
+      for (int64_t k = 0; k < K; ++k) dst[k] = F::encode(to_f32(src[k]) / s);
+      scales[n] = s;
+    }
+  }
+  template <class T, class F>
+  static void dequantize(const Tensor<T, Cpu>& out, const QuantWeight<F, Cpu>& w) {
+    const int64_t N = w.size(0), K = w.size(1);
+    for (int64_t n = 0; n < N; ++n) {
+      const float s = w.scale.data()[n];
+      for (int64_t k = 0; k < K; ++k) out.data()[n * K + k] = from_f32<T>(s * F::decode(w.data.data()[n * K + k]));
+    }
+  }
+  template <class T, class F>
+  static void linear_q(const Tensor<T, Cpu>& y, const Tensor<T, Cpu>& x, const QuantWeight<F, Cpu>& w, float beta) {
+    const int64_t R = x.size(0), K = x.size(1), N = w.size(0);
+    const std::vector<float> xbuf = cpu::to_float_rows(x);
+    std::vector<float> table(256);  // decode once per code, not per element
+    for (int c = 0; c < 256; ++c) table[size_t(c)] = F::decode(uint8_t(c));
+    const uint8_t* codes = w.data.data();
+    const float* scales = w.scale.data();
+    const float* tab = table.data();
+    const float* xs = xbuf.data();
+    T* yp = y.data();
+    using Vec = Eigen::Map<const Eigen::Matrix<float, Eigen::Dynamic, 1>>;
+    const int nt = N * K * R > (int64_t(1) << 15) ? cpu::num_threads() : 1;
+#pragma omp parallel num_threads(nt) if (nt > 1)
+    {
+      std::vector<float> wrow(static_cast<size_t>(K));
+#pragma omp for schedule(static)
+      for (int64_t n = 0; n < N; ++n) {
+        cpu::decode_row(tab, codes + n * K, K, wrow.data());
+        const Vec wv(wrow.data(), K);
+        const float s = scales[n];
+        for (int64_t r = 0; r < R; ++r) {
+          float v = s * wv.dot(Vec(xs + r * K, K));
+          T* py = yp + r * N + n;
+          if (beta != 0.f) v += beta * to_f32(*py);
+          *py = from_f32<T>(v);
+        }
+      }
+    }
+  }
+  template <class T, class F>
+  static void fused_linear_q(const Tensor<T, Cpu>& y, const Tensor<T, Cpu>& x, const QuantWeight<F, Cpu>& w,
+                             const FusedLinear<T, Cpu>& f) {
     ops::fused_linear_unfused(y, x, w, f);
   }
 
@@ -571,7 +639,9 @@ struct Kernels<Cpu> {
   static void sample(const Tensor<int64_t, Cpu>& out, const Tensor<T, Cpu>& logits, const SampleParams& p,
                      const Tensor<int64_t, Cpu>& counter) {
     const int64_t N = logits.size(0), V = logits.size(1);
-    const uint64_t ctr = uint64_t(counter.data()[0]) * 64u + p.salt;
+    // Per-row parameters key the draw on (seed, counter) of the row and the token only;
+    // the scalar ones on the shared counter and row * V + token (see SampleParams).
+    const bool rows = p.row_counter != nullptr;
     std::vector<int64_t> idx(static_cast<size_t>(V));
     for (int64_t r = 0; r < N; ++r) {
       const T* l = logits.data() + r * logits.stride(0);
@@ -579,8 +649,13 @@ struct Kernels<Cpu> {
         float x = to_f32(l[i]);
         return std::isnan(x) ? -std::numeric_limits<float>::infinity() : x;
       };
-      const int64_t k = (p.top_k <= 0 || p.top_k > V) ? V : p.top_k;
-      if (p.temperature <= 0.f || k == 1) {
+      const float temperature = rows ? p.row_temperature[r] : p.temperature;
+      const int64_t top_k = rows ? p.row_top_k[r] : p.top_k;
+      const uint64_t seed = rows ? uint64_t(p.row_seed[r]) : p.seed;
+      const uint64_t ctr = uint64_t(rows ? p.row_counter[r] : counter.data()[0]) * 64u + p.salt;
+      const uint64_t key0 = rows ? 0 : uint64_t(r * V);
+      const int64_t k = (top_k <= 0 || top_k > V) ? V : top_k;
+      if (!(temperature > 0.f) || k == 1) {
         int64_t best = 0;
         for (int64_t i = 1; i < V; ++i)
           if (lv(i) > lv(best)) best = i;
@@ -595,8 +670,8 @@ struct Kernels<Cpu> {
       for (int64_t j = 0; j < k; ++j) m = std::max(m, lv(idx[size_t(j)]));
       // log(p_i / E_i) up to a constant: (l_i - m) / temp - log(E_i).
       auto score_of = [&](int64_t i) {
-        const float e = Philox::exponential(p.seed, ctr, uint64_t(r * V + i));
-        return (lv(i) - m) / p.temperature - std::log(e);
+        const float e = Philox::exponential(seed, ctr, key0 + uint64_t(i));
+        return (lv(i) - m) / temperature - std::log(e);
       };
       // The race starts from the top token (first index of the maximum), not from
       // nth_element's arbitrary idx[0]: when m is infinite the top's score is NaN, no

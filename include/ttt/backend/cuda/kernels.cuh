@@ -11,6 +11,7 @@
 #include "ttt/backend/cuda/kernels/conv.cuh"
 #include "ttt/backend/cuda/kernels/elementwise.cuh"
 #include "ttt/backend/cuda/kernels/linear.cuh"
+#include "ttt/backend/cuda/kernels/linear_quant.cuh"
 #include "ttt/backend/cuda/kernels/random.cuh"
 #include "ttt/backend/cuda/kernels/rows.cuh"
 #include "ttt/backend/cuda/kernels/vq.cuh"

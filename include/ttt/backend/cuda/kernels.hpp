@@ -38,6 +38,16 @@ struct Kernels<Cuda> {
   template <class T>
   static void fused_linear(const Tensor<T, Cuda>& y, const Tensor<T, Cuda>& x, const Tensor<T, Cuda>& w,
                            const FusedLinear<T, Cuda>& f);
+  // Quantised weights (core/quant.hpp; backend/cuda/kernels/linear_quant.cuh).
+  template <class F, class T>
+  static void quantize_rows(const QuantWeight<F, Cuda>& out, const Tensor<T, Cuda>& w);
+  template <class T, class F>
+  static void dequantize(const Tensor<T, Cuda>& out, const QuantWeight<F, Cuda>& w);
+  template <class T, class F>
+  static void linear_q(const Tensor<T, Cuda>& y, const Tensor<T, Cuda>& x, const QuantWeight<F, Cuda>& w, float beta);
+  template <class T, class F>
+  static void fused_linear_q(const Tensor<T, Cuda>& y, const Tensor<T, Cuda>& x, const QuantWeight<F, Cuda>& w,
+                             const FusedLinear<T, Cuda>& f);
   template <class T>
   static void reduce(const Tensor<T, Cuda>& out, const Tensor<T, Cuda>& in, Reduce op);
   template <class T>

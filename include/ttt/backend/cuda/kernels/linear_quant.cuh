@@ -1,0 +1,386 @@
+#pragma once
+// Kernels<Cuda> for quantised weights (nvcc only; formats in core/quant.hpp): per-row
+// quantisation, dequantisation, and linear / fused_linear with an int8 or fp8 e4m3 weight.
+//  - up to kGemvQMaxRows input rows (decoding): a GEMV that streams the 1-byte codes with
+//    16-byte loads (16 weights per lane and load), decodes them in registers, accumulates in
+//    fp32 against x staged in shared memory (with fused_linear's norm prologue) and applies
+//    the row scale once per output (with the GLU epilogue);
+//  - more rows (prefill, teacher forcing): the weight is dequantised to a T tile of the
+//    step's arena and the dense path (cuBLAS) runs on it.
+#include <cuda_fp16.h>
+#include <cuda_fp8.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdint>
+
+#include "ttt/backend/cuda/context.hpp"
+#include "ttt/backend/cuda/device.cuh"
+#include "ttt/backend/cuda/kernels.hpp"
+#include "ttt/backend/cuda/kernels/linear.cuh"
+#include "ttt/backend/math.hpp"
+#include "ttt/backend/ops.hpp"
+#include "ttt/core/quant.hpp"
+
+namespace ttt {
+namespace cuda::kernels {
+
+using namespace device;
+
+// ---- quantise / dequantise -----------------------------------------------------------
+
+template <class T>
+struct QuantizeParams {
+  const T* w;  // [N, K]
+  uint8_t* q;  // [N, K]
+  float* scale;  // [N]
+  int64_t N, K;
+};
+
+// One block per row: |w| maximum, then the codes (the CPU's formula, same bytes).
+template <class F, class T>
+__global__ void __launch_bounds__(kRowThreads) quantize_rows_kernel(const QuantizeParams<T> p) {
+  for (int64_t n = blockIdx.x; n < p.N; n += gridDim.x) {
+    const T* src = p.w + n * p.K;
+    float amax = 0.f;
+    for (int64_t k = threadIdx.x; k < p.K; k += kRowThreads) amax = fmaxf(amax, fabsf(to_f32(src[k])));
+    amax = block_all_reduce<kRowThreads>(amax, [](float a, float b) { return fmaxf(a, b); });
+    const float s = amax > 0.f ? amax / F::qmax : 1.f;
+    for (int64_t k = threadIdx.x; k < p.K; k += kRowThreads) p.q[n * p.K + k] = F::encode(to_f32(src[k]) / s);
+    if (threadIdx.x == 0) p.scale[n] = s;
+  }
+}
+
+template <class T>
+struct DequantizeParams {
+  const uint8_t* q;
+  const float* scale;
+  T* out;
+  int64_t N, K;
+};
+
+template <class F, class T>
+__global__ void dequantize_kernel(const DequantizeParams<T> p) {
+  const int64_t total = p.N * p.K;
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x)
+    p.out[i] = from_f32<T>(p.scale[i / p.K] * F::decode(p.q[i]));
+}
+
+// ---- decoding 16 codes in registers ----------------------------------------------------
+
+// int8: byte b biased to unsigned (b ^ 0x80) placed in a float's low mantissa bits:
+// 2^23 + (b + 128) exactly; subtracting 2^23 + 128 leaves b. Two instructions per weight.
+// fp8 e4m3: the hardware's exact e4m3x2 -> f16x2 conversion (sm_89+), then to float.
+// Both equal F::decode bit for bit.
+template <class F>
+__device__ __forceinline__ void decode16(const uint4& u, float (&out)[16]) {
+  const uint32_t w[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    if constexpr (std::is_same_v<F, Int8>) {
+      const uint32_t b = w[j] ^ 0x80808080u;
+#pragma unroll
+      for (int i = 0; i < 4; ++i)
+        out[4 * j + i] = __uint_as_float(__byte_perm(b, 0x4B00u, 0x5440u + unsigned(i))) - 8388736.f;
+    } else {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
+      const __half2_raw lo = __nv_cvt_fp8x2_to_halfraw2(__nv_fp8x2_storage_t(w[j] & 0xFFFFu), __NV_E4M3);
+      const __half2_raw hi = __nv_cvt_fp8x2_to_halfraw2(__nv_fp8x2_storage_t(w[j] >> 16), __NV_E4M3);
+      const float2 a = __half22float2(__half2(lo)), b = __half22float2(__half2(hi));
+      out[4 * j] = a.x, out[4 * j + 1] = a.y, out[4 * j + 2] = b.x, out[4 * j + 3] = b.y;
+#else
+#pragma unroll
+      for (int i = 0; i < 4; ++i) out[4 * j + i] = F::decode(uint8_t(w[j] >> (8 * i)));
+#endif
+    }
+  }
+}
+
+// ---- GEMV with a quantised weight (R <= 8) -----------------------------------------------
+
+constexpr int kGemvQThreads = 256, kGemvQWarps = kGemvQThreads / 32, kGemvQRowsPerWarp = 2;
+constexpr int kGemvQTileBytes = 4096;  // x per row and tile, as T (32 KiB for 8 rows)
+constexpr int kGemvQMaxRows = 8;
+
+template <class T>
+struct GemvQParams {
+  const uint8_t* w;    // [N, K] codes
+  const float* scale;  // [N]
+  const T* x;          // [R, K]
+  T* y;                // [R, N] ([R, N / 2] with glu)
+  int64_t N, K;
+  int R;
+  float beta;
+  bool vec;  // code rows 16-byte aligned (K % 16 == 0): vector loads
+  GemvNorm norm = GemvNorm::none;
+  const T* norm_w = nullptr;
+  const T* norm_b = nullptr;
+  float eps = 0.f;
+  bool glu = false;
+  Unary act = Unary::identity;
+  int split = 1;
+};
+
+// The bf16 GEMV's structure (linear.cuh): a warp streams two rows (or a GLU gate/value
+// pair), `split` warps share a row group for small matrices, x is staged (normalised) per
+// tile. A lane's 16-byte chunk holds 16 codes, matched with 16 x values from shared memory.
+template <class T, class F, int kR>
+__global__ void __launch_bounds__(kGemvQThreads) gemv_q_kernel(const GemvQParams<T> p) {
+  constexpr int kTile = kGemvQTileBytes / int(sizeof(T));  // elements of x (and codes) per tile
+  constexpr int kLoads = kTile / 16 / 32;
+  constexpr int kXv = kVec<T>;
+  __shared__ __align__(16) unsigned char xs_raw[kR * kGemvQTileBytes];
+  __shared__ float stat_mu[kR], stat_scale[kR];
+  __shared__ float partial[kGemvQWarps][kGemvQRowsPerWarp][kR];
+  T* xs = reinterpret_cast<T*>(xs_raw);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int S = p.split, groups = kGemvQWarps / S, group = warp / S, slice = warp % S;
+  const int64_t H = p.N / 2;
+  const int64_t per_group = p.glu ? 1 : kGemvQRowsPerWarp;
+  const int64_t o0 = (int64_t(blockIdx.x) * groups + group) * per_group;
+  int64_t wrow[kGemvQRowsPerWarp];
+  bool wok[kGemvQRowsPerWarp];
+#pragma unroll
+  for (int i = 0; i < kGemvQRowsPerWarp; ++i) {
+    wrow[i] = p.glu ? (i == 0 ? o0 : o0 + H) : o0 + i;
+    wok[i] = p.glu ? o0 < H : wrow[i] < p.N;
+  }
+
+  uint4 wv[kGemvQRowsPerWarp][kLoads];
+  auto load_w = [&](int64_t k0, int len) {
+    const int chunks = len / 16;
+#pragma unroll
+    for (int i = 0; i < kGemvQRowsPerWarp; ++i)
+#pragma unroll
+      for (int c = 0; c < kLoads; ++c) {
+        const int ch = c * 32 + lane;
+        wv[i][c] = (c % S == slice && wok[i] && ch < chunks)
+                       ? __ldg(reinterpret_cast<const uint4*>(p.w + wrow[i] * p.K + k0) + ch)
+                       : make_uint4(0, 0, 0, 0);
+      }
+  };
+  if (p.vec) load_w(0, int(min64(kTile, p.K)));
+
+  if (p.norm != GemvNorm::none) {
+    // Statistics as the bf16 GEMV (and the standalone norm kernels) compute them.
+    if (warp < p.R) {
+      const T* xr = p.x + warp * p.K;
+      const bool vx = aligned16(xr) && p.K % kXv == 0;
+      auto each = [&](auto&& f) {
+        if (vx) {
+          for (int64_t c = lane; c < p.K / kXv; c += 32) {
+            float v[kXv];
+            load16(xr + c * kXv, v);
+#pragma unroll
+            for (int j = 0; j < kXv; ++j) f(v[j]);
+          }
+        } else {
+          for (int64_t j = lane; j < p.K; j += 32) f(to_f32(xr[j]));
+        }
+      };
+      float s = 0.f, ss = 0.f;
+      if (p.norm == GemvNorm::layer) {
+        each([&](float v) { s += v; });
+        s = warp_sum(s);
+      }
+      const float mu = p.norm == GemvNorm::layer ? s / float(p.K) : 0.f;
+      each([&](float v) { ss += (v - mu) * (v - mu); });
+      ss = warp_sum(ss);
+      if (lane == 0) {
+        stat_mu[warp] = mu;
+        stat_scale[warp] = p.norm == GemvNorm::layer ? 1.f / sqrtf(ss / float(p.K) + p.eps)
+                                                      : 1.f / sqrtf(p.eps + ss / float(p.K));
+      }
+    }
+    __syncthreads();
+  }
+
+  float acc[kGemvQRowsPerWarp][kR];
+#pragma unroll
+  for (int i = 0; i < kGemvQRowsPerWarp; ++i)
+#pragma unroll
+    for (int r = 0; r < kR; ++r) acc[i][r] = 0.f;
+
+  for (int64_t k0 = 0; k0 < p.K; k0 += kTile) {
+    const int len = int(min64(kTile, p.K - k0));
+    if (p.vec && k0 > 0) load_w(k0, len);
+    __syncthreads();
+    for (int i = threadIdx.x; i < kR * len; i += kGemvQThreads) {
+      const int r = i / len, j = i - r * len;
+      T v{};
+      if (r < p.R) {
+        v = p.x[r * p.K + k0 + j];
+        if (p.norm == GemvNorm::rms) {
+          v = from_f32<T>(to_f32(v) * (to_f32(p.norm_w[k0 + j]) * stat_scale[r]));
+        } else if (p.norm == GemvNorm::layer) {
+          float f = (to_f32(v) - stat_mu[r]) * stat_scale[r];
+          if (p.norm_w) f *= to_f32(p.norm_w[k0 + j]);
+          if (p.norm_b) f += to_f32(p.norm_b[k0 + j]);
+          v = from_f32<T>(f);
+        }
+      }
+      xs[r * kTile + j] = v;
+    }
+    __syncthreads();
+    if (p.vec) {
+      const int chunks = len / 16;
+#pragma unroll
+      for (int c = 0; c < kLoads; ++c) {
+        const int ch = c * 32 + lane;
+        if (c % S == slice && ch < chunks) {
+          float wf[kGemvQRowsPerWarp][16];
+#pragma unroll
+          for (int i = 0; i < kGemvQRowsPerWarp; ++i) decode16<F>(wv[i][c], wf[i]);
+#pragma unroll
+          for (int r = 0; r < kR; ++r) {
+#pragma unroll
+            for (int h = 0; h < 16 / kXv; ++h) {
+              float xf[kXv];
+              load16(xs + r * kTile + ch * 16 + h * kXv, xf);
+#pragma unroll
+              for (int i = 0; i < kGemvQRowsPerWarp; ++i)
+#pragma unroll
+                for (int j = 0; j < kXv; ++j) acc[i][r] += wf[i][h * kXv + j] * xf[j];
+            }
+          }
+        }
+      }
+    } else {
+      for (int j = lane + 32 * slice; j < len; j += 32 * S) {
+#pragma unroll
+        for (int i = 0; i < kGemvQRowsPerWarp; ++i) {
+          if (!wok[i]) continue;
+          const float wf = F::decode(p.w[wrow[i] * p.K + k0 + j]);
+#pragma unroll
+          for (int r = 0; r < kR; ++r) acc[i][r] += wf * to_f32(xs[r * kTile + j]);
+        }
+      }
+    }
+  }
+#pragma unroll
+  for (int i = 0; i < kGemvQRowsPerWarp; ++i)
+#pragma unroll
+    for (int r = 0; r < kR; ++r) {
+      acc[i][r] = warp_sum(acc[i][r]);
+      if (S > 1 && lane == 0) partial[warp][i][r] = acc[i][r];
+    }
+  if (S > 1) {
+    __syncthreads();
+    if (slice == 0 && lane == 0)
+#pragma unroll
+      for (int i = 0; i < kGemvQRowsPerWarp; ++i)
+#pragma unroll
+        for (int r = 0; r < kR; ++r) {
+          float v = 0.f;
+          for (int s2 = 0; s2 < S; ++s2) v += partial[group * S + s2][i][r];
+          acc[i][r] = v;
+        }
+  }
+  if (slice != 0 || lane != 0) return;
+  float sc[kGemvQRowsPerWarp];
+#pragma unroll
+  for (int i = 0; i < kGemvQRowsPerWarp; ++i) sc[i] = wok[i] ? p.scale[wrow[i]] : 0.f;
+  if (p.glu) {
+    if (o0 >= H) return;
+#pragma unroll
+    for (int r = 0; r < kR; ++r) {
+      if (r >= p.R) break;
+      const float g = to_f32(from_f32<T>(sc[0] * acc[0][r])), u = to_f32(from_f32<T>(sc[1] * acc[1][r]));
+      p.y[r * H + o0] = from_f32<T>(math::apply(p.act, g, 1.f) * u);
+    }
+    return;
+  }
+#pragma unroll
+  for (int i = 0; i < kGemvQRowsPerWarp; ++i)
+#pragma unroll
+    for (int r = 0; r < kR; ++r) {
+      if (wok[i] && r < p.R) {
+        T* y = p.y + r * p.N + wrow[i];
+        const float v = sc[i] * acc[i][r];
+        *y = from_f32<T>(p.beta != 0.f ? v + p.beta * to_f32(*y) : v);
+      }
+    }
+}
+
+template <class T, class F>
+void launch_gemv_q(GemvQParams<T> p) {
+  const int64_t outs = p.glu ? p.N / 2 : p.N;
+  const int64_t per_group = p.glu ? 1 : kGemvQRowsPerWarp;
+  const int64_t chunk_groups =
+      std::max<int64_t>(1, (std::min<int64_t>(p.K, kGemvQTileBytes / int64_t(sizeof(T))) / 16 + 31) / 32);
+  const int64_t want = 2 * int64_t(Context::get().sm_count());
+  int S = 1;
+  auto blocks_for = [&](int s) { return (outs + (kGemvQWarps / s) * per_group - 1) / ((kGemvQWarps / s) * per_group); };
+  while (S < kGemvQWarps && blocks_for(S) < want && chunk_groups >= 2 * S) S *= 2;
+  p.split = S;
+  const unsigned grid = unsigned(blocks_for(S));
+  if (grid == 0) return;
+  if (p.R <= 1) launch(gemv_q_kernel<T, F, 1>, grid, kGemvQThreads, 0, 1, p);
+  else if (p.R <= 2) launch(gemv_q_kernel<T, F, 2>, grid, kGemvQThreads, 0, 1, p);
+  else if (p.R <= 4) launch(gemv_q_kernel<T, F, 4>, grid, kGemvQThreads, 0, 1, p);
+  else launch(gemv_q_kernel<T, F, 8>, grid, kGemvQThreads, 0, 1, p);
+}
+
+template <class T, class F>
+GemvQParams<T> gemv_q_params(const Tensor<T, Cuda>& y, const Tensor<T, Cuda>& x, const QuantWeight<F, Cuda>& w,
+                             float beta) {
+  const int64_t K = x.size(1);
+  return GemvQParams<T>{w.data.data(), w.scale.data(), x.data(), y.data(), w.size(0), K, int(x.size(0)), beta,
+                        aligned16(w.data.data()) && K % 16 == 0};
+}
+
+// The weight as T in the step's arena (or the allocator's cache), for the dense path.
+template <class T, class F>
+Tensor<T, Cuda> dequantized(const QuantWeight<F, Cuda>& w) {
+  auto d = Tensor<T, Cuda>::empty(w.shape());
+  Kernels<Cuda>::dequantize(d, w);
+  return d;
+}
+
+}  // namespace cuda::kernels
+
+template <class F, class T>
+void Kernels<Cuda>::quantize_rows(const QuantWeight<F, Cuda>& out, const Tensor<T, Cuda>& w) {
+  using namespace cuda::kernels;
+  const int64_t N = w.size(0);
+  QuantizeParams<T> p{w.data(), out.data.data(), out.scale.data(), N, w.size(1)};
+  launch(quantize_rows_kernel<F, T>, unsigned(std::min<int64_t>(N, 65535)), kRowThreads, 0, 1, p);
+}
+
+template <class T, class F>
+void Kernels<Cuda>::dequantize(const Tensor<T, Cuda>& out, const QuantWeight<F, Cuda>& w) {
+  using namespace cuda::kernels;
+  DequantizeParams<T> p{w.data.data(), w.scale.data(), out.data(), w.size(0), w.size(1)};
+  launch(dequantize_kernel<F, T>, grid_for(w.numel(), 256, 8), 256, 0, 1, p);
+}
+
+template <class T, class F>
+void Kernels<Cuda>::linear_q(const Tensor<T, Cuda>& y, const Tensor<T, Cuda>& x, const QuantWeight<F, Cuda>& w,
+                             float beta) {
+  using namespace cuda::kernels;
+  if (x.size(0) <= kGemvQMaxRows) {
+    launch_gemv_q<T, F>(gemv_q_params(y, x, w, beta));
+    return;
+  }
+  linear(y, x, dequantized<T>(w), beta);
+}
+
+template <class T, class F>
+void Kernels<Cuda>::fused_linear_q(const Tensor<T, Cuda>& y, const Tensor<T, Cuda>& x, const QuantWeight<F, Cuda>& w,
+                                   const FusedLinear<T, Cuda>& f) {
+  using namespace cuda::kernels;
+  if (x.size(0) > kGemvQMaxRows) {
+    ops::fused_linear_unfused(y, x, dequantized<T>(w), f);
+    return;
+  }
+  auto p = gemv_q_params(y, x, w, f.beta);
+  p.norm = f.norm == FusedNorm::rms ? GemvNorm::rms : f.norm == FusedNorm::layer ? GemvNorm::layer : GemvNorm::none;
+  p.norm_w = f.norm_weight.defined() ? f.norm_weight.data() : nullptr;
+  p.norm_b = f.norm_bias.defined() ? f.norm_bias.data() : nullptr;
+  p.eps = f.eps;
+  p.glu = f.glu;
+  p.act = f.act;
+  launch_gemv_q<T, F>(p);
+}
+
+}  // namespace ttt
