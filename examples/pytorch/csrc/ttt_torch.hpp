@@ -99,7 +99,7 @@ at::Tensor forward(const at::Tensor& x_in, const std::vector<at::Tensor>& params
     auto y = ttt::layers::ttt_forward_train<float, B>(p, view_of<B>(x), nullptr);
     return to_torch(y, x.options()).to(x_in.scalar_type());
   } catch (const ttt::Error& e) {
-    TORCH_CHECK(false, e.what());
+    TORCH_CHECK(false, "ttt op: ", e.what());
   }
 }
 
@@ -126,7 +126,7 @@ std::vector<at::Tensor> backward(const at::Tensor& x_in, const std::vector<at::T
     }
     return out;
   } catch (const ttt::Error& e) {
-    TORCH_CHECK(false, e.what());
+    TORCH_CHECK(false, "ttt op: ", e.what());
   }
 }
 
