@@ -63,6 +63,7 @@ class Segment:
         self.errors = []
         self.close_code = None
         self.first_reply_at = None
+        self.other = []   # non-binary WebSocket messages (for diagnostics)
 
 
 class Conversation:
@@ -136,6 +137,7 @@ class Conversation:
         try:
             async for msg in ws:
                 if msg.type != aiohttp.WSMsgType.BINARY or not msg.data:
+                    seg.other.append((msg.type, msg.data, msg.extra))
                     continue
                 kind, payload = msg.data[0], msg.data[1:]
                 if first and kind != 0 and kind != 5:
@@ -158,6 +160,8 @@ class Conversation:
         finally:
             sender.cancel()
             seg.close_code = ws.close_code
+            if ws.exception() is not None:
+                seg.other.append(("exception", repr(ws.exception())))
             await ws.close()
 
 
@@ -227,7 +231,8 @@ async def run(args):
             # 2. SIGTERM instance 1: it saves, closes, exits 0; its conversations resume on 2.
             b_before = {c.name: c.segments[0].audio_samples for c in on_b}
             t_term = time.monotonic()
-            rc = a.stop(signal.SIGTERM)
+            # (in a thread: the clients keep streaming meanwhile)
+            rc = await asyncio.to_thread(a.stop, signal.SIGTERM)
             print(f"  instance 1 saved and exited {time.monotonic() - t_term:.2f} s after SIGTERM")
             check(rc == 0, "instance 1 exits 0 on SIGTERM")
             saved = {}
@@ -255,12 +260,13 @@ async def run(args):
             for c in on_b:
                 check(len(c.segments) == 1 and c.segments[0].audio_samples > b_before[c.name],
                       f"{c.name} on moshi2 continued undisturbed ({b_before[c.name]} -> "
-                      f"{c.segments[0].audio_samples} samples)")
+                      f"{c.segments[0].audio_samples} samples; connections: "
+                      f"{[(g.served_by, g.close_code, g.errors, g.other) for g in c.segments]})")
 
             # 3. Instance 1 back, then SIGKILL instance 2 (no save).
             a2 = Server(args.bin, pa, serve_args, "moshi1'")
             procs.append(a2)
-            a2.wait_for(r"listening on", 120)
+            await asyncio.to_thread(a2.wait_for, r"listening on", 120)
             for c in on_a:  # their progress on instance 2, which SIGKILL loses
                 n = len(c.segments)
                 await wait_until(lambda: c.segments[n - 1].audio_samples >= 8 * FRAME, f"{c.name} progress", 20)
