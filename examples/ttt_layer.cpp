@@ -3,8 +3,8 @@
 //
 //   ttt-layer --config C --weights W --io IO --mode full|decode|prefill-decode [--prefill N]
 //             --out OUT [--backend cpu|cuda] [--dtype f32|bf16]
-//   ttt-layer --config C --weights W --io IO --mode grad --out OUT [--backend cpu]
-//             [--checkpoint-group G]
+//   ttt-layer --config C --weights W --io IO --mode grad --out OUT [--backend cpu|cuda]
+//             [--dtype f32|bf16] [--checkpoint-group G]
 //
 // C is the fixtures' config.json, W the layer's state_dict (ttt-lm-pytorch names), IO holds
 // `x` [B, L, C]. OUT (written atomically) gets `y` [B, L, C] (F32 whatever --dtype) and the
@@ -15,12 +15,14 @@
 //
 // grad: IO holds `x` and the upstream gradient `dy` [B, L, C]; OUT gets `y` (the whole-sequence
 // output), `grad.x` and `grad.<name>` = d sum(y * dy) / d(name) for every weight of the layer
-// (the weight file's names and shapes), all F32. CPU and f32 only for now.
+// (the weight file's names and shapes), all F32. bf16 stores x, the projections and the tape in
+// bf16; the inner loop, its state and every gradient stay fp32.
 #include <chrono>
 #include <cstdio>
 #include <cxxopts.hpp>
 #include <iostream>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "ttt/io/json.hpp"
@@ -43,40 +45,61 @@ struct Options {
   int64_t checkpoint_group = 1;
 };
 
-// --mode grad on the host in float: y, grad.x, grad.<name>.
+// --mode grad on backend B with storage T (fp32 inner loop and gradients): y, grad.x, grad.<name>,
+// all written as F32.
+template <class T, class B>
 void run_grad(const Options& o, const TttConfig& cfg) {
   io::WeightSource ws(o.weights);
-  const auto params = TttParams<float, Cpu>::load(ws, "", cfg);
+  const auto params = TttParams<T, B>::load(ws, "", cfg);
   const auto st = io::SafeTensors::open(o.io);
-  const auto x = st.load<float>("x").contiguous();
-  if (x.rank() != 3 || x.size(2) != cfg.hidden_size || x.size(0) == 0 || x.size(1) == 0)
-    fail(o.io, ": tensor 'x' has shape ", x.shape().str(), ", expected a non-empty [B, L, ", cfg.hidden_size, "]");
+  const auto xh = st.load<float>("x").contiguous();
+  if (xh.rank() != 3 || xh.size(2) != cfg.hidden_size || xh.size(0) == 0 || xh.size(1) == 0)
+    fail(o.io, ": tensor 'x' has shape ", xh.shape().str(), ", expected a non-empty [B, L, ", cfg.hidden_size, "]");
   if (!st.contains("dy")) fail(o.io, ": --mode grad needs the upstream gradient 'dy' [B, L, C] beside 'x'");
-  const auto dy = st.load<float>("dy").contiguous();
-  if (dy.shape() != x.shape())
-    fail(o.io, ": tensor 'dy' has shape ", dy.shape().str(), ", expected that of 'x' ", x.shape().str());
+  const auto dyh = st.load<float>("dy").contiguous();
+  if (dyh.shape() != xh.shape())
+    fail(o.io, ": tensor 'dy' has shape ", dyh.shape().str(), ", expected that of 'x' ", xh.shape().str());
+  auto to_backend = [](const Tensor<float, Cpu>& t) {
+    if constexpr (std::is_same_v<B, Cpu>) return ops::cast<T>(t);
+    else return ops::cast<T>(t.template to<B>());
+  };
+  auto to_host = [](const auto& t) {
+    const auto f = ops::cast<float>(t).contiguous();
+    if constexpr (std::is_same_v<B, Cpu>) return f;
+    else return f.template to<Cpu>();
+  };
+  const auto x = to_backend(xh), dy = to_backend(dyh);
   TttTrainOptions opt;
   opt.checkpoint_group = o.checkpoint_group;
-  const auto t0 = std::chrono::steady_clock::now();
-  TttTape<float, Cpu> tape;
-  const auto y = ttt_forward_train(params, x, &tape, opt);
-  const auto t1 = std::chrono::steady_clock::now();
-  const auto g = ttt_backward(params, tape, dy);
-  const auto t2 = std::chrono::steady_clock::now();
+  auto sync = [] {
+#if TTT_WITH_CUDA
+    if constexpr (std::is_same_v<B, Cuda>) cuda::Context::get().synchronize();
+#endif
+  };
   auto ms = [](auto a, auto b) { return std::chrono::duration<double, std::milli>(b - a).count(); };
+  const auto t0 = std::chrono::steady_clock::now();
+  TttTape<T, B> tape;
+  const Tensor<T, B> y = ttt_forward_train(params, x, &tape, opt);
+  sync();
+  const auto t1 = std::chrono::steady_clock::now();
+  const TttGrads<B> g = ttt_backward(params, tape, dy);
+  sync();
+  const auto t2 = std::chrono::steady_clock::now();
+  const double fwd_ms = ms(t0, t1), bwd_ms = ms(t1, t2);
 
   io::SafeTensorsWriter w;
-  w.add("y", y);
-  w.add("grad.x", g.x.contiguous());
-  for (const auto& [name, t] : g.params) w.add("grad." + name, t.contiguous());
+  w.add("y", to_host(y));
+  w.add("grad.x", to_host(g.x));
+  for (const auto& [name, t] : g.params) w.add("grad." + name, to_host(t));
   w.add_metadata("mode", o.mode);
   w.add_metadata("kind", cfg.kind_name());
   w.write(o.out);
-  std::printf("ttt-layer: %s C=%lld heads=%lld K=%lld cpu f32, x [%lld, %lld, %lld], mode grad (checkpoint group "
+  std::printf("ttt-layer: %s C=%lld heads=%lld K=%lld %s %s, x [%lld, %lld, %lld], mode grad (checkpoint group "
               "%lld, tape %.1f KiB): forward %.3f ms, backward %.3f ms -> %s\n",
               cfg.kind_name(), (long long)cfg.hidden_size, (long long)cfg.num_heads, (long long)cfg.mini_batch_size,
-              (long long)x.size(0), (long long)x.size(1), (long long)cfg.hidden_size, (long long)o.checkpoint_group,
-              double(tape.saved_bytes()) / 1024.0, ms(t0, t1), ms(t1, t2), o.out.c_str());
+              std::is_same_v<B, Cpu> ? "cpu" : "cuda", std::is_same_v<T, float> ? "f32" : "bf16",
+              (long long)xh.size(0), (long long)xh.size(1), (long long)cfg.hidden_size, (long long)o.checkpoint_group,
+              double(tape.saved_bytes()) / 1024.0, fwd_ms, bwd_ms, o.out.c_str());
 }
 
 std::vector<int64_t> call_lengths(const std::string& mode, int64_t L, int64_t prefill) {
@@ -190,9 +213,15 @@ int main(int argc, char** argv) {
       fail("--prefill only applies to --mode prefill-decode");
     }
     if (o.mode == "grad") {
-      if (o.backend != "cpu") fail("--mode grad: the backward runs on --backend cpu only (no CUDA backward yet)");
-      if (o.dtype != "f32") fail("--mode grad: only --dtype f32");
-      run_grad(o, cfg);
+      if (o.backend == "cuda") {
+#if TTT_WITH_CUDA
+        if (o.dtype == "bf16") run_grad<bf16, Cuda>(o, cfg);
+        else run_grad<float, Cuda>(o, cfg);
+#endif
+      } else {
+        if (o.dtype == "bf16") run_grad<bf16, Cpu>(o, cfg);
+        else run_grad<float, Cpu>(o, cfg);
+      }
     } else if (o.backend == "cuda") {
 #if TTT_WITH_CUDA
       if (o.dtype == "bf16") run<bf16, Cuda>(o, cfg, prefill);

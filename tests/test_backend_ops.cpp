@@ -14,6 +14,7 @@
 //                                                     vq_nearest the same code)
 //   unary, binary, glu, softmax ................. u
 //   reduce_sum/mean, layer_norm, rms_norm ....... 2u (fp32 statistics vs the CPU's double)
+//   unary_backward u, layer_norm_backward ....... 2u (likewise; dweight / dbias: fp32 chunk sums)
 //   matmul, linear, attention ................... 2u (fp32 accumulation in another order)
 //   conv1d, conv_transpose1d .................... 2u (likewise)
 //   quantize_rows, dequantize ................... 0  (same codes, scales and values)
@@ -672,6 +673,42 @@ TEMPLATE_TEST_CASE("layer_norm and rms_norm", "[backend]", float, bf16, f16) {
       auto xr = make<T>(s, l, g, -3, 3);
       Both<T> r{ops::rms_norm(xr.cpu, w.cpu, 1e-8f), ops::rms_norm(xr.gpu, w.gpu, 1e-8f)};
       record("rms_norm", dname<T>(), error(r), 2 * unit<T>(), shape_str(s) + " " + name(l));
+    }
+}
+
+// The backward of unary and layer_norm (training): dx, and layer_norm's dweight / dbias (sums
+// over rows: fp32 chunk sums on CUDA, double on the CPU).
+TEMPLATE_TEST_CASE("unary_backward and layer_norm_backward", "[backend][grad]", float, bf16, f16) {
+  using T = TestType;
+  std::mt19937 g(46);
+  const Unary all[] = {Unary::scale,   Unary::silu, Unary::gelu, Unary::gelu_tanh, Unary::tanh,
+                       Unary::sigmoid, Unary::exp,  Unary::relu, Unary::identity,  Unary::elu};
+  for (Shape s : {Shape{7}, Shape{3, 33}, Shape{2, 3, 4, 9}})
+    for (Layout l : kLayouts)
+      for (Unary op : all) {
+        auto x = make<T>(s, l, g, -4, 4);
+        auto dy = make<T>(s, Layout::contiguous, g);
+        Both<T> dx{ops::unary_backward(x.cpu, dy.cpu, op, 0.7f), ops::unary_backward(x.gpu, dy.gpu, op, 0.7f)};
+        record("unary_backward", dname<T>(), error(dx), unit<T>(),
+               shape_str(s) + " " + name(l) + " op " + std::to_string(int(op)));
+      }
+  for (Shape s : kRowShapes)
+    for (Layout l : kLayouts) {
+      const int64_t n = s.back();
+      auto x = make<T>(s, l, g, 2, 6);
+      auto dy = make<T>(s, l == Layout::sliced ? Layout::transposed : Layout::sliced, g);
+      auto w = make<T>({n}, Layout::contiguous, g, 0.5, 1.5);
+      for (const bool affine : {true, false}) {
+        Both<T> dx{Tensor<T, Cpu>::empty(s), Tensor<T, Cuda>::empty(s)};
+        Both<T> dw{Tensor<T, Cpu>::empty({n}), Tensor<T, Cuda>::empty({n})};
+        Both<T> db{Tensor<T, Cpu>::empty({n}), Tensor<T, Cuda>::empty({n})};
+        ops::layer_norm_backward(dx.cpu, dw.cpu, db.cpu, x.cpu, affine ? w.cpu : Tensor<T, Cpu>(), dy.cpu, 1e-5f);
+        ops::layer_norm_backward(dx.gpu, dw.gpu, db.gpu, x.gpu, affine ? w.gpu : Tensor<T, Cuda>(), dy.gpu, 1e-5f);
+        const std::string what = shape_str(s) + " " + name(l) + (affine ? "" : " no weight");
+        record("layer_norm_backward", dname<T>(), error(dx), 2 * unit<T>(), what + " dx");
+        record("layer_norm_backward", dname<T>(), error(dw), 2 * unit<T>(), what + " dweight");
+        record("layer_norm_backward", dname<T>(), error(db), 2 * unit<T>(), what + " dbias");
+      }
     }
 }
 

@@ -7,6 +7,7 @@
 #include "ttt/cuda.hpp"
 #include "ttt/backend/cuda/kernels.cuh"
 #include "ttt/layers/cuda/ttt_kernels.cuh"
+#include "ttt/layers/cuda/ttt_backward.cuh"
 
 // Element types with the full op set (float arithmetic inside).
 #define TTT_CUDA_FLOAT_TYPES(X) X(float) X(::ttt::bf16) X(::ttt::f16)
@@ -48,6 +49,11 @@
   template void ::ttt::Kernels<::ttt::Cuda>::softmax<T>(const TTT_CUDA_T_(T)&, const TTT_CUDA_T_(T)&);               \
   template void ::ttt::Kernels<::ttt::Cuda>::layer_norm<T>(const TTT_CUDA_T_(T)&, const TTT_CUDA_T_(T)&,             \
                                                            const TTT_CUDA_T_(T)&, const TTT_CUDA_T_(T)&, float);    \
+  template void ::ttt::Kernels<::ttt::Cuda>::unary_backward<T>(const TTT_CUDA_T_(T)&, const TTT_CUDA_T_(T)&,         \
+                                                              const TTT_CUDA_T_(T)&, ::ttt::Unary, float);          \
+  template void ::ttt::Kernels<::ttt::Cuda>::layer_norm_backward<T>(                                                \
+      const TTT_CUDA_T_(T)&, const TTT_CUDA_T_(T)&, const TTT_CUDA_T_(T)&, const TTT_CUDA_T_(T)&,                   \
+      const TTT_CUDA_T_(T)&, const TTT_CUDA_T_(T)&, float);                                                         \
   template void ::ttt::Kernels<::ttt::Cuda>::rms_norm<T>(const TTT_CUDA_T_(T)&, const TTT_CUDA_T_(T)&,               \
                                                          const TTT_CUDA_T_(T)&, float);                             \
   template void ::ttt::Kernels<::ttt::Cuda>::rope<T>(const TTT_CUDA_T_(T)&, const TTT_CUDA_T_(T)&,                   \

@@ -8,4 +8,5 @@
 #include "ttt/backend/cuda/kernels.hpp"
 #include "ttt/backend/cuda/graph.hpp"
 #include "ttt/backend/cuda/timing.hpp"
+#include "ttt/layers/cuda/ttt_backward_kernels.hpp"
 #include "ttt/layers/cuda/ttt_kernels.hpp"

@@ -229,10 +229,23 @@ TttGrads<B> ttt_backward(const TttParams<T, B>& p, const TttTape<T, B>& tape, co
   NoArenaScope<B> no_arena;
   const bool mlp = c.is_mlp();
   auto as_float = [](const Tensor<T, B>& t) { return ops::cast<float>(t).contiguous(); };
-  const Tensor<float, B> dy2 = as_float(dy).reshape({BL, C}), x2 = as_float(tape.x).reshape({BL, C});
   const Tensor<float, B> o2 = tape.o.reshape({BL, C});
   TttGrads<B> g;
   auto put = [&](const std::string& name, const Tensor<float, B>& t) { g.params.emplace_back(name, t); };
+
+  // The projections' products: in float for a float layer; with T operands (bf16: tensor
+  // cores, fp32 accumulation) for a T layer, like its forward, the results widened to float.
+  // prod(a, b) = a b for operands already in T (dy, x, the weights) or rounded to T.
+  constexpr bool wide = std::is_same_v<T, float>;
+  auto in_t = [](const Tensor<float, B>& t) {
+    if constexpr (wide) return t;
+    else return ops::cast<T>(t);
+  };
+  auto prod = [](const Tensor<T, B>& a, const Tensor<T, B>& b) {
+    if constexpr (wide) return ops::matmul(a, b);
+    else return ops::cast<float>(ops::matmul(a, b));
+  };
+  const Tensor<T, B> dyT = dy.contiguous().reshape({BL, C}), xT = tape.x.reshape({BL, C});
 
   // y = y' Woᵀ (+ b): dWo = dyᵀ y', dy' = dy Wo.
   Tensor<float, B> yp = ops::layer_norm(o2, p.post_norm_weight, p.post_norm_bias, c.post_norm_eps);
@@ -242,15 +255,15 @@ TttGrads<B> ttt_backward(const TttParams<T, B>& p, const TttTape<T, B>& tape, co
     gact = ops::unary(gpre, Unary::gelu_tanh);
     Y = ops::mul(yp, gact);
   }
-  const Tensor<float, B> dWo = ops::matmul(dy2.transpose(0, 1), Y);
-  const Tensor<float, B> dY = ops::matmul(dy2, as_float(p.o_proj));
+  const Tensor<float, B> dWo = prod(dyT.transpose(0, 1), in_t(Y));
+  const Tensor<float, B> dY = prod(dyT, p.o_proj);
   // y' = gelu_tanh(x Wgᵀ) ⊙ yp
-  Tensor<float, B> dyp = dY, dWg, dx2 = Tensor<float, B>::empty({BL, C});
+  Tensor<float, B> dyp = dY, dWg, dx_gate;
   if (c.use_gate) {
     dyp = ops::mul(dY, gact);
-    const Tensor<float, B> dgpre = ops::unary_backward(gpre, ops::mul(dY, yp), Unary::gelu_tanh);
-    dWg = ops::matmul(dgpre.transpose(0, 1), x2);
-    ops::matmul(dx2, dgpre, as_float(p.g_proj));
+    const Tensor<T, B> dgpre = in_t(ops::unary_backward(gpre, ops::mul(dY, yp), Unary::gelu_tanh));
+    dWg = prod(dgpre.transpose(0, 1), xT);
+    dx_gate = prod(dgpre, p.g_proj);
   }
   // yp = LayerNorm_C(o)
   const auto do2 = Tensor<float, B>::empty({BL, C});
@@ -306,8 +319,10 @@ TttGrads<B> ttt_backward(const TttParams<T, B>& p, const TttTape<T, B>& tape, co
 
   // proj = x [Wq | Wk | Wv | w_lr]ᵀ: dx += dproj W, dW = dprojᵀ x.
   const Tensor<float, B> dproj2 = dproj.reshape({BL, P});
-  ops::matmul(dx2, dproj2, as_float(p.qkvl_proj), 1.f, c.use_gate ? 1.f : 0.f);
-  const Tensor<float, B> dW = ops::matmul(dproj2.transpose(0, 1), x2);  // [3C + nh, C]
+  const Tensor<T, B> dprojT = in_t(dproj2);
+  const Tensor<float, B> dx2 = prod(dprojT, p.qkvl_proj);
+  if (c.use_gate) ops::binary(dx2, dx2, dx_gate, Binary::add);
+  const Tensor<float, B> dW = prod(dprojT.transpose(0, 1), xT);  // [3C + nh, C]
   const Tensor<float, B> dbias = p.qkvl_bias.defined() ? detail::col_sum(dproj2) : Tensor<float, B>{};
 
   // τ_i = max(0, 1/(i+1) + learnable_token_idx[i]).
@@ -326,7 +341,7 @@ TttGrads<B> ttt_backward(const TttParams<T, B>& p, const TttTape<T, B>& tape, co
     put("k_proj.bias", dbias.slice(0, C, 2 * C));
     put("v_proj.bias", dbias.slice(0, 2 * C, 3 * C));
   }
-  if (p.o_bias.defined()) put("o_proj.bias", detail::col_sum(dy2));
+  if (p.o_bias.defined()) put("o_proj.bias", detail::col_sum(as_float(dy).reshape({BL, C})));
   put("learnable_ttt_lr_weight", dW.slice(0, 3 * C, P).reshape({nh, 1, C}));
   put("learnable_ttt_lr_bias", detail::col_sum(dlogit.reshape({BL, nh})).reshape({nh, 1}));
   put("learnable_token_idx", Tensor<float, B>::from_vector({K}, dtau));

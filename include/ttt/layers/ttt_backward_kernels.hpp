@@ -71,8 +71,8 @@ struct TttInnerBackwardArgs {
 template <class B>
 struct TttBackwardKernels {
   static_assert(always_false_v<B>,
-                "no TttBackwardKernels<B> for this backend: include ttt/layers/cpu/ttt_backward_kernels.hpp (cpu); "
-                "the CUDA backward is not written yet");
+                "no TttBackwardKernels<B> for this backend: include ttt/layers/cpu/ttt_backward_kernels.hpp (cpu) "
+                "or ttt/cuda.hpp (cuda)");
 };
 
 // Number of checkpoints for L tokens in mini-batches of K, one every `group` mini-batches.

@@ -8,6 +8,7 @@
 // utilities they share (launch, grid sizing, vector loads, reductions) are
 // backend/cuda/device.cuh, which also states the namespaces of the CUDA code.
 #include "ttt/backend/cuda/kernels/attention.cuh"
+#include "ttt/backend/cuda/kernels/backward.cuh"
 #include "ttt/backend/cuda/kernels/conv.cuh"
 #include "ttt/backend/cuda/kernels/elementwise.cuh"
 #include "ttt/backend/cuda/kernels/linear.cuh"

@@ -57,6 +57,14 @@ struct Kernels<Cuda> {
   template <class T>
   static void layer_norm(const Tensor<T, Cuda>& out, const Tensor<T, Cuda>& in, const Tensor<T, Cuda>& weight,
                          const Tensor<T, Cuda>& bias, float eps);
+  // The backward of unary and layer_norm (training; backend/cuda/kernels/backward.cuh).
+  template <class T>
+  static void unary_backward(const Tensor<T, Cuda>& dx, const Tensor<T, Cuda>& x, const Tensor<T, Cuda>& dy, Unary op,
+                             float alpha);
+  template <class T>
+  static void layer_norm_backward(const Tensor<T, Cuda>& dx, const Tensor<T, Cuda>& dweight,
+                                  const Tensor<T, Cuda>& dbias, const Tensor<T, Cuda>& x,
+                                  const Tensor<T, Cuda>& weight, const Tensor<T, Cuda>& dy, float eps);
   template <class T>
   static void rms_norm(const Tensor<T, Cuda>& out, const Tensor<T, Cuda>& in, const Tensor<T, Cuda>& alpha, float eps);
   template <class T>

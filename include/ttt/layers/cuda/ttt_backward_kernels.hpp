@@ -1,0 +1,34 @@
+#pragma once
+// TttBackwardKernels<Cuda>: declarations only (any C++ compiler). The definitions are CUDA
+// kernels in ttt/layers/cuda/ttt_backward.cuh, compiled once per program through ttt/cuda.cuh.
+//
+// inner_backward() runs the contract of ttt_backward_kernels.hpp on the device: one thread
+// block per (b, h) walks that head's checkpoint groups and mini-batches in reverse (the
+// chain over mini-batches is sequential, heads are independent), recomputing each
+// mini-batch's forward from its start state, all in fp32.
+#include <cstdint>
+
+#include "ttt/backend/cuda/kernels.hpp"
+#include "ttt/layers/ttt_backward_kernels.hpp"
+
+namespace ttt::layers {
+
+// Knobs for tests and benchmarks (process-wide).
+struct TttBackwardCudaTuning {
+  bool local_in_smem = true;  // per-mini-batch buffers in shared memory where they fit
+};
+
+template <>
+struct TttBackwardKernels<Cuda> {
+  static void inner_backward(const TttInnerBackwardArgs<Cuda>& a);
+  static TttBackwardCudaTuning& tuning() {
+    static TttBackwardCudaTuning t;
+    return t;
+  }
+  // Bytes of global scratch one call needs (per (b, h): the rebuilt states of a checkpoint
+  // group and the per-mini-batch intermediates).
+  static int64_t workspace_bytes(TttConfig::Kind kind, int64_t batch, int64_t heads, int64_t f, int64_t F, int64_t K,
+                                 int64_t group);
+};
+
+}  // namespace ttt::layers
