@@ -25,3 +25,4 @@
 #include "ttt/moshi/generator.hpp"
 #include "ttt/moshi/lm.hpp"
 #include "ttt/moshi/policies.hpp"
+#include "ttt/serve/conversation_batch.hpp"

@@ -38,11 +38,32 @@ struct AttentionParams {
 // E_i ~ Exp(1) (the exponential race moshi's sampler uses); E_i is drawn from
 // Philox(seed, counter * 64 + salt, row * vocab + token), so every backend draws the same.
 // temperature <= 0 or top_k == 1 means greedy argmax.
+//
+// Per-row parameters (ops::sample_rows fills the row_* pointers; all null = the scalars for
+// every row): row r then uses row_temperature[r], row_top_k[r] (<= 0: all) and draws E_i
+// from Philox(row_seed[r], row_counter[r] * 64 + salt, token), a key without the row index:
+// a stream's draws depend on its own seed and frame counter only, never on its row, the
+// batch size or the other rows (a conversation moved to another slot continues the same).
 struct SampleParams {
   float temperature = 1.f;
   int top_k = 0;  // 0 = all
   uint64_t seed = 0;
   uint32_t salt = 0;
+  const float* row_temperature = nullptr;  // [N] on the logits' backend
+  const int64_t* row_top_k = nullptr;      // [N]
+  const int64_t* row_seed = nullptr;       // [N] uint64 bits
+  const int64_t* row_counter = nullptr;    // [N]
+};
+
+// The per-row parameters of ops::sample_rows, as tensors on the backend (a captured CUDA
+// graph reads them from device memory: update them by a copy, not by new tensors).
+template <class B>
+struct SampleRows {
+  Tensor<float, B> temperature;  // [N] <= 0: greedy
+  Tensor<int64_t, B> top_k;      // [N] <= 0: all
+  Tensor<int64_t, B> seed;       // [N] uint64 bits
+  Tensor<int64_t, B> counter;    // [N] the row's own frame counter
+  uint32_t salt = 0;             // which draw of the frame (text, audio codebook k)
 };
 
 // A linear with its neighbours fused in (one kernel on CUDA for batch-1 decoding):
@@ -658,6 +679,30 @@ void sample(const Tensor<int64_t, B>& out, const Tensor<T, B>& logits, const Sam
   detail::check_unit_last("sample", logits);
   TTT_CHECK(p.top_k >= 0, "sample: top_k must be >= 0, got ", p.top_k);
   if (out.numel()) Kernels<B>::sample(out, logits, p, counter);
+}
+
+// One token per row of logits [N, V] -> out [N], each row with its own parameters (SampleRows).
+template <class T, class B>
+void sample_rows(const Tensor<int64_t, B>& out, const Tensor<T, B>& logits, const SampleRows<B>& r) {
+  TTT_CHECK(logits.rank() == 2 && logits.size(1) > 0, "sample_rows: logits must be [N, V], got ", logits.shape().str());
+  const int64_t N = logits.size(0);
+  TTT_CHECK(out.rank() == 1 && out.size(0) == N, "sample_rows: output ", out.shape().str(), " for logits ",
+            logits.shape().str());
+  TTT_CHECK(r.temperature.shape() == Shape{N} && r.top_k.shape() == Shape{N} && r.seed.shape() == Shape{N} &&
+                r.counter.shape() == Shape{N},
+            "sample_rows: per-row parameters must each be [", N, "]");
+  TTT_CHECK(r.temperature.is_contiguous() && r.top_k.is_contiguous() && r.seed.is_contiguous() &&
+                r.counter.is_contiguous(),
+            "sample_rows: per-row parameters must be contiguous");
+  detail::check_unit_last("sample_rows", logits);
+  if (!N) return;
+  SampleParams p;
+  p.salt = r.salt;
+  p.row_temperature = r.temperature.data();
+  p.row_top_k = r.top_k.data();
+  p.row_seed = r.seed.data();
+  p.row_counter = r.counter.data();
+  Kernels<B>::sample(out, logits, p, r.counter.slice(0, 0, 1));
 }
 
 // ---- convolutions and vector quantisation (Mimi's SEANet and RVQ) ----------------------

@@ -254,6 +254,17 @@ struct TttState {
     return s;
   }
 
+  // Item src_b of `src` (a state of the same layer, any batch) into item dst_b of this one.
+  void copy_item(int64_t dst_b, const TttState& src, int64_t src_b) {
+    TTT_CHECK(0 <= dst_b && dst_b < batch && 0 <= src_b && src_b < src.batch, "TttState::copy_item: item ", src_b,
+              " of ", src.batch, " into ", dst_b, " of ", batch);
+    const auto d = named(), s = src.named();
+    TTT_CHECK(d.size() == s.size(), "TttState::copy_item: states of different layers");
+    for (size_t i = 0; i < d.size(); ++i)
+      d[i].second->select(0, dst_b).copy_from(s[i].second->select(0, src_b));
+    offset[size_t(dst_b)] = src.offset[size_t(src_b)];
+  }
+
   // Names as the fixtures and ttt-lm-pytorch's TTTCache: W1_states, b1_states, W1_grad,
   // b1_grad (+ W2/b2 for mlp), conv_states (share_qk), and offset (I64 [B]).
   void save(io::SafeTensorsWriter& w, const std::string& prefix) const {

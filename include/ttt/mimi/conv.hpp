@@ -80,6 +80,11 @@ struct StreamingConv1d {
       NoArenaScope<B> persistent;
       return State{previous.defined() ? previous.clone() : previous, first.defined() ? first.clone() : first};
     }
+    // Item src_b of `src` (the same conv, any batch) into item dst_b of this one.
+    void copy_item(int64_t dst_b, const State& src, int64_t src_b) {
+      if (previous.defined()) previous.select(0, dst_b).copy_from(src.previous.select(0, src_b));
+      if (first.defined()) first.select(0, dst_b).copy_from(src.first.select(0, src_b));
+    }
     void save(io::SafeTensorsWriter& w, const std::string& key) const {
       if (previous.defined()) w.add(key + ".previous", previous);
       if (first.defined()) w.add(key + ".first", first);
@@ -181,6 +186,9 @@ struct StreamingConvTranspose1d {
     State clone() const {
       NoArenaScope<B> persistent;
       return State{partial.clone()};
+    }
+    void copy_item(int64_t dst_b, const State& src, int64_t src_b) {
+      if (partial.defined()) partial.select(0, dst_b).copy_from(src.partial.select(0, src_b));
     }
     void save(io::SafeTensorsWriter& w, const std::string& key) const { w.add(key + ".partial", partial); }
     void load(const io::SafeTensors& st, const std::string& key) {

@@ -209,6 +209,27 @@ class Mimi {
     return c;
   }
 
+  // Item src_b of `src` into item dst_b of `dst` (sessions of this model, any batch sizes):
+  // every conv and transformer state row of that item and its buffered samples, by device
+  // copies of that item only; the other items of `dst` are untouched. What moves a stream
+  // between sessions (save / resume one conversation of a batch) and what snapshots and
+  // restores an item that must not advance in a batched frame (a copy of one item's state).
+  void copy_item(Session& dst, int64_t dst_b, const Session& src, int64_t src_b) const {
+    TTT_CHECK(0 <= dst_b && dst_b < dst.batch() && 0 <= src_b && src_b < src.batch(), "mimi: copy_item: item ", src_b,
+              " of ", src.batch(), " into ", dst_b, " of ", dst.batch());
+    // The conv states in the same order in both sessions (the same model walks them).
+    std::vector<const void*> from;
+    for_each_state(const_cast<Session&>(src), [&](const std::string&, auto& m) { from.push_back(&m); });
+    size_t i = 0;
+    for_each_state(dst, [&](const std::string&, auto& m) {
+      using S = std::decay_t<decltype(m)>;
+      m.copy_item(dst_b, *static_cast<const S*>(from[i++]), src_b);
+    });
+    Transformer::copy_item(dst.enc_tr, dst_b, src.enc_tr, src_b);
+    Transformer::copy_item(dst.dec_tr, dst_b, src.dec_tr, src_b);
+    dst.pending[size_t(dst_b)] = src.pending[size_t(src_b)];
+  }
+
   // Session files: format "ttt-mimi-session"; every state tensor under its module's name.
   void save(Session& s, io::SafeTensorsWriter& w, const std::string& prefix = "mimi") const {
     for_each_state(s, [&](const std::string& key, auto& m) { m.save(w, prefix + "." + key); });

@@ -206,6 +206,32 @@ class Transformer<T, B, PolicyList<Ps...>> {
     return c;
   }
 
+  // Item src_b of `src` into item dst_b of `dst` (states of this transformer, any batch
+  // sizes): the item's rows of every layer's state and its offset, by device copies of that
+  // item only; the other items of `dst` are untouched. `step` (the calls' total, shared by
+  // all items) is kept: it indexes per-step weights only, which streaming items share.
+  static void copy_item(State& dst, int64_t dst_b, const State& src, int64_t src_b) {
+    TTT_CHECK(dst.layers.size() == src.layers.size() && 0 <= dst_b && dst_b < dst.batch() && 0 <= src_b &&
+                  src_b < src.batch(),
+              "Transformer::copy_item: item ", src_b, " of ", src.batch(), " into ", dst_b, " of ", dst.batch());
+    dst.offsets[size_t(dst_b)] = src.offsets[size_t(src_b)];
+    for (size_t i = 0; i < dst.layers.size(); ++i)
+      std::visit(
+          [&](auto& d) {
+            using St = std::decay_t<decltype(d)>;
+            using P = decltype(policy_of_state(d));
+            const auto* sp = std::get_if<St>(&src.layers[i]);
+            TTT_CHECK(sp, "Transformer::copy_item: layer ", i, " has another design in the source state");
+            if constexpr (requires { P::copy_item(d, dst_b, *sp, src_b); }) {
+              P::copy_item(d, dst_b, *sp, src_b);
+            } else if constexpr (requires { St::fields; }) {
+              std::apply([&](const auto&... f) { (copy_field(d.*(f.member), dst_b, (*sp).*(f.member), src_b), ...); },
+                         St::fields);
+            }
+          },
+          dst.layers[i]);
+  }
+
   static void save(const State& s, io::SafeTensorsWriter& w, const std::string& prefix) {
     w.add(prefix + ".offsets", Tensor<int64_t, Cpu>::from_vector({int64_t(s.offsets.size())}, s.offsets));
     w.add(prefix + ".step", Tensor<int64_t, Cpu>::from_vector({1}, {s.step}));
@@ -259,6 +285,12 @@ class Transformer<T, B, PolicyList<Ps...>> {
     if (found || design != P<T, B>::design) return;
     found = true;
     p.layers.emplace_back(std::in_place_type<typename P<T, B>::Params>, P<T, B>::load(ws, prefix, spec));
+  }
+
+  template <class M>
+  static void copy_field(M& d, int64_t dst_b, const M& s, int64_t src_b) {
+    TTT_CHECK(d.defined() == s.defined(), "Transformer::copy_item: a state field is defined in one state only");
+    if (d.defined()) d.copy_item(dst_b, s, src_b);
   }
 
   // fn(name, member) for each entry of S::fields (const S gives const members).

@@ -41,7 +41,9 @@ struct SampleKernelParams {
   float temperature;
   uint64_t seed;
   uint32_t salt;
-  bool greedy;
+  // Per-row parameters (all null: the scalars above): see SampleParams.
+  const float* row_temperature;
+  const int64_t *row_top_k, *row_seed, *row_counter;
 };
 
 __device__ inline uint32_t order_key(float x) {
@@ -54,6 +56,14 @@ template <class T>
 __global__ void __launch_bounds__(kSampleThreads) sample_kernel(const SampleKernelParams<T> p) {
   const int64_t r = blockIdx.x, V = p.V;
   const T* l = p.logits + r * p.ld;
+  // The row's parameters (uniform over the block, so the branches below stay uniform).
+  const bool rows = p.row_counter != nullptr;
+  const float temperature = rows ? p.row_temperature[r] : p.temperature;
+  const int64_t top_k = rows ? p.row_top_k[r] : p.k;
+  const int64_t k = (top_k <= 0 || top_k > V) ? V : top_k;
+  const uint64_t seed = rows ? uint64_t(p.row_seed[r]) : p.seed;
+  const uint64_t ctr = uint64_t(rows ? p.row_counter[r] : p.counter[0]) * 64u + p.salt;
+  const uint64_t key0 = rows ? 0 : uint64_t(r * V);
   auto lv = [&](int64_t i) {
     const float x = to_f32(l[i]);
     return isnan(x) ? -INFINITY : x;
@@ -63,7 +73,7 @@ __global__ void __launch_bounds__(kSampleThreads) sample_kernel(const SampleKern
   ArgBest top{0.f, 0, false};
   for (int64_t i = threadIdx.x; i < V; i += kSampleThreads) offer(top, lv(i), i);
   top = block_all_reduce<kSampleThreads>(top, ArgBestOp{});
-  if (p.greedy) {
+  if (!(temperature > 0.f) || k == 1) {
     if (threadIdx.x == 0) p.out[r] = top.i;
     return;
   }
@@ -72,12 +82,12 @@ __global__ void __launch_bounds__(kSampleThreads) sample_kernel(const SampleKern
   // 2. the top-k set: key > tau, or key == tau and index <= cut.
   uint32_t tau = 0;
   int64_t cut = V;
-  if (p.k < V) {
+  if (k < V) {
     __shared__ unsigned hist[256];
     __shared__ uint32_t s_prefix;
     __shared__ int64_t s_need;
     uint32_t prefix = 0, mask = 0;
-    int64_t need = p.k;
+    int64_t need = k;
     for (int shift = 24; shift >= 0; shift -= 8) {
       for (int j = threadIdx.x; j < 256; j += kSampleThreads) hist[j] = 0;
       __syncthreads();
@@ -123,14 +133,13 @@ __global__ void __launch_bounds__(kSampleThreads) sample_kernel(const SampleKern
   }
 
   // 3. the race.
-  const uint64_t ctr = uint64_t(p.counter[0]) * 64u + p.salt;
   auto score = [&](int64_t i) {
-    const float e = Philox::exponential(p.seed, ctr, uint64_t(r * V + i));
-    return (lv(i) - m) / p.temperature - logf(e);
+    const float e = Philox::exponential(seed, ctr, key0 + uint64_t(i));
+    return (lv(i) - m) / temperature - logf(e);
   };
   ArgBest best{0.f, 0, false};
   for (int64_t i = threadIdx.x; i < V; i += kSampleThreads) {
-    if (i != top.i && p.k < V) {
+    if (i != top.i && k < V) {
       const uint32_t key = order_key(lv(i));
       if (key < tau || (key == tau && i > cut)) continue;
     }
@@ -148,8 +157,10 @@ void Kernels<Cuda>::sample(const Tensor<int64_t, Cuda>& out, const Tensor<T, Cud
   using namespace cuda::kernels;
   const int64_t N = logits.size(0), V = logits.size(1);
   const int64_t k = (sp.top_k <= 0 || sp.top_k > V) ? V : sp.top_k;
-  const SampleKernelParams<T> p{logits.data(), logits.stride(0), V, k, out.data(), counter.data(), sp.temperature,
-                                sp.seed, sp.salt, sp.temperature <= 0.f || k == 1};
+  const SampleKernelParams<T> p{logits.data(), logits.stride(0), V,          k,
+                                out.data(),    counter.data(),   sp.temperature, sp.seed,
+                                sp.salt,       sp.row_temperature, sp.row_top_k, sp.row_seed,
+                                sp.row_counter};
   launch(sample_kernel<T>, unsigned(N), kSampleThreads, 0, 1, p);
 }
 
