@@ -29,9 +29,22 @@ std::vector<at::Tensor> backward_cuda(const at::Tensor& x, std::vector<at::Tenso
   StreamFence fence;
   return ttt_torch::backward<ttt::Cuda>(x, params, names, config, dy, checkpoint_group);
 }
+std::vector<at::Tensor> forward_train_cuda(const at::Tensor& x, std::vector<at::Tensor> params,
+                                           std::vector<std::string> names, std::string config, int64_t checkpoint_group) {
+  StreamFence fence;
+  return ttt_torch::forward_train<ttt::Cuda>(x, params, names, config, checkpoint_group);
+}
+std::vector<at::Tensor> backward_tape_cuda(const at::Tensor& x, std::vector<at::Tensor> params,
+                                           std::vector<std::string> names, std::string config, const at::Tensor& dy,
+                                           std::vector<at::Tensor> tape, int64_t checkpoint_group) {
+  StreamFence fence;
+  return ttt_torch::backward_tape<ttt::Cuda>(x, params, names, config, dy, tape, checkpoint_group);
+}
 }  // namespace
 
 TORCH_LIBRARY_IMPL(ttt, CUDA, m) {
   m.impl("layer_forward", &forward_cuda);
   m.impl("layer_backward", &backward_cuda);
+  m.impl("layer_forward_train", &forward_train_cuda);
+  m.impl("layer_backward_tape", &backward_tape_cuda);
 }

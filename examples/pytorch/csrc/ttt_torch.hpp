@@ -9,9 +9,10 @@
 // in-memory io::WeightSource, and TttParams::load reads them exactly as it reads a
 // checkpoint (shape checks, the fused q|k|v|lr weight), so the op and `ttt-layer` agree.
 //
-// The backward does not keep the forward's tape between the two ops (a torch op returns
-// tensors, not a C++ tape): it re-runs ttt_forward_train (checkpointing at the op level:
-// one more forward per step, no tape held between forward and backward).
+// Two ways to the backward: forward_train returns the layer's tape (TttTape: projections, the
+// inner output, the gate's pre-activation, fast-weight checkpoints) as torch tensors beside y
+// and backward_tape consumes them; or backward re-runs the training forward itself (nothing
+// held between the ops: one more forward for less memory).
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -103,28 +104,94 @@ at::Tensor forward(const at::Tensor& x_in, const std::vector<at::Tensor>& params
   }
 }
 
-// [d x, d params[0], d params[1], ...] for the upstream gradient dy [B, L, C].
+// [d x, d params...] as torch tensors in the parameters' shapes and dtypes.
 template <class B>
-std::vector<at::Tensor> backward(const at::Tensor& x_in, const std::vector<at::Tensor>& params,
-                                    const std::vector<std::string>& names, const std::string& config,
-                                    const at::Tensor& dy_in, int64_t checkpoint_group) {
-  const auto cfg = parse_config(config);
+std::vector<at::Tensor> grads_to_torch(const ttt::layers::TttGrads<B>& g, const std::vector<std::string>& names,
+                                       const std::vector<at::Tensor>& params, const at::Tensor& x_in,
+                                       const at::Tensor& x) {
+  std::vector<at::Tensor> out;
+  out.push_back(to_torch(g.x, x.options()).to(x_in.scalar_type()));
+  for (size_t i = 0; i < names.size(); ++i) {
+    TORCH_CHECK(g.contains(names[i]), "ttt: the backward has no gradient for '", names[i], "'");
+    out.push_back(to_torch(g[names[i]], x.options()).reshape(params[i].sizes()).to(params[i].scalar_type()));
+  }
+  return out;
+}
+
+inline void check_dy(const at::Tensor& x_in, const at::Tensor& dy_in, const ttt::layers::TttConfig& cfg) {
   check_x(x_in, cfg, "x");
   check_x(dy_in, cfg, "dy");
   TORCH_CHECK(dy_in.sizes() == x_in.sizes(), "ttt: dy ", dy_in.sizes(), " differs from x ", x_in.sizes());
+}
+
+// [d x, d params[0], d params[1], ...] for the upstream gradient dy [B, L, C], re-running the
+// training forward (nothing kept from the forward op).
+template <class B>
+std::vector<at::Tensor> backward(const at::Tensor& x_in, const std::vector<at::Tensor>& params,
+                                 const std::vector<std::string>& names, const std::string& config,
+                                 const at::Tensor& dy_in, int64_t checkpoint_group) {
+  const auto cfg = parse_config(config);
+  check_dy(x_in, dy_in, cfg);
   const at::Tensor x = as_f32(x_in, x_in.device(), "x"), dy = as_f32(dy_in, x_in.device(), "dy");
   try {
     auto p = load_params<B>(names, params, cfg);
     ttt::layers::TttTape<float, B> tape;
     ttt::layers::ttt_forward_train(p, view_of<B>(x), &tape, {checkpoint_group});
-    const ttt::layers::TttGrads<B> g = ttt::layers::ttt_backward(p, tape, view_of<B>(dy));
-    std::vector<at::Tensor> out;
-    out.push_back(to_torch(g.x, x.options()).to(x_in.scalar_type()));
-    for (size_t i = 0; i < names.size(); ++i) {
-      TORCH_CHECK(g.contains(names[i]), "ttt: the backward has no gradient for '", names[i], "'");
-      out.push_back(to_torch(g[names[i]], x.options()).reshape(params[i].sizes()).to(params[i].scalar_type()));
-    }
-    return out;
+    return grads_to_torch(ttt::layers::ttt_backward(p, tape, view_of<B>(dy)), names, params, x_in, x);
+  } catch (const ttt::Error& e) {
+    TORCH_CHECK(false, "ttt op: ", e.what());
+  }
+}
+
+// The tape (TttTape) as torch tensors, in the order proj, o, gate, W1c, b1c, W2c, b2c; a tensor
+// the configuration does not have (gate without use_gate, W2c / b2c for TTT-Linear) is empty [0].
+// They hold our storage (no copy) and go back to backward_tape unchanged.
+template <class B>
+std::vector<at::Tensor> forward_train(const at::Tensor& x_in, const std::vector<at::Tensor>& params,
+                                      const std::vector<std::string>& names, const std::string& config,
+                                      int64_t checkpoint_group) {
+  const auto cfg = parse_config(config);
+  check_x(x_in, cfg, "x");
+  const at::Tensor x = as_f32(x_in, x_in.device(), "x");
+  try {
+    auto p = load_params<B>(names, params, cfg);
+    ttt::layers::TttTape<float, B> tape;
+    auto y = ttt::layers::ttt_forward_train<float, B>(p, view_of<B>(x), &tape, {checkpoint_group});
+    auto opt = x.options();
+    auto t = [&](const ttt::Tensor<float, B>& v) { return v.defined() ? to_torch(v, opt) : at::empty({0}, opt); };
+    return {to_torch(y, opt).to(x_in.scalar_type()), t(tape.proj), t(tape.o), t(tape.gate),
+            t(tape.W1c), t(tape.b1c), t(tape.W2c), t(tape.b2c)};
+  } catch (const ttt::Error& e) {
+    TORCH_CHECK(false, "ttt op: ", e.what());
+  }
+}
+
+// The backward from forward_train's tape: no forward re-run.
+template <class B>
+std::vector<at::Tensor> backward_tape(const at::Tensor& x_in, const std::vector<at::Tensor>& params,
+                                      const std::vector<std::string>& names, const std::string& config,
+                                      const at::Tensor& dy_in, const std::vector<at::Tensor>& saved,
+                                      int64_t checkpoint_group) {
+  const auto cfg = parse_config(config);
+  check_dy(x_in, dy_in, cfg);
+  TORCH_CHECK(saved.size() == 7, "ttt: the tape has 7 tensors (proj, o, gate, W1c, b1c, W2c, b2c), got ",
+              saved.size());
+  const at::Tensor x = as_f32(x_in, x_in.device(), "x"), dy = as_f32(dy_in, x_in.device(), "dy");
+  static const char* tape_names[7] = {"proj", "o", "gate", "W1c", "b1c", "W2c", "b2c"};
+  std::vector<at::Tensor> keep;  // float32 contiguous copies (or the tensors themselves)
+  auto v = [&](int i) {
+    if (saved[size_t(i)].numel() == 0) return ttt::Tensor<float, B>{};
+    keep.push_back(as_f32(saved[size_t(i)], x_in.device(), std::string("tape.") + tape_names[i]));
+    return view_of<B>(keep.back());
+  };
+  try {
+    auto p = load_params<B>(names, params, cfg);
+    ttt::layers::TttTape<float, B> tape;
+    tape.options.checkpoint_group = checkpoint_group;
+    tape.x = view_of<B>(x);
+    tape.proj = v(0), tape.o = v(1), tape.gate = v(2);
+    tape.W1c = v(3), tape.b1c = v(4), tape.W2c = v(5), tape.b2c = v(6);
+    return grads_to_torch(ttt::layers::ttt_backward(p, tape, view_of<B>(dy)), names, params, x_in, x);
   } catch (const ttt::Error& e) {
     TORCH_CHECK(false, "ttt op: ", e.what());
   }

@@ -1,6 +1,7 @@
 """Bad input to the ops gets one clear error (a RuntimeError naming the problem), never a crash:
 a missing parameter, a mis-shaped one, x of the wrong width or dtype, malformed or invalid config
-JSON, names and tensors that do not pair up, dy of another shape."""
+JSON, names and tensors that do not pair up, dy of another shape, a tape of the wrong size, a
+checkpoint group < 1."""
 import sys
 
 from common import require_torch, threads
@@ -31,6 +32,8 @@ cases = [
      "key 'kind' must be \"linear\" or \"mlp\""),
     ("names count", lambda: fwd(x, params, names[:-1], cfg), "names for"),
     ("dy shape", lambda: bwd(x, params, names, cfg, torch.randn(1, 4, 16), 1), "dy"),
+    ("tape size", lambda: torch.ops.ttt.layer_backward_tape(x, params, names, cfg, torch.randn(1, 5, 16),
+                                                           [torch.empty(0)] * 6, 1), "the tape has 7 tensors"),
     ("checkpoint group", lambda: bwd(x, params, names, cfg, torch.randn(1, 5, 16), 0), "checkpoint_group"),
 ]
 failures = 0

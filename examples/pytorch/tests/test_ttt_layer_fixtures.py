@@ -40,7 +40,7 @@ def check(case, name, got, ref):
     ok = tuple(got.shape) == tuple(ref.shape) and e <= TOL
     if not ok:
         failures += 1
-    print(f"  {case:34s} {name:28s} rel {e:.2e} {'ok' if ok else 'FAIL'}")
+    print(f"  {case:46s} {name:28s} rel {e:.2e} {'ok' if ok else 'FAIL'}")
 
 
 for case_dir in sorted((FIXTURES / "ttt").iterdir()):
@@ -49,20 +49,24 @@ for case_dir in sorted((FIXTURES / "ttt").iterdir()):
         y = m(io["x"])
     check(case_dir.name, "y_full", y, io["y_full"])
 
-for case_dir in sorted((FIXTURES / "ttt_grad").iterdir()):
+for case_dir, keep_tape in [(d, k) for d in sorted((FIXTURES / "ttt_grad").iterdir()) for k in (True, False)]:
+    # keep_tape: the backward from the forward's tape; False: the backward re-runs the forward
     m, io = load(case_dir)
+    m.keep_tape = keep_tape
+    m.checkpoint_group = 1 if keep_tape else 2  # the recompute runs use checkpoint groups of 2
     x = io["x"].clone().requires_grad_(True)
     y = m(x)
     (y * io["dy"]).sum().backward()
-    check(case_dir.name, "y", y, io["y"])
-    check(case_dir.name, "grad.x", x.grad, io["grad.x"])
+    case = case_dir.name + ("" if keep_tape else " (recompute, g 2)")
+    check(case, "y", y, io["y"])
+    check(case, "grad.x", x.grad, io["grad.x"])
     names = [n for n, _ in m.named_parameters()]
     expected = sorted(k[len("grad."):] for k in io if k.startswith("grad.") and k != "grad.x")
     if sorted(names) != expected:
         print(f"  {case_dir.name}: parameters {sorted(names)} != fixture gradients {expected} FAIL")
         failures += 1
     for n, p in m.named_parameters():
-        check(case_dir.name, "grad." + n, p.grad, io["grad." + n])
+        check(case, "grad." + n, p.grad, io["grad." + n])
 
 print(f"ttt layer fixtures: worst {worst:.2e} (tolerance {TOL:.0e}), {failures} failures")
 sys.exit(1 if failures else 0)

@@ -55,7 +55,7 @@ def load():
     os.makedirs(build, exist_ok=True)
     # C++20 (our headers); -O2 without -march=native so the cache stays valid across machines.
     cflags = ["-std=c++20", "-O2", "-fopenmp", "-DNDEBUG", "-Wno-unused-parameter"]
-    nvcc_flags = ["-std=c++20", "-O2", "--expt-relaxed-constexpr", "--extended-lambda", "-DTTT_WITH_CUDA=1",
+    nvcc_flags = ["-std=c++20", "-O2", "--expt-relaxed-constexpr", "--extended-lambda", "-DTTT_WITH_CUDA=1", "-Xcudafe=--diag_suppress=20012",
                   "-gencode=arch=compute_90,code=sm_90"]
     ldflags = ["-fopenmp"] + (["-lcublas", "-lcublasLt"] if use_cuda else [])
     if use_cuda:

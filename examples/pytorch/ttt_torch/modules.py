@@ -23,7 +23,7 @@ from .ops import ttt_layer
 class TTTLayer(nn.Module):
     def __init__(self, hidden_size, num_heads, kind="linear", mini_batch_size=16, ttt_base_lr=None,
                  use_gate=False, proj_bias=False, rope_theta=10000.0, ttt_norm_eps=1e-6, post_norm_eps=1e-6,
-                 mlp_expansion=4, initializer_range=0.02, checkpoint_group=1):
+                 mlp_expansion=4, initializer_range=0.02, checkpoint_group=1, keep_tape=True):
         super().__init__()
         if kind not in ("linear", "mlp"):
             raise ValueError(f"TTTLayer: kind must be 'linear' or 'mlp', got {kind!r}")
@@ -37,7 +37,7 @@ class TTTLayer(nn.Module):
                            use_gate=bool(use_gate), proj_bias=bool(proj_bias), rope_theta=float(rope_theta),
                            ttt_norm_eps=float(ttt_norm_eps), post_norm_eps=float(post_norm_eps))
         self._config_json = json.dumps(self.config, sort_keys=True)
-        self.checkpoint_group = checkpoint_group
+        self.checkpoint_group, self.keep_tape = checkpoint_group, keep_tape
         self.hidden_size, self.num_heads, self.head_dim, self.mini_batch_size = C, nh, f, K
         std = initializer_range
         self.q_proj = nn.Linear(C, C, bias=proj_bias)
@@ -72,7 +72,8 @@ class TTTLayer(nn.Module):
     def forward(self, hidden_states):
         names = self.ttt_names()
         params = dict(self.named_parameters())
-        return ttt_layer(hidden_states, [params[n] for n in names], names, self._config_json, self.checkpoint_group)
+        return ttt_layer(hidden_states, [params[n] for n in names], names, self._config_json, self.checkpoint_group,
+                         self.keep_tape)
 
     def extra_repr(self):
         return ", ".join(f"{k}={v}" for k, v in self.config.items())
