@@ -13,19 +13,24 @@ and checks, from the page's own counters and its DOM:
   2. Disconnect, then resume through the page's resume box: the same session id comes back,
      marked resumed, at the frame the server logged when it saved the conversation, and audio
      flows again;
-  3. errors (kind 5) are shown on the page: an unknown session id, an invalid parameter.
+  3. errors (kind 5) are shown on the page: an unknown session id, an invalid parameter;
+  4. the page's Ogg code (web/ogg.js) against Kyutai's sphn: a stream sphn wrote, fed to the
+     page's reader 7 bytes at a time, re-paged by its writer, decodes with sphn to the same
+     samples; every page's CRC equals an independent Python CRC; a flipped byte is refused.
 Then SIGTERM: the server exits 0.
 
   test_web.py --bin build/bin/ttt-moshi [--wav examples/audio/user.wav] [--screenshot PATH]
-Exit 77 (skipped) when chromium, aiohttp or the binary is missing.
+Exit 77 (skipped) when chromium, aiohttp, sphn, numpy or the binary is missing.
 """
 import argparse
 import asyncio
+import base64
 import os
 import re
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -113,6 +118,73 @@ def check(cond, msg):
     print(f"  ok: {msg}")
 
 
+def ogg_crc(page):
+    """Ogg's CRC-32 (polynomial 0x04c11db7, MSB first, init 0, no final XOR), bit by bit."""
+    crc = 0
+    for byte in page:
+        crc ^= byte << 24
+        for _ in range(8):
+            crc = ((crc << 1) ^ 0x04C11DB7) if crc & 0x80000000 else crc << 1
+            crc &= 0xFFFFFFFF
+    return crc
+
+
+def ogg_pages(data):
+    """(header fields, page bytes) of each page of an Ogg stream."""
+    pages, at = [], 0
+    while at < len(data):
+        assert data[at:at + 4] == b"OggS", f"no page at byte {at}"
+        nseg = data[at + 26]
+        n = 27 + nseg + sum(data[at + 27:at + 27 + nseg])
+        page = data[at:at + n]
+        fields = struct.unpack_from("<BBqIII", page, 4)  # version, flags, granule, serial, sequence, crc
+        pages.append((fields, page))
+        at += n
+    return pages
+
+
+async def check_ogg(page):
+    import numpy as np
+    import sphn
+    t = np.arange(2 * 24000) / 24000
+    x = (0.3 * np.sin(2 * np.pi * 440 * t) * np.sin(2 * np.pi * 1.3 * t)).astype(np.float32)
+    src = bytes(sphn.OpusStreamWriter(24000).append_pcm(x))
+    r = await page.eval("""((b64) => {
+      const b = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
+      const pk = [], info = [];
+      const rd = new TttOgg.OggReader((p, i) => { pk.push(p); info.push(i); });
+      for (let i = 0; i < b.length; i += 7) rd.push(b.subarray(i, i + 7));  // split anywhere
+      const w = new TttOgg.OggWriter(0x7474);
+      const out = [w.page([pk[0]], 0, TttOgg.FLAG_BOS), w.page([pk[1]], 0, 0)];
+      let g = 0;
+      for (const p of pk.slice(2)) { g += TttOgg.opusPacketSamples(p); out.push(w.page([p], g, 0)); }
+      let s = '';
+      for (const p of out) for (const v of p) s += String.fromCharCode(v);
+      const bad = b.slice(); bad[b.length >> 1] ^= 0x10;
+      let err = '';
+      try { new TttOgg.OggReader(() => {}).push(bad); } catch (e) { err = e.message; }
+      return {packets: pk.length, lastGranule: info[info.length - 1].granule, ogg: btoa(s), err};
+    })(%r)""" % base64.b64encode(src).decode())
+    ours = base64.b64decode(r["ogg"])
+    ref_pcm = sphn.OpusStreamReader(24000).append_bytes(src)
+    our_pcm = sphn.OpusStreamReader(24000).append_bytes(ours)
+    src_pages = ogg_pages(src)
+    n_packets = sum(1 for _, p in src_pages for v in p[27:27 + p[26]] if v < 255)
+    check(r["packets"] == n_packets > 2 and r["lastGranule"] == src_pages[-1][0][2],
+          f"ogg.js read sphn's {len(src)}-byte stream 7 bytes at a time: {r['packets']} packets, "
+          f"last granule {r['lastGranule']}")
+    check(len(our_pcm) == len(ref_pcm) > 0 and np.array_equal(our_pcm, ref_pcm),
+          f"sphn decodes ogg.js's re-paged stream to the same {len(ref_pcm)} samples")
+    pages = ogg_pages(ours)
+    bad_crc = [f[1] for f, p in pages if ogg_crc(p[:22] + b"\0\0\0\0" + p[26:]) != f[5]]
+    seqs = [f[4] for f, _ in pages]
+    granules = [f[2] for f, _ in pages[2:]]
+    check(not bad_crc and seqs == list(range(len(pages))) and granules == sorted(granules) and pages[0][0][1] == 2,
+          f"ogg.js's {len(pages)} pages: CRCs equal a Python CRC, sequence 0..{len(pages) - 1}, BOS first, "
+          f"granules rising to {granules[-1]}")
+    check("checksum" in r["err"], f"a flipped byte is refused: {r['err']!r}")
+
+
 async def run(args, exe, chromium_exe):
     from chromium import Chromium
 
@@ -179,6 +251,7 @@ async def run(args, exe, chromium_exe):
                                       " text: document.getElementById('error').textContent})")
                 check(not box["hidden"] and expect in box["text"] and box["text"].startswith("Server:"),
                       f"{query}: the server's error is shown: {box['text']!r}")
+            await check_ogg(page)
         rc = server.stop(signal.SIGTERM)
         check(rc == 0, "SIGTERM: the server exits 0")
     finally:
@@ -194,10 +267,11 @@ def main():
     ap.add_argument("--screenshot", help="also copy the screenshot here (e.g. docs/img/serve_page.png)")
     args = ap.parse_args()
     sys.path.insert(0, HERE)
-    try:
-        import aiohttp  # noqa: F401
-    except ImportError:
-        skip("the Python module aiohttp is missing (tools/python_env.sh installs it)")
+    for mod in ("aiohttp", "sphn", "numpy"):
+        try:
+            __import__(mod)
+        except ImportError:
+            skip(f"the Python module {mod} is missing (tools/python_env.sh installs it)")
     from chromium import find_chromium
     chromium_exe = find_chromium()
     if not chromium_exe:
