@@ -8,7 +8,7 @@ set -euo pipefail
 
 pkgs=(cmake g++ make pkg-config libeigen3-dev catch2 libcxxopts-dev nlohmann-json3-dev
       libbenchmark-dev libsentencepiece-dev libsndfile1-dev libsoxr-dev libopus-dev libogg-dev
-      libboost-dev python3 python3-venv haproxy)
+      libboost-dev libssl-dev python3 python3-venv haproxy)
 # Extra groups: "sanitize" (clang's runtimes for the fuzzers and sanitizer suite),
 # "audio-tools" (espeak-ng and sox, to regenerate examples/audio/: tools/make_example_audio.sh),
 # "browser" (Debian's chromium, ~350 MB, for tests/serve/test_web.py; on Ubuntu the package is a

@@ -155,8 +155,6 @@ struct Serve {
     if (!(opt.status_seconds >= 0)) fail("--status-every must be >= 0 seconds");
     opt.io_threads = r["io-threads"].as<int>();
     if (opt.io_threads < 1 || opt.io_threads > 256) fail("--io-threads must be in [1, 256], got ", opt.io_threads);
-    if (!opt.ssl_cert.empty() || !opt.ssl_key.empty())
-      fail("--ssl-cert / --ssl-key: TLS is not built into this server yet (terminate TLS in a proxy such as HAProxy)");
 
     // The LM: --config / --weights as for converse, with neither the bundled small config.
     LmConfig cfg;
@@ -210,8 +208,8 @@ int cmd_serve(int argc, char** argv) {
       cxxopts::value<std::string>())("auth-token", "clients must pass ?auth_token= (or Authorization: Bearer)",
                                      cxxopts::value<std::string>())(
       "static-dir", "files served on GET / (default: examples/ttt_moshi/web)", cxxopts::value<std::string>())(
-      "ssl-cert", "TLS certificate (PEM) [not built: refused]", cxxopts::value<std::string>())(
-      "ssl-key", "TLS private key (PEM) [not built: refused]", cxxopts::value<std::string>())(
+      "ssl-cert", "TLS certificate chain (PEM): serve https / wss", cxxopts::value<std::string>())(
+      "ssl-key", "TLS private key (PEM)", cxxopts::value<std::string>())(
       "max-message-bytes", "largest client message; past it: error and close",
       cxxopts::value<int64_t>()->default_value("262144"))(
       "max-queue-frames", "reply frames (80 ms) queued unsent before a slow client is dropped",

@@ -26,9 +26,14 @@
 #include <nlohmann/json.hpp>
 #include <set>
 #include <thread>
+#include <type_traits>
 
 #include "serve_session.hpp"
 #include "ttt/core/error.hpp"
+#if TTT_SERVE_TLS
+#include <boost/asio/ssl.hpp>
+#include <boost/beast/ssl.hpp>
+#endif
 
 namespace ttt_moshi::serve {
 namespace {
@@ -56,12 +61,27 @@ bool same_token(const std::string& a, const std::string& b) {  // constant time 
   return d == 0;
 }
 
-class WsConn;
+// A WebSocket conversation as the engine thread sees it (over TCP or TLS: WsConn<Stream>).
+class Conn {
+ public:
+  virtual ~Conn() = default;
+  // Joined as `s`: send the metadata and start reading.
+  virtual void joined(std::shared_ptr<Session> s, std::string metadata) = 0;
+  // Reply frames are waiting in the session: encode and send them.
+  virtual void drain() = 0;
+  // The tick took frames: read again if reading was paused.
+  virtual void resume_read() = 0;
+  // A client too slow to take its replies: its queue will not drain, so nothing more is sent
+  // (not even an error); the socket is closed at once.
+  virtual void abort() = 0;
+  // Sends kind 5 (when error is not empty), then closes once the queue is written.
+  virtual void close(std::string error, websocket::close_code code, std::string reason) = 0;
+};
 
 // ---- the engine thread --------------------------------------------------------------------------
 
 struct JoinRequest {
-  std::shared_ptr<WsConn> conn;
+  std::shared_ptr<Conn> conn;
   ClientParams params;
 };
 
@@ -70,7 +90,7 @@ struct Live {
   std::shared_ptr<Session> session;
   // Held while the conversation is live: a connection whose reading is paused (back-pressure)
   // and that has nothing to write has no pending operation to keep it alive.
-  std::shared_ptr<WsConn> conn;
+  std::shared_ptr<Conn> conn;
   std::string id;
   int64_t slot = -1;
 };
@@ -129,9 +149,10 @@ class Ticker {
 
 // ---- a WebSocket conversation -------------------------------------------------------------------
 
-class WsConn : public std::enable_shared_from_this<WsConn> {
+template <class Stream>  // beast::tcp_stream, or beast::ssl_stream<beast::tcp_stream> for TLS
+class WsConn final : public Conn, public std::enable_shared_from_this<WsConn<Stream>> {
  public:
-  WsConn(tcp::socket&& s, Ticker& ticker, const ServerOptions& opt, std::atomic<int>& open)
+  WsConn(Stream&& s, Ticker& ticker, const ServerOptions& opt, std::atomic<int>& open)
       : ws_(std::move(s)), ticker_(ticker), opt_(opt), open_(open) {
     ++open_;
   }
@@ -144,41 +165,38 @@ class WsConn : public std::enable_shared_from_this<WsConn> {
     // Beast's own cap (it closes with 1009 past it); up to it, our limit answers with kind 5.
     ws_.read_message_max(uint64_t(opt_.limits.max_message_bytes) * 4 + 16);
     ws_.binary(true);
-    ws_.async_accept(req, beast::bind_front_handler(&WsConn::on_accept, shared_from_this()));
+    ws_.async_accept(req, beast::bind_front_handler(&WsConn::on_accept, this->shared_from_this()));
   }
 
   // From the engine thread.
-  void joined(std::shared_ptr<Session> s, std::string metadata) {
-    net::post(ws_.get_executor(), [self = shared_from_this(), s = std::move(s), m = std::move(metadata)]() mutable {
+  void joined(std::shared_ptr<Session> s, std::string metadata) override {
+    net::post(ws_.get_executor(), [self = this->shared_from_this(), s = std::move(s), m = std::move(metadata)]() mutable {
       self->session_ = std::move(s);
       self->send(message(Kind::metadata, m), 0);
       self->do_read();
     });
   }
-  void drain() {
-    net::post(ws_.get_executor(), [self = shared_from_this()] { self->on_drain(); });
+  void drain() override {
+    net::post(ws_.get_executor(), [self = this->shared_from_this()] { self->on_drain(); });
   }
-  void resume_read() {
-    net::post(ws_.get_executor(), [self = shared_from_this()] {
+  void resume_read() override {
+    net::post(ws_.get_executor(), [self = this->shared_from_this()] {
       if (self->read_paused_ && !self->closing_) {
         self->read_paused_ = false;
         self->do_read();
       }
     });
   }
-  // A client too slow to take its replies: its queue will not drain, so nothing more is sent
-  // (not even an error); the socket is closed at once.
-  void abort() {
-    net::post(ws_.get_executor(), [self = shared_from_this()] {
+  void abort() override {
+    net::post(ws_.get_executor(), [self = this->shared_from_this()] {
       self->closing_ = self->closed_ = true;
       beast::error_code ec;
       beast::get_lowest_layer(self->ws_).socket().close(ec);
       self->gone();
     });
   }
-  // Sends kind 5 (when error is not empty), then closes once the queue is written.
-  void close(std::string error, websocket::close_code code, std::string reason) {
-    net::post(ws_.get_executor(), [self = shared_from_this(), e = std::move(error), code, r = std::move(reason)] {
+  void close(std::string error, websocket::close_code code, std::string reason) override {
+    net::post(ws_.get_executor(), [self = this->shared_from_this(), e = std::move(error), code, r = std::move(reason)] {
       self->close_now(e, code, r);
     });
   }
@@ -193,13 +211,13 @@ class WsConn : public std::enable_shared_from_this<WsConn> {
     if (ec) return;
     send(handshake_message(), 0);
     if (!refuse_.empty()) return close_now(refuse_, websocket::close_code::policy_error, "refused");
-    ticker_.request_join({shared_from_this(), params_});
+    ticker_.request_join({this->shared_from_this(), params_});
   }
 
   void do_read() {
     if (closing_ || reading_) return;
     reading_ = true;
-    ws_.async_read(buf_, beast::bind_front_handler(&WsConn::on_read, shared_from_this()));
+    ws_.async_read(buf_, beast::bind_front_handler(&WsConn::on_read, this->shared_from_this()));
   }
 
   void on_read(beast::error_code ec, size_t) {
@@ -258,7 +276,7 @@ class WsConn : public std::enable_shared_from_this<WsConn> {
       return;
     }
     writing_ = true;
-    ws_.async_write(net::buffer(outq_.front().data), beast::bind_front_handler(&WsConn::on_write, shared_from_this()));
+    ws_.async_write(net::buffer(outq_.front().data), beast::bind_front_handler(&WsConn::on_write, this->shared_from_this()));
   }
 
   void on_write(beast::error_code ec, size_t) {
@@ -287,7 +305,7 @@ class WsConn : public std::enable_shared_from_this<WsConn> {
   void do_close() {
     closed_ = true;
     ws_.async_close(websocket::close_reason(close_code_, close_reason_),
-                    [self = shared_from_this()](beast::error_code) { self->gone(); });
+                    [self = this->shared_from_this()](beast::error_code) { self->gone(); });
   }
 
   // The connection is over (closed by either side or failed): the engine saves and releases it.
@@ -302,7 +320,7 @@ class WsConn : public std::enable_shared_from_this<WsConn> {
 
   std::string id() const { return session_ ? session_->id : std::string("-"); }
 
-  websocket::stream<beast::tcp_stream> ws_;
+  websocket::stream<Stream> ws_;
   Ticker& ticker_;
   const ServerOptions& opt_;
   std::atomic<int>& open_;
@@ -512,19 +530,32 @@ void Ticker::run() {
 
 // ---- HTTP: static files and the WebSocket upgrade -----------------------------------------------
 
-class HttpConn : public std::enable_shared_from_this<HttpConn> {
+template <class Stream>  // beast::tcp_stream, or beast::ssl_stream<beast::tcp_stream> for TLS
+class HttpConn : public std::enable_shared_from_this<HttpConn<Stream>> {
  public:
-  HttpConn(tcp::socket&& s, Ticker& ticker, const ServerOptions& opt, std::atomic<int>& open)
-      : stream_(std::move(s)), ticker_(ticker), opt_(opt), open_(open) {}
-  void run() { do_read(); }
+  static constexpr bool kTls = !std::is_same_v<Stream, beast::tcp_stream>;
+  template <class... Ctx>  // the TLS context, for TLS
+  HttpConn(tcp::socket&& s, Ticker& ticker, const ServerOptions& opt, std::atomic<int>& open, Ctx&... ctx)
+      : stream_(std::move(s), ctx...), ticker_(ticker), opt_(opt), open_(open) {}
+  void run() {
+    if constexpr (kTls) {
+      beast::get_lowest_layer(stream_).expires_after(std::chrono::seconds(30));
+      stream_.async_handshake(net::ssl::stream_base::server, [self = this->shared_from_this()](beast::error_code ec) {
+        if (ec) return self->shutdown();  // not TLS, or a bad handshake: nothing to answer
+        self->do_read();
+      });
+    } else {
+      do_read();
+    }
+  }
 
  private:
   void do_read() {
     parser_.emplace();
     parser_->header_limit(16 * 1024);
     parser_->body_limit(16 * 1024);
-    stream_.expires_after(std::chrono::seconds(30));
-    http::async_read(stream_, buf_, *parser_, beast::bind_front_handler(&HttpConn::on_read, shared_from_this()));
+    beast::get_lowest_layer(stream_).expires_after(std::chrono::seconds(30));
+    http::async_read(stream_, buf_, *parser_, beast::bind_front_handler(&HttpConn::on_read, this->shared_from_this()));
   }
 
   void on_read(beast::error_code ec, size_t) {
@@ -542,8 +573,8 @@ class HttpConn : public std::enable_shared_from_this<HttpConn> {
           given = std::string(h->value().substr(7));
         if (!same_token(given, opt_.auth_token)) refuse = "unauthorized: a valid auth_token is required";
       }
-      stream_.expires_never();
-      std::make_shared<WsConn>(stream_.release_socket(), ticker_, opt_, open_)
+      beast::get_lowest_layer(stream_).expires_never();
+      std::make_shared<WsConn<Stream>>(std::move(stream_), ticker_, opt_, open_)
           ->start(std::move(req), std::move(p), std::move(refuse));
       return;
     }
@@ -581,7 +612,7 @@ class HttpConn : public std::enable_shared_from_this<HttpConn> {
 
   template <class Res>
   void write(std::shared_ptr<Res> res, bool header_only) {
-    auto done = [self = shared_from_this(), res](beast::error_code ec, size_t) {
+    auto done = [self = this->shared_from_this(), res](beast::error_code ec, size_t) {
       if (ec || !res->keep_alive()) return self->shutdown();
       self->do_read();
     };
@@ -595,10 +626,10 @@ class HttpConn : public std::enable_shared_from_this<HttpConn> {
 
   void shutdown() {
     beast::error_code ec;
-    stream_.socket().shutdown(tcp::socket::shutdown_send, ec);
+    beast::get_lowest_layer(stream_).socket().shutdown(tcp::socket::shutdown_send, ec);
   }
 
-  beast::tcp_stream stream_;
+  Stream stream_;
   Ticker& ticker_;
   const ServerOptions& opt_;
   std::atomic<int>& open_;
@@ -616,6 +647,9 @@ class Listener : public std::enable_shared_from_this<Listener> {
     acceptor_.listen(net::socket_base::max_listen_connections);
   }
   int port() const { return acceptor_.local_endpoint().port(); }
+#if TTT_SERVE_TLS
+  void use_tls(std::shared_ptr<net::ssl::context> ctx) { tls_ = std::move(ctx); }
+#endif
   void run() { do_accept(); }
   void stop() {
     net::post(acceptor_.get_executor(), [self = shared_from_this()] {
@@ -628,7 +662,16 @@ class Listener : public std::enable_shared_from_this<Listener> {
   void do_accept() {
     acceptor_.async_accept(net::make_strand(ioc_), [self = shared_from_this()](beast::error_code ec, tcp::socket s) {
       if (ec == net::error::operation_aborted || !self->acceptor_.is_open()) return;
-      if (!ec) std::make_shared<HttpConn>(std::move(s), self->ticker_, self->opt_, self->open_)->run();
+      if (!ec) {
+#if TTT_SERVE_TLS
+        if (self->tls_) {
+          std::make_shared<HttpConn<beast::ssl_stream<beast::tcp_stream>>>(std::move(s), self->ticker_, self->opt_,
+                                                                           self->open_, *self->tls_)
+              ->run();
+        } else
+#endif
+          std::make_shared<HttpConn<beast::tcp_stream>>(std::move(s), self->ticker_, self->opt_, self->open_)->run();
+      }
       self->do_accept();
     });
   }
@@ -638,6 +681,9 @@ class Listener : public std::enable_shared_from_this<Listener> {
   Ticker& ticker_;
   const ServerOptions& opt_;
   std::atomic<int>& open_;
+#if TTT_SERVE_TLS
+  std::shared_ptr<net::ssl::context> tls_;  // null: plain TCP
+#endif
 };
 
 bool is_loopback(const net::ip::address& a) { return a.is_loopback(); }
@@ -645,9 +691,30 @@ bool is_loopback(const net::ip::address& a) { return a.is_loopback(); }
 }  // namespace
 
 int run_server(Engine& engine, const ServerOptions& opt) {
-  if (!opt.ssl_cert.empty() || !opt.ssl_key.empty())
-    ttt::fail("--ssl-cert / --ssl-key: TLS is not built into this server yet; put a TLS-terminating proxy "
-              "(HAProxy, examples/deploy/) in front of it");
+  const bool tls = !opt.ssl_cert.empty() || !opt.ssl_key.empty();
+  if (tls && (opt.ssl_cert.empty() || opt.ssl_key.empty())) ttt::fail("TLS needs both --ssl-cert and --ssl-key");
+#if TTT_SERVE_TLS
+  std::shared_ptr<net::ssl::context> tls_ctx;
+  if (tls) {
+    tls_ctx = std::make_shared<net::ssl::context>(net::ssl::context::tls_server);
+    tls_ctx->set_options(net::ssl::context::default_workarounds | net::ssl::context::no_sslv2 |
+                         net::ssl::context::no_sslv3 | net::ssl::context::no_tlsv1 | net::ssl::context::no_tlsv1_1);
+    try {
+      tls_ctx->use_certificate_chain_file(opt.ssl_cert);
+    } catch (const boost::system::system_error& e) {
+      ttt::fail("--ssl-cert ", opt.ssl_cert, ": cannot load a PEM certificate chain (", e.what(), ")");
+    }
+    try {
+      tls_ctx->use_private_key_file(opt.ssl_key, net::ssl::context::pem);
+    } catch (const boost::system::system_error& e) {
+      ttt::fail("--ssl-key ", opt.ssl_key, ": cannot load a PEM private key matching the certificate (", e.what(), ")");
+    }
+  }
+#else
+  if (tls)
+    ttt::fail("--ssl-cert / --ssl-key: this build has no TLS (install libssl-dev and rebuild), or terminate TLS in a "
+              "proxy such as HAProxy");
+#endif
   beast::error_code ec;
   const auto addr = net::ip::make_address(opt.host == "localhost" ? "127.0.0.1" : opt.host, ec);
   if (ec) ttt::fail("--host ", opt.host, ": not an IP address (", ec.message(), ")");
@@ -667,9 +734,12 @@ int run_server(Engine& engine, const ServerOptions& opt) {
   } catch (const boost::system::system_error& e) {
     ttt::fail("cannot listen on ", opt.host, ":", opt.port, ": ", e.what());
   }
+#if TTT_SERVE_TLS
+  if (tls_ctx) listener->use_tls(tls_ctx);
+#endif
   listener->run();
-  std::fprintf(stderr, "serve: listening on http://%s:%d (WebSocket /api/chat), %lld sessions at most%s%s\n",
-               addr.to_string().c_str(), listener->port(), (long long)std::min(opt.max_sessions, engine.slots()),
+  std::fprintf(stderr, "serve: listening on %s://%s:%d (WebSocket /api/chat), %lld sessions at most%s%s\n",
+               tls ? "https" : "http", addr.to_string().c_str(), listener->port(), (long long)std::min(opt.max_sessions, engine.slots()),
                opt.session_dir.empty() ? "" : ", sessions saved in ", opt.session_dir.c_str());
   std::fflush(stderr);
 

@@ -63,7 +63,7 @@ class Result:
 
 
 async def converse(url, pcm, *, params=None, realtime=False, frames=None, quiet_s=1.5, timeout_s=60.0,
-                   before_send=None, raw_messages=()):
+                   before_send=None, raw_messages=(), ssl=None):
     """Streams `pcm` (float32, 24 kHz) to url (ws://host:port/api/chat) with query `params`.
 
     frames: send only this many 80 ms frames (the rest of pcm is ignored); the last partial
@@ -87,7 +87,7 @@ async def converse(url, pcm, *, params=None, realtime=False, frames=None, quiet_
     pcm_parts = []
     t0 = time.monotonic()
     async with aiohttp.ClientSession() as session:
-        async with session.ws_connect(full, max_msg_size=0) as ws:
+        async with session.ws_connect(full, max_msg_size=0, ssl=ssl if ssl is not None else True) as ws:
             async def recv():
                 async for msg in ws:
                     last_msg[0] = time.monotonic()
@@ -166,10 +166,12 @@ def main():
     ap.add_argument("--realtime", type=int, default=1, help="1: 80 ms per frame; 0: as fast as the server reads")
     ap.add_argument("--param", action="append", default=[], help="query parameter k=v (repeatable)")
     ap.add_argument("--out-wav", default=None, help="write the reply here")
+    ap.add_argument("--insecure", action="store_true", help="wss://: do not verify the server's certificate")
     args = ap.parse_args()
     pcm = read_wav(args.wav) if args.wav else np.zeros(int(args.seconds * RATE), dtype=np.float32)
     params = dict(p.split("=", 1) for p in args.param)
-    r = asyncio.run(converse(args.url, pcm, params=params, realtime=bool(args.realtime)))
+    r = asyncio.run(converse(args.url, pcm, params=params, realtime=bool(args.realtime),
+                             ssl=False if args.insecure else None))
     print("metadata:", json.dumps(r.metadata))
     print("text:", "".join(r.text))
     for e in r.errors:

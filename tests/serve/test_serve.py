@@ -9,7 +9,8 @@ config and random weights on the CPU, and checks (docs/serving.md, "What the tes
   batching   two concurrent clients with different seeds: each gets the reply it gets alone
              (bitwise: text and decoded audio), and the two differ
   limits     --max-sessions 1: a second client gets kind 5 "server full" and a clean close while
-             the first continues undisturbed; --auth-token: a client without it is refused
+             the first continues undisturbed; --auth-token: a client without it is refused; a
+             client silent past --idle-timeout is dropped with its state saved
   sessions   a client that disconnects is saved; reconnecting with its session_id resumes at the
              same frame, with the codebook delays already filled (audio from the first frame on)
   SIGTERM    saves the live conversation, closes the client (1001), exits 0; it resumes on a new
@@ -19,6 +20,8 @@ config and random weights on the CPU, and checks (docs/serving.md, "What the tes
              values, unknown or traversal session ids, wrong path) gets a kind-5 error (and a
              close where the policy says so) while another conversation runs undisturbed
   static     GET / serves the web directory; traversal, hidden names and symlinks out are 404
+  TLS        --ssl-cert / --ssl-key: wss:// with a self-signed certificate gives the same reply; a
+             plain client is refused; a bad key file is one clear error
 
   test_serve.py --bin BUILD/bin/ttt-moshi --wav examples/audio/user.wav --config examples/configs/small.json
 Exit 77 (skipped) without aiohttp / sphn / numpy.
@@ -48,6 +51,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from client import FRAME, RATE, converse, read_wav  # noqa: E402
 
 failures = []
+IDLE = 8  # --idle-timeout of the main server: longer than any pause of its other clients
 
 
 def check(cond, what):
@@ -68,7 +72,7 @@ class Server:
         def pump():
             for line in self.proc.stderr:
                 self.lines.append(line.rstrip("\n"))
-                m = re.search(r"listening on http://127\.0\.0\.1:(\d+)", line)
+                m = re.search(r"listening on https?://127\.0\.0\.1:(\d+)", line)
                 if m:
                     self.port = int(m.group(1))
                     got.set()
@@ -84,6 +88,15 @@ class Server:
 
     def log(self):
         return "\n".join(self.lines)
+
+    async def wait_log(self, text, timeout=10.0):
+        """True once `text` is in the server's log (the engine thread logs between ticks)."""
+        t0 = time.monotonic()
+        while text not in self.log():
+            if time.monotonic() - t0 > timeout:
+                return False
+            await asyncio.sleep(0.05)
+        return True
 
     def stop(self, sig=signal.SIGTERM, timeout=20):
         self.proc.send_signal(sig)
@@ -156,8 +169,7 @@ async def scenario_main(srv, pcm, delay, oversize):
     first = await converse(srv.url, pcm, params={"seed": 33}, frames=k)
     sid = (first.metadata or {}).get("session_id", "")
     check(len(first.pcm) == (k - delay) * FRAME, f"first part: {k} frames -> {len(first.pcm) // FRAME} reply frames")
-    await asyncio.sleep(0.3)
-    check(f"session {sid[:8]} ended (client disconnected) at frame {k}, state saved" in srv.log(),
+    check(await srv.wait_log(f"session {sid[:8]} ended (client disconnected) at frame {k}, state saved"),
           f"disconnect saves the conversation at frame {k}")
     rest = pcm[k * FRAME:]
     second = await converse(srv.url, rest, params={"session_id": sid})
@@ -268,6 +280,40 @@ async def scenario_sigterm(binary, pcm, session_dir, common):
     return sid, int(m.group(1)) if m else -1
 
 
+async def scenario_tls(binary, pcm, ref_text, common, tmp):
+    """--ssl-cert / --ssl-key: the same conversation over wss:// with a self-signed certificate; a
+    plain ws:// client does not disturb it; a bad key file is one clear error at start."""
+    cert, key = os.path.join(tmp, "cert.pem"), os.path.join(tmp, "key.pem")
+    made = subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", cert,
+                           "-days", "2", "-subj", "/CN=127.0.0.1"], capture_output=True, text=True)
+    if made.returncode != 0:
+        print(f"skipped TLS: openssl could not make a certificate ({made.stderr.strip()[:200]})")
+        return
+    bad = subprocess.run([binary, "serve", "--port", "0", "--ssl-cert", cert, "--ssl-key", cert], capture_output=True,
+                         text=True, timeout=60)
+    if "this build has no TLS" in bad.stderr:
+        print("skipped TLS: ttt-moshi was built without OpenSSL (libssl-dev)")
+        return
+    check(bad.returncode == 1 and f"--ssl-key {cert}" in bad.stderr,
+          f"a certificate given as the key: exit 1 naming it ({bad.stderr.strip().splitlines()[-1:]})")
+    srv = Server(binary, "--ssl-cert", cert, "--ssl-key", key, *common, name="tls")
+    try:
+        check(any("listening on https://" in l for l in srv.lines), "TLS server says https")
+        try:
+            async with aiohttp.ClientSession() as s:
+                async with s.ws_connect(srv.url):
+                    plain = "connected"
+        except Exception as e:  # noqa: BLE001: any failure of the plain handshake is the point
+            plain = type(e).__name__
+        r = await converse(srv.url.replace("ws://", "wss://"), pcm, params={"seed": 11}, ssl=False)
+        print("tls:", r.summary())
+        check(plain != "connected" and r.text == ref_text and not r.errors,
+              f"wss:// with a self-signed certificate: the same reply as over ws:// (a plain client: {plain})")
+    finally:
+        rc = srv.stop()
+    check(rc == 0, f"TLS server exits 0 on SIGTERM (rc {rc})")
+
+
 async def run(args):
     pcm = read_wav(args.wav)
     cfg = json.load(open(args.config))
@@ -288,20 +334,27 @@ async def run(args):
 
         t0 = time.monotonic()
         sid, at = await scenario_sigterm(args.bin, pcm, sessions, common)
-        srv = Server(args.bin, "--session-dir", sessions, "--max-sessions", "3", "--static-dir", web, *common,
-                     name="main")
+        srv = Server(args.bin, "--session-dir", sessions, "--max-sessions", "6", "--static-dir", web,
+                     "--idle-timeout", str(IDLE), *common, name="main")
         try:
             if at > 0:
                 r = await converse(srv.url, pcm[: 10 * FRAME], params={"session_id": sid})
                 md = r.metadata or {}
                 check(md.get("resumed") is True and md.get("frame") == at and len(r.pcm) == 10 * FRAME,
                       f"the SIGTERM-saved conversation resumes on a new server at frame {md.get('frame')} (want {at})")
-            await scenario_main(srv, pcm, delay, oversize)
+            _, idle = await asyncio.gather(scenario_main(srv, pcm, delay, oversize),
+                                           converse(srv.url, pcm, params={"seed": 9}, frames=3, quiet_s=60))
+            sid = (idle.metadata or {}).get("session_id", "")
+            check(idle.errors == [f"dropped: no message for {IDLE} s"] and idle.close_code == 1008 and
+                  await srv.wait_log(f"session {sid[:8]} ended (client idle) at frame 3, state saved"),
+                  f"a client silent for --idle-timeout {IDLE} s is dropped, state saved ({idle.errors}, close "
+                  f"{idle.close_code})")
             ref = await converse(srv.url, pcm, params={"seed": 11})
         finally:
             rc = srv.stop()
         check(rc == 0, f"main server exits 0 on SIGTERM (rc {rc})")
         await scenario_limits(args.bin, pcm, ref.text, common)
+        await scenario_tls(args.bin, pcm, ref.text, common, tmp)
         print(f"test_serve: {time.monotonic() - t0:.1f} s")
     if failures:
         print(f"{len(failures)} FAILED:")
