@@ -214,20 +214,26 @@ class Mimi {
   // copies of that item only; the other items of `dst` are untouched. What moves a stream
   // between sessions (save / resume one conversation of a batch) and what snapshots and
   // restores an item that must not advance in a batched frame (a copy of one item's state).
-  void copy_item(Session& dst, int64_t dst_b, const Session& src, int64_t src_b) const {
+  // `side` limits the copy to the encoder's state (SEANet encoder, its transformer, the
+  // downsample, the buffered samples) or the decoder's (upsample, transformer, SEANet decoder).
+  enum class Side { both, encoder, decoder };
+  void copy_item(Session& dst, int64_t dst_b, const Session& src, int64_t src_b, Side side = Side::both) const {
     TTT_CHECK(0 <= dst_b && dst_b < dst.batch() && 0 <= src_b && src_b < src.batch(), "mimi: copy_item: item ", src_b,
               " of ", src.batch(), " into ", dst_b, " of ", dst.batch());
+    const bool enc = side != Side::decoder, dec = side != Side::encoder;
     // The conv states in the same order in both sessions (the same model walks them).
     std::vector<const void*> from;
     for_each_state(const_cast<Session&>(src), [&](const std::string&, auto& m) { from.push_back(&m); });
     size_t i = 0;
-    for_each_state(dst, [&](const std::string&, auto& m) {
+    for_each_state(dst, [&](const std::string& key, auto& m) {
       using S = std::decay_t<decltype(m)>;
-      m.copy_item(dst_b, *static_cast<const S*>(from[i++]), src_b);
+      const S& sm = *static_cast<const S*>(from[i++]);
+      const bool is_enc = key.rfind("encoder", 0) == 0 || key == "downsample";
+      if (is_enc ? enc : dec) m.copy_item(dst_b, sm, src_b);
     });
-    Transformer::copy_item(dst.enc_tr, dst_b, src.enc_tr, src_b);
-    Transformer::copy_item(dst.dec_tr, dst_b, src.dec_tr, src_b);
-    dst.pending[size_t(dst_b)] = src.pending[size_t(src_b)];
+    if (enc) Transformer::copy_item(dst.enc_tr, dst_b, src.enc_tr, src_b);
+    if (dec) Transformer::copy_item(dst.dec_tr, dst_b, src.dec_tr, src_b);
+    if (enc) dst.pending[size_t(dst_b)] = src.pending[size_t(src_b)];
   }
 
   // Session files: format "ttt-mimi-session"; every state tensor under its module's name.

@@ -11,12 +11,16 @@
 //  - sampling: each conversation has its own options and draws from Philox(seed, its own
 //    frame counter, token) (moshi::LmGen, SampleParams), never from its slot index;
 //  - ticks: a slot that is not ready does not advance. The LM masks it (exec mask: its state
-//    is untouched); Mimi's streaming state has no mask, so that slot's Mimi state (one item's
-//    conv histories and KV rings, ~1 MB for Kyutai's Mimi per side) is copied aside before
-//    the batched call and back after it: two device copies of one item, only for slots that
-//    are busy and not ready, against a whole batched encode or decode for every slot.
+//    is untouched); Mimi's streaming state has no mask, so that slot's Mimi state on the side
+//    being run (one item's conv histories and KV rings: ~8 MB in fp32 for Kyutai's Mimi, its
+//    8-layer 250-step rings) is copied aside before the batched call and back after it: two
+//    device copies of one item, only for slots that are busy and not ready, against a whole
+//    batched encode or decode for every slot.
 // So a conversation run alone, in any slot of any batch, or saved and resumed elsewhere, gives
-// the same tokens and the same audio (tests/test_conversation.cpp checks it bitwise).
+// the same text and audio tokens; its audio is bitwise the same in the same batch shape and
+// within float rounding otherwise (Mimi's convolutions batch items into one GEMM whose
+// summation order depends on the batch: <= 8.5e-7 of the peak measured on the CPU), see
+// tests/test_conversation.cpp and docs/conversation_batch.md.
 //
 // Conversation files (save / resume): one safetensors file, metadata format
 // "ttt-conversation" and the engine's fingerprint (LM and Mimi configs and the dtype), the
@@ -249,7 +253,7 @@ class ConversationBatch {
       std::copy(src, src + fs, in.data() + b * fs);
     }
     Tensor<int64_t, Cpu> codes;
-    masked(enc_, enc_keep_, run, [&] { codes = mimi_.encode_step(enc_, in); });  // [S, K, 1]
+    masked(enc_, enc_keep_, run, MimiT::Side::encoder, [&] { codes = mimi_.encode_step(enc_, in); });  // [S, K, 1]
     TTT_CHECK(codes.size(2) == 1, "ConversationBatch::step: internal error: Mimi gave ", codes.size(2), " frames");
 
     // 2. the LM step (its exec mask freezes the other slots).
@@ -277,7 +281,7 @@ class ConversationBatch {
     }
     if (any_audio) {
       Tensor<float, Cpu> y;
-      masked(dec_, dec_keep_, speak, [&] { y = mimi_.decode_step(dec_, audio); });  // [S, fs]
+      masked(dec_, dec_keep_, speak, MimiT::Side::decoder, [&] { y = mimi_.decode_step(dec_, audio); });  // [S, fs]
       for (int64_t b = 0; b < S; ++b) {
         if (!speak[size_t(b)]) continue;
         res[size_t(b)].has_audio = true;
@@ -316,14 +320,14 @@ class ConversationBatch {
   // unchanged: their item is copied into `keep` before and back after. Idle slots are left
   // to drift: join resets them.
   template <class F>
-  void masked(MimiSession& s, MimiSession& keep, const std::vector<uint8_t>& run, F&& fn) {
+  void masked(MimiSession& s, MimiSession& keep, const std::vector<uint8_t>& run, typename MimiT::Side side, F&& fn) {
     std::vector<int64_t> frozen;
     for (size_t b = 0; b < run.size(); ++b)
       if (busy_[b] && !run[b]) frozen.push_back(int64_t(b));
     if (!frozen.empty() && keep.batch() != s.batch()) keep = mimi_.start(s.batch());
-    for (int64_t b : frozen) mimi_.copy_item(keep, b, s, b);
+    for (int64_t b : frozen) mimi_.copy_item(keep, b, s, b, side);
     fn();
-    for (int64_t b : frozen) mimi_.copy_item(s, b, keep, b);
+    for (int64_t b : frozen) mimi_.copy_item(s, b, keep, b, side);
   }
 
   // A session with a fresh runtime (its graph setting re-read), the same state.
