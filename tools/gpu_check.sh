@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # On the GPU machine (device tool): the CUDA tests, compute-sanitizer and the CUDA benchmarks,
 # each time-boxed, logs under $OUT (or ./gpu_out), a short summary on stdout.
-#   tools/gpu_check.sh [build|test|sanitize|bench|bench-ttt|bench-designs|bench-mimi|all]...
+#   tools/gpu_check.sh [build|test|sanitize|bench|bench-quant|bench-ttt|bench-train|bench-designs|bench-mimi|serve-load|all]...
+# serve-load is left out of `all` (minutes): bench/serve_load.py with the 7B on the GPU (SERVE_CLIENTS)
+# and the small config on the CPU (SERVE_CPU_CLIENTS); Python wheels for its client from .whl/py312.
 #
 # Binaries: BIN_DIR (default build-gpu/bin) when it already holds ttt-moshi, else a build into
 # build-gpu. A build made elsewhere (`tools/gpu_prebuild.sh`, non-native, sm_90) can be carried
@@ -15,7 +17,7 @@ steps=("$@")
 [ ${#steps[@]} -eq 0 ] && steps=(all)
 has() { for s in "${steps[@]}"; do [ "$s" = "$1" ] || [ "$s" = all ] && return 0; done; return 1; }
 bin=${BIN_DIR:-build-gpu/bin}
-export LD_LIBRARY_PATH=/usr/local/cuda/lib64${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+export LD_LIBRARY_PATH=/usr/local/cuda/lib64${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}:$(pwd)/$bin/lib  # last: the machine's own first
 if [ "$(pwd)" != /work/main ] && [ ! -e /work/main ]; then mkdir -p /work && ln -sfn "$(pwd)" /work/main; fi
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader | tee "$out/gpu.txt"
 
@@ -35,7 +37,7 @@ t=$bin/tests
 mkdir -p "$(dirname "$bin")/tests"   # TTT_TEST_OUT of the CLI test
 
 if has test; then
-  for tb in test_backend_ops test_cuda_moshi test_ttt_cuda test_cuda_mimi; do
+  for tb in test_backend_ops test_cuda_moshi test_ttt_cuda test_cuda_mimi test_ttt_grad_cuda test_cuda_conversation; do
     s=$(date +%s)
     timeout 150 "$t/$tb" > "$out/$tb.log" 2>&1
     echo "$tb rc=$? ($(( $(date +%s) - s )) s): $(grep -E '^(test cases|All tests passed)' "$out/$tb.log" | tail -1)"
@@ -77,6 +79,20 @@ if has bench; then
   done
 fi
 
+if has bench-quant; then
+  for dt in fp8 int8; do
+    for b in 1 8; do
+      timeout 150 "$bin/ttt-moshi" bench --preset 7b --backend cuda --dtype $dt --batch $b --frames 100 --warmup 10 \
+        > "$out/bench_7b_${dt}_b$b.log" 2>&1
+      echo "== 7b $dt batch $b rc=$?"; grep -E "^bench|floor|GiB" "$out/bench_7b_${dt}_b$b.log" | head -4
+    done
+  done
+fi
+
+if has bench-train; then
+  timeout 300 "$bin/bench_ttt_train" 2>&1 | tee "$out/bench_ttt_train.log" | tail -20
+fi
+
 if has bench-designs; then
   for d in replace16 after3 inplace5 kvmem8; do
     timeout 150 "$bin/ttt-moshi" bench --config bench/configs/moshi_7b_$d.json --backend cuda --dtype bf16 --batch 1 \
@@ -97,4 +113,19 @@ if has bench-mimi; then
       > "$out/bench_mimi_${dt}_b$b.log" 2>&1
     echo "== mimi cuda $dt batch $b rc=$?"; tail -5 "$out/bench_mimi_${dt}_b$b.log"
   done
+fi
+
+# Not part of `all`: the server under load (minutes).
+if printf '%s\n' "${steps[@]}" | grep -qx serve-load; then
+  if ! python3 -c "import sphn, aiohttp" 2>/dev/null; then
+    python3 -m pip install -q --no-index --no-compile --no-cache-dir --target /tmp/pysite .whl/py312/*.whl >/dev/null 2>&1
+    export PYTHONPATH=/tmp/pysite${PYTHONPATH:+:$PYTHONPATH}
+  fi
+  timeout 480 python3 bench/serve_load.py --bin "$bin/ttt-moshi" --clients "${SERVE_CLIENTS:-16,64}" \
+    --seconds "${SERVE_SECONDS:-20}" --procs 12 -- --config bench/configs/moshi_7b.json \
+    --mimi-config bench/configs/mimi_kyutai.json --backend cuda --dtype bf16 2>&1 | tee "$out/serve_load_cuda.log"
+  if [ -n "${SERVE_CPU_CLIENTS:-}" ]; then
+    timeout 240 python3 bench/serve_load.py --bin "$bin/ttt-moshi" --clients "$SERVE_CPU_CLIENTS" --seconds 15 \
+      --procs 4 2>&1 | tee "$out/serve_load_cpu.log"
+  fi
 fi
