@@ -45,10 +45,12 @@ std::unique_ptr<Engine<B>> engine(const std::string& lm_config, uint64_t seed = 
   auto j = io::read_json_file(config_path(lm_config));
   j["context"] = 8;       // the KV rings wrap within the tests' frames
   j["text_card"] = 2000;  // a smaller text head: the tests' time goes to the code under test
-  if (j.contains("ttt"))
-    for (auto& entry : j["ttt"])
+  if (j.contains("ttt")) {
+    for (auto& entry : j["ttt"]) {
       if (entry["design"] == "inplace_ffn") entry["chunk_size"] = 4;  // In-Place updates every 4 frames
       else if (entry.contains("mini_batch_size")) entry["mini_batch_size"] = 4;  // TTT updates every 4
+    }
+  }
   e->cfg = moshi::LmConfig::from_json(j, lm_config);
   e->ws.enable_random_init(seed);
   e->ws.set_seed(seed);

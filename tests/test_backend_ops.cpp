@@ -930,6 +930,48 @@ TEMPLATE_TEST_CASE("sample", "[backend]", float, bf16, f16) {
                "V " + std::to_string(V) + " temperature " + std::to_string(pr.temperature) + " top_k " +
                    std::to_string(pr.top_k) + " counter " + std::to_string(ctr));
       }
+    // Per-row parameters (sample_rows): row r takes params[(r + shift) % n], its own seed and
+    // counter; the same on both backends, and a row's token is the one it gets sampled alone
+    // (the draw is keyed on the row's seed and counter, never on its index).
+    const int64_t np = int64_t(sizeof(params) / sizeof(params[0]));
+    for (int64_t shift = 0; shift < np; shift += 3) {
+      const size_t n_rows = static_cast<size_t>(N);
+      std::vector<float> temp(n_rows);
+      std::vector<int64_t> topk(n_rows), seed(n_rows), ctr(n_rows);
+      for (int64_t r = 0; r < N; ++r) {
+        const P& pr = params[(r + shift) % np];
+        temp[size_t(r)] = pr.temperature, topk[size_t(r)] = pr.top_k;
+        seed[size_t(r)] = int64_t(0x9e3779b97f4a7c15ull * uint64_t(r + 1 + shift));
+        ctr[size_t(r)] = r % 2 ? int64_t(123456789012) : r + shift;
+      }
+      auto rows_of = [&](auto&& up, int64_t r0, int64_t n, uint32_t salt) {
+        auto sub = [&](const auto& v) { return std::vector<std::decay_t<decltype(v[0])>>(v.begin() + r0, v.begin() + r0 + n); };
+        using Bk = typename std::decay_t<decltype(up(Tensor<float, Cpu>()))>::backend_type;
+        SampleRows<Bk> rows;
+        rows.temperature = up(Tensor<float, Cpu>::from_vector({n}, sub(temp)));
+        rows.top_k = up(Tensor<int64_t, Cpu>::from_vector({n}, sub(topk)));
+        rows.seed = up(Tensor<int64_t, Cpu>::from_vector({n}, sub(seed)));
+        rows.counter = up(Tensor<int64_t, Cpu>::from_vector({n}, sub(ctr)));
+        rows.salt = salt;
+        return rows;
+      };
+      auto on_cpu = [](const auto& t) { return t; };
+      auto on_gpu = [](const auto& t) { return t.template to<Cuda>(); };
+      const uint32_t salt = uint32_t(shift % 5);
+      Both<int64_t> out{Tensor<int64_t, Cpu>::empty({N}), Tensor<int64_t, Cuda>::empty({N})};
+      ops::sample_rows(out.cpu, logits.cpu, rows_of(on_cpu, 0, N, salt));
+      ops::sample_rows(out.gpu, logits.gpu, rows_of(on_gpu, 0, N, salt));
+      record("sample_rows", dname<T>(), error(out), 0, "V " + std::to_string(V) + " shift " + std::to_string(shift));
+      for (int64_t r = 0; r < N; ++r) {
+        Both<int64_t> one{Tensor<int64_t, Cpu>::empty({1}), Tensor<int64_t, Cuda>::empty({1})};
+        ops::sample_rows(one.cpu, logits.cpu.slice(0, r, r + 1), rows_of(on_cpu, r, 1, salt));
+        ops::sample_rows(one.gpu, logits.gpu.slice(0, r, r + 1), rows_of(on_gpu, r, 1, salt));
+        const int64_t alone_cpu = one.cpu.data()[0], alone_gpu = one.gpu.template to<Cpu>().data()[0];
+        INFO("V " << V << " row " << r << " shift " << shift);
+        CHECK(alone_cpu == out.cpu.data()[r]);
+        CHECK(alone_gpu == out.cpu.data()[r]);
+      }
+    }
   }
 }
 
