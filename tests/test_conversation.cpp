@@ -10,6 +10,7 @@
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
+#include <random>
 #include <string>
 #include <vector>
 
@@ -196,4 +197,67 @@ TEST_CASE("bad inputs: clear errors, other conversations undisturbed", "[convers
   check_same(d.track[1], ref_a, 0, "A after the errors vs alone", false);
   for (const auto& p : {good, truncated, garbage, foreign, session, temp_path("partial.safetensors")})
     std::filesystem::remove(p);
+}
+
+TEST_CASE("sample_rows: a row's token depends on its own logits and parameters only", "[conversation][sample]") {
+  // 6 rows of V logits; row r: temperature, top-k, seed and counter of its own (row 0 greedy,
+  // row 1 top-k 1). Sampled as a batch, reversed, and one by one: every row gets the same token.
+  const int64_t N = 6, V = 300;
+  std::mt19937 g(7);
+  std::uniform_real_distribution<float> d(-3.f, 3.f);
+  auto logits = Tensor<float, Cpu>::empty({N, V});
+  for (int64_t i = 0; i < logits.numel(); ++i) logits.data()[i] = d(g);
+  const std::vector<float> temp = {0.f, 1.f, 0.7f, 1.3f, 0.9f, 0.9f};
+  const std::vector<int64_t> topk = {0, 1, 0, 5, 50, 50};
+  const std::vector<int64_t> seed = {1, 2, 3, 4, 5, 6};
+  const std::vector<int64_t> ctr = {0, 9, 17, 123456789012, 3, 3};
+  auto rows_of = [&](const std::vector<int64_t>& order) {
+    auto pick = [&](const auto& v) {
+      std::vector<std::decay_t<decltype(v[0])>> o;
+      for (int64_t r : order) o.push_back(v[size_t(r)]);
+      return o;
+    };
+    const int64_t n = int64_t(order.size());
+    SampleRows<Cpu> rows;
+    rows.temperature = Tensor<float, Cpu>::from_vector({n}, pick(temp));
+    rows.top_k = Tensor<int64_t, Cpu>::from_vector({n}, pick(topk));
+    rows.seed = Tensor<int64_t, Cpu>::from_vector({n}, pick(seed));
+    rows.counter = Tensor<int64_t, Cpu>::from_vector({n}, pick(ctr));
+    rows.salt = 2;
+    auto l = Tensor<float, Cpu>::empty({n, V});
+    for (int64_t i = 0; i < n; ++i) l.select(0, i).copy_from(logits.select(0, order[size_t(i)]));
+    auto out = Tensor<int64_t, Cpu>::empty({n});
+    ops::sample_rows(out, l, rows);
+    return out.to_vector();
+  };
+  const auto all = rows_of({0, 1, 2, 3, 4, 5});
+  const auto rev = rows_of({5, 4, 3, 2, 1, 0});
+  for (int64_t r = 0; r < N; ++r) {
+    INFO("row " << r);
+    CHECK(rev[size_t(N - 1 - r)] == all[size_t(r)]);
+    CHECK(rows_of({r})[0] == all[size_t(r)]);
+  }
+  // Greedy and top-k 1 rows are the argmax.
+  for (int64_t r : {0, 1}) {
+    int64_t best = 0;
+    for (int64_t i = 1; i < V; ++i)
+      if (logits(r, i) > logits(r, best)) best = i;
+    CHECK(all[size_t(r)] == best);
+  }
+  // Draws differ with the seed (rows 4 and 5 differ only in it) somewhere over 20 counters.
+  bool differs = false;
+  for (int64_t k = 0; k < 20 && !differs; ++k) {
+    SampleRows<Cpu> rows;
+    rows.temperature = Tensor<float, Cpu>::from_vector({2}, {0.9f, 0.9f});
+    rows.top_k = Tensor<int64_t, Cpu>::from_vector({2}, {50, 50});
+    rows.seed = Tensor<int64_t, Cpu>::from_vector({2}, {5, 6});
+    rows.counter = Tensor<int64_t, Cpu>::from_vector({2}, {k, k});
+    auto l = Tensor<float, Cpu>::empty({2, V});
+    l.select(0, 0).copy_from(logits.select(0, 4));
+    l.select(0, 1).copy_from(logits.select(0, 4));
+    auto out = Tensor<int64_t, Cpu>::empty({2});
+    ops::sample_rows(out, l, rows);
+    differs = out(0) != out(1);
+  }
+  CHECK(differs);
 }
