@@ -79,7 +79,10 @@ class BatchEngine final : public serve::Engine {
   int64_t sample_rate() const override { return batch_.sample_rate(); }
   int64_t join(const ClientParams& p) override { return batch_.join(options(p)); }
   int64_t resume(const std::string& path) override { return batch_.resume(path); }
-  void save(int64_t slot, const std::string& path) override { batch_.save(slot, path); }
+  std::function<void()> snapshot(int64_t slot, const std::string& path) override {
+    auto w = std::make_shared<io::SafeTensorsWriter>(batch_.snapshot(slot));
+    return [w, path] { w->write(path); };
+  }
   void leave(int64_t slot) override { batch_.leave(slot); }
   std::vector<serve::StepOut> step(const float* pcm, const std::vector<uint8_t>& ready, float* reply) override {
     const int64_t n = slots() * frame_size();

@@ -95,6 +95,80 @@ struct Live {
   int64_t slot = -1;
 };
 
+// Writes saved conversations on a thread of its own: a 7B conversation's file is gigabytes (its
+// KV ring), and writing it on the engine thread would stall every other conversation's tick.
+// The engine thread only takes the snapshot (a device-to-host copy); the log line "ended ...,
+// state saved" appears once the file is in place, and a resume of an id whose file is still
+// being written waits for it.
+class Saver {
+ public:
+  Saver() : thread_([this] { loop(); }) {}
+  ~Saver() { drain_and_stop(); }
+  // `write` writes the file; `done(ok, error)` runs after it, on this thread.
+  void push(const std::string& id, std::function<void()> write, std::function<void(bool, const std::string&)> done) {
+    {
+      std::lock_guard<std::mutex> g(mu_);
+      queue_.push_back({id, std::move(write), std::move(done)});
+      pending_.insert(id);
+    }
+    cv_.notify_all();
+  }
+  void wait_for(const std::string& id) {
+    std::unique_lock<std::mutex> lk(mu_);
+    cv_.wait(lk, [&] { return !pending_.count(id); });
+  }
+  void drain_and_stop() {
+    {
+      std::lock_guard<std::mutex> g(mu_);
+      if (stop_) return;
+      stop_ = true;
+    }
+    cv_.notify_all();
+    if (thread_.joinable()) thread_.join();
+  }
+
+ private:
+  struct Job {
+    std::string id;
+    std::function<void()> write;
+    std::function<void(bool, const std::string&)> done;
+  };
+  void loop() {
+    for (;;) {
+      Job j;
+      {
+        std::unique_lock<std::mutex> lk(mu_);
+        cv_.wait(lk, [&] { return stop_ || !queue_.empty(); });
+        if (queue_.empty()) return;  // stopping, and everything is written
+        j = std::move(queue_.front());
+        queue_.pop_front();
+      }
+      bool ok = true;
+      std::string error;
+      try {
+        j.write();
+      } catch (const std::exception& e) {
+        ok = false, error = e.what();
+      }
+      j.done(ok, error);
+      {
+        std::lock_guard<std::mutex> g(mu_);
+        // Another save of the same id may be queued behind this one.
+        bool again = false;
+        for (const auto& q : queue_) again = again || q.id == j.id;
+        if (!again) pending_.erase(j.id);
+      }
+      cv_.notify_all();
+    }
+  }
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::deque<Job> queue_;
+  std::set<std::string> pending_;
+  bool stop_ = false;
+  std::thread thread_;
+};
+
 class Ticker {
  public:
   Ticker(Engine& engine, const ServerOptions& opt) : engine_(engine), opt_(opt) {}
@@ -135,6 +209,7 @@ class Ticker {
 
   Engine& engine_;
   const ServerOptions& opt_;
+  Saver saver_;
   std::mutex mu_;
   std::condition_variable cv_;
   std::deque<JoinRequest> joins_;
@@ -353,6 +428,7 @@ void Ticker::handle_join(JoinRequest& r) {
     for (const auto& [s, l] : live_)
       if (l.id == p.session_id) return refuse("session_id " + p.session_id + " is live on another connection");
     const std::string path = path_of(p.session_id);
+    saver_.wait_for(p.session_id);  // its file may still be being written
     if (!std::filesystem::exists(path)) return refuse("unknown session_id " + p.session_id);
     try {
       slot = engine_.resume(path);
@@ -397,19 +473,29 @@ void Ticker::handle_join(JoinRequest& r) {
 }
 
 void Ticker::finish(Live& l, const char* why, bool close_client, const std::string& error) {
-  bool saved = false;
+  const int64_t frames = engine_.frames(l.slot);
+  std::function<void()> write;
   if (!opt_.session_dir.empty()) {
     try {
-      engine_.save(l.slot, path_of(l.id));
-      saved = true;
+      write = engine_.snapshot(l.slot, path_of(l.id));
     } catch (const std::exception& e) {
       std::fprintf(stderr, "serve: session %s: saving failed: %s\n", short_id(l.id).c_str(), e.what());
     }
   }
-  const int64_t frames = engine_.frames(l.slot);
   engine_.leave(l.slot);
-  std::fprintf(stderr, "serve: session %s ended (%s) at frame %lld%s\n", short_id(l.id).c_str(), why,
-               (long long)frames, saved ? ", state saved" : "");
+  if (write) {
+    const std::string sid = short_id(l.id), reason = why;
+    saver_.push(l.id, std::move(write), [sid, reason, frames](bool ok, const std::string& e) {
+      if (ok)
+        std::fprintf(stderr, "serve: session %s ended (%s) at frame %lld, state saved\n", sid.c_str(), reason.c_str(),
+                     (long long)frames);
+      else
+        std::fprintf(stderr, "serve: session %s ended (%s) at frame %lld; saving failed: %s\n", sid.c_str(),
+                     reason.c_str(), (long long)frames, e.c_str());
+    });
+  } else {
+    std::fprintf(stderr, "serve: session %s ended (%s) at frame %lld\n", short_id(l.id).c_str(), why, (long long)frames);
+  }
   if (close_client)
     if (auto c = l.conn) {
       if (l.session->queued_frames() > opt_.limits.max_queue_frames)
@@ -510,6 +596,7 @@ void Ticker::run() {
       for (auto& [slot, l] : live_) finish(l, "server shutting down", true, "");
       live_.clear();
       for (auto& j : joins) j.conn->close("server shutting down", websocket::close_code::going_away, "shutdown");
+      saver_.drain_and_stop();  // every file in place before the process may exit
       status_line();
       return;
     }

@@ -4,6 +4,7 @@
 // batch. It sees the batch through `Engine` (virtual calls), so the Beast code is compiled once,
 // whatever the model's dtype and backend (serve.cpp adapts ttt::serve::ConversationBatch<T, B>).
 #include <cstdint>
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -25,7 +26,9 @@ class Engine {
   virtual int64_t sample_rate() const = 0;
   virtual int64_t join(const ClientParams& p) = 0;              // slot or -1 when full; throws ttt::Error
   virtual int64_t resume(const std::string& path) = 0;          // slot or -1; throws ttt::Error
-  virtual void save(int64_t slot, const std::string& path) = 0;  // atomic
+  // Copies one conversation's whole state now (the engine thread); the returned call writes it
+  // to `path` atomically and may run on any thread.
+  virtual std::function<void()> snapshot(int64_t slot, const std::string& path) = 0;
   virtual void leave(int64_t slot) = 0;
   // pcm [slots, frame_size], ready [slots] -> reply [slots, frame_size] and one StepOut per slot.
   virtual std::vector<StepOut> step(const float* pcm, const std::vector<uint8_t>& ready, float* reply) = 0;

@@ -194,7 +194,11 @@ class ConversationBatch {
 
   // The whole state of one conversation to a file, atomically (write temp + rename). Does
   // not leave.
-  void save(int64_t slot, const std::string& path) const {
+  void save(int64_t slot, const std::string& path) const { snapshot(slot).write(path); }
+
+  // The same state, copied to host memory now: a server takes it on its engine thread (the
+  // device-to-host copy is all the tick waits for) and writes it on another thread.
+  io::SafeTensorsWriter snapshot(int64_t slot) const {
     check_busy(slot, "save");
     auto lm1 = gen_.start(1);
     gen_.copy_item(lm1, 0, lm_s_, slot);
@@ -211,7 +215,7 @@ class ConversationBatch {
     mimi_.save(enc1, w, "mimi_enc");
     mimi_.save(dec1, w, "mimi_dec");
     w.add("conversation.frames", Tensor<int64_t, Cpu>::from_vector({1}, {frames_[size_t(slot)]}));
-    w.write(path);
+    return w;
   }
 
   void leave(int64_t slot) {
