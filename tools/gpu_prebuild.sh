@@ -9,7 +9,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH=/usr/local/cuda/bin:$PATH
 cmake -S . -B build-dev -DCMAKE_BUILD_TYPE=Release -DTTT_NATIVE=OFF -DTTT_HEADER_CHECKS=OFF \
-  -DCMAKE_CUDA_ARCHITECTURES=90 >/dev/null
+  -DCMAKE_CUDA_ARCHITECTURES=90 -DCMAKE_DISABLE_FIND_PACKAGE_PkgConfig=OFF >/dev/null
 cmake --build build-dev -j"${JOBS:-2}" --target ttt-moshi ttt-layer bench_ttt_layer test_backend_ops test_cuda_moshi \
   test_ttt_cuda test_ttt test_cuda_mimi bench_mimi test_ttt_grad_cuda test_cuda_conversation bench_ttt_train
 strip build-dev/bin/* build-dev/bin/tests/* 2>/dev/null || true

@@ -10,6 +10,7 @@
 #include <string>
 #include <string_view>
 
+#include "ttt/backend/cpu/kernels.hpp"
 #include "ttt/backend/ops.hpp"
 #include "ttt/core/quant.hpp"
 #include "ttt/io/safetensors.hpp"
