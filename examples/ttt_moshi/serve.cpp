@@ -16,8 +16,10 @@
 #define TTT_SERVE_ENGINE 0
 #endif
 #if TTT_SERVE_ENGINE
+#include <algorithm>
 #include <memory>
 #include <random>
+#include <thread>
 
 #include "bundled_configs.hpp"
 #include "serve_server.hpp"
@@ -157,7 +159,10 @@ struct Serve {
     opt.status_seconds = r["status-every"].as<double>();
     if (!(opt.status_seconds >= 0)) fail("--status-every must be >= 0 seconds");
     opt.io_threads = r["io-threads"].as<int>();
-    if (opt.io_threads < 1 || opt.io_threads > 256) fail("--io-threads must be in [1, 256], got ", opt.io_threads);
+    // 0: half the cores (2 to 16). The network threads do every conversation's Opus work: with
+    // 64 conversations two threads made the tick's p99 late on the H200 host (docs/perf.md).
+    if (opt.io_threads == 0) opt.io_threads = std::clamp(int(std::thread::hardware_concurrency()) / 2, 2, 16);
+    if (opt.io_threads < 1 || opt.io_threads > 256) fail("--io-threads must be in [0, 256], got ", opt.io_threads);
 
     // The LM: --config / --weights as for converse, with neither the bundled small config.
     LmConfig cfg;
@@ -220,7 +225,7 @@ int cmd_serve(int argc, char** argv) {
       "idle-timeout", "seconds without a client message before it is dropped",
       cxxopts::value<double>()->default_value("30"))(
       "status-every", "seconds between status lines (0: none)", cxxopts::value<double>()->default_value("10"))(
-      "io-threads", "network threads", cxxopts::value<int>()->default_value("2"));
+      "io-threads", "network threads (Opus work); 0: half the cores, 2 to 16", cxxopts::value<int>()->default_value("0"));
   auto r = parse_options(o, argc, argv);
   if (!r) return 0;
   return dispatch<Serve>(read_common(*r), *r);
