@@ -175,6 +175,54 @@ struct GemvParams {
   int split = 1;
 };
 
+// The GEMV's fused norm, shared by the bf16 and the quantised-weight kernels (any params struct
+// with x, K, norm, norm_w, norm_b, eps). Statistics of one row by one warp, in fp32, mean first
+// then squared deviations: mu (0 for RMSNorm) and scale = 1 / sqrt(var + eps), where var is the
+// mean square for RMSNorm and the variance for LayerNorm. Lane 0 gets the result.
+template <class T, class P>
+__device__ __forceinline__ void gemv_norm_stats(const P& p, int row, int lane, float& mu_out, float& scale_out) {
+  constexpr int kV = kVec<T>;
+  const T* xr = p.x + row * p.K;
+  const bool vx = aligned16(xr) && p.K % kV == 0;
+  auto each = [&](auto&& f) {  // f(value) over the row, 16-byte loads when aligned
+    if (vx) {
+      for (int64_t c = lane; c < p.K / kV; c += 32) {
+        float v[kV];
+        load16(xr + c * kV, v);
+#pragma unroll
+        for (int j = 0; j < kV; ++j) f(v[j]);
+      }
+    } else {
+      for (int64_t j = lane; j < p.K; j += 32) f(to_f32(xr[j]));
+    }
+  };
+  float s = 0.f, ss = 0.f;
+  if (p.norm == GemvNorm::layer) {
+    each([&](float v) { s += v; });
+    s = warp_sum(s);
+  }
+  const float mu = p.norm == GemvNorm::layer ? s / float(p.K) : 0.f;
+  each([&](float v) { ss += (v - mu) * (v - mu); });
+  ss = warp_sum(ss);
+  mu_out = mu;
+  scale_out = p.norm == GemvNorm::layer ? 1.f / sqrtf(ss / float(p.K) + p.eps) : 1.f / sqrtf(p.eps + ss / float(p.K));
+}
+
+// x[r, k] through the norm, rounded to T as the unfused norm kernel stores it.
+template <class T, class P>
+__device__ __forceinline__ T gemv_norm_value(const P& p, int r, int64_t k, float mu, float scale) {
+  T v = p.x[r * p.K + k];
+  if (p.norm == GemvNorm::rms) {
+    v = from_f32<T>(to_f32(v) * (to_f32(p.norm_w[k]) * scale));
+  } else if (p.norm == GemvNorm::layer) {
+    float f = (to_f32(v) - mu) * scale;
+    if (p.norm_w) f *= to_f32(p.norm_w[k]);
+    if (p.norm_b) f += to_f32(p.norm_b[k]);
+    v = from_f32<T>(f);
+  }
+  return v;
+}
+
 template <class T, int kR>
 __global__ void __launch_bounds__(kGemvThreads) gemv_kernel(const GemvParams<T> p) {
   constexpr int kTile = kGemvTileBytes / int(sizeof(T));
@@ -217,33 +265,9 @@ __global__ void __launch_bounds__(kGemvThreads) gemv_kernel(const GemvParams<T> 
     // Warp r reduces row r (rows are at most 8, warps 8): no block-wide reductions in front
     // of the weight stream. Statistics in fp32, mean first then squared deviations.
     if (warp < p.R) {
-      const T* xr = p.x + warp * p.K;
-      const bool vx = aligned16(xr) && p.K % kV == 0;
-      auto each = [&](auto&& f) {  // f(value) over the row, 16-byte loads when aligned
-        if (vx) {
-          for (int64_t c = lane; c < p.K / kV; c += 32) {
-            float v[kV];
-            load16(xr + c * kV, v);
-#pragma unroll
-            for (int j = 0; j < kV; ++j) f(v[j]);
-          }
-        } else {
-          for (int64_t j = lane; j < p.K; j += 32) f(to_f32(xr[j]));
-        }
-      };
-      float s = 0.f, ss = 0.f;
-      if (p.norm == GemvNorm::layer) {
-        each([&](float v) { s += v; });
-        s = warp_sum(s);
-      }
-      const float mu = p.norm == GemvNorm::layer ? s / float(p.K) : 0.f;
-      each([&](float v) { ss += (v - mu) * (v - mu); });
-      ss = warp_sum(ss);
-      if (lane == 0) {
-        stat_mu[warp] = mu;
-        stat_scale[warp] = p.norm == GemvNorm::layer ? 1.f / sqrtf(ss / float(p.K) + p.eps)
-                                                      : 1.f / sqrtf(p.eps + ss / float(p.K));
-      }
+      float mu, scale;
+      gemv_norm_stats<T>(p, warp, lane, mu, scale);
+      if (lane == 0) stat_mu[warp] = mu, stat_scale[warp] = scale;
     }
     __syncthreads();
   }
@@ -261,17 +285,7 @@ __global__ void __launch_bounds__(kGemvThreads) gemv_kernel(const GemvParams<T> 
     for (int i = threadIdx.x; i < kR * len; i += kGemvThreads) {
       const int r = i / len, j = i - r * len;
       T v{};
-      if (r < p.R) {
-        v = p.x[r * p.K + k0 + j];
-        if (p.norm == GemvNorm::rms) {
-          v = from_f32<T>(to_f32(v) * (to_f32(p.norm_w[k0 + j]) * stat_scale[r]));
-        } else if (p.norm == GemvNorm::layer) {
-          float f = (to_f32(v) - stat_mu[r]) * stat_scale[r];
-          if (p.norm_w) f *= to_f32(p.norm_w[k0 + j]);
-          if (p.norm_b) f += to_f32(p.norm_b[k0 + j]);
-          v = from_f32<T>(f);
-        }
-      }
+      if (r < p.R) v = gemv_norm_value<T>(p, r, k0 + j, stat_mu[r], stat_scale[r]);
       xs[r * kTile + j] = v;
     }
     __syncthreads();

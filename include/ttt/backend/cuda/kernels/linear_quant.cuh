@@ -164,33 +164,9 @@ __global__ void __launch_bounds__(kGemvQThreads) gemv_q_kernel(const GemvQParams
   if (p.norm != GemvNorm::none) {
     // Statistics as the bf16 GEMV (and the standalone norm kernels) compute them.
     if (warp < p.R) {
-      const T* xr = p.x + warp * p.K;
-      const bool vx = aligned16(xr) && p.K % kXv == 0;
-      auto each = [&](auto&& f) {
-        if (vx) {
-          for (int64_t c = lane; c < p.K / kXv; c += 32) {
-            float v[kXv];
-            load16(xr + c * kXv, v);
-#pragma unroll
-            for (int j = 0; j < kXv; ++j) f(v[j]);
-          }
-        } else {
-          for (int64_t j = lane; j < p.K; j += 32) f(to_f32(xr[j]));
-        }
-      };
-      float s = 0.f, ss = 0.f;
-      if (p.norm == GemvNorm::layer) {
-        each([&](float v) { s += v; });
-        s = warp_sum(s);
-      }
-      const float mu = p.norm == GemvNorm::layer ? s / float(p.K) : 0.f;
-      each([&](float v) { ss += (v - mu) * (v - mu); });
-      ss = warp_sum(ss);
-      if (lane == 0) {
-        stat_mu[warp] = mu;
-        stat_scale[warp] = p.norm == GemvNorm::layer ? 1.f / sqrtf(ss / float(p.K) + p.eps)
-                                                      : 1.f / sqrtf(p.eps + ss / float(p.K));
-      }
+      float mu, scale;
+      gemv_norm_stats<T>(p, warp, lane, mu, scale);
+      if (lane == 0) stat_mu[warp] = mu, stat_scale[warp] = scale;
     }
     __syncthreads();
   }
@@ -208,17 +184,7 @@ __global__ void __launch_bounds__(kGemvQThreads) gemv_q_kernel(const GemvQParams
     for (int i = threadIdx.x; i < kR * len; i += kGemvQThreads) {
       const int r = i / len, j = i - r * len;
       T v{};
-      if (r < p.R) {
-        v = p.x[r * p.K + k0 + j];
-        if (p.norm == GemvNorm::rms) {
-          v = from_f32<T>(to_f32(v) * (to_f32(p.norm_w[k0 + j]) * stat_scale[r]));
-        } else if (p.norm == GemvNorm::layer) {
-          float f = (to_f32(v) - stat_mu[r]) * stat_scale[r];
-          if (p.norm_w) f *= to_f32(p.norm_w[k0 + j]);
-          if (p.norm_b) f += to_f32(p.norm_b[k0 + j]);
-          v = from_f32<T>(f);
-        }
-      }
+      if (r < p.R) v = gemv_norm_value<T>(p, r, k0 + j, stat_mu[r], stat_scale[r]);
       xs[r * kTile + j] = v;
     }
     __syncthreads();
