@@ -179,7 +179,7 @@ TEST_CASE("bad inputs: one clear error, non-zero exit, no output left", "[errors
       {"unwritable output path", [] {},
        "generate --config " + kCfg + " --weights " + kW + " --steps 3 --out /nonexistent-dir/x.safetensors",
        "/nonexistent-dir/x.safetensors: cannot write"},
-      {"bad dtype", [] {}, gen + "--dtype f64", "--dtype must be f32 or bf16"},
+      {"bad dtype", [] {}, gen + "--dtype f64", "--dtype must be f32, bf16, fp8 or int8"},
       {"bad backend", [] {}, gen + "--backend tpu", "--backend must be cpu or cuda"},
       {"negative top-k", [] {}, gen + "--top-k=-2", "--top-k and --top-k-text must be >= 0"},
       {"unknown option", [] {}, gen + "--frobnicate 3", "frobnicate"},

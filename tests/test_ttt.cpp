@@ -16,6 +16,7 @@
 
 #include "catch.hpp"
 #include "reference.hpp"
+#include "ttt_helpers.hpp"
 #include "ttt/io/json.hpp"
 #include "ttt/layers/gating.hpp"
 #include "ttt/layers/ttt_layer.hpp"
@@ -108,34 +109,9 @@ double max_diff(const HostTensor<T>& a, const HostTensor<T>& b) {
   return ref::max_abs_diff(ref::values(a), ref::values(b));
 }
 
-// Random, deliberately non-trivial parameters (LN, token idx, lr bias, biases all perturbed).
+// tests/ttt_helpers.hpp: the same draws in every TTT test.
 io::WeightSource random_weights(const TttConfig& c, uint64_t seed) {
-  std::mt19937 g{uint32_t(seed)};
-  io::WeightSource ws;
-  const int64_t C = c.hidden_size, nh = c.num_heads, f = c.head_dim, F = c.inner_dim(), K = c.mini_batch_size;
-  auto put = [&](const std::string& n, Shape s, float lo, float hi) { ws.put(n, ref::random<float>(s, g, lo, hi)); };
-  const float a = 1.7f / std::sqrt(float(C));  // O(1) projections of an O(1) input
-  for (const char* n : {"q_proj", "k_proj", "v_proj", "o_proj", "g_proj"}) {
-    put(std::string(n) + ".weight", {C, C}, -a, a);
-    put(std::string(n) + ".bias", {C}, -0.1f, 0.1f);
-  }
-  for (const char* n : {"conv_q", "conv_k"}) {
-    put(std::string(n) + ".weight", {C, 1, c.conv_kernel}, -0.6f, 0.6f);
-    put(std::string(n) + ".bias", {C}, -0.1f, 0.1f);
-  }
-  put("learnable_ttt_lr_weight", {nh, 1, C}, -0.1f, 0.1f);
-  put("learnable_ttt_lr_bias", {nh, 1}, -1.f, 1.f);
-  put("learnable_token_idx", {K}, -0.05f, 0.05f);
-  put("ttt_norm_weight", {nh, f}, 0.5f, 1.5f);
-  put("ttt_norm_bias", {nh, f}, -0.2f, 0.2f);
-  put("post_norm.weight", {C}, 0.5f, 1.5f);
-  put("post_norm.bias", {C}, -0.2f, 0.2f);
-  const float w1 = 1.7f / std::sqrt(float(f)), w2 = 1.7f / std::sqrt(float(F));
-  put("W1", {nh, f, F}, -w1, w1);
-  put("b1", {nh, 1, F}, -0.1f, 0.1f);
-  put("W2", {nh, F, f}, -w2, w2);
-  put("b2", {nh, 1, f}, -0.1f, 0.1f);
-  return ws;
+  return ttt_test::weight_source(ttt_test::random_ttt_tensors(c, seed, true));
 }
 
 // ttt-lm-pytorch's initialisation: N(0, 0.02) weights, zero biases and token idx, LN 1/0.

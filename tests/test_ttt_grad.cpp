@@ -18,6 +18,7 @@
 
 #include "catch.hpp"
 #include "reference.hpp"
+#include "ttt_helpers.hpp"
 #include "ttt/io/json.hpp"
 #include "ttt/layers/cpu/ttt_backward_kernels.hpp"
 #include "ttt/layers/ttt_backward.hpp"
@@ -99,37 +100,11 @@ std::map<std::string, double> compare(const TttGradResult<float, Cpu>& res, cons
   return worst;
 }
 
-// Random, deliberately non-trivial parameters (as test_ttt.cpp's), including the projection
-// biases the fixtures lack.
+// tests/ttt_helpers.hpp (no conv: the backward has none).
 std::map<std::string, HostTensor<float>> random_tensors(const TttConfig& c, uint64_t seed) {
-  std::mt19937 g{uint32_t(seed)};
-  std::map<std::string, HostTensor<float>> ws;
-  const int64_t C = c.hidden_size, nh = c.num_heads, f = c.head_dim, F = c.inner_dim(), K = c.mini_batch_size;
-  auto put = [&](const std::string& n, Shape s, float lo, float hi) { ws[n] = ref::random<float>(s, g, lo, hi); };
-  const float a = 1.7f / std::sqrt(float(C));
-  for (const char* n : {"q_proj", "k_proj", "v_proj", "o_proj", "g_proj"}) {
-    put(std::string(n) + ".weight", {C, C}, -a, a);
-    put(std::string(n) + ".bias", {C}, -0.1f, 0.1f);
-  }
-  put("learnable_ttt_lr_weight", {nh, 1, C}, -0.1f, 0.1f);
-  put("learnable_ttt_lr_bias", {nh, 1}, -1.f, 1.f);
-  put("learnable_token_idx", {K}, -0.05f, 0.05f);
-  put("ttt_norm_weight", {nh, f}, 0.5f, 1.5f);
-  put("ttt_norm_bias", {nh, f}, -0.2f, 0.2f);
-  put("post_norm.weight", {C}, 0.5f, 1.5f);
-  put("post_norm.bias", {C}, -0.2f, 0.2f);
-  const float w1 = 1.7f / std::sqrt(float(f)), w2 = 1.7f / std::sqrt(float(F));
-  put("W1", {nh, f, F}, -w1, w1);
-  put("b1", {nh, 1, F}, -0.1f, 0.1f);
-  put("W2", {nh, F, f}, -w2, w2);
-  put("b2", {nh, 1, f}, -0.1f, 0.1f);
-  return ws;
+  return ttt_test::random_ttt_tensors(c, seed, false);
 }
-io::WeightSource weight_source(const std::map<std::string, HostTensor<float>>& m) {
-  io::WeightSource ws;
-  for (const auto& [n, t] : m) ws.put(n, t);
-  return ws;
-}
+using ttt_test::weight_source;
 io::WeightSource random_weights(const TttConfig& c, uint64_t seed) { return weight_source(random_tensors(c, seed)); }
 
 }  // namespace
