@@ -30,16 +30,34 @@ out=${FUZZ_OUT:-$root/build-fuzz}
 mkdir -p "$out"
 flags=(-std=c++20 -O1 -g -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined
        -I"$root/include" -I/usr/include/eigen3 -DTTT_FIXTURES="\"$root/tests/data/fixtures\"")
+# Builds run two at a time (CI has two cores), each bounded: a compiler that loops (clang 14 once
+# did on a header) fails the step by name instead of eating CI's whole time limit.
+build_one() {
+  local t=$1 extra=()
+  [ "$t" = audio ] && read -r -a extra <<<"$(pkg-config --cflags --libs sndfile soxr)"
+  { [ "$t" = opus ] || [ "$t" = ws_message ]; } && read -r -a extra <<<"$(pkg-config --cflags --libs opus ogg)"
+  if ! timeout "${FUZZ_BUILD_TIMEOUT:-1200}" "$cxx" "${flags[@]}" "$here/fuzz_$t.cpp" -o "$out/fuzz_$t" "${extra[@]}" \
+       >"$out/build_$t.log" 2>&1; then
+    echo "building fuzz_$t FAILED (exit $?; 124 = timed out):"
+    tail -30 "$out/build_$t.log"
+    return 1
+  fi
+  echo "built fuzz_$t"
+}
+pids=()
 for t in "${targets[@]}"; do
   if [ ! -x "$out/fuzz_$t" ] || [ "$here/fuzz_$t.cpp" -nt "$out/fuzz_$t" ] || \
      [ -n "$(find "$root/include" "$root/examples/ttt_moshi" -newer "$out/fuzz_$t" -name '*.hpp' | head -1)" ]; then
     echo "building fuzz_$t"
-    extra=()
-    [ "$t" = audio ] && read -r -a extra <<<"$(pkg-config --cflags --libs sndfile soxr)"
-    [ "$t" = opus ] || [ "$t" = ws_message ] && read -r -a extra <<<"$(pkg-config --cflags --libs opus ogg)"
-    "$cxx" "${flags[@]}" "$here/fuzz_$t.cpp" -o "$out/fuzz_$t" "${extra[@]}"
+    build_one "$t" &
+    pids+=($!)
+    if [ ${#pids[@]} -ge "${FUZZ_BUILD_JOBS:-2}" ]; then
+      wait "${pids[0]}" || exit 1
+      pids=("${pids[@]:1}")
+    fi
   fi
 done
+for p in "${pids[@]}"; do wait "$p" || exit 1; done
 status=0
 for t in "${targets[@]}"; do
   corpus="$out/corpus_$t"

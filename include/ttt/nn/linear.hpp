@@ -24,7 +24,8 @@ namespace ttt::nn {
 template <class T, class B>
 struct LinearWeight {
   // The alternatives in WeightFormat's order (format() is the index).
-  std::variant<Tensor<T, B>, QuantWeight<Int8, B>, QuantWeight<Fp8E4M3, B>> w;
+  using Variant = std::variant<Tensor<T, B>, QuantWeight<Int8, B>, QuantWeight<Fp8E4M3, B>>;
+  Variant w;
 
   LinearWeight() = default;
   LinearWeight(Tensor<T, B> t) : w(std::move(t)) {}  // NOLINT: a dense weight is a LinearWeight
@@ -167,9 +168,12 @@ LinearWeight<T, B> linear_weight(io::WeightSource& ws, const std::string& name, 
 // s_n) q_n, the codes unchanged).
 template <class T, class B>
 void fold_layer_scale(std::vector<LinearWeight<T, B>>& weights, const Tensor<T, B>& scale) {
+  // The return type is named, not decltype(lw.w): clang 14 recurses forever (then crashes)
+  // on a captured loop variable inside a lambda's trailing return type.
+  using Variant = typename LinearWeight<T, B>::Variant;
   for (auto& lw : weights) {
     lw.w = std::visit(
-        [&](const auto& v) -> decltype(lw.w) {
+        [&](const auto& v) -> Variant {
           using V = std::decay_t<decltype(v)>;
           if constexpr (std::is_same_v<V, Tensor<T, B>>) {
             auto folded = Tensor<T, B>::empty(v.shape());  // [D, H]: row o scaled by scale[o]
