@@ -29,19 +29,8 @@ using namespace ttt::layers;
 
 namespace {
 
-std::vector<std::string> grad_cases() {
-  std::vector<std::string> v;
-  for (const auto& e : std::filesystem::directory_iterator(fixture("ttt_grad")))
-    if (e.is_directory()) v.push_back(e.path().filename().string());
-  std::sort(v.begin(), v.end());
-  return v;
-}
-
-// Max |a - b| / max |b| (b the reference).
-double rel_error(const HostTensor<float>& a, const HostTensor<float>& b) {
-  const auto va = ref::values(a), vb = ref::values(b);
-  return ref::max_abs_diff(va, vb) / std::max(ref::max_abs(vb), 1e-30);
-}
+using ttt_test::grad_cases;
+using ttt_test::rel_error;
 
 // The fixtures' tensors by class, for the report.
 std::string tensor_class(const std::string& key) {

@@ -36,6 +36,9 @@ using namespace ttt::layers;
 
 namespace {
 
+using ttt_test::grad_cases;
+using ttt_test::rel_error;
+
 using Kind = TttConfig::Kind;
 
 template <class T, class B>
@@ -46,20 +49,6 @@ Tensor<float, Cpu> host_f32(const Tensor<T, B>& t) {
   } else {
     return ops::cast<float>(t).contiguous().template to<Cpu>();
   }
-}
-
-// Max |a - b| / max |b| (b the reference), as test_ttt_grad.
-double rel_error(const Tensor<float, Cpu>& a, const Tensor<float, Cpu>& b) {
-  const auto va = ref::values(a), vb = ref::values(b);
-  return ref::max_abs_diff(va, vb) / std::max(ref::max_abs(vb), 1e-30);
-}
-
-std::vector<std::string> grad_cases() {
-  std::vector<std::string> v;
-  for (const auto& e : std::filesystem::directory_iterator(fixture("ttt_grad")))
-    if (e.is_directory()) v.push_back(e.path().filename().string());
-  std::sort(v.begin(), v.end());
-  return v;
 }
 
 // Worst error of every tensor of a CUDA result against a host one (y, grad.x, grad.<name>),

@@ -2,11 +2,14 @@
 // Random TTT-layer parameters shared by the layer tests (test_ttt, test_ttt_cuda) and the
 // backward tests (test_ttt_grad, test_ttt_grad_cuda): deliberately non-trivial (LayerNorm,
 // token index, lr bias and every bias perturbed), O(1) projections of an O(1) input.
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <filesystem>
 #include <map>
 #include <random>
 #include <string>
+#include <vector>
 
 #include "reference.hpp"
 #include "ttt/io/weight_source.hpp"
@@ -54,6 +57,21 @@ inline ttt::io::WeightSource weight_source(const std::map<std::string, HostTenso
   ttt::io::WeightSource ws;
   for (const auto& [n, t] : m) ws.put(n, t);
   return ws;
+}
+
+// The ttt_grad fixture cases (ttt-lm-pytorch autograd in float64), sorted by name.
+inline std::vector<std::string> grad_cases() {
+  std::vector<std::string> v;
+  for (const auto& e : std::filesystem::directory_iterator(std::string(TTT_TEST_DATA) + "/fixtures/ttt_grad"))
+    if (e.is_directory()) v.push_back(e.path().filename().string());
+  std::sort(v.begin(), v.end());
+  return v;
+}
+
+// The backward tests' error: max |a - b| / max |b| (b the reference).
+inline double rel_error(const HostTensor<float>& a, const HostTensor<float>& b) {
+  const auto va = ref::values(a), vb = ref::values(b);
+  return ref::max_abs_diff(va, vb) / std::max(ref::max_abs(vb), 1e-30);
 }
 
 }  // namespace ttt_test
