@@ -19,6 +19,9 @@
 //   conv1d, conv_transpose1d .................... 2u (likewise)
 //   quantize_rows, dequantize ................... 0  (same codes, scales and values)
 //   linear_q (int8 / fp8 weights) ............... 4u (as fused_linear: fp32 sums in another order)
+//   linear_q_paths (dequantise + cuBLAS vs the    4u f32 (fp32 sums in another order); bf16:
+//     int8 / fp8 GEMV, on the GPU) ............... 3 * 2^-8 (an output rounded apart: 1 ulp; glu
+//                                                  rounds gate and value before their product)
 //   random_normal ............................... u  (device logf/cosf within an ulp or two)
 //   rope, add_sin_embedding ..................... u + 2^-22 * max|position| (host and device
 //       exp/pow disagree by an ulp for ~0.06% of frequencies; the angle scales that ulp by
@@ -524,12 +527,13 @@ TEMPLATE_TEST_CASE("fused_linear (norm prologue, glu epilogue, split GEMV)", "[b
 }
 
 // Quantised weights (core/quant.hpp): both backends quantise a weight to the same bytes and
-// scales; linear / fused_linear on them (the int8 / fp8 GEMV up to 8 rows, dequantise + the
-// dense path above) agree like the dense ops do.
+// scales; linear / fused_linear on them (here the int8 / fp8 GEMV up to 8 rows, the
+// dequantising cuBLAS path above) agree like the dense ops do.
 template <class F, class T>
 void quant_cases(std::mt19937& g) {
   const double tol = 4 * unit<T>();
   const std::string dt = dname<T>() + (std::is_same_v<F, Int8> ? " int8" : " fp8");
+  Kernels<Cuda>::set_gemv_q_max_rows(8);
   for (int64_t R : {1, 2, 5, 8, 9, 33})
     for (int64_t K : {16, 64, 1000, 4096, 4104})
       for (int64_t N : {2, 130, 4096}) {
@@ -581,6 +585,94 @@ TEMPLATE_TEST_CASE("quantised weights: quantize_rows, dequantize, linear / fused
   std::mt19937 g(91);
   quant_cases<Int8, TestType>(g);
   quant_cases<Fp8E4M3, TestType>(g);
+  Kernels<Cuda>::set_gemv_q_max_rows(-1);  // the default again
+}
+
+// The two CUDA paths of a quantised linear on the same rows: the GEMV (decoding in registers)
+// and the dequantising path (codes decoded to T tile by tile, cuBLAS with fp32 results, the
+// scale / residual / GLU epilogue). They do the same arithmetic in another summation order,
+// so they agree to one rounding of the output. Tiles are made small (7 to 960 weight rows) so
+// that every product spans several tiles with a partial last one, and for odd R the fp32
+// results go through the temporary that large batches use (a 0-byte limit for the scratch).
+// Each path is also held to the CPU like linear_q above.
+template <class F, class T>
+void quant_path_cases(std::mt19937& g) {
+  const double tol_paths = std::is_same_v<T, float> ? 4 * unit<T>() : 3 * std::ldexp(1.0, -8);
+  const double tol_cpu = 4 * unit<T>();
+  const std::string dt = dname<T>() + (std::is_same_v<F, Int8> ? " int8" : " fp8");
+  for (int64_t R : {1, 2, 3, 8})
+    for (auto [K, N] : {std::pair<int64_t, int64_t>{64, 130}, {64, 4096}, {1000, 130}, {1000, 4096}, {4096, 130}}) {
+      auto x = make<T>({R, K}, Layout::contiguous, g, -3, 3);
+      auto w = make<T>({N, K}, Layout::contiguous, g, -0.2, 0.2);
+      const auto qc = ops::quantize_rows<F>(w.cpu);
+      const auto qg = ops::quantize_rows<F>(w.gpu);
+      auto nw = make<T>({K}, Layout::contiguous, g, 0.5f, 1.5f), nb = make<T>({K}, Layout::contiguous, g);
+      auto y0 = make<T>({R, N}, Layout::contiguous, g);  // the residual that beta = 1 adds to
+      // 7 or 37 rows a tile (a partial last tile), or 1000 (rounded down to 960, cuBLAS's multiple of 64).
+      const int64_t tile_rows = N == 4096 ? 1000 : K == 4096 ? 7 : 37;
+      const int64_t tile_bytes = tile_rows * K * int64_t(sizeof(T)), acc_bytes = (R + N) % 2 ? 0 : -1;
+      for (FusedNorm norm : {FusedNorm::none, FusedNorm::rms, FusedNorm::layer})
+        for (int mode = 0; mode < 3; ++mode) {  // plain, glu, beta 1
+          const bool glu = mode == 1;
+          FusedLinear<T, Cpu> fc;
+          FusedLinear<T, Cuda> fg;
+          fc.norm = fg.norm = norm;
+          if (norm != FusedNorm::none) {
+            fc.norm_weight = nw.cpu;
+            fg.norm_weight = nw.gpu;
+            fc.eps = fg.eps = 1e-5f;
+          }
+          if (norm == FusedNorm::layer) {
+            fc.norm_bias = nb.cpu;
+            fg.norm_bias = nb.gpu;
+          }
+          fc.glu = fg.glu = glu;
+          fc.act = fg.act = Unary::silu;
+          fc.beta = fg.beta = mode == 2 ? 1.f : 0.f;
+          const int64_t No = glu ? N / 2 : N;
+          auto start = [&](const auto& y) {  // the output's prior contents (read with beta 1)
+            using Y = std::decay_t<decltype(y)>;
+            return mode == 2 ? Y(y.slice(1, 0, No).clone()) : Y::zeros({R, No});
+          };
+          auto ycpu = start(y0.cpu);
+          ops::fused_linear(ycpu, x.cpu, qc, fc);
+          auto ygemv = start(y0.gpu), ydq = start(y0.gpu);
+          Kernels<Cuda>::set_gemv_q_max_rows(8);
+          ops::fused_linear(ygemv, x.gpu, qg, fg);
+          Kernels<Cuda>::set_gemv_q_max_rows(0);
+          Kernels<Cuda>::set_dequant_tiles(tile_bytes, acc_bytes);
+          ops::fused_linear(ydq, x.gpu, qg, fg);
+          Kernels<Cuda>::set_dequant_tiles(-1, -1);
+          Kernels<Cuda>::set_gemv_q_max_rows(-1);
+          const std::string tag = "R " + std::to_string(R) + " K " + std::to_string(K) + " N " + std::to_string(N) +
+                                  " norm " + std::to_string(int(norm)) + (glu ? " glu" : "") +
+                                  (mode == 2 ? " beta 1" : "") + (acc_bytes == 0 ? " (results in a temporary)" : "");
+          record("linear_q_paths", dt, error(ygemv.template to<Cpu>(), ydq), tol_paths, tag);
+          record("linear_q", dt, error(ycpu, ydq), tol_cpu, tag + " (dequantising path)");
+          record("linear_q", dt, error(ycpu, ygemv), tol_cpu, tag + " (GEMV)");
+        }
+      // linear_q itself (no fusion) through both paths.
+      Both<T> y{Tensor<T, Cpu>::empty({R, N}), Tensor<T, Cuda>::empty({R, N})};
+      auto yg = Tensor<T, Cuda>::empty({R, N});
+      ops::linear(y.cpu, x.cpu, qc);
+      Kernels<Cuda>::set_gemv_q_max_rows(8);
+      ops::linear(yg, x.gpu, qg);
+      Kernels<Cuda>::set_gemv_q_max_rows(0);
+      Kernels<Cuda>::set_dequant_tiles(tile_bytes, acc_bytes);
+      ops::linear(y.gpu, x.gpu, qg);
+      Kernels<Cuda>::set_dequant_tiles(-1, -1);
+      Kernels<Cuda>::set_gemv_q_max_rows(-1);
+      const std::string tag = "R " + std::to_string(R) + " K " + std::to_string(K) + " N " + std::to_string(N);
+      record("linear_q_paths", dt, error(yg.template to<Cpu>(), y.gpu), tol_paths, tag + " linear");
+      record("linear_q", dt, error(y), tol_cpu, tag + " linear (dequantising path)");
+    }
+}
+
+TEMPLATE_TEST_CASE("quantised weights: the dequantising cuBLAS path matches the GEMV (rows 1, 2, 3, 8)", "[backend]",
+                   float, bf16) {
+  std::mt19937 g(92);
+  quant_path_cases<Int8, TestType>(g);
+  quant_path_cases<Fp8E4M3, TestType>(g);
 }
 
 // ======================================================================================

@@ -80,13 +80,26 @@ if has bench; then
 fi
 
 if has bench-quant; then
+  # Batches 1, 2 and 8 with the default routing (the int8 / fp8 GEMV up to 2 rows, then the
+  # dequantising cuBLAS path), bf16 beside them; then the choices behind the defaults: batch 2
+  # through the cuBLAS path (TTT_GEMV_Q_MAX_ROWS=1; 0 at batch 1) and batch 8 with dequantised
+  # tiles of 64 MiB and of the whole weight (TTT_DEQUANT_TILE_MIB; the default is 16).
+  qrun() {  # name, env assignment (or -), dtype, batch, frames
+    local name=$1 envs=$2 dt=$3 b=$4 fr=$5
+    [ "$envs" = - ] && envs=""
+    # shellcheck disable=SC2086
+    env $envs timeout 150 "$bin/ttt-moshi" bench --preset 7b --backend cuda --dtype $dt --batch $b --frames $fr \
+      --warmup 10 > "$out/bench_7b_$name.log" 2>&1
+    echo "== 7b $dt batch $b ${envs:-(defaults)} rc=$?"; grep -E "^bench|floor|GiB" "$out/bench_7b_$name.log" | head -4
+  }
   for dt in fp8 int8; do
-    for b in 1 8; do
-      timeout 150 "$bin/ttt-moshi" bench --preset 7b --backend cuda --dtype $dt --batch $b --frames 100 --warmup 10 \
-        > "$out/bench_7b_${dt}_b$b.log" 2>&1
-      echo "== 7b $dt batch $b rc=$?"; grep -E "^bench|floor|GiB" "$out/bench_7b_${dt}_b$b.log" | head -4
-    done
+    for b in 1 2 8; do qrun "${dt}_b$b" - $dt $b 100; done
   done
+  qrun bf16_b2 - bf16 2 100
+  qrun fp8_b1_cublas TTT_GEMV_Q_MAX_ROWS=0 fp8 1 50
+  qrun fp8_b2_cublas TTT_GEMV_Q_MAX_ROWS=1 fp8 2 50
+  qrun fp8_b8_tile64 TTT_DEQUANT_TILE_MIB=64 fp8 8 50
+  qrun fp8_b8_whole TTT_DEQUANT_TILE_MIB=0 fp8 8 50
 fi
 
 if has bench-train; then

@@ -39,6 +39,13 @@ struct Kernels<Cuda> {
   static void fused_linear(const Tensor<T, Cuda>& y, const Tensor<T, Cuda>& x, const Tensor<T, Cuda>& w,
                            const FusedLinear<T, Cuda>& f);
   // Quantised weights (core/quant.hpp; backend/cuda/kernels/linear_quant.cuh).
+  // linear_q / fused_linear_q use the int8 / fp8 GEMV up to this many rows (0..8), the
+  // dequantising cuBLAS path above (tests and benchmarks; negative: kGemvQDefaultRows).
+  static void set_gemv_q_max_rows(int rows);
+  // The dequantising path's tile of decoded weight rows and the largest fp32 result kept in
+  // its scratch, in bytes (tests: small values make many tiles; negative: the defaults; a
+  // tile of 0 decodes the whole weight at once).
+  static void set_dequant_tiles(int64_t tile_bytes, int64_t acc_bytes);
   template <class F, class T>
   static void quantize_rows(const QuantWeight<F, Cuda>& out, const Tensor<T, Cuda>& w);
   template <class T, class F>

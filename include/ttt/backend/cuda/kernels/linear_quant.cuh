@@ -1,18 +1,26 @@
 #pragma once
 // Kernels<Cuda> for quantised weights (nvcc only; formats in core/quant.hpp): per-row
 // quantisation, dequantisation, and linear / fused_linear with an int8 or fp8 e4m3 weight.
-//  - up to kGemvQMaxRows input rows (decoding): a GEMV that streams the 1-byte codes with
-//    16-byte loads (16 weights per lane and load), decodes them in registers, accumulates in
-//    fp32 against x staged in shared memory (with fused_linear's norm prologue) and applies
-//    the row scale once per output (with the GLU epilogue);
-//  - more rows (prefill, teacher forcing): the weight is dequantised to a T tile of the
-//    step's arena and the dense path (cuBLAS) runs on it.
+//  - up to gemv_q_max_rows() input rows (default kGemvQDefaultRows: one decoding stream or
+//    two): a GEMV that streams the 1-byte codes with 16-byte loads (16 weights per lane and
+//    load), decodes them in registers, accumulates in fp32 against x staged in shared memory
+//    (with fused_linear's norm prologue) and applies the row scale once per output (with the
+//    GLU epilogue);
+//  - more rows (a batch of streams, prefill, teacher forcing): tile by tile of output rows,
+//    the codes are decoded to T (exact: every int8 and e4m3 value is a bf16 / f16 / f32) in a
+//    per-thread scratch buffer and cuBLAS multiplies the tile with fp32 results; one epilogue
+//    kernel then applies the row scales and the residual or GLU. The same arithmetic as the
+//    GEMV (fp32 sums of code * x, scale once per output, the same roundings), so the two
+//    paths agree to the fp32 summation order.
 #include <cuda_fp16.h>
 #include <cuda_fp8.h>
 #include <cuda_runtime.h>
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
+#include <memory>
+#include <vector>
 
 #include "ttt/backend/cuda/context.hpp"
 #include "ttt/backend/cuda/device.cuh"
@@ -100,7 +108,27 @@ __device__ __forceinline__ void decode16(const uint4& u, float (&out)[16]) {
 
 constexpr int kGemvQThreads = 256, kGemvQWarps = kGemvQThreads / 32, kGemvQRowsPerWarp = 2;
 constexpr int kGemvQTileBytes = 4096;  // x per row and tile, as T (32 KiB for 8 rows)
-constexpr int kGemvQMaxRows = 8;
+constexpr int kGemvQMaxRows = 8;       // the kernel's variants: 1, 2, 4 and 8 rows
+// Rows up to which linear_q / fused_linear_q take the GEMV by default. Measured on the H200
+// (7B, ttt-moshi bench, fp8): batch 1 7.68 ms per frame with the GEMV (bf16 with cuBLAS: 7.58),
+// but batch 8 31.7 ms against bf16's 9.4: each extra row adds fp32 accumulators per lane
+// (75 registers at 1 row, 3 blocks per SM) and another pass over x in shared memory per
+// decoded chunk, so the kernel stops streaming at the bandwidth it has at one row. From
+// 3 rows the dequantise + cuBLAS path below runs instead. 2 is the brief's cut, not yet a
+// measured one: `tools/gpu_check.sh bench-quant` times batch 2 both ways
+// (TTT_GEMV_Q_MAX_ROWS=1 forces the cuBLAS path there) to settle it.
+constexpr int kGemvQDefaultRows = 2;
+
+// Rows up to which linear_q uses the GEMV (TTT_GEMV_Q_MAX_ROWS, 0..8, or
+// Kernels<Cuda>::set_gemv_q_max_rows override the default).
+inline int64_t& gemv_q_max_rows() {
+  static int64_t v = [] {
+    const char* e = std::getenv("TTT_GEMV_Q_MAX_ROWS");
+    const int64_t n = e ? std::atoll(e) : kGemvQDefaultRows;
+    return std::max<int64_t>(0, std::min<int64_t>(n, kGemvQMaxRows));
+  }();
+  return v;
+}
 
 template <class T>
 struct GemvQParams {
@@ -295,12 +323,166 @@ GemvQParams<T> gemv_q_params(const Tensor<T, Cuda>& y, const Tensor<T, Cuda>& x,
                         aligned16(w.data.data()) && K % 16 == 0};
 }
 
-// The weight as T in the step's arena (or the allocator's cache), for the dense path.
+// ---- more rows: decode tiles to T, cuBLAS, epilogue ----------------------------------------
+
+// Output rows of the weight decoded per cuBLAS call: the tile (as T) is written and then read
+// right away by the GEMM, so at 16 MiB (a third of the H200's 50 MB L2) it should stay in L2
+// and HBM sees mostly the 1-byte codes; decoding the whole weight at once moves 5 bytes per
+// weight through HBM (1 read, 2 written, 2 read), 2.5x bf16's. More tiles cost more kernel
+// launches (a 7B temporal layer's four products: 25 tiles of 16 MiB, 54 kernels; 8 tiles of
+// 64 MiB). Not yet measured
+// against other sizes: TTT_DEQUANT_TILE_MIB (0: the whole weight in one tile) varies it, and
+// `tools/gpu_check.sh bench-quant` compares 16, 64 and 0 at batch 8.
+constexpr int64_t kDequantTileBytes = int64_t(16) << 20;
+// fp32 results [R, N] up to this size live in the scratch (every streaming batch up to ~180
+// rows of the widest 7B product); larger ones (prefill) are a temporary of their own.
+constexpr int64_t kDequantAccBytes = int64_t(64) << 20;
+
+struct DequantLimits {
+  int64_t tile_bytes = -1, acc_bytes = -1;  // negative: the defaults above
+};
+inline DequantLimits& dequant_limits() {
+  static DequantLimits v = [] {
+    DequantLimits l;
+    if (const char* e = std::getenv("TTT_DEQUANT_TILE_MIB")) l.tile_bytes = std::max<int64_t>(0, std::atoll(e)) << 20;
+    return l;
+  }();
+  return v;
+}
+inline int64_t dequant_tile_bytes() {
+  const int64_t b = dequant_limits().tile_bytes;
+  return b < 0 ? kDequantTileBytes : b;
+}
+inline int64_t dequant_acc_bytes() {
+  const int64_t b = dequant_limits().acc_bytes;
+  return b < 0 ? kDequantAccBytes : b;
+}
+
+// The scratch of the dequantising path: one buffer per host thread and device, shared by every
+// call on the thread's stream (its calls are ordered there, so one tile and one result buffer
+// serve a whole model). Not from a step's arena, which would keep a tile per call of a frame
+// (a 7B frame's weights: 14 GB). It is made at its default size (tile + results, 80 MiB) the
+// first time and only grows beyond that for a wider weight or TTT_DEQUANT_TILE_MIB=0; a
+// buffer it outgrows stays allocated until the thread ends, because a CUDA graph captured
+// earlier may still replay with its address.
+inline char* dequant_scratch(size_t bytes) {
+  struct Scratch {
+    std::shared_ptr<void> buf;
+    size_t bytes = 0;
+    std::vector<std::shared_ptr<void>> retired;
+  };
+  thread_local std::vector<Scratch> by_device;
+  int dev = 0;
+  TTT_CUDA_CHECK(cudaGetDevice(&dev));
+  if (size_t(dev) >= by_device.size()) by_device.resize(size_t(dev) + 1);
+  Scratch& s = by_device[size_t(dev)];
+  if (s.bytes < bytes) {
+    const size_t n = std::max(bytes, size_t(kDequantTileBytes + kDequantAccBytes));
+    auto p = Memory<Cuda>::allocate(n);  // inside a capture: throws, and FrameGraph runs the frame eagerly
+    if (s.buf) s.retired.push_back(std::move(s.buf));
+    s.buf = std::move(p);
+    s.bytes = n;
+  }
+  return static_cast<char*>(s.buf.get());
+}
+
+// out[i] = decode(q[i]) as T, exactly (int8 codes are integers up to 127, e4m3 values have 4
+// significant bits and exponents -9..8: all exact in bf16, f16 and f32). 16 codes per thread
+// and 16-byte load when q is 16-byte aligned.
+template <class F, class T>
+__global__ void decode_codes_kernel(const uint8_t* __restrict__ q, T* __restrict__ out, int64_t n, bool vec) {
+  const int64_t stride = int64_t(gridDim.x) * blockDim.x, tid = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  int64_t done = 0;
+  if (vec) {
+    const int64_t chunks = n / 16;
+    for (int64_t c = tid; c < chunks; c += stride) {
+      float f[16];
+      decode16<F>(__ldg(reinterpret_cast<const uint4*>(q) + c), f);
+      // out + 16c is 16-byte aligned: the scratch is, and 16 T are 32 or 64 bytes.
+      alignas(16) T v[16];
+#pragma unroll
+      for (int i = 0; i < 16; ++i) v[i] = from_f32<T>(f[i]);
+      uint4* dst = reinterpret_cast<uint4*>(out + 16 * c);
+#pragma unroll
+      for (int j = 0; j < int(sizeof(T)); ++j) dst[j] = reinterpret_cast<const uint4*>(v)[j];
+    }
+    done = chunks * 16;
+  }
+  for (int64_t i = done + tid; i < n; i += stride) out[i] = from_f32<T>(F::decode(q[i]));
+}
+
+template <class T>
+struct QuantEpilogueParams {
+  const float* acc;    // [R, N] fp32 sums of code * x
+  const float* scale;  // [N]
+  T* y;                // [R, N] ([R, N / 2] with glu)
+  int64_t R, N;
+  float beta;
+  bool glu;
+  Unary act;
+};
+
+// y = scale * acc (+ beta * y), or act(gate) * value with gate and value each rounded to T
+// first: the GEMV's epilogue, element for element.
+template <class T>
+__global__ void quant_epilogue_kernel(const QuantEpilogueParams<T> p) {
+  const int64_t outs = p.glu ? p.N / 2 : p.N, total = p.R * outs;
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t r = i / outs, o = i - r * outs;
+    const float* a = p.acc + r * p.N;
+    if (p.glu) {
+      const float g = to_f32(from_f32<T>(p.scale[o] * a[o])), u = to_f32(from_f32<T>(p.scale[o + outs] * a[o + outs]));
+      p.y[i] = from_f32<T>(math::apply(p.act, g, 1.f) * u);
+    } else {
+      const float v = p.scale[o] * a[o];
+      p.y[i] = from_f32<T>(p.beta != 0.f ? v + p.beta * to_f32(p.y[i]) : v);
+    }
+  }
+}
+
+// y (+)= x [R, K] @ (scale * decode(w))^T with the epilogue of `f` (norm already applied to x):
+// tiles of whole output rows of w are decoded into the scratch, each multiplied by cuBLAS
+// into its columns of the fp32 result, then one epilogue kernel writes y.
 template <class T, class F>
-Tensor<T, Cuda> dequantized(const QuantWeight<F, Cuda>& w) {
-  auto d = Tensor<T, Cuda>::empty(w.shape());
-  Kernels<Cuda>::dequantize(d, w);
-  return d;
+void linear_q_dequant(const Tensor<T, Cuda>& y, const Tensor<T, Cuda>& x, const QuantWeight<F, Cuda>& w, float beta,
+                      bool glu, Unary act) {
+  auto& ctx = Context::get();
+  const int64_t R = x.size(0), K = x.size(1), N = w.size(0);
+  const int64_t tile_bytes = dequant_tile_bytes();
+  // Rows per tile: whole rows, a multiple of 64 when there are more (cuBLAS's tiles).
+  int64_t rows = tile_bytes == 0 ? N : std::max<int64_t>(1, tile_bytes / std::max<int64_t>(1, K * int64_t(sizeof(T))));
+  if (rows > 64) rows = rows / 64 * 64;
+  rows = std::min(rows, N);
+  const size_t tile_sz = (size_t(rows * K) * sizeof(T) + 255) / 256 * 256;
+  const size_t acc_sz = size_t(R * N) * sizeof(float);
+  const bool acc_in_scratch = int64_t(acc_sz) <= dequant_acc_bytes();
+  char* scratch = dequant_scratch(tile_sz + (acc_in_scratch ? acc_sz : 0));
+  T* tile = reinterpret_cast<T*>(scratch);
+  Tensor<float, Cuda> acc_t;
+  float* acc = reinterpret_cast<float*>(scratch + tile_sz);
+  if (!acc_in_scratch) {
+    acc_t = Tensor<float, Cuda>::empty({R, N});
+    acc = acc_t.data();
+  }
+  const uint8_t* codes = w.data.data();
+  const cudaDataType_t t = cuda_type<T>();
+  const float one = 1.f, zero = 0.f;
+  TTT_CUBLAS_CHECK(cublasSetMathMode(ctx.cublas(), cublasMath_t(CUBLAS_DEFAULT_MATH |
+                                                                CUBLAS_MATH_DISALLOW_REDUCED_PRECISION_REDUCTION)));
+  for (int64_t n0 = 0; n0 < N; n0 += rows) {
+    const int64_t n = std::min(rows, N - n0), count = n * K;
+    const uint8_t* src = codes + n0 * K;
+    launch(decode_codes_kernel<F, T>, grid_for((count + 15) / 16, 256, 8), 256, 0, 1, src, tile, count,
+           aligned16(src));
+    // acc^T [n, R] (column-major, ld N, at column n0) = tile [n, K] x^T: the tile row-major
+    // is its transpose column-major (op T); x row-major [R, K] is x^T column-major (op N).
+    TTT_CUBLAS_CHECK(cublasGemmEx(ctx.cublas(), CUBLAS_OP_T, CUBLAS_OP_N, checked_int(n, "N"), checked_int(R, "M"),
+                                  checked_int(K, "K"), &one, tile, t, checked_int(std::max<int64_t>(1, K), "ld"),
+                                  x.data(), t, checked_int(std::max<int64_t>(1, K), "ld"), &zero, acc + n0, CUDA_R_32F,
+                                  checked_int(N, "ldc"), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+  }
+  QuantEpilogueParams<T> p{acc, w.scale.data(), y.data(), R, N, beta, glu, act};
+  launch(quant_epilogue_kernel<T>, grid_for(R * (glu ? N / 2 : N), 256, 8), 256, 0, 1, p);
 }
 
 }  // namespace cuda::kernels
@@ -324,19 +506,26 @@ template <class T, class F>
 void Kernels<Cuda>::linear_q(const Tensor<T, Cuda>& y, const Tensor<T, Cuda>& x, const QuantWeight<F, Cuda>& w,
                              float beta) {
   using namespace cuda::kernels;
-  if (x.size(0) <= kGemvQMaxRows) {
+  if (x.size(0) <= gemv_q_max_rows()) {
     launch_gemv_q<T, F>(gemv_q_params(y, x, w, beta));
     return;
   }
-  linear(y, x, dequantized<T>(w), beta);
+  linear_q_dequant(y, x, w, beta, false, Unary::identity);
 }
 
 template <class T, class F>
 void Kernels<Cuda>::fused_linear_q(const Tensor<T, Cuda>& y, const Tensor<T, Cuda>& x, const QuantWeight<F, Cuda>& w,
                                    const FusedLinear<T, Cuda>& f) {
   using namespace cuda::kernels;
-  if (x.size(0) > kGemvQMaxRows) {
-    ops::fused_linear_unfused(y, x, dequantized<T>(w), f);
+  if (x.size(0) > gemv_q_max_rows()) {
+    // The norm as the standalone kernels compute it (the GEMV's prologue matches them).
+    Tensor<T, Cuda> xn = x;
+    if (f.norm != FusedNorm::none) {
+      xn = Tensor<T, Cuda>::empty(x.shape());
+      if (f.norm == FusedNorm::rms) Kernels<Cuda>::rms_norm(xn, x, f.norm_weight, f.eps);
+      else Kernels<Cuda>::layer_norm(xn, x, f.norm_weight, f.norm_bias, f.eps);
+    }
+    linear_q_dequant(y, xn, w, f.glu ? 0.f : f.beta, f.glu, f.act);
     return;
   }
   auto p = gemv_q_params(y, x, w, f.beta);
@@ -347,6 +536,16 @@ void Kernels<Cuda>::fused_linear_q(const Tensor<T, Cuda>& y, const Tensor<T, Cud
   p.glu = f.glu;
   p.act = f.act;
   launch_gemv_q<T, F>(p);
+}
+
+void Kernels<Cuda>::set_gemv_q_max_rows(int rows) {
+  using namespace cuda::kernels;
+  gemv_q_max_rows() = rows < 0 ? kGemvQDefaultRows : std::min(rows, kGemvQMaxRows);
+}
+
+void Kernels<Cuda>::set_dequant_tiles(int64_t tile_bytes, int64_t acc_bytes) {
+  using namespace cuda::kernels;
+  dequant_limits() = DequantLimits{tile_bytes, acc_bytes};
 }
 
 }  // namespace ttt
