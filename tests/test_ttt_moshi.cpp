@@ -185,6 +185,74 @@ TEST_CASE("TTT sessions snapshot, save and load mid-stream and continue bit-iden
   std::remove("ttt_session.safetensors");
 }
 
+// `ttt-moshi bench --max-streams` times frames at full context by LmGen::fill_as_after instead
+// of stepping 3000 frames. What makes that honest: the filled session has exactly the stepped
+// one's positions (every KV ring's slot positions, hence the keys each query attends), counters
+// (items, calls, TTT mini-batch phases, In-Place chunk phases) and graph key, before and after
+// the next frame; only the contents (keys, values, tokens, fast weights) differ.
+TEST_CASE("a session filled as after N frames does the work of a stepped one", "[ttt_moshi][fill]") {
+  // tiny_ttt: every design (rings of 40 slots, kv_memory's 20 recent and 4 virtual, TTT
+  // mini-batches of 8, In-Place chunks of 16), then the same shapes as plain Moshi.
+  const io::Json base = io::read_json_file(test_data("../../examples/configs/tiny_ttt.json"));
+  for (bool plain : {false, true}) {
+    io::Json cfg = base;
+    if (plain) cfg.erase("ttt");
+    auto l = load(cfg, "", 21);
+    moshi::GenOptions opt;
+    Gen gen(l->model, opt);
+    const int64_t Bn = 2, F = 57;  // past every ring's capacity, mid mini-batch and mid chunk
+    auto user = Tensor<int64_t, Cpu>::empty({Bn, gen.num_user_codebooks()});
+    uint64_t x = 3;
+    auto step = [&](Gen::Session& s) {
+      for (int64_t i = 0; i < user.numel(); ++i) user.data()[i] = int64_t(io::detail::splitmix64(x) % 256);
+      gen.step(s, user);
+    };
+    auto stepped = gen.start(Bn);
+    for (int64_t t = 0; t < F; ++t) step(stepped);
+    auto filled = gen.start(Bn);
+    gen.fill_as_after(filled, F, 9);
+    REQUIRE_THROWS_WITH(gen.fill_as_after(stepped, F, 9), TTT_CONTAINS("fresh session"));
+
+    // Every integer tensor of the saved sessions (positions, counters, exec flags, sampling)
+    // equal; the same tensors in the same shapes otherwise. Ring positions: counted too.
+    auto compare = [&](const char* when, int64_t frames) {
+      INFO((plain ? "plain" : "ttt designs") << ", " << when);
+      gen.save(stepped, "fill_stepped.safetensors");
+      gen.save(filled, "fill_filled.safetensors");
+      auto a = io::SafeTensors::open("fill_stepped.safetensors"), b = io::SafeTensors::open("fill_filled.safetensors");
+      REQUIRE(a.names() == b.names());
+      int rings = 0;
+      for (const auto& name : a.names()) {
+        INFO("tensor " << name);
+        REQUIRE(a.info(name).shape == b.info(name).shape);
+        REQUIRE(a.info(name).dtype == b.info(name).dtype);
+        if (a.info(name).dtype != DType::i64) continue;
+        if (name == "lmgen.cache") {  // tokens: random in the filled one, all generated
+          for (int64_t v : b.load<int64_t>(name).to_vector()) REQUIRE(v >= 0);
+          continue;
+        }
+        const auto pa = a.load<int64_t>(name).to_vector();
+        REQUIRE(pa == b.load<int64_t>(name).to_vector());
+        if (name.size() > 4 && name.compare(name.size() - 4, 4, ".pos") == 0) {
+          // A full ring: every slot holds one of the last `capacity` positions.
+          ++rings;
+          const int64_t C = a.info(name).shape.d[1];
+          for (int64_t p : pa) REQUIRE((p >= frames - C && p < frames));
+        }
+      }
+      REQUIRE(rings == 4);  // plain: one per layer; designs: after_attention, inplace_ffn, kv_memory's two
+      REQUIRE(Model::TemporalT::graph_key(l->model.transformer, stepped.temporal, stepped.exec) ==
+              Model::TemporalT::graph_key(l->model.transformer, filled.temporal, filled.exec));
+    };
+    compare("after the fill", F);
+    step(stepped);
+    step(filled);
+    compare("after one more frame", F + 1);
+    std::remove("fill_stepped.safetensors");
+    std::remove("fill_filled.safetensors");
+  }
+}
+
 TEST_CASE("the 'ttt' config list is strict and names the problem", "[ttt_moshi][config]") {
   const io::Json base = io::read_json_file(fixture("moshi/moshi_7b_structure/config.json"));
   auto error_of = [&](const io::Json& ttt) -> std::string {

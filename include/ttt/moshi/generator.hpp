@@ -194,6 +194,31 @@ class LmGen {
     if (!all) s.temporal.step = keep_step;
   }
 
+  // A fresh session (from start) as after `frames` frames of every item, for benchmarks of a
+  // frame deep into a conversation (`ttt-moshi bench --max-streams`: every KV ring full)
+  // without running the conversation: the temporal state by TemporalT::fill_as_after (KV rings
+  // at the positions those frames leave, random keys and values; counters advanced), the
+  // token ring filled with random tokens, the item and call counters at `frames`. The next
+  // step does the work of frame `frames` of a real conversation: the same code path, the same
+  // keys attended, the same graph key; its tokens are meaningless.
+  void fill_as_after(Session& s, int64_t frames, uint64_t seed) const {
+    TTT_CHECK(frames >= 0, "fill_as_after: frames must be >= 0, got ", frames);
+    TTT_CHECK(s.frame == 0 && s.offset_cpu == 0, "fill_as_after: needs a fresh session (this one has run ", s.frame,
+              " frames)");
+    const auto& c = m_.cfg;
+    const int64_t K = c.num_codebooks(), CT = ring_size();
+    uint64_t x = seed;
+    for (int64_t b = 0; b < s.batch(); ++b)
+      for (int64_t k = 0; k < K; ++k)
+        for (int64_t i = 0; i < CT; ++i)
+          s.cache[size_t((b * K + k) * CT + i)] =
+              int64_t(io::detail::splitmix64(x) % uint64_t(k == 0 ? c.text_card : c.card));
+    std::fill(s.offsets.begin(), s.offsets.end(), frames);
+    s.offset_cpu = frames;
+    s.frame = frames;
+    TemporalT::fill_as_after(s.temporal, frames, io::detail::splitmix64(x));
+  }
+
   // Items with mask 0 still compute but change nothing (asynchronous batching).
   void set_exec_mask(Session& s, const std::vector<uint8_t>& mask) const {
     TTT_CHECK(int64_t(mask.size()) == s.batch(), "set_exec_mask: mask has ", mask.size(), " entries for batch ",

@@ -48,6 +48,24 @@ struct KvRing {
     for (int64_t b = 0; b < pos.size(0); ++b)
       if (mask[size_t(b)]) ops::fill(pos.slice(0, b, b + 1), -1.0);
   }
+  // The ring as `frames` one-step calls of every item (positions 0 .. frames - 1) leave it:
+  // slot s holds the latest position p < frames with p = s (mod capacity), or none (-1);
+  // keys and values are random normal draws (`seed`). Benchmarks time a frame deep into a
+  // conversation this way without running the conversation: which keys a query attends to,
+  // and so the work, depends only on the positions.
+  void fill_as_after(int64_t frames, uint64_t seed) {
+    TTT_CHECK(frames >= 0, "KvRing::fill_as_after: frames must be >= 0, got ", frames);
+    const int64_t Bn = pos.size(0), C = capacity();
+    std::vector<int64_t> p(size_t(Bn * C));
+    for (int64_t s = 0; s < C; ++s) {
+      const int64_t back = ((frames - 1 - s) % C + C) % C;  // frames - 1 - p, in [0, C)
+      const int64_t q = frames - 1 - back;
+      for (int64_t b = 0; b < Bn; ++b) p[size_t(b * C + s)] = q >= 0 ? q : -1;
+    }
+    pos.copy_from(to_backend<B>(Tensor<int64_t, Cpu>::from_vector({Bn, C}, p)));
+    ops::random_normal(k, 1.f, seed, 1);
+    ops::random_normal(v, 1.f, seed, 2);
+  }
   KvRing clone() const {
     NoArenaScope<B> persistent;
     KvRing r;

@@ -126,6 +126,29 @@ class Transformer<T, B, PolicyList<Ps...>> {
           l);
   }
 
+  // The state (made by init_state) as after `frames` one-step calls of every item, for
+  // benchmarks that time a frame deep into a conversation without running it: each layer
+  // state field that can (KvRing::fill_as_after) takes the positions those calls would have
+  // left, with random contents, and the host bookkeeping (offsets, step, each policy's
+  // counters) advances by `frames` as those calls would. Other state (TTT fast weights, chunk
+  // buffers) keeps its values: its per-frame work does not depend on them.
+  static void fill_as_after(State& s, int64_t frames, uint64_t seed) {
+    TTT_CHECK(frames >= 0, "fill_as_after: frames must be >= 0, got ", frames);
+    TTT_CHECK(s.step == 0, "fill_as_after: needs a fresh state (this one has run ", s.step, " steps)");
+    for (int64_t o : s.offsets) TTT_CHECK(o == 0, "fill_as_after: needs a fresh state");
+    uint64_t field_seed = seed;
+    for (auto& l : s.layers)
+      std::visit(
+          [&](auto& st) {
+            for_each_field(st, [&](const char*, auto& m) {
+              if constexpr (requires { m.fill_as_after(frames, seed); })
+                if (m.defined()) m.fill_as_after(frames, io::detail::splitmix64(field_seed));
+            });
+          },
+          l);
+    advance(s, frames, {});
+  }
+
   // What the next one-frame call's device work depends on beyond device memory: a frame
   // graph is captured per distinct key.
   static uint64_t graph_key(const Params& p, const State& s, const std::vector<uint8_t>& exec_host) {
