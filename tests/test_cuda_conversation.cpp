@@ -4,8 +4,12 @@
 // (tokens exact; audio bitwise in a batch of one, to float rounding across batch shapes),
 // plain attention and the TTT designs, and the same conversation on the CPU and on CUDA
 // compared (greedy: the tokens follow the logits, whose CPU / CUDA difference is rounding).
+// Also what `ttt-moshi serve --devices 0,0` relies on: engines on threads of their own, each
+// with its own stream (and the caching allocator keeping a stream's freed blocks to it).
 // Exits 77 ("skipped") without a GPU.
 #include <cstdio>
+#include <string>
+#include <thread>
 
 #define CATCH_CONFIG_RUNNER  // Catch2 v2: this file provides main (v3 ignores it)
 #include "catch.hpp"
@@ -48,6 +52,75 @@ TEST_CASE("CUDA and CPU give one greedy conversation the same tokens", "[convers
               (long long)N, (long long)text_diff, (long long)audio_diff);
   CHECK(text_diff == 0);
   CHECK(audio_diff == 0);
+}
+
+TEST_CASE("CUDA caching allocator: a freed block goes back to its own stream only", "[conversation_cuda][devices]") {
+  const size_t n = size_t(3) << 20;
+  void* mine = nullptr;
+  {
+    auto p = Memory<Cuda>::allocate(n);
+    mine = p.get();
+  }  // freed: cached for this thread's stream
+  void* other = nullptr;
+  cudaStream_t other_stream = nullptr;
+  std::string error;
+  std::thread t([&] {
+    try {
+      cuda::set_device(0);
+      other_stream = cuda::Context::get().stream();
+      auto q = Memory<Cuda>::allocate(n);  // another stream: must not get `mine` (it may still be in use there)
+      other = q.get();
+    } catch (const std::exception& e) {
+      error = e.what();
+    }
+  });
+  t.join();
+  REQUIRE(error.empty());
+  CHECK(other_stream != cuda::Context::get().stream());
+  CHECK(other != mine);
+  auto again = Memory<Cuda>::allocate(n);
+  CHECK(again.get() == mine);  // the same stream reuses it
+  CHECK(cuda::Context::get().device() == 0);
+  std::string msg;
+  try {
+    cuda::set_device(cuda::device_count());
+  } catch (const Error& e) {
+    msg = e.what();
+  }
+  CHECK(msg.find("does not exist") != std::string::npos);
+}
+
+TEST_CASE("CUDA: engines on two threads of one GPU (serve --devices 0,0) give each conversation its reply alone",
+          "[conversation_cuda][devices]") {
+  const int64_t N = 12;
+  const serve::ConversationOptions o[2] = {opts(5), opts(6)};
+  Track want[2];
+  {
+    auto e = engine<Cuda>("small.json");
+    for (int i = 0; i < 2; ++i) want[i] = alone(*e, i + 1, o[i], N);
+  }
+  Track got[2];
+  std::string error[2];
+  cudaStream_t stream[2] = {nullptr, nullptr};
+  auto run = [&](int i) {
+    try {
+      cuda::set_device(0);  // as serve's engine threads: the device first, then the engine's own model copy
+      auto e = engine<Cuda>("small.json");
+      stream[i] = cuda::Context::get().stream();
+      for (int rep = 0; rep < 2; ++rep) got[i] = alone(*e, i + 1, o[i], N);  // the second run reuses freed blocks
+    } catch (const std::exception& x) {
+      error[i] = x.what();
+    }
+  };
+  std::thread a(run, 0), b(run, 1);  // at the same time: the two streams interleave on the GPU
+  a.join();
+  b.join();
+  for (int i = 0; i < 2; ++i) {
+    INFO("engine thread " << i);
+    REQUIRE(error[i].empty());
+    check_same(got[i], want[i], 0, "engine thread vs the main thread", true);
+  }
+  CHECK(stream[0] != stream[1]);
 }
 
 int main(int argc, char** argv) {

@@ -5,7 +5,9 @@
 #include <cublas_v2.h>
 #include <cuda_runtime_api.h>
 
+#include <memory>
 #include <string>
+#include <vector>
 
 #include "ttt/core/error.hpp"
 
@@ -36,6 +38,26 @@ inline bool device_available() {
   return n > 0;
 }
 
+inline int device_count() {
+  int n = 0;
+  if (cudaGetDeviceCount(&n) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return 0;
+  }
+  return n;
+}
+
+// Makes `device` this thread's current device: the thread's later work, allocations and
+// Context (stream, library handles) are on it. A new thread starts on device 0, so a thread
+// that works for another device (e.g. one engine thread per GPU) calls this before it touches
+// any tensor.
+inline void set_device(int device) {
+  const int n = device_count();
+  if (device < 0 || device >= n)
+    fail("CUDA device ", device, " does not exist (", n, n == 1 ? " device" : " devices", " visible)");
+  TTT_CUDA_CHECK(cudaSetDevice(device));
+}
+
 inline std::string device_name() {
   cudaDeviceProp p{};
   int dev = 0;
@@ -44,14 +66,30 @@ inline std::string device_name() {
   return p.name;
 }
 
-// One stream and one set of library handles per host thread. All ops of a thread are
-// ordered on its stream; a CUDA graph captures exactly that stream.
+// One stream and one set of library handles per host thread and device. All ops of a thread
+// are ordered on its stream; a CUDA graph captures exactly that stream. Keyed by the thread's
+// current device (cudaGetDevice on each call, a few tens of ns against a launch's microseconds):
+// a thread that switches devices gets that device's stream and handles, never a stream or a
+// cuBLAS handle created on another device.
 class Context {
  public:
   static Context& get() {
-    thread_local Context ctx;
-    return ctx;
+    thread_local Context* last = nullptr;
+    thread_local int last_device = -1;
+    int dev = 0;
+    if (cudaGetDevice(&dev) != cudaSuccess) {
+      (void)cudaGetLastError();
+      fail("no CUDA device available");
+    }
+    if (dev == last_device) return *last;
+    thread_local std::vector<std::unique_ptr<Context>> by_device;
+    if (size_t(dev) >= by_device.size()) by_device.resize(size_t(dev) + 1);
+    if (!by_device[size_t(dev)]) by_device[size_t(dev)].reset(new Context(dev));
+    last = by_device[size_t(dev)].get();
+    last_device = dev;
+    return *last;
   }
+  int device() const { return device_; }
   cudaStream_t stream() const { return stream_; }
   cublasHandle_t cublas() const { return cublas_; }
   cublasLtHandle_t cublaslt() const { return cublaslt_; }
@@ -63,7 +101,11 @@ class Context {
   Context(const Context&) = delete;
   Context& operator=(const Context&) = delete;
   ~Context() {
-    // Process teardown may already have destroyed the CUDA context: ignore errors.
+    // Process teardown may already have destroyed the CUDA context: ignore errors. The stream
+    // is drained first: the caching allocator keys free blocks by stream, and a stream created
+    // later may get this one's handle.
+    cudaSetDevice(device_);
+    if (stream_) cudaStreamSynchronize(stream_);
     if (workspace_) cudaFree(workspace_);
     if (cublaslt_) cublasLtDestroy(cublaslt_);
     if (cublas_) cublasDestroy(cublas_);
@@ -72,7 +114,7 @@ class Context {
 
  private:
   static constexpr size_t kWorkspace = size_t(32) << 20;
-  Context() {
+  explicit Context(int device) : device_(device) {
     if (!device_available()) fail("no CUDA device available");
     TTT_CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
     TTT_CUBLAS_CHECK(cublasCreate(&cublas_));
@@ -80,10 +122,9 @@ class Context {
     TTT_CUBLAS_CHECK(cublasLtCreate(&cublaslt_));
     TTT_CUDA_CHECK(cudaMalloc(&workspace_, kWorkspace));
     TTT_CUBLAS_CHECK(cublasSetWorkspace(cublas_, workspace_, kWorkspace));
-    int dev = 0;
-    TTT_CUDA_CHECK(cudaGetDevice(&dev));
-    TTT_CUDA_CHECK(cudaDeviceGetAttribute(&sm_count_, cudaDevAttrMultiProcessorCount, dev));
+    TTT_CUDA_CHECK(cudaDeviceGetAttribute(&sm_count_, cudaDevAttrMultiProcessorCount, device_));
   }
+  int device_ = 0;
   cudaStream_t stream_ = nullptr;
   cublasHandle_t cublas_ = nullptr;
   cublasLtHandle_t cublaslt_ = nullptr;
