@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # On the GPU machine (device tool): the CUDA tests, compute-sanitizer and the CUDA benchmarks,
 # each time-boxed, logs under $OUT (or ./gpu_out), a short summary on stdout.
-#   tools/gpu_check.sh [build|test|sanitize|bench|bench-quant|bench-ttt|bench-train|bench-designs|bench-mimi|serve-load|all]...
+#   tools/gpu_check.sh [build|test|sanitize|bench|bench-quant|bench-ttt|bench-train|bench-designs|bench-mimi|serve-load|serve-devices|all]...
 # serve-load is left out of `all` (minutes): bench/serve_load.py with the 7B on the GPU (SERVE_CLIENTS)
 # and the small config on the CPU (SERVE_CPU_CLIENTS); Python wheels for its client from .whl/py312.
+# serve-devices (also not in `all`, ~1-2 min): tests/serve/test_engines.py against
+# `ttt-moshi serve --backend cuda --devices 0,0` (two engines on the one GPU, small config):
+# placement, replies bitwise as alone, periodic save + SIGKILL + resume, a client that stops reading.
 #
 # Binaries: BIN_DIR (default build-gpu/bin) when it already holds ttt-moshi, else a build into
 # build-gpu. A build made elsewhere (`tools/gpu_prebuild.sh`, non-native, sm_90) can be carried
@@ -128,12 +131,27 @@ if has bench-mimi; then
   done
 fi
 
-# Not part of `all`: the server under load (minutes).
-if printf '%s\n' "${steps[@]}" | grep -qx serve-load; then
-  if ! python3 -c "import sphn, aiohttp" 2>/dev/null; then
+# The serve modes' Python client (aiohttp + sphn): wheels carried in .whl/py312 when missing.
+serve_python() {
+  if ! python3 -c "import sphn, aiohttp, numpy" 2>/dev/null; then
     python3 -m pip install -q --no-index --no-compile --no-cache-dir --target /tmp/pysite .whl/py312/*.whl >/dev/null 2>&1
     export PYTHONPATH=/tmp/pysite${PYTHONPATH:+:$PYTHONPATH}
   fi
+}
+
+# Not part of `all`: two engines on one GPU (serve --devices 0,0), through the real client.
+if printf '%s\n' "${steps[@]}" | grep -qx serve-devices; then
+  serve_python
+  s=$(date +%s)
+  timeout 400 python3 tests/serve/test_engines.py --bin "$bin/ttt-moshi" --wav examples/audio/user.wav \
+    --config examples/configs/small.json --devices 0,0 --serve-args="--backend cuda" > "$out/serve_devices.log" 2>&1
+  echo "serve-devices rc=$? ($(( $(date +%s) - s )) s): $(grep -cE '^ok ' "$out/serve_devices.log") ok, $(grep -cE '^FAIL' "$out/serve_devices.log") failed"
+  grep -E "^(FAIL|-- |test_engines|slow client)|two at once|bitwise|periodic|too slow|in time" "$out/serve_devices.log" | head -30
+fi
+
+# Not part of `all`: the server under load (minutes).
+if printf '%s\n' "${steps[@]}" | grep -qx serve-load; then
+  serve_python
   timeout 480 python3 bench/serve_load.py --bin "$bin/ttt-moshi" --clients "${SERVE_CLIENTS:-16,64}" \
     --seconds "${SERVE_SECONDS:-20}" --procs 12 -- --config bench/configs/moshi_7b.json \
     --mimi-config bench/configs/mimi_kyutai.json --backend cuda --dtype bf16 2>&1 | tee "$out/serve_load_cuda.log"

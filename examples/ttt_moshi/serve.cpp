@@ -1,8 +1,9 @@
 // ttt-moshi serve: real-time conversations over WebSocket with Kyutai's protocol (their web and
-// Python clients work), many conversations stepped as one batch per 80 ms frame. This file loads
-// the models and adapts ttt::serve::ConversationBatch<T, B> to the server's Engine interface; the
-// network is serve_server.cpp, the protocol serve_protocol.hpp, a connection's audio buffers
-// serve_session.hpp. See docs/serving.md.
+// Python clients work), many conversations stepped as one batch per 80 ms frame, one batch per
+// entry of --devices. This file reads the options, loads the models (once per engine, on its
+// device) and adapts ttt::serve::ConversationBatch<T, B> to the server's Engine interface; the
+// network is serve_server.cpp, the engine threads serve_engines.cpp, the protocol
+// serve_protocol.hpp, a connection's audio buffers serve_session.hpp. See docs/serving.md.
 //
 // With no arguments it serves the bundled small LM and small Mimi with seeded random weights on
 // the CPU (the reply is noise, but every stage runs), on 127.0.0.1:8998.
@@ -66,13 +67,32 @@ struct TextPieces {
   }
 };
 
+// --devices: "0", "0,1", "0,0" (two engines on device 0). Empty string when fine, else the error.
+std::string parse_devices(const std::string& s, std::vector<int>& out) {
+  out.clear();
+  size_t i = 0;
+  while (true) {
+    const size_t j = s.find(',', i);
+    const std::string item = s.substr(i, j == std::string::npos ? std::string::npos : j - i);
+    if (item.empty() || item.size() > 4 || item.find_first_not_of("0123456789") != std::string::npos)
+      return "--devices '" + s + "': want device indices separated by commas (e.g. 0,1), got '" + item + "'";
+    out.push_back(std::stoi(item));
+    if (j == std::string::npos) break;
+    i = j + 1;
+  }
+  if (out.size() > 64) return "--devices: at most 64 engines, got " + std::to_string(out.size());
+  return {};
+}
+
+// One engine: its own copy of the LM and Mimi (on its device) and its conversation batch.
 template <class T, class B>
 class BatchEngine final : public serve::Engine {
  public:
   using Batch = ttt::serve::ConversationBatch<T, B, moshi::DefaultPolicies>;
-  BatchEngine(const Model<T, B>& lm, const mimi::Mimi<T, B>& m, int64_t slots, ttt::serve::ConversationOptions defaults,
-              TextPieces text, std::string name)
-      : batch_(lm, m, slots, defaults), defaults_(defaults), text_(std::move(text)), name_(std::move(name)),
+  BatchEngine(std::unique_ptr<Model<T, B>> lm, std::unique_ptr<mimi::Mimi<T, B>> m, int64_t slots,
+              ttt::serve::ConversationOptions defaults, std::shared_ptr<const TextPieces> text, std::string name)
+      : lm_(std::move(lm)), mimi_(std::move(m)), batch_(*lm_, *mimi_, slots, defaults), defaults_(defaults),
+        text_(std::move(text)), name_(std::move(name)),
         pcm_(Tensor<float, Cpu>::empty({slots, batch_.frame_size()})),
         out_(Tensor<float, Cpu>::empty({slots, batch_.frame_size()})) {}
 
@@ -95,7 +115,7 @@ class BatchEngine final : public serve::Engine {
     for (size_t i = 0; i < outs.size(); ++i) r[i] = {outs[i].text, outs[i].has_audio};
     return r;
   }
-  std::string text_piece(int64_t token) const override { return text_.piece(token); }
+  std::string text_piece(int64_t token) const override { return text_->piece(token); }
   int64_t frames(int64_t slot) const override { return batch_.frames(slot); }
   std::string options_json(int64_t slot) const override {
     const auto o = batch_.options(slot);
@@ -125,9 +145,11 @@ class BatchEngine final : public serve::Engine {
     return o;
   }
 
+  std::unique_ptr<Model<T, B>> lm_;          // the batch holds references: built first,
+  std::unique_ptr<mimi::Mimi<T, B>> mimi_;  // destroyed last
   Batch batch_;
   ttt::serve::ConversationOptions defaults_;
-  TextPieces text_;
+  std::shared_ptr<const TextPieces> text_;  // shared by the engines (SentencePiece lookups are const)
   std::string name_;
   Tensor<float, Cpu> pcm_, out_;  // [slots, frame_size]
 };
@@ -164,6 +186,24 @@ struct Serve {
     if (opt.io_threads == 0) opt.io_threads = std::clamp(int(std::thread::hardware_concurrency()) / 2, 2, 16);
     if (opt.io_threads < 1 || opt.io_threads > 256) fail("--io-threads must be in [0, 256], got ", opt.io_threads);
 
+    opt.save_every = r["save-every"].as<double>();
+    if (!(opt.save_every >= 0 && opt.save_every <= 86400))
+      fail("--save-every must be in [0, 86400] seconds (0: no periodic saves), got ", opt.save_every);
+    opt.send_buffer = r["send-buffer"].as<int>();
+    if (opt.send_buffer != 0 && (opt.send_buffer < 1024 || opt.send_buffer > (64 << 20)))
+      fail("--send-buffer must be 0 (the system's) or in [1024, 64 MiB] bytes, got ", opt.send_buffer);
+    const std::string devices = r["devices"].as<std::string>();
+    if (const std::string e = parse_devices(devices, opt.devices); !e.empty()) fail(e);
+#if TTT_WITH_CUDA
+    if constexpr (std::is_same_v<B, Cuda>) {
+      const int n = cuda::device_count();
+      for (int d : opt.devices)
+        if (d >= n)
+          fail("--devices ", devices, ": CUDA device ", d, " does not exist (", n, n == 1 ? " device is" : " devices are",
+               " visible, numbered from 0; CUDA_VISIBLE_DEVICES renumbers them)");
+    }
+#endif
+
     // The LM: --config / --weights as for converse, with neither the bundled small config.
     LmConfig cfg;
     std::string name;
@@ -178,23 +218,33 @@ struct Serve {
       cfg = LmConfig::from_json(io::Json::parse(bundled::kSmallLm), "bundled small.json");
       name = "bundled small config (random weights)";
     }
-    auto ws = load_weights(c, cfg);
-    auto model = build_model<T, B>(c, cfg, ws);
     const std::string mimi_cfg = r.count("mimi-config") ? r["mimi-config"].as<std::string>() : "";
     const std::string mimi_w = r.count("mimi-weights") ? r["mimi-weights"].as<std::string>() : "";
     const auto mcfg = load_mimi_config(mimi_cfg, !mimi_w.empty());
-    auto mws = load_mimi_weights(mimi_w, c.init_seed + 1);
-    const auto mimi = build_mimi<T, B>(c, mcfg, mws);
     if (mcfg.sample_rate != io::kOpusStreamRate)
       fail("serve: Mimi runs at ", mcfg.sample_rate, " Hz; the protocol's Opus streams are 24 kHz");
 
-    TextPieces text;
-    text.pad = cfg.existing_text_padding_id, text.epad = cfg.existing_text_end_padding_id;
-    if (r.count("tokenizer")) text.open(r["tokenizer"].as<std::string>());
+    auto text = std::make_shared<TextPieces>();
+    text->pad = cfg.existing_text_padding_id, text->epad = cfg.existing_text_end_padding_id;
+    if (r.count("tokenizer")) text->open(r["tokenizer"].as<std::string>());
 
     const auto defaults = ttt::serve::ConversationOptions::from(cfg.gen);
-    BatchEngine<T, B> engine(model, mimi, opt.max_sessions, defaults, std::move(text), name);
-    return serve::run_server(engine, opt);
+    // One engine per entry of --devices, each built on its own engine thread: the device is
+    // selected there before anything is allocated, and every engine loads the same weights
+    // (random ones from the same seeds), so a conversation's reply does not depend on its engine.
+    const serve::EngineFactory make = [&](int device) -> std::unique_ptr<serve::Engine> {
+#if TTT_WITH_CUDA
+      if constexpr (std::is_same_v<B, Cuda>) cuda::set_device(device);
+#endif
+      (void)device;  // the CPU backend: every engine is a thread of this host
+      auto ws = load_weights(c, cfg);
+      auto model = std::make_unique<Model<T, B>>(build_model<T, B>(c, cfg, ws));
+      auto mws = load_mimi_weights(mimi_w, c.init_seed + 1);
+      auto mimi = std::make_unique<mimi::Mimi<T, B>>(build_mimi<T, B>(c, mcfg, mws));
+      return std::make_unique<BatchEngine<T, B>>(std::move(model), std::move(mimi), opt.max_sessions, defaults, text,
+                                                 name);
+    };
+    return serve::run_server(make, opt);
   }
 };
 
@@ -210,10 +260,18 @@ int cmd_serve(int argc, char** argv) {
       "host", "address to bind (not loopback: --auth-token required)",
       cxxopts::value<std::string>()->default_value("127.0.0.1"))(
       "port", "TCP port (0: any free port; the chosen one is printed)", cxxopts::value<int>()->default_value("8998"))(
-      "max-sessions", "conversations at once (the batch size); one more gets an error and a clean close",
+      "max-sessions", "conversations at once per engine (its batch size); one more than all engines hold gets an "
+                      "error and a clean close",
       cxxopts::value<int64_t>()->default_value("4"))(
+      "devices", "one engine (thread, model copy, batch) per entry, e.g. 0,1; a new or resumed conversation goes to "
+                 "the engine with the fewest; an index may repeat (0,0: two engines on device 0); on the CPU each "
+                 "entry is an engine thread",
+      cxxopts::value<std::string>()->default_value("0"))(
       "session-dir", "save each conversation's state here when it ends (resume with ?session_id=)",
-      cxxopts::value<std::string>())("auth-token", "clients must pass ?auth_token= (or Authorization: Bearer)",
+      cxxopts::value<std::string>())(
+      "save-every", "with --session-dir: seconds between saves of each live conversation, so a crash loses at most "
+                    "that (0: save only when it ends)",
+      cxxopts::value<double>()->default_value("30"))("auth-token", "clients must pass ?auth_token= (or Authorization: Bearer)",
                                      cxxopts::value<std::string>())(
       "static-dir", "files served on GET / (default: examples/ttt_moshi/web)", cxxopts::value<std::string>())(
       "ssl-cert", "TLS certificate chain (PEM): serve https / wss", cxxopts::value<std::string>())(
@@ -222,6 +280,9 @@ int cmd_serve(int argc, char** argv) {
       cxxopts::value<int64_t>()->default_value("262144"))(
       "max-queue-frames", "reply frames (80 ms) queued unsent before a slow client is dropped",
       cxxopts::value<int64_t>()->default_value("50"))(
+      "send-buffer", "kernel send buffer of each connection in bytes (0: the system's, which grows to megabytes: a "
+                     "client that stops reading is then noticed only after that much)",
+      cxxopts::value<int>()->default_value("0"))(
       "idle-timeout", "seconds without a client message before it is dropped",
       cxxopts::value<double>()->default_value("30"))(
       "status-every", "seconds between status lines (0: none)", cxxopts::value<double>()->default_value("10"))(

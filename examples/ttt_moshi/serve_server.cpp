@@ -1,10 +1,10 @@
 // The network half of `ttt-moshi serve`: Boost.Asio threads accept connections, speak HTTP
 // (static files) and WebSocket (GET /api/chat, Kyutai's protocol: serve_protocol.hpp), decode
-// the users' Opus and encode the replies (serve_session.hpp); one engine thread (Ticker) steps
-// the whole conversation batch once per frame tick. The two sides meet only in each Session's
-// buffers and a few queues under short locks: a slow client never delays the tick (its replies
-// queue up to a limit, then it is dropped with its state saved), and the tick never waits on a
-// socket. See docs/serving.md.
+// the users' Opus and encode the replies (serve_session.hpp); the engine threads
+// (serve_engines.cpp, one per entry of --devices) each step their conversation batch once per
+// frame tick. The two sides meet only in each Session's buffers and a few queues under short
+// locks: a slow client never delays the tick (its replies queue up to a limit, then it is
+// dropped with its state saved), and the tick never waits on a socket. See docs/serving.md.
 #include "serve_server.hpp"
 
 #include <algorithm>
@@ -13,22 +13,15 @@
 #include <boost/asio.hpp>
 #include <boost/beast.hpp>
 #include <chrono>
-#include <condition_variable>
 #include <csignal>
 #include <cstdio>
 #include <deque>
 #include <filesystem>
-#include <fstream>
-#include <functional>
-#include <map>
 #include <memory>
-#include <mutex>
-#include <nlohmann/json.hpp>
-#include <set>
 #include <thread>
 #include <type_traits>
 
-#include "serve_session.hpp"
+#include "serve_engines.hpp"
 #include "ttt/core/error.hpp"
 #if TTT_SERVE_TLS
 #include <boost/asio/ssl.hpp>
@@ -43,16 +36,6 @@ namespace http = beast::http;
 namespace websocket = beast::websocket;
 namespace net = boost::asio;
 using tcp = net::ip::tcp;
-using Clock = std::chrono::steady_clock;
-using Json = nlohmann::json;
-
-void log(const char* fmt, const std::string& a = {}, const std::string& b = {}) {
-  std::fprintf(stderr, fmt, a.c_str(), b.c_str());
-  std::fputc('\n', stderr);
-  std::fflush(stderr);
-}
-
-std::string short_id(const std::string& id) { return id.substr(0, 8); }
 
 bool same_token(const std::string& a, const std::string& b) {  // constant time in the content
   if (a.size() != b.size()) return false;
@@ -61,174 +44,13 @@ bool same_token(const std::string& a, const std::string& b) {  // constant time 
   return d == 0;
 }
 
-// A WebSocket conversation as the engine thread sees it (over TCP or TLS: WsConn<Stream>).
-class Conn {
- public:
-  virtual ~Conn() = default;
-  // Joined as `s`: send the metadata and start reading.
-  virtual void joined(std::shared_ptr<Session> s, std::string metadata) = 0;
-  // Reply frames are waiting in the session: encode and send them.
-  virtual void drain() = 0;
-  // The tick took frames: read again if reading was paused.
-  virtual void resume_read() = 0;
-  // A client too slow to take its replies: its queue will not drain, so nothing more is sent
-  // (not even an error); the socket is closed at once.
-  virtual void abort() = 0;
-  // Sends kind 5 (when error is not empty), then closes once the queue is written.
-  virtual void close(std::string error, websocket::close_code code, std::string reason) = 0;
-};
-
-// ---- the engine thread --------------------------------------------------------------------------
-
-struct JoinRequest {
-  std::shared_ptr<Conn> conn;
-  ClientParams params;
-};
-
-// A live conversation, as the engine thread keeps it.
-struct Live {
-  std::shared_ptr<Session> session;
-  // Held while the conversation is live: a connection whose reading is paused (back-pressure)
-  // and that has nothing to write has no pending operation to keep it alive.
-  std::shared_ptr<Conn> conn;
-  std::string id;
-  int64_t slot = -1;
-};
-
-// Writes saved conversations on a thread of its own: a 7B conversation's file is gigabytes (its
-// KV ring), and writing it on the engine thread would stall every other conversation's tick.
-// The engine thread only takes the snapshot (a device-to-host copy); the log line "ended ...,
-// state saved" appears once the file is in place, and a resume of an id whose file is still
-// being written waits for it.
-class Saver {
- public:
-  Saver() : thread_([this] { loop(); }) {}
-  ~Saver() { drain_and_stop(); }
-  // `write` writes the file; `done(ok, error)` runs after it, on this thread.
-  void push(const std::string& id, std::function<void()> write, std::function<void(bool, const std::string&)> done) {
-    {
-      std::lock_guard<std::mutex> g(mu_);
-      queue_.push_back({id, std::move(write), std::move(done)});
-      pending_.insert(id);
-    }
-    cv_.notify_all();
-  }
-  void wait_for(const std::string& id) {
-    std::unique_lock<std::mutex> lk(mu_);
-    cv_.wait(lk, [&] { return !pending_.count(id); });
-  }
-  void drain_and_stop() {
-    {
-      std::lock_guard<std::mutex> g(mu_);
-      if (stop_) return;
-      stop_ = true;
-    }
-    cv_.notify_all();
-    if (thread_.joinable()) thread_.join();
-  }
-
- private:
-  struct Job {
-    std::string id;
-    std::function<void()> write;
-    std::function<void(bool, const std::string&)> done;
-  };
-  void loop() {
-    for (;;) {
-      Job j;
-      {
-        std::unique_lock<std::mutex> lk(mu_);
-        cv_.wait(lk, [&] { return stop_ || !queue_.empty(); });
-        if (queue_.empty()) return;  // stopping, and everything is written
-        j = std::move(queue_.front());
-        queue_.pop_front();
-      }
-      bool ok = true;
-      std::string error;
-      try {
-        j.write();
-      } catch (const std::exception& e) {
-        ok = false, error = e.what();
-      }
-      j.done(ok, error);
-      {
-        std::lock_guard<std::mutex> g(mu_);
-        // Another save of the same id may be queued behind this one.
-        bool again = false;
-        for (const auto& q : queue_) again = again || q.id == j.id;
-        if (!again) pending_.erase(j.id);
-      }
-      cv_.notify_all();
-    }
-  }
-  std::mutex mu_;
-  std::condition_variable cv_;
-  std::deque<Job> queue_;
-  std::set<std::string> pending_;
-  bool stop_ = false;
-  std::thread thread_;
-};
-
-class Ticker {
- public:
-  Ticker(Engine& engine, const ServerOptions& opt) : engine_(engine), opt_(opt) {}
-  void request_join(JoinRequest r) {
-    {
-      std::lock_guard<std::mutex> g(mu_);
-      joins_.push_back(std::move(r));
-      kick_ = true;
-    }
-    cv_.notify_one();
-  }
-  void wake() {
-    {
-      std::lock_guard<std::mutex> g(mu_);
-      kick_ = true;
-    }
-    cv_.notify_one();
-  }
-  void stop() {
-    {
-      std::lock_guard<std::mutex> g(mu_);
-      stop_ = true;
-    }
-    cv_.notify_one();
-  }
-  void run();
-
- private:
-  void handle_join(JoinRequest& r);
-  void finish(Live& l, const char* why, bool close_client, const std::string& error);
-  void tick(std::vector<float>& pcm, std::vector<float>& reply, std::vector<uint8_t>& ready);
-  void status_line();
-  // A conversation's file: its id is 32 hex digits (checked when it comes from a client), so the
-  // name cannot leave the session directory.
-  std::string path_of(const std::string& id) const {
-    return (std::filesystem::path(opt_.session_dir) / (id + ".conversation")).string();
-  }
-
-  Engine& engine_;
-  const ServerOptions& opt_;
-  Saver saver_;
-  std::mutex mu_;
-  std::condition_variable cv_;
-  std::deque<JoinRequest> joins_;
-  bool kick_ = false, stop_ = false;
-  std::map<int64_t, Live> live_;  // by slot
-
-  // statistics since the last status line, and in total
-  std::vector<double> tick_ms_;
-  int64_t ticks_ = 0, late_ticks_ = 0, dropped_frames_ = 0, dropped_clients_ = 0, refused_ = 0;
-  Clock::time_point last_status_ = Clock::now();
-};
-
 // ---- a WebSocket conversation -------------------------------------------------------------------
 
 template <class Stream>  // beast::tcp_stream, or beast::ssl_stream<beast::tcp_stream> for TLS
 class WsConn final : public Conn, public std::enable_shared_from_this<WsConn<Stream>> {
  public:
-  WsConn(Stream&& s, Ticker& ticker, const ServerOptions& opt, std::atomic<int>& open)
-      : ws_(std::move(s)), ticker_(ticker), opt_(opt), open_(open) {
+  WsConn(Stream&& s, EnginePool& pool, const ServerOptions& opt, std::atomic<int>& open)
+      : ws_(std::move(s)), pool_(pool), opt_(opt), open_(open) {
     ++open_;
   }
   ~WsConn() { --open_; }
@@ -243,13 +65,20 @@ class WsConn final : public Conn, public std::enable_shared_from_this<WsConn<Str
     ws_.async_accept(req, beast::bind_front_handler(&WsConn::on_accept, this->shared_from_this()));
   }
 
-  // From the engine thread.
-  void joined(std::shared_ptr<Session> s, std::string metadata) override {
-    net::post(ws_.get_executor(), [self = this->shared_from_this(), s = std::move(s), m = std::move(metadata)]() mutable {
-      self->session_ = std::move(s);
-      self->send(message(Kind::metadata, m), 0);
-      self->do_read();
-    });
+  // From an engine thread.
+  void joined(std::shared_ptr<Session> s, std::string metadata, Ticker& engine) override {
+    net::post(ws_.get_executor(),
+              [self = this->shared_from_this(), s = std::move(s), m = std::move(metadata), t = &engine]() mutable {
+                self->session_ = std::move(s);
+                self->ticker_ = t;
+                if (self->closing_) {  // the client left while its join waited: end the conversation now
+                  self->session_->gone = true;
+                  t->wake();
+                  return;
+                }
+                self->send(message(Kind::metadata, m), 0);
+                self->do_read();
+              });
   }
   void drain() override {
     net::post(ws_.get_executor(), [self = this->shared_from_this()] { self->on_drain(); });
@@ -270,9 +99,9 @@ class WsConn final : public Conn, public std::enable_shared_from_this<WsConn<Str
       self->gone();
     });
   }
-  void close(std::string error, websocket::close_code code, std::string reason) override {
+  void close(std::string error, CloseCode code, std::string reason) override {
     net::post(ws_.get_executor(), [self = this->shared_from_this(), e = std::move(error), code, r = std::move(reason)] {
-      self->close_now(e, code, r);
+      self->close_now(e, websocket::close_code(uint16_t(code)), r);
     });
   }
 
@@ -286,7 +115,7 @@ class WsConn final : public Conn, public std::enable_shared_from_this<WsConn<Str
     if (ec) return;
     send(handshake_message(), 0);
     if (!refuse_.empty()) return close_now(refuse_, websocket::close_code::policy_error, "refused");
-    ticker_.request_join({this->shared_from_this(), params_});
+    pool_.request_join({this->shared_from_this(), params_});
   }
 
   void do_read() {
@@ -315,7 +144,7 @@ class WsConn final : public Conn, public std::enable_shared_from_this<WsConn<Str
       return close_now(e, websocket::close_code::policy_error, "protocol error");
     }
     for (const auto& e : r.errors) send(message(Kind::error, e), 0);
-    if (r.samples && session_->frame_ready()) ticker_.wake();
+    if (r.samples && session_->frame_ready()) ticker_->wake();
     if (session_->input_full()) {
       read_paused_ = true;  // the tick resumes us once it has taken frames
       session_->read_paused = true;
@@ -385,7 +214,7 @@ class WsConn final : public Conn, public std::enable_shared_from_this<WsConn<Str
 
   // The connection is over (closed by either side or failed): the engine saves and releases it.
   void gone() {
-    if (session_ && !session_->gone.exchange(true)) ticker_.wake();
+    if (session_ && !session_->gone.exchange(true)) ticker_->wake();
     if (!closing_) {
       closing_ = true;
       beast::error_code ec;
@@ -396,7 +225,8 @@ class WsConn final : public Conn, public std::enable_shared_from_this<WsConn<Str
   std::string id() const { return session_ ? session_->id : std::string("-"); }
 
   websocket::stream<Stream> ws_;
-  Ticker& ticker_;
+  EnginePool& pool_;
+  Ticker* ticker_ = nullptr;  // the engine holding the conversation, once joined
   const ServerOptions& opt_;
   std::atomic<int>& open_;
   beast::flat_buffer buf_;
@@ -409,212 +239,6 @@ class WsConn final : public Conn, public std::enable_shared_from_this<WsConn<Str
   std::string close_reason_;
 };
 
-// ---- the engine thread, continued ---------------------------------------------------------------
-
-void Ticker::handle_join(JoinRequest& r) {
-  auto refuse = [&](const std::string& e) {
-    ++refused_;
-    log("serve: refused a conversation: %s", e);
-    r.conn->close(e, websocket::close_code::try_again_later, "refused");
-  };
-  const ClientParams& p = r.params;
-  if (int64_t(live_.size()) >= std::min(opt_.max_sessions, engine_.slots()))
-    return refuse("server full: " + std::to_string(live_.size()) + " conversations are live (--max-sessions)");
-  std::string id;
-  int64_t slot = -1;
-  bool resumed = false;
-  if (!p.session_id.empty()) {
-    if (opt_.session_dir.empty()) return refuse("session_id: this server keeps no sessions (no --session-dir)");
-    for (const auto& [s, l] : live_)
-      if (l.id == p.session_id) return refuse("session_id " + p.session_id + " is live on another connection");
-    const std::string path = path_of(p.session_id);
-    saver_.wait_for(p.session_id);  // its file may still be being written
-    if (!std::filesystem::exists(path)) return refuse("unknown session_id " + p.session_id);
-    try {
-      slot = engine_.resume(path);
-    } catch (const std::exception& e) {
-      return refuse(std::string("cannot resume session ") + p.session_id + ": " + e.what());
-    }
-    id = p.session_id;
-    resumed = true;
-  } else {
-    try {
-      slot = engine_.join(p);
-    } catch (const std::exception& e) {
-      return refuse(std::string("cannot start a conversation: ") + e.what());
-    }
-    id = new_session_id();
-  }
-  if (slot < 0) return refuse("server full");
-  const int64_t frames = engine_.frames(slot);
-  const Json options = Json::parse(engine_.options_json(slot));
-  auto s = std::make_shared<Session>(engine_.sample_rate(), engine_.frame_size(), opt_.limits);
-  s->id = id;
-  Json md = options;
-  md["session_id"] = id;
-  md["resumed"] = resumed;
-  md["frame"] = frames;
-  md["session_saved"] = !opt_.session_dir.empty();
-  md["ignored_parameters"] = p.ignored;
-  md["lm_model_file"] = engine_.model_name();
-  md["instance_name"] = "ttt-moshi serve";
-  md["pad_mult"] = 0.0;
-  md["repetition_penalty_context"] = 0;
-  md["repetition_penalty"] = 1.0;
-  Live l;
-  l.session = s;
-  l.conn = r.conn;
-  l.id = id;
-  l.slot = slot;
-  live_[slot] = std::move(l);
-  std::fprintf(stderr, "serve: session %s %s in slot %lld at frame %lld (%zu live)\n", short_id(id).c_str(),
-               resumed ? "resumed" : "joined", (long long)slot, (long long)frames, live_.size());
-  r.conn->joined(s, md.dump());
-}
-
-void Ticker::finish(Live& l, const char* why, bool close_client, const std::string& error) {
-  const int64_t frames = engine_.frames(l.slot);
-  std::function<void()> write;
-  if (!opt_.session_dir.empty()) {
-    try {
-      write = engine_.snapshot(l.slot, path_of(l.id));
-    } catch (const std::exception& e) {
-      std::fprintf(stderr, "serve: session %s: saving failed: %s\n", short_id(l.id).c_str(), e.what());
-    }
-  }
-  engine_.leave(l.slot);
-  if (write) {
-    const std::string sid = short_id(l.id), reason = why;
-    saver_.push(l.id, std::move(write), [sid, reason, frames](bool ok, const std::string& e) {
-      if (ok)
-        std::fprintf(stderr, "serve: session %s ended (%s) at frame %lld, state saved\n", sid.c_str(), reason.c_str(),
-                     (long long)frames);
-      else
-        std::fprintf(stderr, "serve: session %s ended (%s) at frame %lld; saving failed: %s\n", sid.c_str(),
-                     reason.c_str(), (long long)frames, e.c_str());
-    });
-  } else {
-    std::fprintf(stderr, "serve: session %s ended (%s) at frame %lld\n", short_id(l.id).c_str(), why, (long long)frames);
-  }
-  if (close_client)
-    if (auto c = l.conn) {
-      if (l.session->queued_frames() > opt_.limits.max_queue_frames)
-        c->abort();
-      else
-        c->close(error, error.empty() ? websocket::close_code::going_away : websocket::close_code::policy_error, why);
-    }
-}
-
-void Ticker::tick(std::vector<float>& pcm, std::vector<float>& reply, std::vector<uint8_t>& ready) {
-  const int64_t fs = engine_.frame_size();
-  std::fill(ready.begin(), ready.end(), uint8_t(0));
-  int n = 0;
-  for (auto& [slot, l] : live_) {
-    if (l.session->take_frame(pcm.data() + slot * fs)) {
-      ready[size_t(slot)] = 1;
-      ++n;
-      if (l.session->read_paused.exchange(false))
-        if (auto c = l.conn) c->resume_read();
-    }
-  }
-  if (!n) return;
-  const auto t0 = Clock::now();
-  const auto outs = engine_.step(pcm.data(), ready, reply.data());
-  const double ms = std::chrono::duration<double, std::milli>(Clock::now() - t0).count();
-  tick_ms_.push_back(ms);
-  ++ticks_;
-  if (ms > opt_.tick_ms) ++late_ticks_;
-  for (auto& [slot, l] : live_) {
-    if (!ready[size_t(slot)]) continue;
-    OutFrame f;
-    const StepOut& o = outs[size_t(slot)];
-    if (o.has_audio) f.pcm.assign(reply.begin() + slot * fs, reply.begin() + (slot + 1) * fs);
-    if (o.text >= 0) f.text = engine_.text_piece(o.text);
-    l.session->push_out(std::move(f));
-    if (auto c = l.conn) c->drain();
-  }
-}
-
-void Ticker::status_line() {
-  std::vector<double> t = tick_ms_;
-  std::sort(t.begin(), t.end());
-  auto pct = [&](double q) { return t.empty() ? 0.0 : t[std::min(t.size() - 1, size_t(q * double(t.size())))]; };
-  std::fprintf(stderr,
-               "serve: status: %zu live, %lld ticks (%zu in the last window: p50 %.2f ms, p99 %.2f ms), %lld late "
-               "(> %.0f ms), %lld dropped frames, %lld clients dropped, %lld refused\n",
-               live_.size(), (long long)ticks_, t.size(), pct(0.5), pct(0.99), (long long)late_ticks_, opt_.tick_ms,
-               (long long)dropped_frames_, (long long)dropped_clients_, (long long)refused_);
-  tick_ms_.clear();
-  last_status_ = Clock::now();
-}
-
-void Ticker::run() {
-  const int64_t S = engine_.slots(), fs = engine_.frame_size();
-  std::vector<float> pcm(size_t(S * fs), 0.f), reply(size_t(S * fs), 0.f);
-  std::vector<uint8_t> ready(size_t(S), 0);
-  const auto period = std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double, std::milli>(opt_.tick_ms));
-  auto deadline = Clock::now();
-  for (;;) {
-    std::deque<JoinRequest> joins;
-    bool stopping;
-    {
-      std::unique_lock<std::mutex> lk(mu_);
-      const auto wake_at = std::min(deadline > Clock::now() ? deadline : Clock::now() + period,
-                                    Clock::now() + std::chrono::milliseconds(100));
-      cv_.wait_until(lk, wake_at, [&] { return kick_ || stop_; });
-      kick_ = false;
-      joins.swap(joins_);
-      stopping = stop_;
-    }
-    // Conversations whose connection ended, or that must be dropped.
-    for (auto it = live_.begin(); it != live_.end();) {
-      Live& l = it->second;
-      const char* why = nullptr;
-      std::string error;
-      bool close = false;
-      if (l.session->gone) {
-        why = "client disconnected";
-      } else if (l.session->queued_frames() > opt_.limits.max_queue_frames) {
-        why = "client too slow";
-        error = "dropped: " + std::to_string(l.session->queued_frames()) + " reply frames queued unsent (limit " +
-                std::to_string(opt_.limits.max_queue_frames) + ")";
-        dropped_frames_ += l.session->queued_frames();
-        ++dropped_clients_, close = true;
-      } else if (l.session->idle_seconds() > opt_.limits.idle_seconds) {
-        why = "client idle";
-        error = "dropped: no message for " + std::to_string(int(opt_.limits.idle_seconds)) + " s";
-        ++dropped_clients_, close = true;
-      }
-      if (!why) {
-        ++it;
-        continue;
-      }
-      finish(l, why, close, error);
-      it = live_.erase(it);
-    }
-    if (stopping) {
-      for (auto& [slot, l] : live_) finish(l, "server shutting down", true, "");
-      live_.clear();
-      for (auto& j : joins) j.conn->close("server shutting down", websocket::close_code::going_away, "shutdown");
-      saver_.drain_and_stop();  // every file in place before the process may exit
-      status_line();
-      return;
-    }
-    for (auto& j : joins) handle_join(j);
-    // Tick when every live conversation has its frame, or at the deadline with whatever is ready.
-    int n_ready = 0;
-    for (auto& [slot, l] : live_) n_ready += l.session->frame_ready() ? 1 : 0;
-    const auto now = Clock::now();
-    if (n_ready > 0 && (n_ready == int(live_.size()) || now >= deadline)) {
-      tick(pcm, reply, ready);
-      deadline = now + period;
-    }
-    if (opt_.status_seconds > 0 &&
-        std::chrono::duration<double>(Clock::now() - last_status_).count() >= opt_.status_seconds)
-      status_line();
-  }
-}
-
 // ---- HTTP: static files and the WebSocket upgrade -----------------------------------------------
 
 template <class Stream>  // beast::tcp_stream, or beast::ssl_stream<beast::tcp_stream> for TLS
@@ -622,8 +246,8 @@ class HttpConn : public std::enable_shared_from_this<HttpConn<Stream>> {
  public:
   static constexpr bool kTls = !std::is_same_v<Stream, beast::tcp_stream>;
   template <class... Ctx>  // the TLS context, for TLS
-  HttpConn(tcp::socket&& s, Ticker& ticker, const ServerOptions& opt, std::atomic<int>& open, Ctx&... ctx)
-      : stream_(std::move(s), ctx...), ticker_(ticker), opt_(opt), open_(open) {}
+  HttpConn(tcp::socket&& s, EnginePool& pool, const ServerOptions& opt, std::atomic<int>& open, Ctx&... ctx)
+      : stream_(std::move(s), ctx...), pool_(pool), opt_(opt), open_(open) {}
   void run() {
     if constexpr (kTls) {
       beast::get_lowest_layer(stream_).expires_after(std::chrono::seconds(30));
@@ -661,7 +285,7 @@ class HttpConn : public std::enable_shared_from_this<HttpConn<Stream>> {
         if (!same_token(given, opt_.auth_token)) refuse = "unauthorized: a valid auth_token is required";
       }
       beast::get_lowest_layer(stream_).expires_never();
-      std::make_shared<WsConn<Stream>>(std::move(stream_), ticker_, opt_, open_)
+      std::make_shared<WsConn<Stream>>(std::move(stream_), pool_, opt_, open_)
           ->start(std::move(req), std::move(p), std::move(refuse));
       return;
     }
@@ -717,7 +341,7 @@ class HttpConn : public std::enable_shared_from_this<HttpConn<Stream>> {
   }
 
   Stream stream_;
-  Ticker& ticker_;
+  EnginePool& pool_;
   const ServerOptions& opt_;
   std::atomic<int>& open_;
   beast::flat_buffer buf_;
@@ -726,8 +350,8 @@ class HttpConn : public std::enable_shared_from_this<HttpConn<Stream>> {
 
 class Listener : public std::enable_shared_from_this<Listener> {
  public:
-  Listener(net::io_context& ioc, tcp::endpoint ep, Ticker& ticker, const ServerOptions& opt, std::atomic<int>& open)
-      : ioc_(ioc), acceptor_(net::make_strand(ioc)), ticker_(ticker), opt_(opt), open_(open) {
+  Listener(net::io_context& ioc, tcp::endpoint ep, EnginePool& pool, const ServerOptions& opt, std::atomic<int>& open)
+      : ioc_(ioc), acceptor_(net::make_strand(ioc)), pool_(pool), opt_(opt), open_(open) {
     acceptor_.open(ep.protocol());
     acceptor_.set_option(net::socket_base::reuse_address(true));
     acceptor_.bind(ep);
@@ -750,14 +374,20 @@ class Listener : public std::enable_shared_from_this<Listener> {
     acceptor_.async_accept(net::make_strand(ioc_), [self = shared_from_this()](beast::error_code ec, tcp::socket s) {
       if (ec == net::error::operation_aborted || !self->acceptor_.is_open()) return;
       if (!ec) {
+        // --send-buffer: a small kernel send buffer makes a client that stops reading show up
+        // in its reply queue (and be dropped) after seconds, not after megabytes.
+        if (self->opt_.send_buffer > 0) {
+          beast::error_code sec;
+          s.set_option(net::socket_base::send_buffer_size(self->opt_.send_buffer), sec);
+        }
 #if TTT_SERVE_TLS
         if (self->tls_) {
-          std::make_shared<HttpConn<beast::ssl_stream<beast::tcp_stream>>>(std::move(s), self->ticker_, self->opt_,
+          std::make_shared<HttpConn<beast::ssl_stream<beast::tcp_stream>>>(std::move(s), self->pool_, self->opt_,
                                                                            self->open_, *self->tls_)
               ->run();
         } else
 #endif
-          std::make_shared<HttpConn<beast::tcp_stream>>(std::move(s), self->ticker_, self->opt_, self->open_)->run();
+          std::make_shared<HttpConn<beast::tcp_stream>>(std::move(s), self->pool_, self->opt_, self->open_)->run();
       }
       self->do_accept();
     });
@@ -765,7 +395,7 @@ class Listener : public std::enable_shared_from_this<Listener> {
 
   net::io_context& ioc_;
   tcp::acceptor acceptor_;
-  Ticker& ticker_;
+  EnginePool& pool_;
   const ServerOptions& opt_;
   std::atomic<int>& open_;
 #if TTT_SERVE_TLS
@@ -777,7 +407,7 @@ bool is_loopback(const net::ip::address& a) { return a.is_loopback(); }
 
 }  // namespace
 
-int run_server(Engine& engine, const ServerOptions& opt) {
+int run_server(const EngineFactory& make, const ServerOptions& opt) {
   const bool tls = !opt.ssl_cert.empty() || !opt.ssl_key.empty();
   if (tls && (opt.ssl_cert.empty() || opt.ssl_key.empty())) ttt::fail("TLS needs both --ssl-cert and --ssl-key");
 #if TTT_SERVE_TLS
@@ -812,12 +442,13 @@ int run_server(Engine& engine, const ServerOptions& opt) {
     if (!std::filesystem::is_directory(opt.session_dir)) ttt::fail("--session-dir ", opt.session_dir, ": not a directory");
   }
 
+  // Every engine built (and ticking) before the port opens; a failure stops the others.
+  EnginePool pool(make, opt);
   net::io_context ioc(opt.io_threads);
-  Ticker ticker(engine, opt);
   std::atomic<int> open{0};
   std::shared_ptr<Listener> listener;
   try {
-    listener = std::make_shared<Listener>(ioc, tcp::endpoint(addr, uint16_t(opt.port)), ticker, opt, open);
+    listener = std::make_shared<Listener>(ioc, tcp::endpoint(addr, uint16_t(opt.port)), pool, opt, open);
   } catch (const boost::system::system_error& e) {
     ttt::fail("cannot listen on ", opt.host, ":", opt.port, ": ", e.what());
   }
@@ -825,24 +456,27 @@ int run_server(Engine& engine, const ServerOptions& opt) {
   if (tls_ctx) listener->use_tls(tls_ctx);
 #endif
   listener->run();
-  std::fprintf(stderr, "serve: listening on %s://%s:%d (WebSocket /api/chat), %lld sessions at most%s%s\n",
-               tls ? "https" : "http", addr.to_string().c_str(), listener->port(), (long long)std::min(opt.max_sessions, engine.slots()),
-               opt.session_dir.empty() ? "" : ", sessions saved in ", opt.session_dir.c_str());
+  std::string engines;
+  if (pool.size() > 1) {
+    engines = " on " + std::to_string(pool.size()) + " engines (devices";
+    for (size_t i = 0; i < opt.devices.size(); ++i) engines += (i ? "," : " ") + std::to_string(opt.devices[i]);
+    engines += ")";
+  }
+  std::fprintf(stderr, "serve: listening on %s://%s:%d (WebSocket /api/chat), %lld sessions at most%s%s%s\n",
+               tls ? "https" : "http", addr.to_string().c_str(), listener->port(), (long long)pool.max_sessions(),
+               engines.c_str(), opt.session_dir.empty() ? "" : ", sessions saved in ", opt.session_dir.c_str());
   std::fflush(stderr);
 
-  std::thread engine_thread([&] { ticker.run(); });
-  std::atomic<bool> stop{false};
   net::signal_set signals(ioc, SIGINT, SIGTERM);
   signals.async_wait([&](beast::error_code e, int sig) {
     if (e) return;
     std::fprintf(stderr, "serve: %s: saving the live conversations and closing\n", sig == SIGTERM ? "SIGTERM" : "SIGINT");
     listener->stop();
-    ticker.stop();
-    stop = true;
+    pool.request_stop();
   });
   std::vector<std::thread> io;
   for (int i = 0; i < std::max(1, opt.io_threads); ++i) io.emplace_back([&] { ioc.run(); });
-  engine_thread.join();  // returns once stopped, every conversation saved and its close posted
+  pool.wait();  // returns once stopped, every conversation saved and its close posted
   // Let the closes go out (at most 3 s), then stop the I/O threads.
   const auto until = Clock::now() + std::chrono::seconds(3);
   while (open.load() > 0 && Clock::now() < until) std::this_thread::sleep_for(std::chrono::milliseconds(20));

@@ -1,10 +1,12 @@
 #pragma once
 // The network half of `ttt-moshi serve` (serve_server.cpp, Boost.Beast / Asio): the listener,
-// the WebSocket connections, static files, and the engine thread that ticks the conversation
-// batch. It sees the batch through `Engine` (virtual calls), so the Beast code is compiled once,
-// whatever the model's dtype and backend (serve.cpp adapts ttt::serve::ConversationBatch<T, B>).
+// the WebSocket connections, static files; and the engine threads that tick the conversation
+// batches (serve_engines.cpp), one per entry of --devices. It sees a batch through `Engine`
+// (virtual calls), so this code is compiled once, whatever the model's dtype and backend
+// (serve.cpp adapts ttt::serve::ConversationBatch<T, B>).
 #include <cstdint>
 #include <functional>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -17,7 +19,8 @@ struct StepOut {
   bool has_audio = false;  // the reply row holds a frame of audio
 };
 
-// The conversation batch, as the server uses it. Called from the engine thread only.
+// The conversation batch, as the server uses it. Built, called and destroyed on its engine
+// thread only.
 class Engine {
  public:
   virtual ~Engine() = default;
@@ -41,11 +44,18 @@ class Engine {
   virtual std::string model_name() const = 0;
 };
 
+// Builds the engine of one entry of --devices, on the thread that will tick it: selects the
+// device (CUDA: before anything is allocated), then loads the models there.
+using EngineFactory = std::function<std::unique_ptr<Engine>(int device)>;
+
 struct ServerOptions {
   std::string host = "127.0.0.1";
   int port = 8998;
-  int64_t max_sessions = 4;
+  int64_t max_sessions = 4;  // per engine
+  std::vector<int> devices = {0};  // one engine (thread, model copy, batch) per entry
   std::string session_dir;  // empty: conversations are not saved
+  double save_every = 30.0;  // seconds between periodic saves of a live conversation (0: none)
+  int send_buffer = 0;       // SO_SNDBUF of a conversation's socket in bytes (0: the system's)
   std::string auth_token;   // empty: none required (only allowed on loopback)
   std::string static_dir;   // GET / and other non-/api paths
   std::string ssl_cert, ssl_key;
@@ -55,8 +65,9 @@ struct ServerOptions {
   int io_threads = 2;
 };
 
-// Serves until SIGINT / SIGTERM; then saves every live conversation (with a session dir), closes
-// the clients and returns 0.
-int run_server(Engine& engine, const ServerOptions& opt);
+// Builds the engines (make, once per entry of opt.devices, each on its engine thread), then
+// serves until SIGINT / SIGTERM; then saves every live conversation (with a session dir),
+// closes the clients and returns 0.
+int run_server(const EngineFactory& make, const ServerOptions& opt);
 
 }  // namespace ttt_moshi::serve

@@ -53,6 +53,7 @@ class Result:
         self.errors = []         # kind-5 texts
         self.pcm = np.zeros(0, dtype=np.float32)  # the reply, decoded by sphn
         self.audio_messages = 0
+        self.audio_at = []       # arrival of each audio message, seconds after connecting
         self.close_code = None   # the WebSocket close code the server sent
         self.frames_sent = 0
         self.seconds = 0.0
@@ -63,14 +64,15 @@ class Result:
 
 
 async def converse(url, pcm, *, params=None, realtime=False, frames=None, quiet_s=1.5, timeout_s=60.0,
-                   before_send=None, raw_messages=(), ssl=None):
+                   before_send=None, raw_messages=(), ssl=None, hold=None):
     """Streams `pcm` (float32, 24 kHz) to url (ws://host:port/api/chat) with query `params`.
 
     frames: send only this many 80 ms frames (the rest of pcm is ignored); the last partial
     frame is padded with zeros. After sending, waits until the server has been quiet for
     quiet_s, then closes. raw_messages: bytes (or str, sent as a text frame) sent before the
     audio, to test the server's checks. before_send: an async callback(ws, result) run once the
-    metadata has arrived.
+    metadata has arrived. hold: an asyncio.Event; once the replies are quiet the connection (and
+    so the conversation) stays open until it is set.
     """
     r = Result()
     q = "&".join(f"{k}={v}" for k, v in (params or {}).items())
@@ -101,6 +103,7 @@ async def converse(url, pcm, *, params=None, realtime=False, frames=None, quiet_
                         r.handshake = bytes(data)
                     elif kind == 1:
                         r.audio_messages += 1
+                        r.audio_at.append(time.monotonic() - t0)
                         out = reader.append_bytes(data[1:])
                         if out is not None and len(out):
                             pcm_parts.append(np.asarray(out, dtype=np.float32).reshape(-1))
@@ -142,6 +145,11 @@ async def converse(url, pcm, *, params=None, realtime=False, frames=None, quiet_
                         if time.monotonic() - t0 > timeout_s:
                             raise TimeoutError(f"no end of the reply within {timeout_s} s")
                         await asyncio.sleep(0.05)
+                    if hold is not None:
+                        waits = [asyncio.ensure_future(hold.wait()), asyncio.ensure_future(closed.wait())]
+                        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+                        for w in waits:
+                            w.cancel()
                 else:
                     await asyncio.wait_for(closed.wait(), timeout_s)
             finally:
