@@ -24,6 +24,7 @@
 
 #include "bundled_configs.hpp"
 #include "serve_server.hpp"
+#include "ttt/io/opus_stream.hpp"
 #include "ttt/serve/conversation_batch.hpp"
 #if TTT_HAVE_SENTENCEPIECE
 #include <sentencepiece_processor.h>
