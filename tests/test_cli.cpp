@@ -1,8 +1,10 @@
 // The command-line tools end to end: `ttt-moshi forward/generate/info` on the fixtures,
-// live text through a SentencePiece model trained here, and error exits.
+// live text through a SentencePiece model trained here, error exits, and the consistency of
+// `bench --max-streams`.
 #include <cmath>
 #include <cstdio>
 #include <fstream>
+#include <map>
 #include <sstream>
 
 #include "catch.hpp"
@@ -92,6 +94,70 @@ TEST_CASE("ttt-moshi errors exit non-zero with one clear message and no output f
     REQUIRE(r.code != 0);
     REQUIRE(r.err.find(b.needle) != std::string::npos);
     REQUIRE_FALSE(file_exists(out));
+  }
+}
+
+// bench --max-streams on the CPU (small config, full 3000-frame context): the limit is set
+// from a first run's batch-1 frame so that the search grows past 1 and has to stop; whatever
+// the host's speed, the answer must agree with the batches it tried: the reported batch fit
+// and met the limit, the next one (always tried: the bisection ends on adjacent batches) did
+// not fit or missed it, and every tried batch is on the side of the answer it belongs to.
+TEST_CASE("ttt-moshi bench --max-streams gives an answer consistent with what it measured", "[cli][streams]") {
+  struct Tried {
+    bool fits = false;
+    double p50 = 0;
+  };
+  struct Search {
+    std::map<long long, Tried> tried;
+    long long streams = -1, next = -1;
+    std::string next_state;
+    size_t tries = 0;
+  };
+  auto search = [&](const std::string& args) {
+    const auto r = run_tool("ttt-moshi bench --config " + test_data("../../examples/configs/small.json") +
+                            " --backend cpu --max-streams --frames 5 --warmup 1 " + args);
+    INFO(args << "\nstdout: " << r.out << "\nstderr: " << r.err);
+    REQUIRE(r.code == 0);
+    Search s;
+    std::istringstream lines(r.out);
+    for (std::string line; std::getline(lines, line);) {
+      long long b = 0;
+      double p50 = 0;
+      char state[32] = {0};
+      if (std::sscanf(line.c_str(), "max-streams try: batch %lld: p50 %lf ms", &b, &p50) == 2) {
+        REQUIRE(s.tried.count(b) == 0);  // never the same batch twice
+        s.tried[b] = {true, p50};
+      } else if (std::sscanf(line.c_str(), "max-streams try: batch %lld: does not fit", &b) == 1) {
+        s.tried[b] = {false, 0};
+      } else if (std::sscanf(line.c_str(), "max-streams result: label=%*s backend=cpu dtype=f32 streams=%lld p50=%*f "
+                                           "p99=%*f gib=%*f limit=%*f next=%lld next_state=%31s tries=%zu",
+                             &s.streams, &s.next, state, &s.tries) == 4) {
+        s.next_state = state;
+      }
+    }
+    REQUIRE(s.streams >= 0);
+    REQUIRE(s.tries == s.tried.size());
+    if (s.streams > 0) REQUIRE(r.out.find("floor at batch " + std::to_string(s.streams) + ":") != std::string::npos);
+    return s;
+  };
+  const Search one = search("--max-batch-cap 1 --stream-limit-ms 100000");
+  REQUIRE(one.streams == 1);
+  REQUIRE(one.next_state == "cap");
+  const double limit = 2.5 * one.tried.at(1).p50;
+  const Search s = search("--max-batch-cap 64 --stream-limit-ms " + std::to_string(limit));
+  std::printf("[cli] bench --max-streams on the CPU: batch 1 %.2f ms, limit %.2f ms: %lld streams, next %lld (%s), "
+              "%zu tries\n", one.tried.at(1).p50, limit, s.streams, s.next, s.next_state.c_str(), s.tries);
+  auto good = [&](const Tried& t) { return t.fits && t.p50 <= limit * (1 + 1e-6); };
+  for (const auto& [b, t] : s.tried) {
+    INFO("batch " << b << " p50 " << t.p50 << " fits " << t.fits);
+    REQUIRE(good(t) == (b <= s.streams));
+  }
+  if (s.next_state == "cap") {
+    REQUIRE(s.streams == 64);
+  } else {
+    REQUIRE(s.next == s.streams + 1);
+    REQUIRE(s.tried.count(s.next) == 1);
+    REQUIRE(s.next_state == (s.tried.at(s.next).fits ? "too-slow" : "does-not-fit"));
   }
 }
 

@@ -1,31 +1,19 @@
 // ttt-moshi bench: frame time (CUDA events on CUDA) against the memory-bandwidth floor, on
-// random weights made on the device.
+// random weights made on the device; with --max-streams, the most conversations that stay real
+// time at full context (bench_streams.hpp).
 #include <algorithm>
 #include <chrono>
 #include <optional>
 #include <type_traits>
 #include <vector>
 
+#include "bench_streams.hpp"
 #include "commands.hpp"
 #include "common.hpp"
 #include "ttt/core/worker.hpp"
 
 namespace ttt_moshi {
 namespace {
-
-// Bytes of every weight a frame reads: the layers (norms included, negligible) and the
-// heads; embedding tables only give one row per token. With quantised linear weights
-// (--dtype fp8 / int8) a parameter is one byte: exact for the linear weights (their per-row
-// scales add 4 bytes per row, < 0.1%), a slight undercount for norms and TTT weights, which
-// stay bf16 (< 0.01% of plain Moshi's parameters).
-template <class M>
-double frame_weight_bytes(const M& m, size_t elem, WeightFormat f) {
-  double n = double(m.text_linear.numel()) + double(M::TemporalT::num_params(m.transformer)) +
-             double(M::DepformerT::num_params(m.depformer));
-  for (auto& w : m.depformer_in) n += double(w.numel());
-  for (auto& w : m.linears) n += double(w.numel());
-  return n * double(f == WeightFormat::dense ? elem : 1);
-}
 
 template <class T, class B>
 struct Bench {
@@ -38,6 +26,7 @@ struct Bench {
     else fail("--preset must be 7b (or pass --config), got '", preset, "'");
     io::WeightSource ws = load_weights(c, cfg);
     auto model = build_model<T, B>(c, cfg, ws);
+    if (r.count("max-streams")) return max_streams<T, B>(c, r, cfg, model, c.config.empty() ? preset : c.config);
     const int64_t batch = r["batch"].as<int64_t>();
     const int frames = r["frames"].as<int>(), warmup = r["warmup"].as<int>();
     if (batch <= 0 || frames <= 0 || warmup < 0) fail("--batch and --frames must be positive");
@@ -170,7 +159,15 @@ int cmd_bench(int argc, char** argv) {
       "no-graph", "run frames eagerly (no CUDA graph)")(
       "anchor-ms", "reference ms/frame to compare with", cxxopts::value<double>())(
       "mimi", "also time whole conversation frames: Mimi encode + LM + Mimi decode")(
-      "mimi-config", "Mimi config for --mimi (default: Kyutai's Mimi)", cxxopts::value<std::string>());
+      "mimi-config", "Mimi config for --mimi (default: Kyutai's Mimi)", cxxopts::value<std::string>())(
+      "max-streams", "find the largest batch whose frame stays <= --stream-limit-ms with every KV ring full (the "
+      "config's context) and that fits in memory: batches double, then bisect (20 timed frames and 3 warm-up each "
+      "unless --frames / --warmup)")(
+      "stream-limit-ms", "--max-streams: the real-time budget per frame (median)",
+      cxxopts::value<double>()->default_value("80"))(
+      "max-batch-cap", "--max-streams: the largest batch tried", cxxopts::value<int64_t>()->default_value("4096"))(
+      "context-frames", "--max-streams: frames of context to fill (default: the config's context)",
+      cxxopts::value<int64_t>());
   auto r = parse_options(o, argc, argv);
   if (!r) return 0;
   return dispatch<Bench>(read_common(*r), *r);
