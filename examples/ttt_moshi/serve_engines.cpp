@@ -256,7 +256,9 @@ void Ticker::drop_ended() {
       ++dropped_clients_, close = true;
     } else if (l.session->idle_seconds() > opt_.limits.idle_seconds) {
       why = "client idle";
-      error = "dropped: no message for " + std::to_string(int(opt_.limits.idle_seconds)) + " s";
+      char secs[32];
+      std::snprintf(secs, sizeof secs, "%g", opt_.limits.idle_seconds);
+      error = std::string("dropped: no message for ") + secs + " s";
       ++dropped_clients_, close = true;
     }
     if (!why) {

@@ -7,6 +7,7 @@
 // Threads: ingest() and encode_out() run on the connection's strand only (they own the Opus
 // reader and writer); take_frame() and push_out() run on the engine thread; the buffers between
 // them are under `mu`. Nothing here blocks on I/O.
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <cmath>
@@ -121,6 +122,7 @@ class Session {
     if (int64_t(in_.size() - head_) < frame_) return false;
     std::copy(in_.begin() + std::ptrdiff_t(head_), in_.begin() + std::ptrdiff_t(head_ + size_t(frame_)), dst);
     head_ += size_t(frame_);
+    last_take_ = std::chrono::steady_clock::now();
     if (head_ > in_.size() / 2) {  // compact: amortised O(1) per sample
       in_.erase(in_.begin(), in_.begin() + std::ptrdiff_t(head_));
       head_ = 0;
@@ -140,9 +142,16 @@ class Session {
   }
   // Reply frames handed to the connection and not yet written to its socket.
   int64_t queued_frames() const { return queued_.load(); }
+  // Seconds the client has been idle: since its last message or the tick's last frame of it,
+  // whichever is later, and 0 while the server still holds a whole frame of its audio or has
+  // stopped reading its socket (back-pressure). A client that sent its audio faster than the
+  // tick steps it is waiting for the server, not idle (a slow server, e.g. under a sanitizer,
+  // dropped such clients mid-reply). A partial frame left over does not count: only more audio
+  // from the client can complete it.
   double idle_seconds() const {
     std::lock_guard<std::mutex> g(mu_);
-    return std::chrono::duration<double>(std::chrono::steady_clock::now() - last_recv_).count();
+    if (int64_t(in_.size() - head_) >= frame_ || read_paused) return 0.0;
+    return std::chrono::duration<double>(std::chrono::steady_clock::now() - std::max(last_recv_, last_take_)).count();
   }
 
   int64_t frame_size() const { return frame_; }
@@ -179,7 +188,7 @@ class Session {
   std::vector<float> in_;  // decoded user audio; [head_, size) not taken yet
   size_t head_ = 0;
   std::deque<OutFrame> out_;
-  std::chrono::steady_clock::time_point last_recv_;
+  std::chrono::steady_clock::time_point last_recv_, last_take_;
   std::atomic<int64_t> queued_{0};
 };
 

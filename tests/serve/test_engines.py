@@ -16,6 +16,10 @@ and batch (docs/serving.md, "Several engines"). Checked:
              against --send-buffer 4096 --max-queue-frames 10: it is dropped ("client too slow")
              with its state saved, and resumes; a normal real-time conversation beside it gets
              every reply frame, bitwise the same as alone, with no gap over 1.5 s between replies
+  idle       --idle-timeout 0.3 and a client that sends its whole WAV at once (faster than the tick
+             steps it; the server holds the rest of it, reading paused): it gets its whole reply
+             (the idle clock waits while the server holds a frame of its audio) and is dropped
+             0.3 s after its last frame was stepped, its state saved at its last frame
 
   test_engines.py --bin BUILD/bin/ttt-moshi --wav examples/audio/user.wav --config examples/configs/small.json
       [--devices 0,0 --serve-args="--backend cuda"]   (tools/gpu_check.sh serve-devices: one GPU, two engines)
@@ -288,12 +292,30 @@ async def scenario_slow(binary, pcm, delay, sessions):
     check(rc == 0, f"slow-client server exits 0 (rc {rc})")
 
 
+async def scenario_idle(binary, pcm, delay, sessions):
+    srv = server(binary, "--session-dir", sessions, "--idle-timeout", "0.3", "--save-every", "0", name="idle")
+    try:
+        ref = await converse(srv.url, pcm, params={"seed": 51}, quiet_s=3)
+        n = frames_of(pcm)
+        sid = (ref.metadata or {}).get("session_id", "")
+        check(len(ref.pcm) == (n - delay) * FRAME,
+              f"a client sending faster than the tick gets its whole reply before any idle drop: "
+              f"{len(ref.pcm) // FRAME} reply frames for {n} sent ({ref.summary()})")
+        check(ref.errors == ["dropped: no message for 0.3 s"] and ref.close_code == 1008 and
+              await srv.wait_log(f"session {sid[:8]} ended (client idle) at frame {n}, state saved"),
+              f"then dropped as idle, saved at its last frame {n} ({ref.errors}, close {ref.close_code})")
+    finally:
+        rc = srv.stop()
+    check(rc == 0, f"idle server exits 0 (rc {rc})")
+
+
 async def run(args):
     pcm = read_wav(args.wav)
     delay = max(json.load(open(args.config))["delays"])
     t0 = time.monotonic()
     with tempfile.TemporaryDirectory() as tmp:
-        for name, fn in (("engines", scenario_engines), ("periodic", scenario_periodic), ("slow", scenario_slow)):
+        for name, fn in (("engines", scenario_engines), ("periodic", scenario_periodic), ("slow", scenario_slow),
+                         ("idle", scenario_idle)):
             if args.only and name not in args.only:
                 continue
             s = time.monotonic()
@@ -314,7 +336,7 @@ def main():
     ap.add_argument("--bin", required=True)
     ap.add_argument("--wav", required=True)
     ap.add_argument("--config", required=True, help="the LM config the server uses (for its codebook delays)")
-    ap.add_argument("--only", nargs="*", help="engines, periodic, slow (default: all)")
+    ap.add_argument("--only", nargs="*", help="engines, periodic, slow, idle (default: all)")
     ap.add_argument("--devices", default="0,1", help="--devices of the two-engine server")
     ap.add_argument("--serve-args", default="", help="more arguments for every server, e.g. '--backend cuda'")
     args = ap.parse_args()

@@ -226,7 +226,8 @@ async def scenario_main(srv, pcm, delay, oversize):
     for what, ok, r in results:
         check(ok, what + ("" if r is None else f" ({r.errors[:2]}, close {r.close_code})"))
     check(good.text == ref.text and np.array_equal(good.pcm, ref.pcm),
-          "the conversation beside all the faults = the same conversation alone (bitwise)")
+          f"the conversation beside all the faults = the same conversation alone (bitwise; {good.summary()}, "
+          f"{good.errors[:2]}, text {'equal' if good.text == ref.text else 'differs'})")
 
     # --- static files -----------------------------------------------------------------------------
     st, ct, body = await http_get(srv.port, "/")
