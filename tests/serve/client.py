@@ -63,6 +63,23 @@ class Result:
                 f"{len(self.text)} text, {len(self.errors)} errors, close {self.close_code}")
 
 
+def same_reply(a, b, min_snr_db=40.0):
+    """Whether reply a is reply b, and how: (ok, words). The engine guarantees a conversation's
+    tokens do not depend on who shares its batch, but not its pcm bit for bit: Mimi's convolution
+    GEMMs sum in a batch-shape-dependent order (within ~1e-6 of the peak, docs/conversation_batch.md),
+    and Opus may code such a difference differently. So: text equal, same length, and the audio
+    bitwise or within min_snr_db (a flipped audio token would cost a whole frame, far below it)."""
+    if a.text != b.text:
+        return False, "text differs"
+    if len(a.pcm) != len(b.pcm) or len(b.pcm) == 0:
+        return False, f"audio length {len(a.pcm)} vs {len(b.pcm)}"
+    if np.array_equal(a.pcm, b.pcm):
+        return True, "bitwise"
+    err = float(np.sum((a.pcm.astype(np.float64) - b.pcm) ** 2))
+    snr = 10 * np.log10(float(np.sum(b.pcm.astype(np.float64) ** 2)) / max(err, 1e-300))
+    return snr >= min_snr_db, f"text equal, audio SNR {snr:.1f} dB"
+
+
 async def converse(url, pcm, *, params=None, realtime=False, frames=None, quiet_s=1.5, timeout_s=60.0,
                    before_send=None, raw_messages=(), ssl=None, hold=None):
     """Streams `pcm` (float32, 24 kHz) to url (ws://host:port/api/chat) with query `params`.
