@@ -7,10 +7,12 @@ against PyTorch (docs/training.md, "The proof: recall beyond the ring"):
   2. a long stream through `ttt-moshi generate --greedy` (the engine's streaming LmGen, one frame a
      step, its own text / audio fed back, the user stream from --user-codes): recall accuracy by
      distance, by position in the stream, and false answers (a codeword where PAD was due);
-  3. the same stream's first --prefix frames teacher-forced in PyTorch with the engine's own outputs
-     as the model streams: PyTorch's argmax must be the engine's token at every frame.
+  3. with --whole: the same streams teacher-forced in PyTorch (moshi's attention computed over each
+     frame's window: ttt_torch.recall.use_windowed_attention, so an hour fits) with the engine's own
+     outputs as the model streams: PyTorch's argmax must be the engine's token at every frame; and
+     `ttt-moshi forward` (teacher-forced) on stream 0 against PyTorch's logits over the whole stream.
 
-  recall_engine.py --run runs/ttt --ttt-moshi build/bin/ttt-moshi [--frames 45000] [--dmax 4096]
+  recall_engine.py --run runs/ttt --ttt-moshi build/bin/ttt-moshi [--frames 45000] [--streams 4] [--whole]
 """
 import argparse
 import json
@@ -104,7 +106,8 @@ def main():
     p.add_argument("--dmin", type=int, default=1)
     p.add_argument("--dmax", type=int, default=4096)
     p.add_argument("--check-frames", type=int, default=256, help="stream length of the logits check (B 2)")
-    p.add_argument("--prefix", type=int, default=2048, help="frames of the long stream re-run in PyTorch")
+    p.add_argument("--whole", action="store_true",
+                   help="3.: the whole stream in PyTorch (windowed attention) and `ttt-moshi forward` (slow)")
     p.add_argument("--segments", type=int, default=9, help="report accuracy over this many parts of the stream")
     p.add_argument("--seed", type=int, default=2)
     p.add_argument("--threads", type=int, default=1)
@@ -160,16 +163,31 @@ def main():
                    within_ring=float(ok[dist <= rf].mean()), beyond_ring=float(beyond.mean()),
                    false_answers=false_answers, table=rows, segments=seg)
 
-        P = min(a.prefix, a.frames)
-        if P > 0:
-            codes = torch.cat([tokens[:, :, :P], user[:, None, :P]], dim=1)
-            with torch.no_grad():
-                out = lm(codes)
-            same_text = (out.text_logits[:, 0].argmax(-1) == tokens[:, 0, :P]).float().mean().item()
-            same_audio = (out.logits.argmax(-1) == tokens[:, 1:, :P]).float().mean().item()
-            print(f"3. PyTorch teacher-forced on the engine's first {P} frames: argmax equals the engine's token at "
-                  f"{same_text:.4f} of text frames, {same_audio:.4f} of audio tokens", flush=True)
-            res.update(prefix=P, prefix_text_agree=same_text, prefix_audio_agree=same_audio)
+        if a.whole:
+            # The engine's own tokens as the model streams: PyTorch sees what the engine saw at every frame.
+            recall.use_windowed_attention(lm)
+            t0 = time.time()
+            same_text = same_audio = 0.0
+            for b in range(a.streams):
+                codes = torch.cat([tokens[b:b + 1], user[b:b + 1, None]], dim=1)
+                with torch.no_grad():
+                    out = lm(codes)
+                same_text += (out.text_logits[0, 0].argmax(-1) == tokens[b, 0]).float().mean().item() / a.streams
+                same_audio += (out.logits[0].argmax(-1) == tokens[b, 1:]).float().mean().item() / a.streams
+                if b == 0:
+                    cp, fp = os.path.join(tmp, "codes0.safetensors"), os.path.join(tmp, "fwd0.safetensors")
+                    write_safetensors(cp, {"codes": codes})
+                    run([a.ttt_moshi, "forward", "--config", config, "--weights", weights, "--codes", cp, "--out", fp])
+                    eng = read_safetensors(fp)
+                    m = out.mask
+                    hd = (eng["logits"][m] - out.logits[m]).abs().max().item()
+                    htd = (eng["text_logits"] - out.text_logits).abs().max().item()
+            print(f"3. PyTorch teacher-forced on the whole stream with the engine's tokens ({time.time() - t0:.0f} s): "
+                  f"its argmax is the engine's token at {same_text:.5f} of text frames, {same_audio:.5f} of audio "
+                  f"tokens; `ttt-moshi forward` on stream 0 ({a.frames} frames) vs PyTorch: max |logits diff| "
+                  f"{hd:.2e}, text {htd:.2e}", flush=True)
+            res.update(whole_text_agree=same_text, whole_audio_agree=same_audio, whole_logits_diff=hd,
+                       whole_text_logits_diff=htd)
     if a.json:
         with open(a.json, "w") as f:
             json.dump(res, f, indent=1)

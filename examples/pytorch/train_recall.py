@@ -5,6 +5,7 @@ against distance (docs/training.md, "The proof: recall beyond the ring").
 
   train_recall.py train --design replace --out runs/ttt          # TTT model
   train_recall.py train --design none --out runs/control         # the control: same steps, seed, optimiser
+  train_recall.py train ... --init runs/ttt --window --seq 32768 --batch 1 --out runs/ttt2   # a second stage
   train_recall.py eval --run runs/ttt [--run runs/control]       # recall table, PyTorch, fresh streams
   train_recall.py table --run runs/ttt --run runs/control        # the saved tables side by side
 
@@ -13,7 +14,10 @@ names `ttt-moshi` loads), ckpt.pt (model + optimiser + step, every --ckpt-every 
 from it), log.tsv (step, loss, answer loss, answer accuracy short / long, seconds) and, after eval,
 recall.json. Seeded: the model's initial weights from --seed (moshi's weights are drawn before the TTT
 module's, so TTT model and control start from the same moshi weights), the batch of step i from
-(--seed, i), so a resumed run sees the batches it would have seen.
+(--seed, i) ((--seed, i, --seq) in a run started from --init), so a resumed run sees the batches it
+would have seen. --window computes moshi's attention over each frame's window of `context` keys
+(ttt_torch.recall.use_windowed_attention), which makes sequences of tens of thousands of frames fit.
+The exact commands of the shipped models: docs/training.md, "The proof: recall beyond the ring".
 """
 import argparse
 import json
@@ -67,9 +71,23 @@ def cmd_train(a):
         json.dump(cfg, f, indent=2)
     torch.manual_seed(a.seed)
     lm = build_lm(cfg)
+    if a.lr_gate_bias is not None:  # start the TTT's learnable lr gate σ(u·w + β) nearly closed: β = this
+        with torch.no_grad():
+            for n, p in lm.named_parameters():
+                if n.endswith("learnable_ttt_lr_bias"):
+                    p.fill_(a.lr_gate_bias)
     opt = torch.optim.AdamW(lm.parameters(), lr=a.lr, betas=(0.9, 0.95), weight_decay=a.weight_decay)
+    if a.window:
+        recall.use_windowed_attention(lm)
     step = 0
     ck = out / "ckpt.pt"
+    if a.init and not ck.exists():  # a second stage: the weights of an earlier run, a fresh optimiser
+        src = pathlib.Path(a.init)
+        with open(src / "config.json") as f:
+            if json.load(f) != cfg:
+                raise SystemExit(f"--init {src}: its config.json differs from this run's model")
+        lm.load_state_dict(torch.load(src / "ckpt.pt", weights_only=False)["model"])
+        print(f"weights from {src}/ckpt.pt", flush=True)
     if ck.exists():
         s = torch.load(ck, weights_only=False)
         lm.load_state_dict(s["model"])
@@ -89,7 +107,9 @@ def cmd_train(a):
     t_start = time.time()
     window = []
     while step < a.steps:
-        rng = np.random.default_rng([a.seed, step])
+        # The batch of step i: from (seed, i), or (seed, i, seq) in a run started from --init, so a
+        # second stage does not replay the first stage's streams.
+        rng = np.random.default_rng([a.seed, step] + ([a.seq] if a.init else []))
         codes, queries = recall.make_codes(rng, a.batch, a.seq, a.dmin, a.dmax)
         for g in opt.param_groups:
             g["lr"] = lr_at(step, a.steps, a.lr, a.warmup)
@@ -155,6 +175,8 @@ def cmd_eval(a):
     tables, names, rf = [], [], None
     for run in a.run:
         cfg, lm = load_run(run)
+        if a.window:
+            recall.use_windowed_attention(lm)
         rf = recall.receptive_field(cfg)
         t0 = time.time()
         d, ok = evaluate(lm, cfg, a.seed, a.streams, a.seq, a.dmin, a.dmax or a.seq - 8, a.chunk)
@@ -199,6 +221,8 @@ def main():
     t.add_argument("--mini-batch", type=int, default=16)
     t.add_argument("--base-lr", type=float, default=None)
     t.add_argument("--rope-theta", type=float, default=None)
+    t.add_argument("--lr-gate-bias", type=float, default=None,
+                   help="initial learnable_ttt_lr_bias (default 0: the gate starts half open)")
     t.add_argument("--steps", type=int, default=1000)
     t.add_argument("--batch", type=int, default=16)
     t.add_argument("--seq", type=int, default=512)
@@ -211,6 +235,9 @@ def main():
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--log-every", type=int, default=10)
     t.add_argument("--ckpt-every", type=int, default=50)
+    t.add_argument("--window", action="store_true",
+                   help="attention over each frame's window of `context` keys (O(T context); same math as moshi's)")
+    t.add_argument("--init", help="start from this run's weights (ckpt.pt; same model): a second stage")
     t.add_argument("--out", required=True)
     e = sub.add_parser("eval")
     e.add_argument("--run", action="append", required=True)
@@ -220,6 +247,7 @@ def main():
     e.add_argument("--dmin", type=int, default=1)
     e.add_argument("--dmax", type=int, default=None)
     e.add_argument("--seed", type=int, default=1)
+    e.add_argument("--window", action="store_true", help="windowed attention (long --seq)")
     tb = sub.add_parser("table")
     tb.add_argument("--run", action="append", required=True)
     a = p.parse_args()

@@ -154,3 +154,42 @@ def answers_correct(text_logits, codes, queries):
     """Per query: does the argmax of the text logits at its answer frame equal the codeword?"""
     b, t = queries[:, 0], queries[:, 1]
     return (text_logits[b, 0, t].argmax(-1) == codes[b, 0, t]).numpy()
+
+
+def _windowed_attention(self, query, key, value):
+    """moshi's StreamingMultiheadAttention.forward for a whole sequence from frame 0 (no streaming
+    state, causal, kv_repeat 1), computed over each query's window of `context` keys instead of a
+    [T, T] masked matrix: the same numbers up to summation order, in O(T context) time and memory,
+    so sequences of tens of thousands of frames fit in training and evaluation."""
+    import torch
+    import torch.nn.functional as F
+    from moshi.modules.transformer import apply_weights_per_step
+    if self._streaming_state is not None or self.cross_attention or not self.causal or self.kv_repeat != 1:
+        raise RuntimeError("windowed attention: only the non-streaming causal self-attention (kv_repeat 1)")
+    B, T = query.shape[:2]
+    H, c = self.num_heads, self.context
+    proj = apply_weights_per_step(self.in_projs, self.weights_per_step_schedule, query, 0)
+    q, k, v = proj.view(B, T, 3, H, -1).permute(2, 0, 3, 1, 4)  # each [B, H, T, hd]
+    if self.rope:
+        q, k = self.rope(q, k, torch.zeros(B, device=q.device, dtype=torch.long), time_before_heads=False)
+    kw = F.pad(k, (0, 0, c - 1, 0)).unfold(2, c, 1)  # [B, H, T, hd, c]: keys t - c + 1 .. t
+    vw = F.pad(v, (0, 0, c - 1, 0)).unfold(2, c, 1)
+    logits = torch.einsum("bhtd,bhtdc->bhtc", q, kw) / math.sqrt(q.shape[-1])
+    valid = torch.arange(T, device=q.device).view(-1, 1) + torch.arange(c, device=q.device).view(1, -1) >= c - 1
+    logits = logits.masked_fill(~valid, float("-inf"))
+    x = torch.einsum("bhtc,bhtdc->bhtd", torch.softmax(logits, dim=-1), vw)
+    x = x.transpose(1, 2).reshape(B, T, -1)
+    return apply_weights_per_step(self.out_projs, self.weights_per_step_schedule, x, 0)
+
+
+def use_windowed_attention(lm):
+    """Switches every temporal layer's attention of lm to _windowed_attention (the depformer, whose
+    sequences are dep_q steps long, keeps moshi's). Returns how many layers were switched."""
+    import types
+    n = 0
+    for layer in lm.transformer.layers:
+        sa = getattr(layer, "self_attn", None)
+        if sa is not None and sa.context is not None:
+            sa.forward = types.MethodType(_windowed_attention, sa)
+            n += 1
+    return n
