@@ -126,7 +126,9 @@ fi
 # "kvmem8|bf16|bench/configs/moshi_7b_kvmem8.json" or "plain|int8|").
 if printf '%s\n' "${steps[@]}" | grep -qx max-streams; then
   rows=()
-  for run in ${MAX_STREAMS_RUNS:-"plain|bf16| replace16|bf16|bench/configs/moshi_7b_replace16.json plain|fp8|"}; do
+  # One word per run (a quoted default inside ${:-} stayed one word and broke the first run).
+  runs=(${MAX_STREAMS_RUNS:-plain\|bf16\| replace16\|bf16\|bench/configs/moshi_7b_replace16.json plain\|fp8\|})
+  for run in "${runs[@]}"; do
     IFS='|' read -r name dt cfgf <<< "$run"
     args=(--preset 7b)
     [ -n "$cfgf" ] && args=(--config "$cfgf")
