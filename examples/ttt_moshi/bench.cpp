@@ -34,19 +34,7 @@ struct Bench {
     moshi::LmGen<T, B, moshi::DefaultPolicies> gen(model, opt);
     if (r.count("no-graph")) gen.set_graphs(false);
     auto s = gen.start(batch);
-    auto user = Tensor<int64_t, Cpu>::zeros({batch, gen.num_user_codebooks()});
-    uint64_t x = 7;
-    Timer<B> timer;
-    std::vector<double> ms;
-    for (int i = 0; i < warmup + frames; ++i) {
-      for (int64_t k = 0; k < user.numel(); ++k)
-        user.data()[k] = int64_t(io::detail::splitmix64(x) % uint64_t(cfg.card));
-      timer.start();
-      gen.step(s, user);
-      const double t = timer.stop_ms();
-      if (i >= warmup) ms.push_back(t);
-    }
-    std::sort(ms.begin(), ms.end());
+    const std::vector<double> ms = time_frames<B>(gen, s, batch, cfg.card, warmup, frames);
     const double med = ms[ms.size() / 2], p90 = ms[std::min(ms.size() - 1, size_t(0.9 * double(ms.size())))];
     const int64_t filled = std::min<int64_t>(warmup + frames, cfg.transformer.context);
     const double kv = double(batch) * double(cfg.transformer.num_layers) * 2 * double(filled) *
@@ -81,6 +69,9 @@ struct Bench {
     if (r.count("mimi")) {
       // A whole conversation frame: Mimi encodes the user's 80 ms, the LM steps, Mimi decodes
       // Moshi's audio tokens (Kyutai's Mimi config, random weights), against the LM alone.
+      auto user = Tensor<int64_t, Cpu>::zeros({batch, gen.num_user_codebooks()});
+      uint64_t x = 7;
+      Timer<B> timer;
       const auto mcfg = load_mimi_config(r.count("mimi-config") ? r["mimi-config"].as<std::string>() : "", true);
       auto mws = load_mimi_weights("", c.init_seed + 1);
       const auto mimi = build_mimi<T, B>(c, mcfg, mws);

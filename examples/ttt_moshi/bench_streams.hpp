@@ -89,6 +89,25 @@ struct StreamsTry {
   std::string why;          // when it does not fit
 };
 
+// The frame times (ms, sorted) of `frames` steps after `warmup` untimed ones, on random user
+// tokens; the timer is CUDA events on CUDA (backend/timing.hpp). Both bench modes use it.
+template <class B, class Gen, class Session>
+std::vector<double> time_frames(Gen& gen, Session& s, int64_t batch, int64_t card, int warmup, int frames) {
+  auto user = Tensor<int64_t, Cpu>::zeros({batch, gen.num_user_codebooks()});
+  uint64_t x = 7;
+  Timer<B> timer;
+  std::vector<double> ms;
+  for (int i = 0; i < warmup + frames; ++i) {
+    for (int64_t k = 0; k < user.numel(); ++k) user.data()[k] = int64_t(io::detail::splitmix64(x) % uint64_t(card));
+    timer.start();
+    gen.step(s, user);
+    const double v = timer.stop_ms();
+    if (i >= warmup) ms.push_back(v);
+  }
+  std::sort(ms.begin(), ms.end());
+  return ms;
+}
+
 template <class T, class B, class M>
 int max_streams(const Common& c, const cxxopts::ParseResult& r, const LmConfig& cfg, const M& model,
                 const std::string& label) {
@@ -142,19 +161,7 @@ int max_streams(const Common& c, const cxxopts::ParseResult& r, const LmConfig& 
       Memory<B>::synchronize();
       t.state_bytes = double(Memory<B>::bytes_in_use() - before);
       if (per_stream_state == 0) per_stream_state = t.state_bytes / double(batch);
-      auto user = Tensor<int64_t, Cpu>::zeros({batch, gen.num_user_codebooks()});
-      uint64_t x = 7;
-      Timer<B> timer;
-      std::vector<double> ms;
-      for (int i = 0; i < warmup + frames; ++i) {
-        for (int64_t k = 0; k < user.numel(); ++k)
-          user.data()[k] = int64_t(io::detail::splitmix64(x) % uint64_t(cfg.card));
-        timer.start();
-        gen.step(s, user);
-        const double v = timer.stop_ms();
-        if (i >= warmup) ms.push_back(v);
-      }
-      std::sort(ms.begin(), ms.end());
+      const std::vector<double> ms = time_frames<B>(gen, s, batch, cfg.card, warmup, frames);
       t.p50 = median(ms);
       // Nearest rank: with fewer than 100 frames, the slowest one.
       t.p99 = ms[size_t(std::ceil(0.99 * double(ms.size()))) - 1];
