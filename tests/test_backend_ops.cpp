@@ -112,6 +112,28 @@ template <class T>
 Both<T> upload(const Tensor<T, Cpu>& h) {
   return {h, h.template to<Cuda>()};
 }
+
+// The same fused-linear options on both backends: a norm (RMS with its weight, LayerNorm with
+// weight and bias, eps 1e-5), GLU or not, SiLU.
+template <class T>
+std::pair<FusedLinear<T, Cpu>, FusedLinear<T, Cuda>> fused_options(FusedNorm norm, bool glu, const Both<T>& nw,
+                                                                     const Both<T>& nb) {
+  FusedLinear<T, Cpu> fc;
+  FusedLinear<T, Cuda> fg;
+  fc.norm = fg.norm = norm;
+  if (norm != FusedNorm::none) {
+    fc.norm_weight = nw.cpu;
+    fg.norm_weight = nw.gpu;
+    fc.eps = fg.eps = 1e-5f;
+  }
+  if (norm == FusedNorm::layer) {
+    fc.norm_bias = nb.cpu;
+    fg.norm_bias = nb.gpu;
+  }
+  fc.glu = fg.glu = glu;
+  fc.act = fg.act = Unary::silu;
+  return {fc, fg};
+}
 template <class T>
 Both<T> from_vector(const Shape& s, const std::vector<T>& v) {
   return upload(Tensor<T, Cpu>::from_vector(s, v));
@@ -497,20 +519,7 @@ TEMPLATE_TEST_CASE("fused_linear (norm prologue, glu epilogue, split GEMV)", "[b
         auto nw = make<T>({K}, Layout::contiguous, g, 0.5f, 1.5f), nb = make<T>({K}, Layout::contiguous, g);
         for (FusedNorm norm : {FusedNorm::none, FusedNorm::rms, FusedNorm::layer})
           for (bool glu : {false, true}) {
-            FusedLinear<T, Cpu> fc;
-            FusedLinear<T, Cuda> fg;
-            fc.norm = fg.norm = norm;
-            if (norm != FusedNorm::none) {
-              fc.norm_weight = nw.cpu;
-              fg.norm_weight = nw.gpu;
-              fc.eps = fg.eps = 1e-5f;
-            }
-            if (norm == FusedNorm::layer) {
-              fc.norm_bias = nb.cpu;
-              fg.norm_bias = nb.gpu;
-            }
-            fc.glu = fg.glu = glu;
-            fc.act = fg.act = Unary::silu;
+            auto [fc, fg] = fused_options(norm, glu, nw, nb);
             const std::string tag = "R " + std::to_string(R) + " K " + std::to_string(K) + " N " + std::to_string(N) +
                                     " norm " + std::to_string(int(norm)) + (glu ? " glu" : "");
             Both<T> y{ops::fused_linear(x.cpu, w.cpu, fc), ops::fused_linear(x.gpu, w.gpu, fg)};
@@ -553,20 +562,7 @@ void quant_cases(std::mt19937& g) {
         auto nw = make<T>({K}, Layout::contiguous, g, 0.5f, 1.5f), nb = make<T>({K}, Layout::contiguous, g);
         for (FusedNorm norm : {FusedNorm::none, FusedNorm::rms, FusedNorm::layer})
           for (bool glu : {false, true}) {
-            FusedLinear<T, Cpu> fc;
-            FusedLinear<T, Cuda> fg;
-            fc.norm = fg.norm = norm;
-            if (norm != FusedNorm::none) {
-              fc.norm_weight = nw.cpu;
-              fg.norm_weight = nw.gpu;
-              fc.eps = fg.eps = 1e-5f;
-            }
-            if (norm == FusedNorm::layer) {
-              fc.norm_bias = nb.cpu;
-              fg.norm_bias = nb.gpu;
-            }
-            fc.glu = fg.glu = glu;
-            fc.act = fg.act = Unary::silu;
+            auto [fc, fg] = fused_options(norm, glu, nw, nb);
             const std::string t2 = tag + " norm " + std::to_string(int(norm)) + (glu ? " glu" : "");
             Both<T> y{ops::fused_linear(x.cpu, qc, fc), ops::fused_linear(x.gpu, qg, fg)};
             record("linear_q", dt, error(y), tol, t2);
@@ -614,20 +610,7 @@ void quant_path_cases(std::mt19937& g) {
       for (FusedNorm norm : {FusedNorm::none, FusedNorm::rms, FusedNorm::layer})
         for (int mode = 0; mode < 3; ++mode) {  // plain, glu, beta 1
           const bool glu = mode == 1;
-          FusedLinear<T, Cpu> fc;
-          FusedLinear<T, Cuda> fg;
-          fc.norm = fg.norm = norm;
-          if (norm != FusedNorm::none) {
-            fc.norm_weight = nw.cpu;
-            fg.norm_weight = nw.gpu;
-            fc.eps = fg.eps = 1e-5f;
-          }
-          if (norm == FusedNorm::layer) {
-            fc.norm_bias = nb.cpu;
-            fg.norm_bias = nb.gpu;
-          }
-          fc.glu = fg.glu = glu;
-          fc.act = fg.act = Unary::silu;
+          auto [fc, fg] = fused_options(norm, glu, nw, nb);
           fc.beta = fg.beta = mode == 2 ? 1.f : 0.f;
           const int64_t No = glu ? N / 2 : N;
           auto start = [&](const auto& y) {  // the output's prior contents (read with beta 1)
