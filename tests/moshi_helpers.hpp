@@ -25,36 +25,46 @@ inline double max_err_unmasked(const ttt::Tensor<float, ttt::Cpu>& a, const ttt:
 
 // Streams the delayed inputs of `codes` through the temporal transformer in chunks of the
 // given sizes and the depformer step by step (teacher forced), and returns logits laid
-// out like forward()'s (undelayed, NaN-masked).
-inline Model::Output stream_teacher_forced(const Model& m, const Tensor<int64_t, Cpu>& codes, const std::vector<int64_t>& chunks) {
+// out like forward()'s (undelayed, NaN-masked, f32 on the host). Any engine dtype and backend.
+template <class M>
+struct model_backend;
+template <class T, class B, class P>
+struct model_backend<moshi::LmModel<T, B, P>> {
+  using type = B;
+};
+template <class M>
+typename M::Output stream_teacher_forced(const M& m, const Tensor<int64_t, Cpu>& codes, const std::vector<int64_t>& chunks) {
+  using B = typename model_backend<M>::type;
   const auto& cfg = m.cfg;
   const int64_t Bn = codes.size(0), Tn = codes.size(2), D = cfg.dim, Dd = cfg.depformer.d_model;
   auto [in, dep] = m.delayed_inputs(codes);
-  auto st = Model::TemporalT::init_state(m.transformer, Bn, true);
-  auto dst = Model::DepformerT::init_state(m.depformer, Bn, true);
+  auto st = M::TemporalT::init_state(m.transformer, Bn, true);
+  auto dst = M::DepformerT::init_state(m.depformer, Bn, true);
   auto raw_text = Tensor<float, Cpu>::empty({Bn, 1, Tn, cfg.text_card_out});
   auto raw = Tensor<float, Cpu>::empty({Bn, cfg.dep_q, Tn, cfg.card});
   int64_t s = 0;
   for (size_t ci = 0; s < Tn; ++ci) {
     const int64_t n = std::min(chunks[ci % chunks.size()], Tn - s);
-    auto tok = in.slice(2, s, s + n).contiguous();
+    auto tok = nn::to_backend<B>(in.slice(2, s, s + n).contiguous());
     auto [h, tl] = m.forward_text(tok, st, {}, {});
     for (int64_t j = 0; j < n; ++j) {
-      raw_text.select(2, s + j).copy_from(tl.select(1, j).contiguous().reshape({Bn, 1, cfg.text_card_out}));
-      Model::DepformerT::reset(m.depformer, dst, std::vector<uint8_t>(size_t(Bn), 1));
+      raw_text.select(2, s + j).copy_from(
+          ops::cast<float>(tl.select(1, j).contiguous()).template to<Cpu>().reshape({Bn, 1, cfg.text_card_out}));
+      M::DepformerT::reset(m.depformer, dst, std::vector<uint8_t>(size_t(Bn), 1));
       auto hj = h.select(1, j).contiguous();
       for (int64_t k = 0; k < cfg.dep_q; ++k) {
-        auto prev = dep.select(0, k).select(1, s + j).contiguous();
+        auto prev = nn::to_backend<B>(dep.select(0, k).select(1, s + j).contiguous());
         auto x = m.depformer_input(k, hj, prev).reshape({Bn, 1, Dd});
-        Model::DepformerT::forward(m.depformer, dst, x, {}, {});
-        raw.select(1, k).select(1, s + j).copy_from(m.audio_logits(k, x.reshape({Bn, Dd})));
+        M::DepformerT::forward(m.depformer, dst, x, {}, {});
+        raw.select(1, k).select(1, s + j).copy_from(
+            ops::cast<float>(m.audio_logits(k, x.reshape({Bn, Dd}))).template to<Cpu>());
       }
     }
     s += n;
   }
   (void)D;
   // Undelay exactly as forward does.
-  Model::Output out;
+  typename M::Output out;
   out.logits = Tensor<float, Cpu>::empty(raw.shape());
   out.text_logits = Tensor<float, Cpu>::empty(raw_text.shape());
   for (int64_t b = 0; b < Bn; ++b)

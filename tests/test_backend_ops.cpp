@@ -9,13 +9,14 @@
 //
 // Tolerances, with u = 1e-5 (f32), 1e-2 (bf16), 2e-3 (f16): a few fp32 roundings, or one
 // ulp of the storage type where the fp32 values differ slightly and round apart.
-//   copy, cast, fill, embedding, kv_write ....... 0  (identical values)
+//   copy, cast, fill, embedding, kv_write ....... 0  (identical values; kv_write_q: the same
+//                                                     codes and scales)
 //   reduce_max, argmax, sample, vq_nearest ...... 0  (identical; sample picks the same token,
 //                                                     vq_nearest the same code)
 //   unary, binary, glu, softmax ................. u
 //   reduce_sum/mean, layer_norm, rms_norm ....... 2u (fp32 statistics vs the CPU's double)
 //   unary_backward u, layer_norm_backward ....... 2u (likewise; dweight / dbias: fp32 chunk sums)
-//   matmul, linear, attention ................... 2u (fp32 accumulation in another order)
+//   matmul, linear, attention, attention_q ...... 2u (fp32 accumulation in another order)
 //   conv1d, conv_transpose1d .................... 2u (likewise)
 //   quantize_rows, dequantize ................... 0  (same codes, scales and values)
 //   linear_q (int8 / fp8 weights) ............... 4u (as fused_linear: fp32 sums in another order)
@@ -961,6 +962,62 @@ TEMPLATE_TEST_CASE("kv_write", "[backend]", float, bf16, f16) {
           ops::kv_write(rk.gpu, rv.gpu, rp.gpu, k.gpu, v.gpu, pos.gpu, mask.gpu);
           record("kv_write", dname<T>(), std::max({error(rk), error(rv), error(rp)}), 0, tag);
         }
+}
+
+// The quantised KV cache (--kv-dtype): kv_write quantises each written row to the same codes
+// and scales on both backends (error 0), and attention over the codes agrees like the dense
+// op. D 128 and 64 take the kernel's 16-byte code loads, D 80 and 5 the one-code path.
+template <class F, class T>
+void quant_kv_cases(std::mt19937& g) {
+  const std::string dt = dname<T>() + (std::is_same_v<F, Int8> ? " int8" : " fp8");
+  for (int64_t C : {16, 3000})
+    for (int64_t D : {128, 64, 80, 5})
+      for (int mode = 0; mode < 3; ++mode) {  // 0: no mask; 1: mask {1, 0}; 2: repeated positions
+        const int64_t B = 2, Hk = 2, H = 4, Tn = std::min<int64_t>(C, 40);
+        const std::string tag = "C " + std::to_string(C) + " D " + std::to_string(D) + " mode " + std::to_string(mode);
+        auto rk_c = QuantKv<F, Cpu>::zeros(B, Hk, C, D), rv_c = QuantKv<F, Cpu>::zeros(B, Hk, C, D);
+        auto rk_g = QuantKv<F, Cuda>::zeros(B, Hk, C, D), rv_g = QuantKv<F, Cuda>::zeros(B, Hk, C, D);
+        auto rp = from_vector<int64_t>({B, C}, std::vector<int64_t>(size_t(B * C), -1));  // empty
+        // Fill: C tokens of the whole ring (positions 0..C-1), then Tn more under the mode.
+        for (int pass = 0; pass < 2; ++pass) {
+          const int64_t n = pass == 0 ? C : Tn;
+          auto kv = make<T>({B, n, 3 * Hk, D}, Layout::contiguous, g, -4, 4);  // k, v slices of a fused projection
+          Both<T> k{kv.cpu.slice(2, Hk, 2 * Hk), kv.gpu.slice(2, Hk, 2 * Hk)};
+          Both<T> v{kv.cpu.slice(2, 2 * Hk, 3 * Hk), kv.gpu.slice(2, 2 * Hk, 3 * Hk)};
+          std::vector<int64_t> pv(size_t(B * n));
+          for (int64_t b = 0; b < B; ++b)
+            for (int64_t t = 0; t < n; ++t)
+              pv[size_t(b * n + t)] = pass == 0 ? t : mode == 2 ? C + t / 2 : C + t;
+          auto pos = from_vector<int64_t>({B, n}, pv);
+          Both<uint8_t> mask;
+          if (pass == 1 && mode == 1) mask = from_vector<uint8_t>({B}, {1, 0});
+          ops::kv_write(rk_c, rv_c, rp.cpu, k.cpu, v.cpu, pos.cpu, mask.cpu);
+          ops::kv_write(rk_g, rv_g, rp.gpu, k.gpu, v.gpu, pos.gpu, mask.gpu);
+        }
+        record("kv_write_q", dt,
+               std::max({error(rk_c.codes, rk_g.codes), error(rv_c.codes, rv_g.codes), error(rk_c.scale, rk_g.scale),
+                         error(rv_c.scale, rv_g.scale), error(rp)}),
+               0, tag);
+        for (int64_t context : {int64_t(0), C / 3}) {
+          const int64_t Tq = mode == 0 ? 1 : 3;
+          auto q = make<T>({B, Tq, H, D}, Layout::contiguous, g);
+          std::vector<int64_t> qp(size_t(B * Tq));
+          for (int64_t b = 0; b < B; ++b)
+            for (int64_t t = 0; t < Tq; ++t) qp[size_t(b * Tq + t)] = C + Tn - Tq + t;
+          auto q_pos = from_vector<int64_t>({B, Tq}, qp);
+          AttentionParams p{context, float(1.0 / std::sqrt(double(D)))};
+          Both<T> o{Tensor<T, Cpu>::empty(q.cpu.shape()), Tensor<T, Cuda>::empty(q.cpu.shape())};
+          ops::attention(o.cpu, q.cpu, rk_c, rv_c, q_pos.cpu, rp.cpu, p);
+          ops::attention(o.gpu, q.gpu, rk_g, rv_g, q_pos.gpu, rp.gpu, p);
+          record("attention_q", dt, error(o), 2 * unit<T>(), tag + " ctx " + std::to_string(context));
+        }
+      }
+}
+
+TEMPLATE_TEST_CASE("quantised KV cache: kv_write and attention (int8, fp8 e4m3)", "[backend]", float, bf16) {
+  std::mt19937 g(64);
+  quant_kv_cases<Int8, TestType>(g);
+  quant_kv_cases<Fp8E4M3, TestType>(g);
 }
 
 TEMPLATE_TEST_CASE("sample", "[backend]", float, bf16, f16) {

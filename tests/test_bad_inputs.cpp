@@ -180,6 +180,7 @@ TEST_CASE("bad inputs: one clear error, non-zero exit, no output left", "[errors
        "generate --config " + kCfg + " --weights " + kW + " --steps 3 --out /nonexistent-dir/x.safetensors",
        "/nonexistent-dir/x.safetensors: cannot write"},
       {"bad dtype", [] {}, gen + "--dtype f64", "--dtype must be f32, bf16, fp8 or int8"},
+      {"bad kv dtype", [] {}, gen + "--kv-dtype bf8", "--kv-dtype must be same, fp8 or int8"},
       {"bad backend", [] {}, gen + "--backend tpu", "--backend must be cpu or cuda"},
       {"negative top-k", [] {}, gen + "--top-k=-2", "--top-k and --top-k-text must be >= 0"},
       {"unknown option", [] {}, gen + "--frobnicate 3", "frobnicate"},
@@ -196,6 +197,8 @@ TEST_CASE("bad inputs: one clear error, non-zero exit, no output left", "[errors
       {"session of another batch", [] {}, gen + "--resume good_session.safetensors --batch 2",
        "holds 1 streams, this run has 2"},
       {"not a session file", [] {}, gen + "--resume " + kW, "not a ttt-moshi session file"},
+      {"session of another KV storage", [] {}, gen + "--resume good_session.safetensors --kv-dtype fp8",
+       "was saved dense, this engine stores it as fp8_e4m3 (start it with the --kv-dtype the session was saved with)"},
       {"session frame counter at the int64 limit",
        [&] {
          // The next frame would overflow it: the loader refuses counters past 2^62.

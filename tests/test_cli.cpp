@@ -58,6 +58,32 @@ TEST_CASE("ttt-moshi forward and generate reproduce the fixtures", "[cli]") {
   }
 }
 
+TEST_CASE("ttt-moshi generate --kv-dtype stores the KV cache quantised", "[cli][kv]") {
+  const std::string dir = fixture("moshi/moshi_7b_structure");
+  for (const char* kv : {"fp8", "int8"}) {
+    INFO("--kv-dtype " << kv);
+    const std::string out = std::string("cli_kv_") + kv + ".safetensors", ses = std::string("cli_kv_session_") + kv + ".safetensors";
+    auto r = run_tool("ttt-moshi generate --config " + dir + "/config.json --weights " + dir + "/model.safetensors --user-codes " +
+                      dir + "/gen.safetensors --greedy --kv-dtype " + kv + " --out " + out + " --save-session " + ses);
+    INFO(r.err);
+    REQUIRE(r.code == 0);
+    auto g = io::SafeTensors::open(out), gref = io::SafeTensors::open(dir + "/gen.safetensors");
+    REQUIRE(g.load<int64_t>("tokens").shape() == gref.load<int64_t>("tokens").shape());
+    // The saved session holds one-byte codes and a scale per row for every temporal layer.
+    auto s = io::SafeTensors::open(ses);
+    int64_t scales = 0;
+    for (const auto& n : s.names())
+      if (n.size() > 8 && n.compare(n.size() - 8, 8, ".k_scale") == 0) {
+        ++scales;
+        const std::string codes = n.substr(0, n.size() - 6);
+        REQUIRE(s.info(codes).dtype == DType::u8);
+      }
+    REQUIRE(scales == 2);  // the fixture's two temporal layers (the depformer's cache stays dense)
+    std::remove(out.c_str());
+    std::remove(ses.c_str());
+  }
+}
+
 TEST_CASE("ttt-moshi info checks a checkpoint's keys", "[cli]") {
   const std::string dir = fixture("moshi/moshi_7b_structure");
   auto r = run_tool("ttt-moshi info --config " + dir + "/config.json --weights " + dir + "/model.safetensors");

@@ -1,6 +1,6 @@
 // The Moshi engine on the CUDA backend against the fixtures: fp32 forward within 1e-4,
 // greedy tokens identical; bf16 forward error and greedy agreement measured (bf16 noise);
-// the TTT designs' fixtures too. Exits 77 ("skipped") without a GPU.
+// the TTT designs' fixtures too; int8 / fp8 weights and KV cache against their bounds. Exits 77 ("skipped") without a GPU.
 #include <cmath>
 #include <cstdio>
 #include <optional>
@@ -13,6 +13,7 @@
 #if TTT_CATCH3
 #include <catch2/catch_session.hpp>
 #endif
+#include "moshi_helpers.hpp"
 #include "ttt/cuda.hpp"
 #include "ttt/layers/cpu/ttt_kernels.hpp"
 #include "ttt/moshi/generator.hpp"
@@ -136,8 +137,10 @@ double check_case(const std::string& dir, bool has_gen, double tol, WeightFormat
 // Streams `frames` greedy frames of the tiny all-designs config (batch 2, an exec-mask
 // window and a per-item reset on the way) and returns every returned token.
 template <class Bk>
-std::vector<int64_t> stream_tiny(const LmConfig& cfg, bool graphs, int frames, int fork_at,
-                                 std::vector<int64_t>* fork_tokens, size_t* graphs_used) {
+std::vector<int64_t> stream_tiny(LmConfig cfg, bool graphs, int frames, int fork_at,
+                                 std::vector<int64_t>* fork_tokens, size_t* graphs_used,
+                                 WeightFormat kv = WeightFormat::dense) {
+  cfg.transformer.kv_format = kv;
   io::WeightSource ws;
   ws.enable_random_init(11);
   auto model = moshi::LmModel<float, Bk, moshi::DefaultPolicies>::load(cfg, ws);
@@ -201,6 +204,89 @@ TEST_CASE("CUDA streaming with every TTT design: graph replays equal eager frame
   REQUIRE(same_eager == int64_t(graph.size()));
   REQUIRE(same_cpu == int64_t(cpu.size()));
   REQUIRE(same_fork == int64_t(fork_cpu.size()));
+}
+
+TEST_CASE("CUDA streaming with an fp8 / int8 KV cache: graph replays equal eager frames", "[cuda][graph][kv]") {
+  // The same tiny all-designs stream with the temporal KV ring quantised (--kv-dtype). Graph
+  // and eager frames run the same kernels: equal tokens. The CPU stores the same codes for the
+  // same keys, but its keys differ from the GPU's in the last fp32 bits, and a key on a
+  // rounding boundary of the 1-byte format takes the neighbouring code (~6% of that element
+  // for fp8): agreement with the CPU is reported and must stay high, not total.
+  const auto cfg = LmConfig::load(test_data("../../examples/configs/tiny_ttt.json"));
+  const int frames = 70;
+  for (WeightFormat kv : {WeightFormat::fp8_e4m3, WeightFormat::int8}) {
+    size_t n_graphs = 0;
+    const auto graph = stream_tiny<Cuda>(cfg, true, frames, -1, nullptr, &n_graphs, kv);
+    const auto eager = stream_tiny<Cuda>(cfg, false, frames, -1, nullptr, nullptr, kv);
+    const auto cpu = stream_tiny<Cpu>(cfg, false, frames, -1, nullptr, nullptr, kv);
+    REQUIRE(graph.size() == eager.size());
+    REQUIRE(graph.size() == cpu.size());
+    int64_t same_eager = 0, same_cpu = 0;
+    for (size_t i = 0; i < graph.size(); ++i) same_eager += graph[i] == eager[i], same_cpu += graph[i] == cpu[i];
+    std::printf("[cuda graph] tiny_ttt, KV %s, %d frames x 2: %zu graphs; tokens graph == eager %lld / %zu, "
+                "graph == cpu %lld / %zu\n",
+                std::string(weight_format_name(kv)).c_str(), frames, n_graphs, (long long)same_eager, graph.size(),
+                (long long)same_cpu, cpu.size());
+    REQUIRE(same_eager == int64_t(graph.size()));
+    REQUIRE(double(same_cpu) >= 0.9 * double(cpu.size()));
+  }
+}
+
+// Issue 13 goal 3 on the device: the fixtures streamed frame by frame (every query reads the
+// ring), the bf16 engine with each KV storage against the fp32 reference, beside the bf16
+// engine's own streamed error (same run): at most 3x, and the argmax kept wherever the
+// reference's top-2 margin exceeds twice that bound. test_kv_cache holds the CPU to the same.
+TEST_CASE("CUDA: an fp8 / int8 KV cache stays within 3x the bf16 engine's error of the fixtures (streamed)",
+          "[cuda][kv]") {
+  for (const char* name : {"moshi_small_defaults", "moshi_7b_structure"}) {
+    const std::string dir = fixture(std::string("moshi/") + name);
+    auto codes = io::SafeTensors::open(dir + "/codes.safetensors").load<int64_t>("codes").contiguous();
+    auto ref = io::SafeTensors::open(dir + "/out.safetensors");
+    const auto rl = ref.load<float>("logits"), rt = ref.load<float>("text_logits");
+    const auto ml = ref.load<uint8_t>("mask"), mt = ref.load<uint8_t>("text_mask");
+    auto stream = [&](WeightFormat kv) {
+      auto cfg = LmConfig::load(dir + "/config.json");
+      cfg.transformer.kv_format = kv;
+      io::WeightSource ws(dir + "/model.safetensors");
+      return stream_teacher_forced(ModelT<bf16>::load(cfg, ws), codes, {1});
+    };
+    auto err = [&](const ModelT<bf16>::Output& o) {
+      return std::max(compare(o.logits, rl, ml).max_abs, compare(o.text_logits, rt, mt).max_abs);
+    };
+    const double eb = err(stream(WeightFormat::dense));
+    std::printf("[cuda kv] %-22s bf16 engine, bf16 KV: logits max abs err %.3e (bound 3x = %.3e)\n", name, eb, 3 * eb);
+    for (WeightFormat kv : {WeightFormat::fp8_e4m3, WeightFormat::int8}) {
+      const auto o = stream(kv);
+      const double e = err(o), margin = 2 * 3 * eb;
+      int64_t confident = 0, agree = 0;
+      auto argmax_check = [&](const Tensor<float, Cpu>& a, const Tensor<float, Cpu>& r, const Tensor<uint8_t, Cpu>& m) {
+        const int64_t V = r.size(3);
+        auto av = a.contiguous(), rv = r.contiguous();
+        auto mv = m.contiguous();
+        for (int64_t i = 0; i < mv.numel(); ++i) {
+          if (!mv.data()[i]) continue;
+          const float *ra = rv.data() + i * V, *aa = av.data() + i * V;
+          int64_t best = 0, abest = 0;
+          for (int64_t v = 1; v < V; ++v) {
+            if (ra[v] > ra[best]) best = v;
+            if (aa[v] > aa[abest]) abest = v;
+          }
+          float second = -INFINITY;
+          for (int64_t v = 0; v < V; ++v)
+            if (v != best) second = std::max(second, ra[v]);
+          if (ra[best] - second > margin) ++confident, agree += abest == best;
+        }
+      };
+      argmax_check(o.logits, rl, ml);
+      argmax_check(o.text_logits, rt, mt);
+      std::printf("[cuda kv] %-22s bf16 engine, %-8s KV: logits max abs err %.3e (%.2fx bf16); argmax equal at %lld / "
+                  "%lld positions with margin > %.3g\n",
+                  name, std::string(weight_format_name(kv)).c_str(), e, e / eb, (long long)agree, (long long)confident,
+                  margin);
+      CHECK(e <= 3 * eb);
+      CHECK(agree == confident);
+    }
+  }
 }
 
 TEST_CASE("CUDA fp32 forward and greedy generation reproduce the moshi fixtures", "[cuda]") {

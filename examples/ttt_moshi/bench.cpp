@@ -37,8 +37,12 @@ struct Bench {
     const std::vector<double> ms = time_frames<B>(gen, s, batch, cfg.card, warmup, frames);
     const double med = ms[ms.size() / 2], p90 = ms[std::min(ms.size() - 1, size_t(0.9 * double(ms.size())))];
     const int64_t filled = std::min<int64_t>(warmup + frames, cfg.transformer.context);
+    // Per cached element: T, or one code plus a 4-byte scale per row of head_dim (--kv-dtype).
+    const double kv_elem = cfg.transformer.kv_format == WeightFormat::dense
+                               ? double(sizeof(T))
+                               : 1.0 + 4.0 / double(cfg.transformer.head_dim());
     const double kv = double(batch) * double(cfg.transformer.num_layers) * 2 * double(filled) *
-                      double(cfg.dim / cfg.transformer.kv_repeat) * double(sizeof(T));
+                      double(cfg.dim / cfg.transformer.kv_repeat) * kv_elem;
     const double wbytes = frame_weight_bytes(model, sizeof(T), c.weight_format);
     // Memory first: the bandwidth test below allocates its own buffers.
     double gib = 0;
@@ -59,8 +63,11 @@ struct Bench {
     std::printf("bench %s %s %s batch %lld: median %.3f ms/frame (p90 %.3f) over %d frames after %d warm-up, "
                 "%.1f frames/s per stream\n",
                 label.c_str(), B::name, c.dtype.c_str(), (long long)batch, med, p90, frames, warmup, 1e3 / med);
-    std::printf("memory: %.2f GiB used; bytes per frame: weights %.2f GB + KV %.3f GB (%lld frames of context)\n", gib,
-                wbytes / 1e9, kv / 1e9, (long long)filled);
+    std::printf("memory: %.2f GiB used; bytes per frame: weights %.2f GB + KV %.3f GB (%lld frames of context, KV %s)\n",
+                gib, wbytes / 1e9, kv / 1e9, (long long)filled,
+                cfg.transformer.kv_format == WeightFormat::dense
+                    ? c.dtype == "f32" ? "f32" : "bf16"
+                    : std::string(weight_format_name(cfg.transformer.kv_format)).c_str());
     std::printf("floor: %.2f GB / %.0f GB/s measured = %.3f ms/frame; ttt at %.2fx the floor\n", (wbytes + kv) / 1e9,
                 bw, floor_ms, med / floor_ms);
     if (r.count("anchor-ms"))

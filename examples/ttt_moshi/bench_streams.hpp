@@ -132,9 +132,11 @@ int max_streams(const Common& c, const cxxopts::ParseResult& r, const LmConfig& 
   const double model_gib = memory_used_gib<B>();
   const moshi::GenOptions opt = moshi::GenOptions::from(cfg.gen);
   const bool graphs = !r.count("no-graph");
-  std::printf("max-streams: %s %s %s, frame <= %.1f ms (median of %d frames after %d warm-up) with %lld frames of "
-              "context; model %.2f GiB in use, %.0f GB/s measured\n",
-              label.c_str(), B::name, c.dtype.c_str(), limit, frames, warmup, (long long)context, model_gib, bw);
+  std::printf("max-streams: %s %s %s (KV %s), frame <= %.1f ms (median of %d frames after %d warm-up) with %lld "
+              "frames of context; model %.2f GiB in use, %.0f GB/s measured\n",
+              label.c_str(), B::name, c.dtype.c_str(),
+              c.kv_format == WeightFormat::dense ? "as the engine" : std::string(weight_format_name(c.kv_format)).c_str(),
+              limit, frames, warmup, (long long)context, model_gib, bw);
   std::fflush(stdout);
 
   double per_stream_state = 0;  // bytes, from the first batch that allocated its session

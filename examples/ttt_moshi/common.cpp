@@ -15,6 +15,9 @@ void add_common(cxxopts::Options& o) {
       "dtype", "f32, bf16, fp8 or int8 (engine dtype; checkpoints are converted at load; fp8 / int8: bf16 with the "
       "transformer and head linear weights quantised per output row, fp8 e4m3 or int8)",
       cxxopts::value<std::string>()->default_value("f32"))(
+      "kv-dtype", "storage of the temporal transformer's KV cache: same (the engine dtype), fp8 (e4m3) or int8, "
+      "with one fp32 scale per key / value row (half the bytes of bf16: more conversations per GPU)",
+      cxxopts::value<std::string>()->default_value("same"))(
       "init-seed", "seed of the random weights used when --weights is absent",
       cxxopts::value<uint64_t>()->default_value("0"))("h,help", "this help");
 }
@@ -30,6 +33,11 @@ Common read_common(const cxxopts::ParseResult& r) {
   if (c.dtype == "fp8") c.weight_format = WeightFormat::fp8_e4m3;
   else if (c.dtype == "int8") c.weight_format = WeightFormat::int8;
   else if (c.dtype != "f32" && c.dtype != "bf16") fail("--dtype must be f32, bf16, fp8 or int8, got '", c.dtype, "'");
+  // `mimi` reads these common options without the LM's --kv-dtype.
+  const std::string kv = r.count("kv-dtype") ? r["kv-dtype"].as<std::string>() : "same";
+  if (kv == "fp8") c.kv_format = WeightFormat::fp8_e4m3;
+  else if (kv == "int8") c.kv_format = WeightFormat::int8;
+  else if (kv != "same") fail("--kv-dtype must be same, fp8 or int8, got '", kv, "'");
   return c;
 }
 
@@ -44,11 +52,15 @@ std::optional<cxxopts::ParseResult> parse_options(cxxopts::Options& o, int argc,
 }
 
 LmConfig load_config(const Common& c) {
+  LmConfig cfg;
   if (c.config.empty()) {
     std::fprintf(stderr, "note: no --config, using the Moshi 7B settings\n");
-    return LmConfig::moshi_7b();
+    cfg = LmConfig::moshi_7b();
+  } else {
+    cfg = LmConfig::load(c.config);
   }
-  return LmConfig::load(c.config);
+  cfg.transformer.kv_format = c.kv_format;
+  return cfg;
 }
 
 io::WeightSource load_weights(const Common& c, const LmConfig& cfg) {

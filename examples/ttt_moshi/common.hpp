@@ -26,9 +26,12 @@ struct Common {
   uint64_t init_seed = 0;
   // --dtype fp8 / int8: the bf16 engine with its big linear weights quantised at load.
   WeightFormat weight_format = WeightFormat::dense;
+  // --kv-dtype fp8 / int8: the temporal transformer's KV cache quantised per row (load_config
+  // sets it on the config; the depformer's 8-slot cache stays in the engine dtype).
+  WeightFormat kv_format = WeightFormat::dense;
 };
 
-// --config, --weights, --backend, --dtype, --init-seed and -h/--help.
+// --config, --weights, --backend, --dtype, --kv-dtype, --init-seed and -h/--help.
 void add_common(cxxopts::Options& o);
 // Reads (and checks) the options add_common added.
 Common read_common(const cxxopts::ParseResult& r);

@@ -81,7 +81,7 @@
   template void ::ttt::Kernels<::ttt::Cuda>::sample<T>(const TTT_CUDA_I64_&, const TTT_CUDA_T_(T)&,                  \
                                                        const ::ttt::SampleParams&, const TTT_CUDA_I64_&);
 
-// Quantised weights: every float type with both formats.
+// Quantised weights and KV caches: every float type with both formats.
 #define TTT_CUDA_INSTANTIATE_QUANT_(T, F)                                                                        \
   template void ::ttt::Kernels<::ttt::Cuda>::quantize_rows<F, T>(const ::ttt::QuantWeight<F, ::ttt::Cuda>&,       \
                                                                  const TTT_CUDA_T_(T)&);                         \
@@ -91,7 +91,15 @@
                                                             const ::ttt::QuantWeight<F, ::ttt::Cuda>&, float);    \
   template void ::ttt::Kernels<::ttt::Cuda>::fused_linear_q<T, F>(const TTT_CUDA_T_(T)&, const TTT_CUDA_T_(T)&,   \
                                                                   const ::ttt::QuantWeight<F, ::ttt::Cuda>&,      \
-                                                                  const ::ttt::FusedLinear<T, ::ttt::Cuda>&);
+                                                                  const ::ttt::FusedLinear<T, ::ttt::Cuda>&);      \
+  template void ::ttt::Kernels<::ttt::Cuda>::attention_q<T, F>(                                                  \
+      const TTT_CUDA_T_(T)&, const TTT_CUDA_T_(T)&, const ::ttt::QuantKv<F, ::ttt::Cuda>&,                         \
+      const ::ttt::QuantKv<F, ::ttt::Cuda>&, const TTT_CUDA_I64_&, const TTT_CUDA_I64_&,                          \
+      const ::ttt::AttentionParams&);                                                                            \
+  template void ::ttt::Kernels<::ttt::Cuda>::kv_write_q<T, F>(                                                   \
+      const ::ttt::QuantKv<F, ::ttt::Cuda>&, const ::ttt::QuantKv<F, ::ttt::Cuda>&, const TTT_CUDA_I64_&,          \
+      const TTT_CUDA_T_(T)&, const TTT_CUDA_T_(T)&, const TTT_CUDA_I64_&,                                         \
+      const ::ttt::Tensor<uint8_t, ::ttt::Cuda>&);
 #define TTT_CUDA_INSTANTIATE_QUANT(T) TTT_CUDA_INSTANTIATE_QUANT_(T, ::ttt::Int8) TTT_CUDA_INSTANTIATE_QUANT_(T, ::ttt::Fp8E4M3)
 
 TTT_CUDA_STORAGE_TYPES(TTT_CUDA_INSTANTIATE_STORAGE)

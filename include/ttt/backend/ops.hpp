@@ -321,6 +321,13 @@ void check_quant(const char* op, const QuantWeight<F, B>& w) {
   TTT_CHECK(w.scale.shape() == Shape{w.data.size(0)} && w.scale.is_contiguous(), op, ": scale ",
             w.scale.shape().str(), " does not match weight ", w.data.shape().str());
 }
+template <class F, class B>
+void check_quant_kv(const char* op, const QuantKv<F, B>& x) {
+  TTT_CHECK(x.codes.rank() == 4 && x.codes.is_contiguous(), op, ": quantised keys / values must be contiguous [B, H, S, D], got ",
+            x.codes.shape().str());
+  TTT_CHECK((x.scale.shape() == Shape{x.codes.size(0), x.codes.size(1), x.codes.size(2)}) && x.scale.is_contiguous(), op,
+            ": scale ", x.scale.shape().str(), " does not match codes ", x.codes.shape().str());
+}
 }  // namespace detail
 
 // out = quantised w [N, K]: scale[n] = max_k |w[n, k]| / F::qmax (1 for a zero row), codes
@@ -346,6 +353,15 @@ void dequantize(const Tensor<T, B>& out, const QuantWeight<F, B>& w) {
   detail::check_same_shape("dequantize", out, w.data.shape());
   TTT_CHECK(out.is_contiguous(), "dequantize: needs a contiguous output");
   if (out.numel()) Kernels<B>::dequantize(out, w);
+}
+// out [B, H, S, D] = scale * decode(codes) of quantised keys or values, rounded to T.
+template <class T, class F, class B>
+void dequantize(const Tensor<T, B>& out, const QuantKv<F, B>& x) {
+  detail::check_quant_kv("dequantize", x);
+  detail::check_same_shape("dequantize", out, x.codes.shape());
+  TTT_CHECK(out.is_contiguous(), "dequantize: needs a contiguous output");
+  const auto rows = x.as_rows();
+  if (out.numel()) Kernels<B>::dequantize(out.reshape(rows.shape()), rows);
 }
 
 // y[.., N] = x[.., K] @ (scale * decode(q))^T (+ beta * y): linear with a quantised weight.
@@ -617,28 +633,71 @@ Tensor<T, B> embedding(const Tensor<T, B>& table, const Tensor<int64_t, B>& ids)
   return out;
 }
 
+namespace detail {
+// The shape checks of attention, shared by the dense and the quantised KV forms.
+template <class T, class B>
+void check_attention(const Tensor<T, B>& out, const Tensor<T, B>& q, const Shape& k, const Shape& v,
+                     const Tensor<int64_t, B>& q_pos, const Tensor<int64_t, B>& k_pos, const AttentionParams& p) {
+  TTT_CHECK(q.rank() == 4 && k.rank == 4 && v.rank == 4, "attention: q, k, v must be rank 4");
+  const int64_t Bn = q.size(0), Tq = q.size(1), H = q.size(2), D = q.size(3);
+  const int64_t Hk = k.d[1], S = k.d[2];
+  TTT_CHECK(k.d[0] == Bn && v.d[0] == Bn && k.d[3] == D && v.d[3] == D && v.d[1] == Hk && v.d[2] == S && Hk > 0 &&
+                H % Hk == 0,
+            "attention: q ", q.shape().str(), " k ", k.str(), " v ", v.str(), " do not match");
+  TTT_CHECK(q_pos.rank() == 2 && q_pos.size(0) == Bn && q_pos.size(1) == Tq, "attention: q_pos ",
+            q_pos.shape().str(), " for q ", q.shape().str());
+  TTT_CHECK(k_pos.rank() == 2 && k_pos.size(0) == Bn && k_pos.size(1) == S, "attention: k_pos ",
+            k_pos.shape().str(), " for k ", k.str());
+  detail::check_same_shape("attention", out, q.shape());
+  for (auto* t : {&out, &q}) detail::check_unit_last("attention", *t);
+  TTT_CHECK(p.prefix >= 0 && p.prefix <= S, "attention: prefix ", p.prefix, " out of range for ", S, " keys");
+  TTT_CHECK(p.prefix == 0 || p.prefix_context > 0, "attention: a key prefix needs prefix_context > 0");
+}
+}  // namespace detail
+
 // Masked softmax attention. q [B, T, H, D], k and v [B, Hk, S, D] (H % Hk == 0: grouped
 // keys), q_pos [B, T], k_pos [B, S]; out [B, T, H, D]. Softmax in fp32. A query that sees
 // no key gets zeros.
 template <class T, class B>
 void attention(const Tensor<T, B>& out, const Tensor<T, B>& q, const Tensor<T, B>& k, const Tensor<T, B>& v,
                const Tensor<int64_t, B>& q_pos, const Tensor<int64_t, B>& k_pos, const AttentionParams& p) {
-  TTT_CHECK(q.rank() == 4 && k.rank() == 4 && v.rank() == 4, "attention: q, k, v must be rank 4");
-  const int64_t Bn = q.size(0), Tq = q.size(1), H = q.size(2), D = q.size(3);
-  const int64_t Hk = k.size(1), S = k.size(2);
-  TTT_CHECK(k.size(0) == Bn && v.size(0) == Bn && k.size(3) == D && v.size(3) == D && v.size(1) == Hk &&
-                v.size(2) == S && Hk > 0 && H % Hk == 0,
-            "attention: q ", q.shape().str(), " k ", k.shape().str(), " v ", v.shape().str(), " do not match");
-  TTT_CHECK(q_pos.rank() == 2 && q_pos.size(0) == Bn && q_pos.size(1) == Tq, "attention: q_pos ",
-            q_pos.shape().str(), " for q ", q.shape().str());
-  TTT_CHECK(k_pos.rank() == 2 && k_pos.size(0) == Bn && k_pos.size(1) == S, "attention: k_pos ",
-            k_pos.shape().str(), " for k ", k.shape().str());
-  detail::check_same_shape("attention", out, q.shape());
-  for (auto* t : {&out, &q, &k, &v}) detail::check_unit_last("attention", *t);
-  TTT_CHECK(p.prefix >= 0 && p.prefix <= S, "attention: prefix ", p.prefix, " out of range for ", S, " keys");
-  TTT_CHECK(p.prefix == 0 || p.prefix_context > 0, "attention: a key prefix needs prefix_context > 0");
+  detail::check_attention(out, q, k.shape(), v.shape(), q_pos, k_pos, p);
+  detail::check_unit_last("attention", k);
+  detail::check_unit_last("attention", v);
   if (out.numel()) Kernels<B>::attention(out, q, k, v, q_pos, k_pos, p);
 }
+// The same over keys and values stored in format F (core/quant.hpp QuantKv): the result of
+// attention on k = k.scale * decode(k.codes), v likewise, computed without decoding the cache
+// to T first (the scales fold into the scores and the softmax weights).
+template <class T, class F, class B>
+void attention(const Tensor<T, B>& out, const Tensor<T, B>& q, const QuantKv<F, B>& k, const QuantKv<F, B>& v,
+               const Tensor<int64_t, B>& q_pos, const Tensor<int64_t, B>& k_pos, const AttentionParams& p) {
+  detail::check_quant_kv("attention", k);
+  detail::check_quant_kv("attention", v);
+  detail::check_attention(out, q, k.codes.shape(), v.codes.shape(), q_pos, k_pos, p);
+  if (out.numel()) Kernels<B>::attention_q(out, q, k, v, q_pos, k_pos, p);
+}
+
+namespace detail {
+// The checks of kv_write; returns the first of k's T tokens that can survive in a ring of C
+// slots (only the last C can).
+template <class T, class B>
+int64_t check_kv_write(const Shape& ring, const Tensor<int64_t, B>& ring_pos, const Tensor<T, B>& k,
+                       const Tensor<T, B>& v, const Tensor<int64_t, B>& positions, const Tensor<uint8_t, B>& exec_mask) {
+  const int64_t Bn = ring.d[0], H = ring.d[1], C = ring.d[2], D = ring.d[3];
+  TTT_CHECK(k.rank() == 4 && k.size(0) == Bn && k.size(2) == H && k.size(3) == D && v.shape() == k.shape(),
+            "kv_write: k ", k.shape().str(), " does not match ring ", ring.str());
+  TTT_CHECK(ring_pos.rank() == 2 && ring_pos.size(0) == Bn && ring_pos.size(1) == C && ring_pos.is_contiguous(),
+            "kv_write: ring_pos ", ring_pos.shape().str());
+  TTT_CHECK(positions.rank() == 2 && positions.size(0) == Bn && positions.size(1) == k.size(1),
+            "kv_write: positions ", positions.shape().str());
+  TTT_CHECK(!exec_mask.defined() || exec_mask.numel() == Bn, "kv_write: exec_mask must be [B]");
+  detail::check_unit_last("kv_write", k);
+  detail::check_unit_last("kv_write", v);
+  const int64_t Tk = k.size(1);
+  return Tk > C ? Tk - C : 0;
+}
+}  // namespace detail
 
 // Writes k, v [B, T, Hk, D] at positions [B, T] into ring buffers [B, Hk, C, D] (slot =
 // pos mod C) and records ring_pos [B, C] = pos. Batch items whose exec_mask [B] entry is 0
@@ -650,21 +709,27 @@ void kv_write(const Tensor<T, B>& ring_k, const Tensor<T, B>& ring_v, const Tens
               const Tensor<uint8_t, B>& exec_mask) {
   TTT_CHECK(ring_k.rank() == 4 && ring_k.is_contiguous() && ring_v.shape() == ring_k.shape() && ring_v.is_contiguous(),
             "kv_write: ring buffers must be contiguous [B, H, C, D]");
-  const int64_t Bn = ring_k.size(0), H = ring_k.size(1), C = ring_k.size(2), D = ring_k.size(3);
-  TTT_CHECK(k.rank() == 4 && k.size(0) == Bn && k.size(2) == H && k.size(3) == D && v.shape() == k.shape(),
-            "kv_write: k ", k.shape().str(), " does not match ring ", ring_k.shape().str());
-  TTT_CHECK(ring_pos.rank() == 2 && ring_pos.size(0) == Bn && ring_pos.size(1) == C && ring_pos.is_contiguous(),
-            "kv_write: ring_pos ", ring_pos.shape().str());
-  TTT_CHECK(positions.rank() == 2 && positions.size(0) == Bn && positions.size(1) == k.size(1),
-            "kv_write: positions ", positions.shape().str());
-  TTT_CHECK(!exec_mask.defined() || exec_mask.numel() == Bn, "kv_write: exec_mask must be [B]");
-  detail::check_unit_last("kv_write", k);
-  detail::check_unit_last("kv_write", v);
-  const int64_t Tk = k.size(1);
+  const int64_t t0 = detail::check_kv_write(ring_k.shape(), ring_pos, k, v, positions, exec_mask), Tk = k.size(1);
   if (Tk == 0) return;
-  const int64_t t0 = Tk > C ? Tk - C : 0;
   Kernels<B>::kv_write(ring_k, ring_v, ring_pos, k.slice(1, t0, Tk), v.slice(1, t0, Tk),
                        positions.slice(1, t0, Tk), exec_mask);
+}
+// The same into a ring stored in format F: each written row of D is quantised as
+// quantize_rows does (scale = max |x| / F::qmax, codes F::encode(x / scale)), so both
+// backends store the same bytes.
+template <class T, class F, class B>
+void kv_write(const QuantKv<F, B>& ring_k, const QuantKv<F, B>& ring_v, const Tensor<int64_t, B>& ring_pos,
+              const Tensor<T, B>& k, const Tensor<T, B>& v, const Tensor<int64_t, B>& positions,
+              const Tensor<uint8_t, B>& exec_mask) {
+  detail::check_quant_kv("kv_write", ring_k);
+  detail::check_quant_kv("kv_write", ring_v);
+  TTT_CHECK(ring_v.codes.shape() == ring_k.codes.shape(), "kv_write: key ring ", ring_k.codes.shape().str(),
+            " and value ring ", ring_v.codes.shape().str(), " differ");
+  const int64_t t0 = detail::check_kv_write(ring_k.codes.shape(), ring_pos, k, v, positions, exec_mask),
+                Tk = k.size(1);
+  if (Tk == 0) return;
+  Kernels<B>::kv_write_q(ring_k, ring_v, ring_pos, k.slice(1, t0, Tk), v.slice(1, t0, Tk), positions.slice(1, t0, Tk),
+                         exec_mask);
 }
 
 // One token per row of logits [N, V] -> out [N]. `counter` is a [1] tensor on the backend

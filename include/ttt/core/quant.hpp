@@ -5,6 +5,8 @@
 // (per-output-channel, symmetric):
 //   W[n, k] ~= scale[n] * decode(q[n, k]),   scale[n] = max_k |W[n, k]| / F::qmax
 //   q[n, k] = encode(W[n, k] / scale[n])     (scale 1 for an all-zero row)
+// The same formats store an attention layer's KV cache (--kv-dtype): one scale per key or
+// value row of head_dim elements instead of per weight row (QuantKv below).
 // Two formats, each a policy with the same interface:
 //   Int8     two's-complement int8, qmax 127, encode = round half to even, clamp to +-127
 //   Fp8E4M3  OCP FP8 E4M3FN (bias 7, no infinities, 0x7F/0xFF NaN), qmax 448, encode =
@@ -106,6 +108,32 @@ struct QuantWeight {
   QuantWeight<F, B2> to() const {
     return {data.template to<B2>(), scale.template to<B2>()};
   }
+};
+
+// Keys or values of attention stored in format F (the KV cache with --kv-dtype fp8|int8):
+// one code per element and one fp32 scale per row of D, i.e. per (item, head, slot):
+//   x[b, h, s, d] ~= scale[b, h, s] * decode(codes[b, h, s, d]),
+//   scale = max_d |x[b, h, s, d]| / F::qmax (1 for an all-zero row)
+// which is quantize_rows on the [B * H * S, D] rows, so both backends write the same bytes.
+// For D = 128 a row costs 128 + 4 bytes against 256 in bf16.
+template <class F, class B>
+struct QuantKv {
+  using Format = F;
+  Tensor<uint8_t, B> codes;  // [B, H, S, D]
+  Tensor<float, B> scale;    // [B, H, S]
+
+  bool defined() const { return codes.defined(); }
+  int64_t size(int i) const { return codes.size(i); }
+  // All rows decode to zeros (codes 0, scales 0).
+  static QuantKv zeros(int64_t batch, int64_t heads, int64_t slots, int64_t dim) {
+    return {Tensor<uint8_t, B>::zeros({batch, heads, slots, dim}), Tensor<float, B>::zeros({batch, heads, slots})};
+  }
+  // The same buffers as the rows of one quantised matrix [B * H * S, D] (for dequantize).
+  QuantWeight<F, B> as_rows() const {
+    const int64_t n = codes.size(0) * codes.size(1) * codes.size(2);
+    return {codes.reshape({n, codes.size(3)}), scale.reshape({n})};
+  }
+  QuantKv clone() const { return {codes.clone(), scale.clone()}; }
 };
 
 }  // namespace ttt

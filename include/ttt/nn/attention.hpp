@@ -6,6 +6,8 @@
 // (ExtraKeys: KV-memory's virtual keys) without writing attention again.
 #include <cmath>
 #include <string>
+#include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "ttt/backend/ops.hpp"
@@ -20,23 +22,82 @@ namespace ttt::nn {
 
 // The ring KV cache of one attention layer. Keys are stored after RoPE. Each slot records
 // the absolute position it holds (-1: empty), which is all the mask needs, so a per-item
-// reset only clears positions.
+// reset only clears positions. The keys and values are stored as T (dense) or, with
+// --kv-dtype fp8|int8, quantised with one scale per (item, head, slot) row (core/quant.hpp
+// QuantKv): half the bytes of bf16, which is what bounds conversations per GPU.
 template <class T, class B>
 struct KvRing {
-  Tensor<T, B> k, v;       // [B, Hk, C, hd]
+  Tensor<T, B> k, v;       // [B, Hk, C, hd] (dense)
   Tensor<int64_t, B> pos;  // [B, C]
+  WeightFormat format = WeightFormat::dense;
+  QuantKv<Int8, B> k_int8, v_int8;     // format int8
+  QuantKv<Fp8E4M3, B> k_fp8, v_fp8;    // format fp8_e4m3
 
-  static KvRing make(int64_t batch, int64_t heads, int64_t capacity, int64_t head_dim) {
+  static KvRing make(int64_t batch, int64_t heads, int64_t capacity, int64_t head_dim,
+                     WeightFormat format = WeightFormat::dense) {
     NoArenaScope<B> persistent;  // outlives the step that may create it
     KvRing r;
-    r.k = Tensor<T, B>::zeros({batch, heads, capacity, head_dim});
-    r.v = Tensor<T, B>::zeros({batch, heads, capacity, head_dim});
+    r.format = format;
+    switch (format) {
+      case WeightFormat::dense:
+        r.k = Tensor<T, B>::zeros({batch, heads, capacity, head_dim});
+        r.v = Tensor<T, B>::zeros({batch, heads, capacity, head_dim});
+        break;
+      case WeightFormat::int8:
+        r.k_int8 = QuantKv<Int8, B>::zeros(batch, heads, capacity, head_dim);
+        r.v_int8 = QuantKv<Int8, B>::zeros(batch, heads, capacity, head_dim);
+        break;
+      case WeightFormat::fp8_e4m3:
+        r.k_fp8 = QuantKv<Fp8E4M3, B>::zeros(batch, heads, capacity, head_dim);
+        r.v_fp8 = QuantKv<Fp8E4M3, B>::zeros(batch, heads, capacity, head_dim);
+        break;
+    }
     r.pos = Tensor<int64_t, B>::empty({batch, capacity});
     ops::fill(r.pos, -1.0);
     return r;
   }
-  bool defined() const { return k.defined(); }
-  int64_t capacity() const { return k.size(2); }
+  bool defined() const { return pos.defined(); }
+  int64_t capacity() const { return pos.size(1); }
+  bool quantised() const { return format != WeightFormat::dense; }
+  // [B, Hk, C, hd] of the keys, whatever the storage.
+  Shape shape() const {
+    return format == WeightFormat::dense ? k.shape()
+           : format == WeightFormat::int8 ? k_int8.codes.shape()
+                                           : k_fp8.codes.shape();
+  }
+  // fn(keys, values) with the storage's own types: Tensor<T, B>, QuantKv<Int8, B> or
+  // QuantKv<Fp8E4M3, B> (the ops take each form; see ops::attention and ops::kv_write).
+  template <class Fn>
+  decltype(auto) visit(Fn&& fn) const {
+    switch (format) {
+      case WeightFormat::int8: return fn(k_int8, v_int8);
+      case WeightFormat::fp8_e4m3: return fn(k_fp8, v_fp8);
+      case WeightFormat::dense: break;
+    }
+    return fn(k, v);
+  }
+  // The keys and values as T: the dense buffers themselves, or decoded copies [B, Hk, C, hd].
+  std::pair<Tensor<T, B>, Tensor<T, B>> dense() const {
+    if (!quantised()) return {k, v};
+    auto kd = Tensor<T, B>::empty(shape()), vd = Tensor<T, B>::empty(shape());
+    visit([&](const auto& kk, const auto& vv) {
+      if constexpr (!std::is_same_v<std::decay_t<decltype(kk)>, Tensor<T, B>>) {
+        ops::dequantize(kd, kk);
+        ops::dequantize(vd, vv);
+      }
+    });
+    return {kd, vd};
+  }
+  // Writes this call's keys and values (ops::kv_write on the storage).
+  void write(const Tensor<T, B>& kn, const Tensor<T, B>& vn, const Tensor<int64_t, B>& positions,
+             const Tensor<uint8_t, B>& exec_mask) const {
+    visit([&](const auto& kk, const auto& vv) { ops::kv_write(kk, vv, pos, kn, vn, positions, exec_mask); });
+  }
+  // out [B, T, H, hd] = attention of q over the ring (ops::attention on the storage).
+  void attend(const Tensor<T, B>& out, const Tensor<T, B>& q, const Tensor<int64_t, B>& q_pos,
+              const AttentionParams& ap) const {
+    visit([&](const auto& kk, const auto& vv) { ops::attention(out, q, kk, vv, q_pos, pos, ap); });
+  }
 
   void reset(const std::vector<uint8_t>& mask) {
     bool all = true;
@@ -50,9 +111,9 @@ struct KvRing {
   }
   // The ring as `frames` one-step calls of every item (positions 0 .. frames - 1) leave it:
   // slot s holds the latest position p < frames with p = s (mod capacity), or none (-1);
-  // keys and values are random normal draws (`seed`). Benchmarks time a frame deep into a
-  // conversation this way without running the conversation: which keys a query attends to,
-  // and so the work, depends only on the positions.
+  // keys and values are random normal draws (`seed`), stored as the ring stores them.
+  // Benchmarks time a frame deep into a conversation this way without running the
+  // conversation: which keys a query attends to, and so the work, depends only on the positions.
   void fill_as_after(int64_t frames, uint64_t seed) {
     TTT_CHECK(frames >= 0, "KvRing::fill_as_after: frames must be >= 0, got ", frames);
     const int64_t Bn = pos.size(0), C = capacity();
@@ -63,28 +124,73 @@ struct KvRing {
       for (int64_t b = 0; b < Bn; ++b) p[size_t(b * C + s)] = q >= 0 ? q : -1;
     }
     pos.copy_from(to_backend<B>(Tensor<int64_t, Cpu>::from_vector({Bn, C}, p)));
-    ops::random_normal(k, 1.f, seed, 1);
-    ops::random_normal(v, 1.f, seed, 2);
+    auto fill = [&](const auto& dst, uint64_t key) {
+      using D = std::decay_t<decltype(dst)>;
+      if constexpr (std::is_same_v<D, Tensor<T, B>>) {
+        ops::random_normal(dst, 1.f, seed, key);
+      } else {  // item by item: a batch's worth of T would not fit beside a full cache
+        auto x = Tensor<T, B>::empty(dst.codes.select(0, 0).shape());
+        for (int64_t b = 0; b < Bn; ++b) {
+          ops::random_normal(x, 1.f, seed, key + 2 * uint64_t(b));
+          const D item{dst.codes.slice(0, b, b + 1), dst.scale.slice(0, b, b + 1)};
+          ops::quantize_rows(item.as_rows(), x.reshape(item.as_rows().shape()));
+        }
+      }
+    };
+    visit([&](const auto& kk, const auto& vv) {
+      fill(kk, 1);
+      fill(vv, 2);
+    });
   }
   KvRing clone() const {
     NoArenaScope<B> persistent;
     KvRing r;
-    r.k = k.clone();
-    r.v = v.clone();
+    r.format = format;
+    if (k.defined()) r.k = k.clone(), r.v = v.clone();
+    if (k_int8.defined()) r.k_int8 = k_int8.clone(), r.v_int8 = v_int8.clone();
+    if (k_fp8.defined()) r.k_fp8 = k_fp8.clone(), r.v_fp8 = v_fp8.clone();
     r.pos = pos.clone();
     return r;
   }
   // Item src_b of `src` (a ring of the same layer, any batch) into item dst_b of this one.
   void copy_item(int64_t dst_b, const KvRing& src, int64_t src_b) {
-    TTT_CHECK(src.k.shape().d[1] == k.shape().d[1] && src.capacity() == capacity() && src.k.size(3) == k.size(3),
-              "KvRing::copy_item: rings of different layers (", src.k.shape().str(), " vs ", k.shape().str(), ")");
-    k.select(0, dst_b).copy_from(src.k.select(0, src_b));
-    v.select(0, dst_b).copy_from(src.v.select(0, src_b));
+    TTT_CHECK(src.format == format, "KvRing::copy_item: a ", weight_format_name(src.format), " ring into a ",
+              weight_format_name(format), " one");
+    const Shape a = src.shape(), b = shape();
+    TTT_CHECK(a.d[1] == b.d[1] && src.capacity() == capacity() && a.d[3] == b.d[3],
+              "KvRing::copy_item: rings of different layers (", a.str(), " vs ", b.str(), ")");
+    auto item = [&](const auto& dst, const auto& s) {
+      using D = std::decay_t<decltype(dst)>;
+      if constexpr (std::is_same_v<D, Tensor<T, B>>) {
+        dst.select(0, dst_b).copy_from(s.select(0, src_b));
+      } else {
+        dst.codes.select(0, dst_b).copy_from(s.codes.select(0, src_b));
+        dst.scale.select(0, dst_b).copy_from(s.scale.select(0, src_b));
+      }
+    };
+    switch (format) {
+      case WeightFormat::dense: item(k, src.k), item(v, src.v); break;
+      case WeightFormat::int8: item(k_int8, src.k_int8), item(v_int8, src.v_int8); break;
+      case WeightFormat::fp8_e4m3: item(k_fp8, src.k_fp8), item(v_fp8, src.v_fp8); break;
+    }
     pos.select(0, dst_b).copy_from(src.pos.select(0, src_b));
   }
+  // Saved as <prefix>.k / .v (T, or the codes as u8 with .k_scale / .v_scale) and .pos; the
+  // format is recorded by which tensors exist, so a session saved with one --kv-dtype does
+  // not load into an engine running another.
   void save(io::SafeTensorsWriter& w, const std::string& prefix) const {
-    w.add(prefix + ".k", k);
-    w.add(prefix + ".v", v);
+    visit([&](const auto& kk, const auto& vv) {
+      using D = std::decay_t<decltype(kk)>;
+      if constexpr (std::is_same_v<D, Tensor<T, B>>) {
+        w.add(prefix + ".k", kk);
+        w.add(prefix + ".v", vv);
+      } else {
+        w.add(prefix + ".k", kk.codes);
+        w.add(prefix + ".k_scale", kk.scale);
+        w.add(prefix + ".v", vv.codes);
+        w.add(prefix + ".v_scale", vv.scale);
+      }
+    });
     w.add(prefix + ".pos", pos);
   }
   void load(const io::SafeTensors& st, const std::string& prefix) {
@@ -95,8 +201,22 @@ struct KvRing {
                 ", this session expects ", dst.shape().str());
       dst.copy_from(to_backend<B>(h));
     };
-    get(k, prefix + ".k");
-    get(v, prefix + ".v");
+    const bool saved_quantised = st.contains(prefix + ".k_scale");
+    TTT_CHECK(saved_quantised == quantised(), st.path(), ": the session's KV cache '", prefix, "' was saved ",
+              saved_quantised ? "quantised" : "dense", ", this engine stores it as ", weight_format_name(format),
+              " (start it with the --kv-dtype the session was saved with)");
+    visit([&](const auto& kk, const auto& vv) {
+      using D = std::decay_t<decltype(kk)>;
+      if constexpr (std::is_same_v<D, Tensor<T, B>>) {
+        get(kk, prefix + ".k");
+        get(vv, prefix + ".v");
+      } else {
+        get(kk.codes, prefix + ".k");
+        get(kk.scale, prefix + ".k_scale");
+        get(vv.codes, prefix + ".v");
+        get(vv.scale, prefix + ".v_scale");
+      }
+    });
     get(pos, prefix + ".pos");
   }
 };
@@ -167,7 +287,7 @@ struct Mha {
   KvRing<T, B> make_ring(int64_t batch) const {
     const int64_t cap = cfg.cache_capacity();
     TTT_CHECK(cap > 0, "streaming attention needs a context or weights_per_step to size its KV cache");
-    return KvRing<T, B>::make(batch, kv_heads, cap, head_dim);
+    return KvRing<T, B>::make(batch, kv_heads, cap, head_dim, cfg.kv_format);
   }
 
   // y [B, T, D] (+)= out_proj(attention(norm(x))); `norm` null: x is already normalised.
@@ -199,8 +319,8 @@ struct Mha {
     } else if (!extra && (Tn == 1 || cfg.ring_write_first)) {
       // One new step cannot evict a key it still needs (capacity >= context); several can,
       // which is Kyutai's streaming semantics when the config asks for it.
-      ops::kv_write(ring->k, ring->v, ring->pos, k, v, positions, exec_mask);
-      ops::attention(o, q, ring->k, ring->v, positions, ring->pos, ap);
+      ring->write(k, v, positions, exec_mask);
+      ring->attend(o, q, positions, ap);
     } else {
       // Attend over [extra ring | extra keys | ring | this call's keys], so that no key is
       // evicted before the queries of this call have seen it; then write the new keys.
@@ -215,18 +335,26 @@ struct Mha {
         vc.slice(2, at, at + n).copy_from(vv);
         pc.slice(1, at, at + n).copy_from(pp);
       };
-      if (xring) put(0, xring->k, xring->v, xring->pos);
+      // A quantised ring is decoded to T here (prefill and KV-memory layers; decoding
+      // steps take the branch above, which reads the codes directly).
+      if (xring) {
+        auto [xk, xv] = xring->dense();
+        put(0, xk, xv, xring->pos);
+      }
       if (extra) {
         put(N, extra->k.transpose(1, 2), extra->v.transpose(1, 2), extra->positions);
         ap.prefix = nx;
         ap.prefix_context = extra->window;
         ap.prefix_bias = extra->bias.data();
       }
-      if (ring) put(nx, ring->k, ring->v, ring->pos);
+      if (ring) {
+        auto [rk, rv] = ring->dense();
+        put(nx, rk, rv, ring->pos);
+      }
       put(nx + C, k.transpose(1, 2), v.transpose(1, 2), positions);
       ops::attention(o, q, kc, vc, positions, pc, ap);
-      if (ring) ops::kv_write(ring->k, ring->v, ring->pos, k, v, positions, exec_mask);
-      if (xring) ops::kv_write(xring->k, xring->v, xring->pos, extra->k, extra->v, extra->positions, exec_mask);
+      if (ring) ring->write(k, v, positions, exec_mask);
+      if (xring) xring->write(extra->k, extra->v, extra->positions, exec_mask);
     }
     project_into(y, o.reshape({Bn, Tn, dim}), out_proj, step, beta);
   }

@@ -15,6 +15,7 @@
 
 #include "ttt/backend/ops.hpp"
 #include "ttt/core/error.hpp"
+#include "ttt/core/quant.hpp"
 
 namespace ttt::nn {
 
@@ -74,6 +75,10 @@ struct TransformerConfig {
   float max_period = 10000.f, positional_scale = 1.f;
   std::optional<float> layer_scale;  // LayerScale's initial value; nullopt: no LayerScale
   int64_t context = 0;               // attention window in steps; 0: unlimited (the depformer)
+  // How the streaming KV cache stores keys and values: as the engine's T, or quantised per
+  // (item, head, slot) row (fp8 e4m3 / int8; nn/attention.hpp KvRing). A runtime choice of
+  // the engine (--kv-dtype), not part of Kyutai's config.
+  WeightFormat kv_format = WeightFormat::dense;
   bool causal = true;
   // How a streaming call of several steps meets the KV ring. false: it attends over the ring
   // plus its own keys, then writes them (every query sees its whole window: the same numbers

@@ -547,14 +547,18 @@ struct Kernels<Cpu> {
     cpu::conv::vq_nearest(codes, x, codebook);
   }
 
-  template <class T>
-  static void attention(const Tensor<T, Cpu>& out, const Tensor<T, Cpu>& q, const Tensor<T, Cpu>& k,
-                        const Tensor<T, Cpu>& v, const Tensor<int64_t, Cpu>& q_pos, const Tensor<int64_t, Cpu>& k_pos,
-                        const AttentionParams& p) {
-    const int64_t Bn = q.size(0), Tn = q.size(1), H = q.size(2), D = q.size(3), Hk = k.size(1), S = k.size(2);
+  // Masked attention, one (item, head) per thread. `key_dot(b, hk, s, qf)` is q . k[s] and
+  // `value_axpy(b, hk, s, w, acc)` adds w v[s] to acc: the storage of the keys and values
+  // (T, or codes with a scale per row) is all that differs between the two forms.
+  template <class T, class KeyDot, class ValueAxpy>
+  static void attention_rows(const Tensor<T, Cpu>& out, const Tensor<T, Cpu>& q, int64_t Hk, int64_t S,
+                             const Tensor<int64_t, Cpu>& q_pos, const Tensor<int64_t, Cpu>& k_pos,
+                             const AttentionParams& p, const KeyDot& key_dot, const ValueAxpy& value_axpy) {
+    const int64_t Bn = q.size(0), Tn = q.size(1), H = q.size(2), D = q.size(3);
     const int64_t rep = H / Hk;
     const int64_t work = Bn * H * Tn * S * D;
     const int nt = work > (int64_t(1) << 16) ? cpu::num_threads() : 1;
+    constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 #pragma omp parallel num_threads(nt) if (nt > 1)
     {
       std::vector<float> sc(static_cast<size_t>(S)), acc(static_cast<size_t>(D)), qf(static_cast<size_t>(D));
@@ -562,40 +566,35 @@ struct Kernels<Cpu> {
       for (int64_t b = 0; b < Bn; ++b)
         for (int64_t h = 0; h < H; ++h) {
           const int64_t hk = h / rep;
-          const T* kb = k.data() + b * k.stride(0) + hk * k.stride(1);
-          const T* vb = v.data() + b * v.stride(0) + hk * v.stride(1);
           for (int64_t t = 0; t < Tn; ++t) {
             const int64_t qp = q_pos(b, t);
             const T* qv = q.data() + b * q.stride(0) + t * q.stride(1) + h * q.stride(2);
             for (int64_t d = 0; d < D; ++d) qf[size_t(d)] = to_f32(qv[d]);
-            float m = -std::numeric_limits<float>::infinity();
+            float m = kNegInf;
             for (int64_t s = 0; s < S; ++s) {
               // kp <= qp before subtracting: positions from a loaded session are arbitrary.
               const int64_t kp = k_pos(b, s);
               const int64_t ctx = s < p.prefix ? p.prefix_context : p.context;
               if (kp < 0 || kp > qp || (ctx > 0 && qp - kp >= ctx)) {
-                sc[size_t(s)] = -std::numeric_limits<float>::infinity();
+                sc[size_t(s)] = kNegInf;
                 continue;
               }
-              const T* kv = kb + s * k.stride(2);
-              float dot = 0.f;
-              for (int64_t d = 0; d < D; ++d) dot += qf[size_t(d)] * to_f32(kv[d]);
-              sc[size_t(s)] = dot * p.scale + (s < p.prefix && p.prefix_bias ? p.prefix_bias[h] : 0.f);
+              sc[size_t(s)] = key_dot(b, hk, s, qf.data()) * p.scale +
+                              (s < p.prefix && p.prefix_bias ? p.prefix_bias[h] : 0.f);
               m = std::max(m, sc[size_t(s)]);
             }
             std::fill(acc.begin(), acc.end(), 0.f);
             T* o = out.data() + b * out.stride(0) + t * out.stride(1) + h * out.stride(2);
-            if (m == -std::numeric_limits<float>::infinity()) {
+            if (m == kNegInf) {
               for (int64_t d = 0; d < D; ++d) o[d] = from_f32<T>(0.f);
               continue;
             }
             float z = 0.f;
             for (int64_t s = 0; s < S; ++s) {
-              if (sc[size_t(s)] == -std::numeric_limits<float>::infinity()) continue;
+              if (sc[size_t(s)] == kNegInf) continue;
               const float w = std::exp(sc[size_t(s)] - m);
               z += w;
-              const T* vv = vb + s * v.stride(2);
-              for (int64_t d = 0; d < D; ++d) acc[size_t(d)] += w * to_f32(vv[d]);
+              value_axpy(b, hk, s, w, acc.data());
             }
             const float inv = 1.f / z;
             for (int64_t d = 0; d < D; ++d) o[d] = from_f32<T>(acc[size_t(d)] * inv);
@@ -605,24 +604,97 @@ struct Kernels<Cpu> {
   }
 
   template <class T>
+  static void attention(const Tensor<T, Cpu>& out, const Tensor<T, Cpu>& q, const Tensor<T, Cpu>& k,
+                        const Tensor<T, Cpu>& v, const Tensor<int64_t, Cpu>& q_pos, const Tensor<int64_t, Cpu>& k_pos,
+                        const AttentionParams& p) {
+    const int64_t D = q.size(3);
+    auto key_dot = [&](int64_t b, int64_t hk, int64_t s, const float* qf) {
+      const T* kv = k.data() + b * k.stride(0) + hk * k.stride(1) + s * k.stride(2);
+      float dot = 0.f;
+      for (int64_t d = 0; d < D; ++d) dot += qf[d] * to_f32(kv[d]);
+      return dot;
+    };
+    auto value_axpy = [&](int64_t b, int64_t hk, int64_t s, float w, float* acc) {
+      const T* vv = v.data() + b * v.stride(0) + hk * v.stride(1) + s * v.stride(2);
+      for (int64_t d = 0; d < D; ++d) acc[d] += w * to_f32(vv[d]);
+    };
+    attention_rows(out, q, k.size(1), k.size(2), q_pos, k_pos, p, key_dot, value_axpy);
+  }
+
+  // Quantised keys and values (core/quant.hpp QuantKv): codes decoded through a table, the
+  // row scale applied once per score (q . k = scale_k (q . decode(codes))) and folded into
+  // each value's weight.
+  template <class T, class F>
+  static void attention_q(const Tensor<T, Cpu>& out, const Tensor<T, Cpu>& q, const QuantKv<F, Cpu>& k,
+                          const QuantKv<F, Cpu>& v, const Tensor<int64_t, Cpu>& q_pos,
+                          const Tensor<int64_t, Cpu>& k_pos, const AttentionParams& p) {
+    const int64_t Hk = k.size(1), S = k.size(2), D = k.size(3);
+    float table[256];
+    for (int c = 0; c < 256; ++c) table[c] = F::decode(uint8_t(c));
+    auto key_dot = [&](int64_t b, int64_t hk, int64_t s, const float* qf) {
+      const int64_t row = (b * Hk + hk) * S + s;
+      const uint8_t* kc = k.codes.data() + row * D;
+      float dot = 0.f;
+      for (int64_t d = 0; d < D; ++d) dot += qf[d] * table[kc[d]];
+      return dot * k.scale.data()[row];
+    };
+    auto value_axpy = [&](int64_t b, int64_t hk, int64_t s, float w, float* acc) {
+      const int64_t row = (b * Hk + hk) * S + s;
+      const uint8_t* vc = v.codes.data() + row * D;
+      const float ws = w * v.scale.data()[row];
+      for (int64_t d = 0; d < D; ++d) acc[d] += ws * table[vc[d]];
+    };
+    attention_rows(out, q, Hk, S, q_pos, k_pos, p, key_dot, value_axpy);
+  }
+
+  template <class T>
   static void kv_write(const Tensor<T, Cpu>& ring_k, const Tensor<T, Cpu>& ring_v, const Tensor<int64_t, Cpu>& ring_pos,
                        const Tensor<T, Cpu>& k, const Tensor<T, Cpu>& v, const Tensor<int64_t, Cpu>& positions,
                        const Tensor<uint8_t, Cpu>& exec_mask) {
-    const int64_t Bn = ring_k.size(0), H = ring_k.size(1), C = ring_k.size(2), D = ring_k.size(3), Tn = k.size(1);
+    const int64_t D = ring_k.size(3);
+    kv_write_rows(ring_k.shape(), ring_pos, k, v, positions, exec_mask,
+                  [&](int64_t dst, const T* sk, const T* sv) {
+                    std::copy(sk, sk + D, ring_k.data() + dst * D);
+                    std::copy(sv, sv + D, ring_v.data() + dst * D);
+                  });
+  }
+  // Each written row quantised as quantize_rows does (the same bytes as on CUDA).
+  template <class T, class F>
+  static void kv_write_q(const QuantKv<F, Cpu>& ring_k, const QuantKv<F, Cpu>& ring_v,
+                         const Tensor<int64_t, Cpu>& ring_pos, const Tensor<T, Cpu>& k, const Tensor<T, Cpu>& v,
+                         const Tensor<int64_t, Cpu>& positions, const Tensor<uint8_t, Cpu>& exec_mask) {
+    const int64_t D = ring_k.size(3);
+    auto put = [&](const QuantKv<F, Cpu>& ring, int64_t dst, const T* src) {
+      float amax = 0.f;
+      for (int64_t d = 0; d < D; ++d) amax = std::max(amax, std::fabs(to_f32(src[d])));
+      const float s = amax > 0.f ? amax / F::qmax : 1.f;
+      uint8_t* codes = ring.codes.data() + dst * D;
+      for (int64_t d = 0; d < D; ++d) codes[d] = F::encode(to_f32(src[d]) / s);
+      ring.scale.data()[dst] = s;
+    };
+    kv_write_rows(ring_k.codes.shape(), ring_pos, k, v, positions, exec_mask,
+                  [&](int64_t dst, const T* sk, const T* sv) {
+                    put(ring_k, dst, sk);
+                    put(ring_v, dst, sv);
+                  });
+  }
+  // The ring bookkeeping of kv_write: for every executing (b, t) in order (a later token
+  // overwrites an earlier one of the same slot), ring_pos and then put(row, k row, v row)
+  // for each head, row = (b * H + h) * C + slot.
+  template <class T, class Put>
+  static void kv_write_rows(const Shape& ring, const Tensor<int64_t, Cpu>& ring_pos, const Tensor<T, Cpu>& k,
+                            const Tensor<T, Cpu>& v, const Tensor<int64_t, Cpu>& positions,
+                            const Tensor<uint8_t, Cpu>& exec_mask, const Put& put) {
+    const int64_t Bn = ring.d[0], H = ring.d[1], C = ring.d[2], Tn = k.size(1);
     for (int64_t b = 0; b < Bn; ++b) {
       if (exec_mask.defined() && !exec_mask.data()[b]) continue;
       for (int64_t t = 0; t < Tn; ++t) {
         const int64_t pos = positions(b, t);
         const int64_t slot = ((pos % C) + C) % C;
         ring_pos.data()[b * C + slot] = pos;
-        for (int64_t h = 0; h < H; ++h) {
-          T* dk = ring_k.data() + ((b * H + h) * C + slot) * D;
-          T* dv = ring_v.data() + ((b * H + h) * C + slot) * D;
-          const T* sk = k.data() + b * k.stride(0) + t * k.stride(1) + h * k.stride(2);
-          const T* sv = v.data() + b * v.stride(0) + t * v.stride(1) + h * v.stride(2);
-          std::copy(sk, sk + D, dk);
-          std::copy(sv, sv + D, dv);
-        }
+        for (int64_t h = 0; h < H; ++h)
+          put((b * H + h) * C + slot, k.data() + b * k.stride(0) + t * k.stride(1) + h * k.stride(2),
+              v.data() + b * v.stride(0) + t * v.stride(1) + h * v.stride(2));
       }
     }
   }

@@ -90,6 +90,15 @@ struct Kernels<Cuda> {
   static void kv_write(const Tensor<T, Cuda>& ring_k, const Tensor<T, Cuda>& ring_v,
                        const Tensor<int64_t, Cuda>& ring_pos, const Tensor<T, Cuda>& k, const Tensor<T, Cuda>& v,
                        const Tensor<int64_t, Cuda>& positions, const Tensor<uint8_t, Cuda>& exec_mask);
+  // The same with the keys and values stored quantised (QuantKv; kernels/attention.cuh).
+  template <class T, class F>
+  static void attention_q(const Tensor<T, Cuda>& out, const Tensor<T, Cuda>& q, const QuantKv<F, Cuda>& k,
+                          const QuantKv<F, Cuda>& v, const Tensor<int64_t, Cuda>& q_pos,
+                          const Tensor<int64_t, Cuda>& k_pos, const AttentionParams& p);
+  template <class T, class F>
+  static void kv_write_q(const QuantKv<F, Cuda>& ring_k, const QuantKv<F, Cuda>& ring_v,
+                         const Tensor<int64_t, Cuda>& ring_pos, const Tensor<T, Cuda>& k, const Tensor<T, Cuda>& v,
+                         const Tensor<int64_t, Cuda>& positions, const Tensor<uint8_t, Cuda>& exec_mask);
   template <class T>
   static void conv1d(const Tensor<T, Cuda>& out, const Tensor<T, Cuda>& x, const Tensor<T, Cuda>& w,
                      const Tensor<T, Cuda>& bias, int64_t stride, int64_t dilation, int64_t groups);

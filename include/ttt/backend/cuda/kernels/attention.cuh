@@ -1,6 +1,7 @@
 #pragma once
 // Kernels<Cuda> attention (nvcc only): masked attention over a key ring (split over the keys,
-// flash-decoding style, when the rows alone do not fill the GPU) and kv_write into the ring.
+// flash-decoding style, when the rows alone do not fill the GPU) and kv_write into the ring,
+// with the keys and values stored as T or quantised (QuantKv: codes and a scale per row).
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -10,6 +11,7 @@
 #include "ttt/backend/cuda/context.hpp"
 #include "ttt/backend/cuda/device.cuh"
 #include "ttt/backend/cuda/kernels.hpp"
+#include "ttt/backend/cuda/quant_decode.cuh"
 
 namespace ttt {
 namespace cuda::kernels {
@@ -25,11 +27,36 @@ using namespace device;
 // (flash-decoding), so a single decoding query still spreads over the GPU.
 constexpr int kAttnThreads = 256, kAttnMaxChunk = 2048, kAttnMinChunk = 128;
 
+// How the kernel reads keys and values: as T, or as codes of format F with one fp32 scale
+// per row (the scale multiplies the row's score and its softmax weight, never each element).
 template <class T>
+struct DenseKv {
+  using Elem = T;
+  static constexpr bool quantised = false;
+  static constexpr int vec = kVec<T>;  // elements per 16-byte load
+  __device__ static void load_vec(const Elem* p, float (&out)[kVec<T>]) { load16(p, out); }
+  __device__ static float load(const Elem* p) { return to_f32(*p); }
+};
+template <class F>
+struct CodesKv {
+  using Elem = uint8_t;
+  using Format = F;
+  static constexpr bool quantised = true;
+  static constexpr int vec = 16;
+  __device__ static void load_vec(const Elem* p, float (&out)[16]) {
+    decode16<F>(*reinterpret_cast<const uint4*>(p), out);
+  }
+  __device__ static float load(const Elem* p) { return decode1<F>(*p); }
+};
+
+template <class T, class KV>
 struct AttentionKernelParams {
+  using Elem = typename KV::Elem;
   const T* q;
-  const T* k;
-  const T* v;
+  const Elem* k;
+  const Elem* v;
+  const float* k_scale;  // [B, Hk, S] when KV is quantised
+  const float* v_scale;
   T* out;
   const int64_t* q_pos;
   const int64_t* k_pos;
@@ -44,26 +71,26 @@ struct AttentionKernelParams {
   bool vec_k;  // key rows 16-byte aligned
 };
 
-template <class T>
-__device__ inline float dot_key(const T* k, const float* q, int64_t D, bool vec) {
+template <class KV>
+__device__ inline float dot_key(const typename KV::Elem* k, const float* q, int64_t D, bool vec) {
   float dot = 0.f;
   if (vec) {
-    constexpr int kV = kVec<T>;
+    constexpr int kV = KV::vec;
 #pragma unroll 4
     for (int64_t d = 0; d < D; d += kV) {
       float kf[kV];
-      load16(k + d, kf);
+      KV::load_vec(k + d, kf);
 #pragma unroll
       for (int j = 0; j < kV; ++j) dot += q[d + j] * kf[j];
     }
   } else {
-    for (int64_t d = 0; d < D; ++d) dot += q[d] * to_f32(k[d]);
+    for (int64_t d = 0; d < D; ++d) dot += q[d] * KV::load(k + d);
   }
   return dot;
 }
 
-template <class T>
-__global__ void __launch_bounds__(kAttnThreads) attention_kernel(const AttentionKernelParams<T> p) {
+template <class T, class KV>
+__global__ void __launch_bounds__(kAttnThreads) attention_kernel(const AttentionKernelParams<T, KV> p) {
   extern __shared__ float smem[];
   const int64_t D = p.D;
   float* qf = smem;                // [D]
@@ -73,8 +100,9 @@ __global__ void __launch_bounds__(kAttnThreads) attention_kernel(const Attention
   const int64_t h = row % p.H, t = (row / p.H) % p.T_, b = row / (p.H * p.T_);
   const int64_t hk = h / (p.H / p.Hk);
   const int64_t s0 = int64_t(blockIdx.y) * p.chunk, s1 = min64(p.S, s0 + p.chunk);
-  const T* kb = p.k + b * p.ks[0] + hk * p.ks[1];
-  const T* vb = p.v + b * p.vs[0] + hk * p.vs[1];
+  const typename KV::Elem* kb = p.k + b * p.ks[0] + hk * p.ks[1];
+  const typename KV::Elem* vb = p.v + b * p.vs[0] + hk * p.vs[1];
+  const int64_t srow = (b * p.Hk + hk) * p.S;  // the scales' row of slot 0 (quantised KV)
 
   const T* qrow = p.q + b * p.qs[0] + t * p.qs[1] + h * p.qs[2];
   for (int64_t d = threadIdx.x; d < D; d += kAttnThreads) qf[d] = to_f32(qrow[d]);
@@ -90,19 +118,23 @@ __global__ void __launch_bounds__(kAttnThreads) attention_kernel(const Attention
     const int64_t ctx = in_prefix ? p.prefix_context : p.context;
     float sc = -INFINITY;
     if (kp >= 0 && kp <= qp && (ctx <= 0 || qp - kp < ctx)) {
-      sc = dot_key(kb + s * p.ks[2], qf, D, p.vec_k) * p.scale + (in_prefix && p.prefix_bias ? p.prefix_bias[h] : 0.f);
+      float dot = dot_key<KV>(kb + s * p.ks[2], qf, D, p.vec_k);
+      if constexpr (KV::quantised) dot *= p.k_scale[srow + s];
+      sc = dot * p.scale + (in_prefix && p.prefix_bias ? p.prefix_bias[h] : 0.f);
       m = fmaxf(m, sc);
     }
     w[s - s0] = sc;
   }
   m = block_all_reduce<kAttnThreads>(m, MaxOp{});
 
-  // Phase 2: weights (a masked key, or a split that sees none, weighs 0).
+  // Phase 2: weights (a masked key, or a split that sees none, weighs 0); a quantised
+  // value row's scale joins its weight here (z sums the weights without it).
   float z = 0.f;
   for (int64_t s = s0 + threadIdx.x; s < s1; s += kAttnThreads) {
     const float sc = w[s - s0];
     const float e = sc == -INFINITY ? 0.f : expf(sc - m);
-    w[s - s0] = e;
+    if constexpr (KV::quantised) w[s - s0] = e * p.v_scale[srow + s];
+    else w[s - s0] = e;
     z += e;
   }
   z = block_all_reduce<kAttnThreads>(z, SumOp{});  // its barrier publishes w
@@ -130,13 +162,13 @@ __global__ void __launch_bounds__(kAttnThreads) attention_kernel(const Attention
 #pragma unroll
         for (int u = 0; u < 4; ++u) ws[u] = w[s + u * G - s0];
 #pragma unroll
-        for (int u = 0; u < 4; ++u) xs[u] = ws[u] != 0.f ? to_f32(vb[(s + u * G) * p.vs[2] + d]) : 0.f;
+        for (int u = 0; u < 4; ++u) xs[u] = ws[u] != 0.f ? KV::load(vb + (s + u * G) * p.vs[2] + d) : 0.f;
 #pragma unroll
         for (int u = 0; u < 4; ++u) a += ws[u] * xs[u];
       }
       for (; s < s1; s += G) {
         const float ws = w[s - s0];
-        if (ws != 0.f) a += ws * to_f32(vb[s * p.vs[2] + d]);
+        if (ws != 0.f) a += ws * KV::load(vb + s * p.vs[2] + d);
       }
       if (G == 1) finish(d, a);
       else red[g * span + dl] = a;
@@ -156,8 +188,8 @@ __global__ void __launch_bounds__(kAttnThreads) attention_kernel(const Attention
   }
 }
 
-template <class T>
-__global__ void __launch_bounds__(kAttnThreads) attention_combine_kernel(const AttentionKernelParams<T> p) {
+template <class T, class KV>
+__global__ void __launch_bounds__(kAttnThreads) attention_combine_kernel(const AttentionKernelParams<T, KV> p) {
   const int64_t row = blockIdx.x, D = p.D, width = D + 2;
   const int64_t h = row % p.H, t = (row / p.H) % p.T_, b = row / (p.H * p.T_);
   const float* part = p.partial + row * p.splits * width;
@@ -177,12 +209,15 @@ __global__ void __launch_bounds__(kAttnThreads) attention_combine_kernel(const A
 
 }  // namespace cuda::kernels
 
-template <class T>
-void Kernels<Cuda>::attention(const Tensor<T, Cuda>& out, const Tensor<T, Cuda>& q, const Tensor<T, Cuda>& k,
-                              const Tensor<T, Cuda>& v, const Tensor<int64_t, Cuda>& q_pos,
-                              const Tensor<int64_t, Cuda>& k_pos, const AttentionParams& ap) {
-  using namespace cuda::kernels;
-  const int64_t Bn = q.size(0), Tn = q.size(1), H = q.size(2), D = q.size(3), S = k.size(2);
+namespace cuda::kernels {
+
+// Splits the keys, fills the rest of `p` (q, out, positions, shapes; the caller set k, v,
+// their strides and scales) and launches the kernel and, when split, the combine.
+template <class T, class KV>
+void launch_attention(AttentionKernelParams<T, KV>& p, const Tensor<T, Cuda>& out, const Tensor<T, Cuda>& q,
+                      int64_t Hk, int64_t S, const Tensor<int64_t, Cuda>& q_pos, const Tensor<int64_t, Cuda>& k_pos,
+                      const AttentionParams& ap) {
+  const int64_t Bn = q.size(0), Tn = q.size(1), H = q.size(2), D = q.size(3);
   const int64_t rows = Bn * Tn * H;
   // Enough splits to give the GPU ~4 blocks per SM, each split at least kAttnMinChunk
   // keys and at most kAttnMaxChunk (the scores live in shared memory).
@@ -195,39 +230,63 @@ void Kernels<Cuda>::attention(const Tensor<T, Cuda>& out, const Tensor<T, Cuda>&
   const size_t smem = size_t(D + chunk + kAttnThreads) * sizeof(float);
   TTT_CHECK(smem <= 48 * 1024, "attention: head dimension ", D, " is too large for the CUDA kernel");
 
-  AttentionKernelParams<T> p{};
-  p.q = q.data(), p.k = k.data(), p.v = v.data(), p.out = out.data();
+  p.q = q.data(), p.out = out.data();
   p.q_pos = q_pos.data(), p.k_pos = k_pos.data();
-  for (int i = 0; i < 3; ++i) {
-    p.qs[i] = q.stride(i), p.ks[i] = k.stride(i), p.vs[i] = v.stride(i), p.os[i] = out.stride(i);
-  }
+  for (int i = 0; i < 3; ++i) p.qs[i] = q.stride(i), p.os[i] = out.stride(i);
   p.qps[0] = q_pos.stride(0), p.qps[1] = q_pos.stride(1);
   p.kps[0] = k_pos.stride(0), p.kps[1] = k_pos.stride(1);
-  p.T_ = Tn, p.H = H, p.Hk = k.size(1), p.S = S, p.D = D, p.context = ap.context, p.chunk = chunk;
+  p.T_ = Tn, p.H = H, p.Hk = Hk, p.S = S, p.D = D, p.context = ap.context, p.chunk = chunk;
   p.prefix = ap.prefix, p.prefix_context = ap.prefix_context, p.prefix_bias = ap.prefix_bias;
   p.scale = ap.scale;
   p.splits = int(splits);
-  const bool rows_aligned = k.stride(0) % kVec<T> == 0 && k.stride(1) % kVec<T> == 0 &&
-                            k.stride(2) % kVec<T> == 0 && D % kVec<T> == 0;
-  p.vec_k = rows_aligned && aligned16(k.data());
+  constexpr int kV = KV::vec;
+  p.vec_k = p.ks[0] % kV == 0 && p.ks[1] % kV == 0 && p.ks[2] % kV == 0 && D % kV == 0 && aligned16(p.k);
 
   Tensor<float, Cuda> partial;
   if (splits > 1) {
     partial = Tensor<float, Cuda>::empty({rows * splits * (D + 2)});
     p.partial = partial.data();
   }
-  launch(attention_kernel<T>, dim3(unsigned(rows), unsigned(splits)), kAttnThreads, smem, 1, p);
-  if (splits > 1) launch(attention_combine_kernel<T>, unsigned(rows), kAttnThreads, 0, 1, p);
+  launch(attention_kernel<T, KV>, dim3(unsigned(rows), unsigned(splits)), kAttnThreads, smem, 1, p);
+  if (splits > 1) launch(attention_combine_kernel<T, KV>, unsigned(rows), kAttnThreads, 0, 1, p);
+}
+
+}  // namespace cuda::kernels
+
+template <class T>
+void Kernels<Cuda>::attention(const Tensor<T, Cuda>& out, const Tensor<T, Cuda>& q, const Tensor<T, Cuda>& k,
+                              const Tensor<T, Cuda>& v, const Tensor<int64_t, Cuda>& q_pos,
+                              const Tensor<int64_t, Cuda>& k_pos, const AttentionParams& ap) {
+  using namespace cuda::kernels;
+  AttentionKernelParams<T, DenseKv<T>> p{};
+  p.k = k.data(), p.v = v.data();
+  for (int i = 0; i < 3; ++i) p.ks[i] = k.stride(i), p.vs[i] = v.stride(i);
+  launch_attention(p, out, q, k.size(1), k.size(2), q_pos, k_pos, ap);
+}
+
+template <class T, class F>
+void Kernels<Cuda>::attention_q(const Tensor<T, Cuda>& out, const Tensor<T, Cuda>& q, const QuantKv<F, Cuda>& k,
+                                const QuantKv<F, Cuda>& v, const Tensor<int64_t, Cuda>& q_pos,
+                                const Tensor<int64_t, Cuda>& k_pos, const AttentionParams& ap) {
+  using namespace cuda::kernels;
+  AttentionKernelParams<T, CodesKv<F>> p{};
+  p.k = k.codes.data(), p.v = v.codes.data();
+  p.k_scale = k.scale.data(), p.v_scale = v.scale.data();
+  for (int i = 0; i < 3; ++i) p.ks[i] = k.codes.stride(i), p.vs[i] = v.codes.stride(i);
+  launch_attention(p, out, q, k.size(1), k.size(2), q_pos, k_pos, ap);
 }
 
 namespace cuda::kernels {
 
 // ---- kv_write -------------------------------------------------------------------------
 
-template <class T>
+template <class T, class KV>
 struct KvWriteParams {
-  T* ring_k;
-  T* ring_v;
+  using Elem = typename KV::Elem;
+  Elem* ring_k;
+  Elem* ring_v;
+  float* ring_k_scale;  // [B, H, C] when KV is quantised
+  float* ring_v_scale;
   int64_t* ring_pos;
   const T* k;
   const T* v;
@@ -237,11 +296,30 @@ struct KvWriteParams {
   int64_t T_, H, C, D;
 };
 
+constexpr int kKvWriteThreads = 128;
+
+// dst[0, D) = src as T, or quantised as quantize_rows_kernel does (amax over the row, scale
+// amax / qmax, codes F::encode(x / scale)): the same bytes as the CPU.
+template <class T, class KV>
+__device__ inline void kv_store_row(typename KV::Elem* dst, float* scale, const T* src, int64_t D) {
+  if constexpr (KV::quantised) {
+    using F = typename KV::Format;
+    float amax = 0.f;
+    for (int64_t d = threadIdx.x; d < D; d += kKvWriteThreads) amax = fmaxf(amax, fabsf(to_f32(src[d])));
+    amax = block_all_reduce<kKvWriteThreads>(amax, MaxOp{});
+    const float s = amax > 0.f ? amax / F::qmax : 1.f;
+    for (int64_t d = threadIdx.x; d < D; d += kKvWriteThreads) dst[d] = F::encode(to_f32(src[d]) / s);
+    if (threadIdx.x == 0) *scale = s;
+  } else {
+    for (int64_t d = threadIdx.x; d < D; d += kKvWriteThreads) dst[d] = src[d];
+  }
+}
+
 // One block per (b, t, h), threads over d. A token whose slot a later token of the same
 // call also writes is skipped, so the ring ends as after the CPU's sequential writes
 // (last writer wins).
-template <class T>
-__global__ void __launch_bounds__(128) kv_write_kernel(const KvWriteParams<T> p) {
+template <class T, class KV>
+__global__ void __launch_bounds__(kKvWriteThreads) kv_write_kernel(const KvWriteParams<T, KV> p) {
   const int64_t bt = blockIdx.x, h = blockIdx.y;
   const int64_t b = bt / p.T_, t = bt % p.T_;
   if (p.mask && !p.mask[b]) return;
@@ -254,13 +332,23 @@ __global__ void __launch_bounds__(128) kv_write_kernel(const KvWriteParams<T> p)
   for (int64_t t2 = t + 1 + threadIdx.x; t2 < p.T_; t2 += blockDim.x) later |= slot_of(t2) == slot;
   if (__syncthreads_or(later)) return;
   if (threadIdx.x == 0 && h == 0) p.ring_pos[b * p.C + slot] = p.pos[b * p.ps[0] + t * p.ps[1]];
-  const int64_t dst = ((b * p.H + h) * p.C + slot) * p.D;
-  const T* ks = p.k + b * p.ks[0] + t * p.ks[1] + h * p.ks[2];
-  const T* vs = p.v + b * p.vs[0] + t * p.vs[1] + h * p.vs[2];
-  for (int64_t d = threadIdx.x; d < p.D; d += blockDim.x) {
-    p.ring_k[dst + d] = ks[d];
-    p.ring_v[dst + d] = vs[d];
-  }
+  const int64_t row = (b * p.H + h) * p.C + slot;
+  kv_store_row<T, KV>(p.ring_k + row * p.D, p.ring_k_scale + row, p.k + b * p.ks[0] + t * p.ks[1] + h * p.ks[2], p.D);
+  kv_store_row<T, KV>(p.ring_v + row * p.D, p.ring_v_scale + row, p.v + b * p.vs[0] + t * p.vs[1] + h * p.vs[2], p.D);
+}
+
+template <class T, class KV>
+void launch_kv_write(KvWriteParams<T, KV>& p, const Shape& ring, const Tensor<int64_t, Cuda>& ring_pos,
+                     const Tensor<T, Cuda>& k, const Tensor<T, Cuda>& v, const Tensor<int64_t, Cuda>& positions,
+                     const Tensor<uint8_t, Cuda>& exec_mask) {
+  p.ring_pos = ring_pos.data(), p.k = k.data(), p.v = v.data(), p.pos = positions.data();
+  p.mask = exec_mask.defined() ? exec_mask.data() : nullptr;
+  for (int i = 0; i < 3; ++i) p.ks[i] = k.stride(i), p.vs[i] = v.stride(i);
+  p.ps[0] = positions.stride(0), p.ps[1] = positions.stride(1);
+  p.T_ = k.size(1), p.H = ring.d[1], p.C = ring.d[2], p.D = ring.d[3];
+  const int64_t blocks = ring.d[0] * p.T_;
+  if (blocks == 0 || p.H == 0) return;
+  launch(kv_write_kernel<T, KV>, dim3(unsigned(blocks), unsigned(p.H)), kKvWriteThreads, 0, 1, p);
 }
 
 }  // namespace cuda::kernels
@@ -271,15 +359,21 @@ void Kernels<Cuda>::kv_write(const Tensor<T, Cuda>& ring_k, const Tensor<T, Cuda
                              const Tensor<T, Cuda>& v, const Tensor<int64_t, Cuda>& positions,
                              const Tensor<uint8_t, Cuda>& exec_mask) {
   using namespace cuda::kernels;
-  KvWriteParams<T> p{ring_k.data(), ring_v.data(), ring_pos.data(), k.data(), v.data(), positions.data(),
-                     exec_mask.defined() ? exec_mask.data() : nullptr,
-                     {k.stride(0), k.stride(1), k.stride(2)},
-                     {v.stride(0), v.stride(1), v.stride(2)},
-                     {positions.stride(0), positions.stride(1)},
-                     k.size(1), ring_k.size(1), ring_k.size(2), ring_k.size(3)};
-  const int64_t blocks = ring_k.size(0) * p.T_;
-  if (blocks == 0 || p.H == 0) return;
-  launch(kv_write_kernel<T>, dim3(unsigned(blocks), unsigned(p.H)), 128, 0, 1, p);
+  KvWriteParams<T, DenseKv<T>> p{};
+  p.ring_k = ring_k.data(), p.ring_v = ring_v.data();
+  launch_kv_write(p, ring_k.shape(), ring_pos, k, v, positions, exec_mask);
+}
+
+template <class T, class F>
+void Kernels<Cuda>::kv_write_q(const QuantKv<F, Cuda>& ring_k, const QuantKv<F, Cuda>& ring_v,
+                               const Tensor<int64_t, Cuda>& ring_pos, const Tensor<T, Cuda>& k,
+                               const Tensor<T, Cuda>& v, const Tensor<int64_t, Cuda>& positions,
+                               const Tensor<uint8_t, Cuda>& exec_mask) {
+  using namespace cuda::kernels;
+  KvWriteParams<T, CodesKv<F>> p{};
+  p.ring_k = ring_k.codes.data(), p.ring_v = ring_v.codes.data();
+  p.ring_k_scale = ring_k.scale.data(), p.ring_v_scale = ring_v.scale.data();
+  launch_kv_write(p, ring_k.codes.shape(), ring_pos, k, v, positions, exec_mask);
 }
 
 }  // namespace ttt

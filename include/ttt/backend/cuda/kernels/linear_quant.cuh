@@ -26,6 +26,7 @@
 #include "ttt/backend/cuda/device.cuh"
 #include "ttt/backend/cuda/kernels.hpp"
 #include "ttt/backend/cuda/kernels/linear.cuh"
+#include "ttt/backend/cuda/quant_decode.cuh"
 #include "ttt/backend/math.hpp"
 #include "ttt/backend/ops.hpp"
 #include "ttt/core/quant.hpp"
@@ -72,36 +73,6 @@ __global__ void dequantize_kernel(const DequantizeParams<T> p) {
   const int64_t total = p.N * p.K;
   for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x)
     p.out[i] = from_f32<T>(p.scale[i / p.K] * F::decode(p.q[i]));
-}
-
-// ---- decoding 16 codes in registers ----------------------------------------------------
-
-// int8: byte b biased to unsigned (b ^ 0x80) placed in a float's low mantissa bits:
-// 2^23 + (b + 128) exactly; subtracting 2^23 + 128 leaves b. Two instructions per weight.
-// fp8 e4m3: the hardware's exact e4m3x2 -> f16x2 conversion (sm_89+), then to float.
-// Both equal F::decode bit for bit.
-template <class F>
-__device__ __forceinline__ void decode16(const uint4& u, float (&out)[16]) {
-  const uint32_t w[4] = {u.x, u.y, u.z, u.w};
-#pragma unroll
-  for (int j = 0; j < 4; ++j) {
-    if constexpr (std::is_same_v<F, Int8>) {
-      const uint32_t b = w[j] ^ 0x80808080u;
-#pragma unroll
-      for (int i = 0; i < 4; ++i)
-        out[4 * j + i] = __uint_as_float(__byte_perm(b, 0x4B00u, 0x5440u + unsigned(i))) - 8388736.f;
-    } else {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
-      const __half2_raw lo = __nv_cvt_fp8x2_to_halfraw2(__nv_fp8x2_storage_t(w[j] & 0xFFFFu), __NV_E4M3);
-      const __half2_raw hi = __nv_cvt_fp8x2_to_halfraw2(__nv_fp8x2_storage_t(w[j] >> 16), __NV_E4M3);
-      const float2 a = __half22float2(__half2(lo)), b = __half22float2(__half2(hi));
-      out[4 * j] = a.x, out[4 * j + 1] = a.y, out[4 * j + 2] = b.x, out[4 * j + 3] = b.y;
-#else
-#pragma unroll
-      for (int i = 0; i < 4; ++i) out[4 * j + i] = F::decode(uint8_t(w[j] >> (8 * i)));
-#endif
-    }
-  }
 }
 
 // ---- GEMV with a quantised weight (R <= 8) -----------------------------------------------
