@@ -1,6 +1,7 @@
 #pragma once
 // Shared pieces of the Moshi tests.
 #include <cmath>
+#include <utility>
 #include <vector>
 
 #include "catch.hpp"
@@ -21,6 +22,52 @@ inline double max_err_unmasked(const ttt::Tensor<float, ttt::Cpu>& a, const ttt:
     if (!std::isnan(rv[i])) m = std::max(m, double(std::abs(av[i] - rv[i])));
   }
   return m;
+}
+
+// Max |a - ref| over the positions `mask` [B, K, T] keeps (logits [B, K, T, V]); a NaN must
+// be NaN in both.
+inline double max_masked_err(const Tensor<float, Cpu>& a, const Tensor<float, Cpu>& ref, const Tensor<uint8_t, Cpu>& mask) {
+  REQUIRE(a.shape() == ref.shape());
+  const int64_t V = ref.size(3);
+  auto av = a.contiguous(), rv = ref.contiguous();
+  auto mv = mask.contiguous();
+  double e = 0;
+  for (int64_t i = 0; i < mv.numel(); ++i) {
+    if (!mv.data()[i]) continue;
+    for (int64_t v = 0; v < V; ++v) {
+      const float x = av.data()[i * V + v], y = rv.data()[i * V + v];
+      REQUIRE(std::isnan(x) == std::isnan(y));
+      if (!std::isnan(y)) e = std::max(e, double(std::abs(x - y)));
+    }
+  }
+  return e;
+}
+
+// Issue 13's argmax criterion: of the kept positions whose reference top-2 margin exceeds
+// `margin`, (how many there are, how many keep the reference's argmax in `a`).
+inline std::pair<int64_t, int64_t> argmax_agreement(const Tensor<float, Cpu>& a, const Tensor<float, Cpu>& r,
+                                                    const Tensor<uint8_t, Cpu>& m, double margin) {
+  const int64_t V = r.size(3);
+  auto av = a.contiguous(), rv = r.contiguous();
+  auto mv = m.contiguous();
+  int64_t confident = 0, agree = 0;
+  for (int64_t i = 0; i < mv.numel(); ++i) {
+    if (!mv.data()[i]) continue;
+    const float *ra = rv.data() + i * V, *aa = av.data() + i * V;
+    int64_t best = 0, abest = 0;
+    for (int64_t v = 1; v < V; ++v) {
+      if (ra[v] > ra[best]) best = v;
+      if (aa[v] > aa[abest]) abest = v;
+    }
+    float second = -INFINITY;
+    for (int64_t v = 0; v < V; ++v)
+      if (v != best) second = std::max(second, ra[v]);
+    if (ra[best] - second > margin) {
+      ++confident;
+      agree += abest == best;
+    }
+  }
+  return {confident, agree};
 }
 
 // Streams the delayed inputs of `codes` through the temporal transformer in chunks of the
@@ -79,3 +126,13 @@ typename M::Output stream_teacher_forced(const M& m, const Tensor<int64_t, Cpu>&
   return out;
 }
 
+
+// The Moshi fixture in `dir` streamed frame by frame (every query reads the KV ring) through
+// model M loaded with its temporal KV cache stored as `kv` (--kv-dtype).
+template <class M>
+typename M::Output stream_fixture(const std::string& dir, const Tensor<int64_t, Cpu>& codes, WeightFormat kv) {
+  auto cfg = moshi::LmConfig::load(dir + "/config.json");
+  cfg.transformer.kv_format = kv;
+  io::WeightSource ws(dir + "/model.safetensors");
+  return stream_teacher_forced(M::load(cfg, ws), codes, {1});
+}

@@ -75,31 +75,10 @@ double check_case(const std::string& dir, bool has_gen, double tol, WeightFormat
   if constexpr (!std::is_same_v<T, float>) {
     // Greedy agreement where it is defined: at every position whose reference top-2 margin
     // exceeds twice the bf16 noise, the argmax must be the reference's.
-    int64_t confident = 0, agree = 0;
-    auto argmax_check = [&](const Tensor<float, Cpu>& a, const Tensor<float, Cpu>& r, const Tensor<uint8_t, Cpu>& m) {
-      const int64_t V = r.size(3);
-      auto av = a.contiguous(), rv = r.contiguous();
-      auto mv = m.contiguous();
-      for (int64_t i = 0; i < mv.numel(); ++i) {
-        if (!mv.data()[i]) continue;
-        const float* ra = rv.data() + i * V;
-        const float* aa = av.data() + i * V;
-        int64_t best = 0, abest = 0;
-        float second = -INFINITY;
-        for (int64_t v = 1; v < V; ++v) {
-          if (ra[v] > ra[best]) best = v;
-          if (aa[v] > aa[abest]) abest = v;
-        }
-        for (int64_t v = 0; v < V; ++v)
-          if (v != best) second = std::max(second, ra[v]);
-        if (ra[best] - second > 2 * tol) {
-          ++confident;
-          agree += abest == best;
-        }
-      }
-    };
-    argmax_check(out.logits, ref.load<float>("logits"), ref.load<uint8_t>("mask"));
-    argmax_check(out.text_logits, ref.load<float>("text_logits"), ref.load<uint8_t>("text_mask"));
+    const auto [c1, a1] = argmax_agreement(out.logits, ref.load<float>("logits"), ref.load<uint8_t>("mask"), 2 * tol);
+    const auto [c2, a2] =
+        argmax_agreement(out.text_logits, ref.load<float>("text_logits"), ref.load<uint8_t>("text_mask"), 2 * tol);
+    const int64_t confident = c1 + c2, agree = a1 + a2;
     std::printf("[cuda %s] %-60s teacher-forced argmax equal at %lld / %lld positions with margin > %.3g\n",
                 label.c_str(), dir.c_str(), (long long)agree, (long long)confident, 2 * tol);
     REQUIRE(agree == confident);
@@ -244,41 +223,17 @@ TEST_CASE("CUDA: an fp8 / int8 KV cache stays within 3x the bf16 engine's error 
     auto ref = io::SafeTensors::open(dir + "/out.safetensors");
     const auto rl = ref.load<float>("logits"), rt = ref.load<float>("text_logits");
     const auto ml = ref.load<uint8_t>("mask"), mt = ref.load<uint8_t>("text_mask");
-    auto stream = [&](WeightFormat kv) {
-      auto cfg = LmConfig::load(dir + "/config.json");
-      cfg.transformer.kv_format = kv;
-      io::WeightSource ws(dir + "/model.safetensors");
-      return stream_teacher_forced(ModelT<bf16>::load(cfg, ws), codes, {1});
-    };
     auto err = [&](const ModelT<bf16>::Output& o) {
-      return std::max(compare(o.logits, rl, ml).max_abs, compare(o.text_logits, rt, mt).max_abs);
+      return std::max(max_masked_err(o.logits, rl, ml), max_masked_err(o.text_logits, rt, mt));
     };
-    const double eb = err(stream(WeightFormat::dense));
+    const double eb = err(stream_fixture<ModelT<bf16>>(dir, codes, WeightFormat::dense));
     std::printf("[cuda kv] %-22s bf16 engine, bf16 KV: logits max abs err %.3e (bound 3x = %.3e)\n", name, eb, 3 * eb);
     for (WeightFormat kv : {WeightFormat::fp8_e4m3, WeightFormat::int8}) {
-      const auto o = stream(kv);
+      const auto o = stream_fixture<ModelT<bf16>>(dir, codes, kv);
       const double e = err(o), margin = 2 * 3 * eb;
-      int64_t confident = 0, agree = 0;
-      auto argmax_check = [&](const Tensor<float, Cpu>& a, const Tensor<float, Cpu>& r, const Tensor<uint8_t, Cpu>& m) {
-        const int64_t V = r.size(3);
-        auto av = a.contiguous(), rv = r.contiguous();
-        auto mv = m.contiguous();
-        for (int64_t i = 0; i < mv.numel(); ++i) {
-          if (!mv.data()[i]) continue;
-          const float *ra = rv.data() + i * V, *aa = av.data() + i * V;
-          int64_t best = 0, abest = 0;
-          for (int64_t v = 1; v < V; ++v) {
-            if (ra[v] > ra[best]) best = v;
-            if (aa[v] > aa[abest]) abest = v;
-          }
-          float second = -INFINITY;
-          for (int64_t v = 0; v < V; ++v)
-            if (v != best) second = std::max(second, ra[v]);
-          if (ra[best] - second > margin) ++confident, agree += abest == best;
-        }
-      };
-      argmax_check(o.logits, rl, ml);
-      argmax_check(o.text_logits, rt, mt);
+      const auto [c1, a1] = argmax_agreement(o.logits, rl, ml, margin);
+      const auto [c2, a2] = argmax_agreement(o.text_logits, rt, mt, margin);
+      const int64_t confident = c1 + c2, agree = a1 + a2;
       std::printf("[cuda kv] %-22s bf16 engine, %-8s KV: logits max abs err %.3e (%.2fx bf16); argmax equal at %lld / "
                   "%lld positions with margin > %.3g\n",
                   name, std::string(weight_format_name(kv)).c_str(), e, e / eb, (long long)agree, (long long)confident,

@@ -125,44 +125,6 @@ namespace {
 using ModelF = moshi::LmModel<float, Cpu, moshi::DefaultPolicies>;
 using ModelB = moshi::LmModel<bf16, Cpu, moshi::DefaultPolicies>;
 
-double max_masked_err(const Tensor<float, Cpu>& a, const Tensor<float, Cpu>& ref, const Tensor<uint8_t, Cpu>& mask) {
-  const int64_t V = ref.size(3);
-  auto av = a.contiguous(), rv = ref.contiguous();
-  auto mv = mask.contiguous();
-  double e = 0;
-  for (int64_t i = 0; i < mv.numel(); ++i) {
-    if (!mv.data()[i]) continue;
-    for (int64_t v = 0; v < V; ++v) e = std::max(e, double(std::abs(av.data()[i * V + v] - rv.data()[i * V + v])));
-  }
-  return e;
-}
-
-// Positions whose reference top-2 margin exceeds `margin`, and how many keep its argmax.
-std::pair<int64_t, int64_t> argmax_agreement(const Tensor<float, Cpu>& a, const Tensor<float, Cpu>& r,
-                                             const Tensor<uint8_t, Cpu>& m, double margin) {
-  const int64_t V = r.size(3);
-  auto av = a.contiguous(), rv = r.contiguous();
-  auto mv = m.contiguous();
-  int64_t confident = 0, agree = 0;
-  for (int64_t i = 0; i < mv.numel(); ++i) {
-    if (!mv.data()[i]) continue;
-    const float *ra = rv.data() + i * V, *aa = av.data() + i * V;
-    int64_t best = 0, abest = 0;
-    for (int64_t v = 1; v < V; ++v) {
-      if (ra[v] > ra[best]) best = v;
-      if (aa[v] > aa[abest]) abest = v;
-    }
-    float second = -INFINITY;
-    for (int64_t v = 0; v < V; ++v)
-      if (v != best) second = std::max(second, ra[v]);
-    if (ra[best] - second > margin) {
-      ++confident;
-      agree += abest == best;
-    }
-  }
-  return {confident, agree};
-}
-
 }  // namespace
 
 // Issue 13 goal 3's accuracy report, on the CPU: the fixtures streamed one frame at a time (so
@@ -178,29 +140,20 @@ TEST_CASE("a quantised KV cache stays within 3x the bf16 engine's error of the f
     auto ref = io::SafeTensors::open(dir + "/out.safetensors");
     const auto rl = ref.load<float>("logits"), rt = ref.load<float>("text_logits");
     const auto ml = ref.load<uint8_t>("mask"), mt = ref.load<uint8_t>("text_mask");
-    auto stream = [&](auto model_tag, WeightFormat kv) {
-      using M = decltype(model_tag);
-      auto cfg = LmConfig::load(dir + "/config.json");
-      cfg.transformer.kv_format = kv;
-      io::WeightSource ws(dir + "/model.safetensors");
-      const auto m = M::load(cfg, ws);
-      auto out = stream_teacher_forced(m, codes, {1});
-      return std::make_pair(out.logits, out.text_logits);
+    auto err = [&](const auto& o) {
+      return std::max(max_masked_err(o.logits, rl, ml), max_masked_err(o.text_logits, rt, mt));
     };
-    auto err = [&](const std::pair<Tensor<float, Cpu>, Tensor<float, Cpu>>& o) {
-      return std::max(max_masked_err(o.first, rl, ml), max_masked_err(o.second, rt, mt));
-    };
-    const double ef = err(stream(ModelF{}, WeightFormat::dense));
-    const double eb = err(stream(ModelB{}, WeightFormat::dense));
+    const double ef = err(stream_fixture<ModelF>(dir, codes, WeightFormat::dense));
+    const double eb = err(stream_fixture<ModelB>(dir, codes, WeightFormat::dense));
     std::printf("[kv cpu] %-22s f32 engine, f32 KV  logits max abs err %.3e\n", name, ef);
     std::printf("[kv cpu] %-22s bf16 engine, bf16 KV logits max abs err %.3e (the bound: 3x = %.3e)\n", name, eb, 3 * eb);
     CHECK(ef <= 1e-4);  // the streamed f32 engine is the reference (the test is about the KV storage)
     for (WeightFormat kv : {WeightFormat::fp8_e4m3, WeightFormat::int8}) {
-      const auto q = stream(ModelB{}, kv);
-      const double e = err(q), e_fmt = err(stream(ModelF{}, kv));
+      const auto q = stream_fixture<ModelB>(dir, codes, kv);
+      const double e = err(q), e_fmt = err(stream_fixture<ModelF>(dir, codes, kv));
       const double margin = 2 * 3 * eb;
-      auto [c1, a1] = argmax_agreement(q.first, rl, ml, margin);
-      auto [c2, a2] = argmax_agreement(q.second, rt, mt, margin);
+      auto [c1, a1] = argmax_agreement(q.logits, rl, ml, margin);
+      auto [c2, a2] = argmax_agreement(q.text_logits, rt, mt, margin);
       std::printf("[kv cpu] %-22s bf16 engine, %-8s KV logits max abs err %.3e (%.2fx bf16; f32 engine with this KV "
                   "%.3e); argmax equal at %lld / %lld positions with margin > %.3g\n",
                   name, std::string(weight_format_name(kv)).c_str(), e, e / eb, e_fmt, (long long)(a1 + a2),

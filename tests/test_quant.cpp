@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "catch.hpp"
+#include "moshi_helpers.hpp"
 #include "ttt/moshi/generator.hpp"
 #include "ttt/moshi/policies.hpp"
 #include "ttt/moshi/quantize.hpp"
@@ -201,49 +202,6 @@ namespace {
 
 using ModelF = moshi::LmModel<float, Cpu, moshi::DefaultPolicies>;
 using ModelB = moshi::LmModel<bf16, Cpu, moshi::DefaultPolicies>;
-
-double max_masked_err(const Tensor<float, Cpu>& a, const Tensor<float, Cpu>& ref, const Tensor<uint8_t, Cpu>& mask) {
-  const int64_t V = ref.size(3);
-  auto av = a.contiguous(), rv = ref.contiguous();
-  auto mv = mask.contiguous();
-  double e = 0;
-  for (int64_t i = 0; i < mv.numel(); ++i) {
-    if (!mv.data()[i]) continue;
-    for (int64_t v = 0; v < V; ++v) {
-      const float x = av.data()[i * V + v], y = rv.data()[i * V + v];
-      REQUIRE(std::isnan(x) == std::isnan(y));
-      if (!std::isnan(y)) e = std::max(e, double(std::abs(x - y)));
-    }
-  }
-  return e;
-}
-
-// Positions whose reference top-2 margin exceeds `margin`, and how many of them keep the
-// reference's argmax.
-std::pair<int64_t, int64_t> argmax_agreement(const Tensor<float, Cpu>& a, const Tensor<float, Cpu>& r,
-                                             const Tensor<uint8_t, Cpu>& m, double margin) {
-  const int64_t V = r.size(3);
-  auto av = a.contiguous(), rv = r.contiguous();
-  auto mv = m.contiguous();
-  int64_t confident = 0, agree = 0;
-  for (int64_t i = 0; i < mv.numel(); ++i) {
-    if (!mv.data()[i]) continue;
-    const float *ra = rv.data() + i * V, *aa = av.data() + i * V;
-    int64_t best = 0, abest = 0;
-    for (int64_t v = 1; v < V; ++v) {
-      if (ra[v] > ra[best]) best = v;
-      if (aa[v] > aa[abest]) abest = v;
-    }
-    float second = -INFINITY;
-    for (int64_t v = 0; v < V; ++v)
-      if (v != best) second = std::max(second, ra[v]);
-    if (ra[best] - second > margin) {
-      ++confident;
-      agree += abest == best;
-    }
-  }
-  return {confident, agree};
-}
 
 // Max |a - b| with NaN only where the other is NaN too.
 double max_err_nan_equal(const Tensor<float, Cpu>& a, const Tensor<float, Cpu>& b) {

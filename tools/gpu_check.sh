@@ -118,34 +118,36 @@ if has bench-designs; then
   done
 fi
 
-# Not part of `all` (~3-4 min): issue 13 goal 4, `ttt-moshi bench --max-streams`: the largest
+# Not part of `all` (~5-6 min): issue 13 goal 4, `ttt-moshi bench --max-streams`: the largest
 # batch whose frame stays <= 80 ms (median) with every KV ring full (3000 frames) and that fits
-# in memory, for plain Moshi 7B bf16, replace16 bf16 and plain fp8 (3 warm-up + 10 timed frames
-# per tried batch), then a summary table. MAX_STREAMS_RUNS replaces the list: space-separated
-# name|dtype|config entries, config empty for the 7B preset (e.g. add
-# "kvmem8|bf16|bench/configs/moshi_7b_kvmem8.json" or "plain|int8|").
+# in memory, for plain Moshi 7B bf16, replace16 bf16, plain fp8, and fp8 / bf16 weights with an
+# fp8 KV cache (3 warm-up + 10 timed frames per tried batch), then a summary table.
+# MAX_STREAMS_RUNS replaces the list: space-separated name|dtype|config|kv entries, config empty
+# for the 7B preset, kv the --kv-dtype (empty: same) (e.g. add
+# "kvmem8|bf16|bench/configs/moshi_7b_kvmem8.json|" or "plain|int8||int8").
 if printf '%s\n' "${steps[@]}" | grep -qx max-streams; then
   rows=()
   # One word per run (a quoted default inside ${:-} stayed one word and broke the first run).
-  runs=(${MAX_STREAMS_RUNS:-plain\|bf16\| replace16\|bf16\|bench/configs/moshi_7b_replace16.json plain\|fp8\|})
+  runs=(${MAX_STREAMS_RUNS:-plain\|bf16\|\| replace16\|bf16\|bench/configs/moshi_7b_replace16.json\| plain\|fp8\|\| plain\|fp8\|\|fp8 plain\|bf16\|\|fp8})
   for run in "${runs[@]}"; do
-    IFS='|' read -r name dt cfgf <<< "$run"
+    IFS='|' read -r name dt cfgf kv <<< "$run"
     args=(--preset 7b)
     [ -n "$cfgf" ] && args=(--config "$cfgf")
-    log="$out/max_streams_${name}_$dt.log"
+    kv=${kv:-same}
+    log="$out/max_streams_${name}_${dt}_kv_$kv.log"
     s=$(date +%s)
-    timeout 240 "$bin/ttt-moshi" bench "${args[@]}" --backend cuda --dtype "$dt" --max-streams --frames 10 --warmup 3 \
-      > "$log" 2>&1
-    echo "== max-streams $name $dt rc=$? ($(( $(date +%s) - s )) s)"
+    timeout 240 "$bin/ttt-moshi" bench "${args[@]}" --backend cuda --dtype "$dt" --kv-dtype "$kv" --max-streams \
+      --frames 10 --warmup 3 > "$log" 2>&1
+    echo "== max-streams $name $dt kv $kv rc=$? ($(( $(date +%s) - s )) s)"
     grep -E "^(max-streams|floor|anchor)" "$log" | grep -v "^max-streams result"
     res=$(grep "^max-streams result:" "$log" | tail -1)
-    rows+=("$name $dt ${res:-no result}")
+    rows+=("$name $dt $kv ${res:-no result}")
   done
-  echo "| config | dtype | max streams (<= 80 ms) | p50 ms | p99 ms | GiB used | next batch |"
-  echo "|---|---|---|---|---|---|---|"
+  echo "| config | dtype | KV | max streams (<= 80 ms) | p50 ms | p99 ms | GiB used | next batch |"
+  echo "|---|---|---|---|---|---|---|---|"
   for row in "${rows[@]}"; do
-    echo "$row" | awk '{ v["streams"] = "?"; for (i = 3; i <= NF; ++i) { split($i, kv, "="); v[kv[1]] = kv[2] }
-      printf "| %s | %s | %s | %s | %s | %s | %s %s |\n", $1, $2, v["streams"], v["p50"], v["p99"], v["gib"], v["next"], v["next_state"] }'
+    echo "$row" | awk '{ v["streams"] = "?"; for (i = 4; i <= NF; ++i) { split($i, kv, "="); v[kv[1]] = kv[2] }
+      printf "| %s | %s | %s | %s | %s | %s | %s | %s %s |\n", $1, $2, $3, v["streams"], v["p50"], v["p99"], v["gib"], v["next"], v["next_state"] }'
   done
   echo "anchor (issue 13, PyTorch moshi 0.2.13 on the H200): 64 streams (batch 32 at 22.0 ms, 64 at 35.1 ms, 128 does not fit)"
 fi

@@ -279,13 +279,16 @@ Tensor<T, B> linear(const Tensor<T, B>& x, const Tensor<T, B>& w) {
   return y;
 }
 
+namespace detail {
+// The checks of fused_linear for a weight of shape [N_w, K] (dense or quantised, `what` says
+// which); returns the input's rows.
 template <class T, class B>
-void fused_linear(const Tensor<T, B>& y, const Tensor<T, B>& x, const Tensor<T, B>& w, const FusedLinear<T, B>& f) {
-  TTT_CHECK(w.rank() == 2 && w.is_contiguous(), "fused_linear: weight must be contiguous [out, in], got ", w.shape().str());
-  TTT_CHECK(x.rank() >= 1 && x.size(-1) == w.size(1), "fused_linear: input ", x.shape().str(), " does not match weight ",
-            w.shape().str());
-  TTT_CHECK(!f.glu || (w.size(0) % 2 == 0 && f.beta == 0.f), "fused_linear: glu needs an even output and beta = 0");
-  const int64_t K = w.size(1), N = f.glu ? w.size(0) / 2 : w.size(0);
+int64_t check_fused_linear(const Tensor<T, B>& y, const Tensor<T, B>& x, const Shape& w, const char* what,
+                           const FusedLinear<T, B>& f) {
+  TTT_CHECK(x.rank() >= 1 && x.size(-1) == w.d[1], "fused_linear: input ", x.shape().str(), " does not match ", what,
+            " ", w.str());
+  TTT_CHECK(!f.glu || (w.d[0] % 2 == 0 && f.beta == 0.f), "fused_linear: glu needs an even output and beta = 0");
+  const int64_t K = w.d[1], N = f.glu ? w.d[0] / 2 : w.d[0];
   Shape s = x.shape();
   s.d[s.rank - 1] = N;
   detail::check_same_shape("fused_linear", y, s);
@@ -297,9 +300,16 @@ void fused_linear(const Tensor<T, B>& y, const Tensor<T, B>& x, const Tensor<T, 
     TTT_CHECK(!f.norm_bias.defined() || (f.norm_bias.numel() == K && f.norm_bias.is_contiguous()),
               "fused_linear: norm bias ", f.norm_bias.shape().str(), " does not match width ", K);
   }
+  return K ? x.numel() / K : 0;
+}
+}  // namespace detail
+
+template <class T, class B>
+void fused_linear(const Tensor<T, B>& y, const Tensor<T, B>& x, const Tensor<T, B>& w, const FusedLinear<T, B>& f) {
+  TTT_CHECK(w.rank() == 2 && w.is_contiguous(), "fused_linear: weight must be contiguous [out, in], got ", w.shape().str());
+  const int64_t rows = detail::check_fused_linear(y, x, w.shape(), "weight", f);
   if (y.numel() == 0) return;
-  const int64_t rows = x.numel() / K;
-  Kernels<B>::fused_linear(y.reshape({rows, N}), x.reshape({rows, K}), w, f);
+  Kernels<B>::fused_linear(y.reshape({rows, y.size(-1)}), x.reshape({rows, w.size(1)}), w, f);
 }
 template <class T, class B>
 Tensor<T, B> fused_linear(const Tensor<T, B>& x, const Tensor<T, B>& w, const FusedLinear<T, B>& f) {
@@ -383,24 +393,9 @@ template <class T, class F, class B>
 void fused_linear(const Tensor<T, B>& y, const Tensor<T, B>& x, const QuantWeight<F, B>& w,
                   const FusedLinear<T, B>& f) {
   detail::check_quant("fused_linear", w);
-  TTT_CHECK(x.rank() >= 1 && x.size(-1) == w.size(1), "fused_linear: input ", x.shape().str(),
-            " does not match quantised weight ", w.shape().str());
-  TTT_CHECK(!f.glu || (w.size(0) % 2 == 0 && f.beta == 0.f), "fused_linear: glu needs an even output and beta = 0");
-  const int64_t K = w.size(1), N = f.glu ? w.size(0) / 2 : w.size(0);
-  Shape s = x.shape();
-  s.d[s.rank - 1] = N;
-  detail::check_same_shape("fused_linear", y, s);
-  TTT_CHECK(x.is_contiguous() && y.is_contiguous(), "fused_linear: needs contiguous input and output");
-  if (f.norm != FusedNorm::none) {
-    TTT_CHECK(f.norm_weight.defined() || f.norm == FusedNorm::layer, "fused_linear: RMS norm needs its alpha");
-    TTT_CHECK(!f.norm_weight.defined() || (f.norm_weight.numel() == K && f.norm_weight.is_contiguous()),
-              "fused_linear: norm weight ", f.norm_weight.shape().str(), " does not match width ", K);
-    TTT_CHECK(!f.norm_bias.defined() || (f.norm_bias.numel() == K && f.norm_bias.is_contiguous()),
-              "fused_linear: norm bias ", f.norm_bias.shape().str(), " does not match width ", K);
-  }
+  const int64_t rows = detail::check_fused_linear(y, x, w.shape(), "quantised weight", f);
   if (y.numel() == 0) return;
-  const int64_t rows = x.numel() / K;
-  Kernels<B>::fused_linear_q(y.reshape({rows, N}), x.reshape({rows, K}), w, f);
+  Kernels<B>::fused_linear_q(y.reshape({rows, y.size(-1)}), x.reshape({rows, w.size(1)}), w, f);
 }
 template <class T, class F, class B>
 Tensor<T, B> fused_linear(const Tensor<T, B>& x, const QuantWeight<F, B>& w, const FusedLinear<T, B>& f) {
