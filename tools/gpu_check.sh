@@ -121,7 +121,8 @@ fi
 # Not part of `all` (~5-6 min): issue 13 goal 4, `ttt-moshi bench --max-streams`: the largest
 # batch whose frame stays <= 80 ms (median) with every KV ring full (3000 frames) and that fits
 # in memory, for plain Moshi 7B bf16, replace16 bf16, plain fp8, and fp8 / bf16 weights with an
-# fp8 KV cache (3 warm-up + 10 timed frames per tried batch), then a summary table.
+# fp8 KV cache (3 warm-up + 10 timed frames per tried batch), PyTorch moshi searched the same way
+# (MAX_STREAMS_NO_PYTORCH=1 leaves it out), then a summary table.
 # MAX_STREAMS_RUNS replaces the list: space-separated name|dtype|config|kv entries, config empty
 # for the 7B preset, kv the --kv-dtype (empty: same) (e.g. add
 # "kvmem8|bf16|bench/configs/moshi_7b_kvmem8.json|" or "plain|int8||int8").
@@ -143,13 +144,29 @@ if printf '%s\n' "${steps[@]}" | grep -qx max-streams; then
     res=$(grep "^max-streams result:" "$log" | tail -1)
     rows+=("$name $dt $kv ${res:-no result}")
   done
+  # PyTorch beside it, searched the same way (bench/moshi_pytorch_streams.py: Kyutai's LMGen with
+  # its CUDA graphs, temporal KV caches filled to 3000 frames); the moshi wheel from .whl.
+  if [ -z "${MAX_STREAMS_NO_PYTORCH:-}" ]; then
+    if [ -d .whl ] && ! python3 -c "import moshi" 2>/dev/null; then
+      python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl && \
+        export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+    fi
+    log="$out/max_streams_pytorch.log"
+    s=$(date +%s)
+    timeout 420 python3 bench/moshi_pytorch_streams.py --config bench/configs/moshi_7b.json --device cuda \
+      --dtype bfloat16 --frames 10 --warmup 3 > "$log" 2>&1
+    echo "== max-streams pytorch bf16 rc=$? ($(( $(date +%s) - s )) s)"
+    grep -vE "^max-streams result|Warning|warn" "$log" | tail -20
+    res=$(grep "^max-streams result:" "$log" | tail -1)
+    rows+=("pytorch-moshi bf16 bf16 ${res:-no result}")
+  fi
   echo "| config | dtype | KV | max streams (<= 80 ms) | p50 ms | p99 ms | GiB used | next batch |"
   echo "|---|---|---|---|---|---|---|---|"
   for row in "${rows[@]}"; do
     echo "$row" | awk '{ v["streams"] = "?"; for (i = 4; i <= NF; ++i) { split($i, kv, "="); v[kv[1]] = kv[2] }
       printf "| %s | %s | %s | %s | %s | %s | %s | %s %s |\n", $1, $2, $3, v["streams"], v["p50"], v["p99"], v["gib"], v["next"], v["next_state"] }'
   done
-  echo "anchor (issue 13, PyTorch moshi 0.2.13 on the H200): 64 streams (batch 32 at 22.0 ms, 64 at 35.1 ms, 128 does not fit)"
+  echo "anchor (issue 13's figure, PyTorch moshi 0.2.13 on the H200): 64 streams (batch 32 at 22.0 ms, 64 at 35.1 ms, 128 does not fit)"
 fi
 
 if has bench-mimi; then
