@@ -24,6 +24,7 @@ struct Bench {
     if (!c.config.empty()) cfg = LmConfig::load(c.config);
     else if (preset == "7b") cfg = LmConfig::moshi_7b();
     else fail("--preset must be 7b (or pass --config), got '", preset, "'");
+    apply_engine_options(cfg, c);  // --kv-dtype
     io::WeightSource ws = load_weights(c, cfg);
     auto model = build_model<T, B>(c, cfg, ws);
     if (r.count("max-streams")) return max_streams<T, B>(c, r, cfg, model, c.config.empty() ? preset : c.config);

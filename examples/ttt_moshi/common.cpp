@@ -51,6 +51,8 @@ std::optional<cxxopts::ParseResult> parse_options(cxxopts::Options& o, int argc,
   return r;
 }
 
+void apply_engine_options(LmConfig& cfg, const Common& c) { cfg.transformer.kv_format = c.kv_format; }
+
 LmConfig load_config(const Common& c) {
   LmConfig cfg;
   if (c.config.empty()) {
@@ -59,7 +61,15 @@ LmConfig load_config(const Common& c) {
   } else {
     cfg = LmConfig::load(c.config);
   }
-  cfg.transformer.kv_format = c.kv_format;
+  apply_engine_options(cfg, c);
+  return cfg;
+}
+
+LmConfig load_conversation_config(const Common& c, const char* verb) {
+  if (!c.config.empty() || !c.weights.empty()) return load_config(c);
+  std::fprintf(stderr, "note: no --config or --weights, %s the bundled small config with random weights\n", verb);
+  LmConfig cfg = LmConfig::from_json(io::Json::parse(bundled::kSmallLm), "bundled small.json");
+  apply_engine_options(cfg, c);
   return cfg;
 }
 

@@ -41,8 +41,13 @@ std::optional<cxxopts::ParseResult> parse_options(cxxopts::Options& o, int argc,
 
 // ---- model and weights -----------------------------------------------------------------
 
-// --config, else the Moshi 7B settings (with a note).
+// --config, else the Moshi 7B settings (with a note); engine options applied.
 LmConfig load_config(const Common& c);
+// converse and serve: --config, else the Moshi 7B settings when --weights is given, else the
+// bundled small config with random weights (a note says "<verb> the bundled small config").
+LmConfig load_conversation_config(const Common& c, const char* verb);
+// The options that are the engine's rather than the checkpoint's (--kv-dtype) into a config.
+void apply_engine_options(LmConfig& cfg, const Common& c);
 // --weights, else seeded random weights (--init-seed).
 io::WeightSource load_weights(const Common& c, const LmConfig& cfg);
 void report_unused(const io::WeightSource& ws);

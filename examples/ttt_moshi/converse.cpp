@@ -36,15 +36,7 @@ struct Converse {
     if (!(tail >= 0.0 && tail <= 3600.0)) fail("--tail must be in [0, 3600] seconds, got ", tail);
 
     // The LM: --config / --weights as for generate, but with neither the bundled small config.
-    LmConfig cfg;
-    if (!c.config.empty()) {
-      cfg = LmConfig::load(c.config);
-    } else if (!c.weights.empty()) {
-      cfg = load_config(c);
-    } else {
-      std::fprintf(stderr, "note: no --config or --weights, using the bundled small config with random weights\n");
-      cfg = LmConfig::from_json(io::Json::parse(bundled::kSmallLm), "bundled small.json");
-    }
+    const LmConfig cfg = load_conversation_config(c, "using");
     auto ws = load_weights(c, cfg);
     auto model = build_model<T, B>(c, cfg, ws);
     const std::string mimi_cfg = r.count("mimi-config") ? r["mimi-config"].as<std::string>() : "";

@@ -206,19 +206,10 @@ struct Serve {
 #endif
 
     // The LM: --config / --weights as for converse, with neither the bundled small config.
-    LmConfig cfg;
-    std::string name;
-    if (!c.config.empty()) {
-      cfg = LmConfig::load(c.config);
-      name = c.weights.empty() ? c.config + " (random weights)" : c.weights;
-    } else if (!c.weights.empty()) {
-      cfg = load_config(c);
-      name = c.weights;
-    } else {
-      std::fprintf(stderr, "note: no --config or --weights, serving the bundled small config with random weights\n");
-      cfg = LmConfig::from_json(io::Json::parse(bundled::kSmallLm), "bundled small.json");
-      name = "bundled small config (random weights)";
-    }
+    const LmConfig cfg = load_conversation_config(c, "serving");
+    const std::string name = !c.weights.empty() ? c.weights
+                             : !c.config.empty() ? c.config + " (random weights)"
+                                                 : "bundled small config (random weights)";
     const std::string mimi_cfg = r.count("mimi-config") ? r["mimi-config"].as<std::string>() : "";
     const std::string mimi_w = r.count("mimi-weights") ? r["mimi-weights"].as<std::string>() : "";
     const auto mcfg = load_mimi_config(mimi_cfg, !mimi_w.empty());

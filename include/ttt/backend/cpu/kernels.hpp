@@ -46,9 +46,39 @@ std::vector<float> to_float_rows(const Tensor<T, Cpu>& t) {
   return out;
 }
 
-// A row of 1-byte codes decoded through a 256-entry table (quantised weights).
-inline void decode_row(const float* table, const uint8_t* codes, int64_t n, float* out) {
-  for (int64_t k = 0; k < n; ++k) out[k] = table[codes[k]];
+// A row of codes of format F decoded to float without a table, so that the loop vectorises:
+// int8 is a conversion; e4m3 builds the float's bits ((e + 120) << 23 | m << 20: the exponent
+// rebiased from 7 to 127) for normal codes, m * 2^-9 for subnormal ones (e = 0) and NaN for
+// 0x7F / 0xFF, chosen by bit masks, then puts the sign on. Equal to F::decode bit for bit for all 256
+// codes (test_quant checks).
+template <class F>
+inline void decode_codes(const uint8_t* codes, int64_t n, float* out) {
+  if constexpr (std::is_same_v<F, Int8>) {
+    for (int64_t k = 0; k < n; ++k) out[k] = float(int8_t(codes[k]));
+  } else {
+    for (int64_t k = 0; k < n; ++k) {  // masks, not branches: the loop must stay branch-free
+      const uint32_t u = codes[k], em = u & 0x7Fu;
+      const uint32_t normal = (em + 960u) << 20;
+      const uint32_t sub = detail::float_bits(float(int32_t(u & 7u)) * 0.001953125f);
+      const uint32_t is_sub = 0u - uint32_t(em < 8u), is_nan = 0u - uint32_t(em == 0x7Fu);
+      uint32_t bits = (sub & is_sub) | (normal & ~is_sub);
+      bits = (0x7FC00000u & is_nan) | (bits & ~is_nan);
+      out[k] = detail::bits_float(bits | ((u & 0x80u) << 24));
+    }
+  }
+}
+
+// q . x over n elements in 8 interleaved fp32 partial sums (lane j sums elements j, j + 8, ...),
+// added at the end: the loop vectorises and no single addition chain is n long.
+template <class T>
+inline float dot8(const float* q, const T* x, int64_t n) {
+  float part[8] = {};
+  int64_t d = 0;
+  for (; d + 8 <= n; d += 8)
+    for (int j = 0; j < 8; ++j) part[j] += q[d + j] * to_f32(x[d + j]);
+  float dot = ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]));
+  for (; d < n; ++d) dot += q[d] * to_f32(x[d]);
+  return dot;
 }
 
 using RowMajorMap = Eigen::Map<const Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>, 0,
@@ -289,11 +319,8 @@ struct Kernels<Cpu> {
   static void linear_q(const Tensor<T, Cpu>& y, const Tensor<T, Cpu>& x, const QuantWeight<F, Cpu>& w, float beta) {
     const int64_t R = x.size(0), K = x.size(1), N = w.size(0);
     const std::vector<float> xbuf = cpu::to_float_rows(x);
-    std::vector<float> table(256);  // decode once per code, not per element
-    for (int c = 0; c < 256; ++c) table[size_t(c)] = F::decode(uint8_t(c));
     const uint8_t* codes = w.data.data();
     const float* scales = w.scale.data();
-    const float* tab = table.data();
     const float* xs = xbuf.data();
     T* yp = y.data();
     using Vec = Eigen::Map<const Eigen::Matrix<float, Eigen::Dynamic, 1>>;
@@ -303,7 +330,7 @@ struct Kernels<Cpu> {
       std::vector<float> wrow(static_cast<size_t>(K));
 #pragma omp for schedule(static)
       for (int64_t n = 0; n < N; ++n) {
-        cpu::decode_row(tab, codes + n * K, K, wrow.data());
+        cpu::decode_codes<F>(codes + n * K, K, wrow.data());
         const Vec wv(wrow.data(), K);
         const float s = scales[n];
         for (int64_t r = 0; r < R; ++r) {
@@ -547,9 +574,10 @@ struct Kernels<Cpu> {
     cpu::conv::vq_nearest(codes, x, codebook);
   }
 
-  // Masked attention, one (item, head) per thread. `key_dot(b, hk, s, qf)` is q . k[s] and
-  // `value_axpy(b, hk, s, w, acc)` adds w v[s] to acc: the storage of the keys and values
-  // (T, or codes with a scale per row) is all that differs between the two forms.
+  // Masked attention, one (item, head) per thread. `key_dot(b, hk, s, qf, scratch)` is q . k[s]
+  // and `value_axpy(b, hk, s, w, acc, scratch)` adds w v[s] to acc (scratch: D floats of the
+  // calling thread's own): the storage of the keys and values (T, or codes with a scale per
+  // row) is all that differs between the two forms.
   template <class T, class KeyDot, class ValueAxpy>
   static void attention_rows(const Tensor<T, Cpu>& out, const Tensor<T, Cpu>& q, int64_t Hk, int64_t S,
                              const Tensor<int64_t, Cpu>& q_pos, const Tensor<int64_t, Cpu>& k_pos,
@@ -561,7 +589,8 @@ struct Kernels<Cpu> {
     constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 #pragma omp parallel num_threads(nt) if (nt > 1)
     {
-      std::vector<float> sc(static_cast<size_t>(S)), acc(static_cast<size_t>(D)), qf(static_cast<size_t>(D));
+      std::vector<float> sc(static_cast<size_t>(S)), acc(static_cast<size_t>(D)), qf(static_cast<size_t>(D)),
+          scratch(static_cast<size_t>(D));
 #pragma omp for schedule(static) collapse(2)
       for (int64_t b = 0; b < Bn; ++b)
         for (int64_t h = 0; h < H; ++h) {
@@ -579,7 +608,7 @@ struct Kernels<Cpu> {
                 sc[size_t(s)] = kNegInf;
                 continue;
               }
-              sc[size_t(s)] = key_dot(b, hk, s, qf.data()) * p.scale +
+              sc[size_t(s)] = key_dot(b, hk, s, qf.data(), scratch.data()) * p.scale +
                               (s < p.prefix && p.prefix_bias ? p.prefix_bias[h] : 0.f);
               m = std::max(m, sc[size_t(s)]);
             }
@@ -594,7 +623,7 @@ struct Kernels<Cpu> {
               if (sc[size_t(s)] == kNegInf) continue;
               const float w = std::exp(sc[size_t(s)] - m);
               z += w;
-              value_axpy(b, hk, s, w, acc.data());
+              value_axpy(b, hk, s, w, acc.data(), scratch.data());
             }
             const float inv = 1.f / z;
             for (int64_t d = 0; d < D; ++d) o[d] = from_f32<T>(acc[size_t(d)] * inv);
@@ -608,41 +637,34 @@ struct Kernels<Cpu> {
                         const Tensor<T, Cpu>& v, const Tensor<int64_t, Cpu>& q_pos, const Tensor<int64_t, Cpu>& k_pos,
                         const AttentionParams& p) {
     const int64_t D = q.size(3);
-    auto key_dot = [&](int64_t b, int64_t hk, int64_t s, const float* qf) {
-      const T* kv = k.data() + b * k.stride(0) + hk * k.stride(1) + s * k.stride(2);
-      float dot = 0.f;
-      for (int64_t d = 0; d < D; ++d) dot += qf[d] * to_f32(kv[d]);
-      return dot;
+    auto key_dot = [&](int64_t b, int64_t hk, int64_t s, const float* qf, float*) {
+      return cpu::dot8(qf, k.data() + b * k.stride(0) + hk * k.stride(1) + s * k.stride(2), D);
     };
-    auto value_axpy = [&](int64_t b, int64_t hk, int64_t s, float w, float* acc) {
+    auto value_axpy = [&](int64_t b, int64_t hk, int64_t s, float w, float* acc, float*) {
       const T* vv = v.data() + b * v.stride(0) + hk * v.stride(1) + s * v.stride(2);
       for (int64_t d = 0; d < D; ++d) acc[d] += w * to_f32(vv[d]);
     };
     attention_rows(out, q, k.size(1), k.size(2), q_pos, k_pos, p, key_dot, value_axpy);
   }
 
-  // Quantised keys and values (core/quant.hpp QuantKv): codes decoded through a table, the
-  // row scale applied once per score (q . k = scale_k (q . decode(codes))) and folded into
-  // each value's weight.
+  // Quantised keys and values (core/quant.hpp QuantKv): each row's codes decoded to float
+  // (cpu::decode_codes), the row scale applied once per score (q . k = scale_k (q . decode(codes)))
+  // and folded into each value's weight.
   template <class T, class F>
   static void attention_q(const Tensor<T, Cpu>& out, const Tensor<T, Cpu>& q, const QuantKv<F, Cpu>& k,
                           const QuantKv<F, Cpu>& v, const Tensor<int64_t, Cpu>& q_pos,
                           const Tensor<int64_t, Cpu>& k_pos, const AttentionParams& p) {
     const int64_t Hk = k.size(1), S = k.size(2), D = k.size(3);
-    float table[256];
-    for (int c = 0; c < 256; ++c) table[c] = F::decode(uint8_t(c));
-    auto key_dot = [&](int64_t b, int64_t hk, int64_t s, const float* qf) {
+    auto key_dot = [&](int64_t b, int64_t hk, int64_t s, const float* qf, float* kf) {
       const int64_t row = (b * Hk + hk) * S + s;
-      const uint8_t* kc = k.codes.data() + row * D;
-      float dot = 0.f;
-      for (int64_t d = 0; d < D; ++d) dot += qf[d] * table[kc[d]];
-      return dot * k.scale.data()[row];
+      cpu::decode_codes<F>(k.codes.data() + row * D, D, kf);
+      return cpu::dot8(qf, kf, D) * k.scale.data()[row];
     };
-    auto value_axpy = [&](int64_t b, int64_t hk, int64_t s, float w, float* acc) {
+    auto value_axpy = [&](int64_t b, int64_t hk, int64_t s, float w, float* acc, float* vf) {
       const int64_t row = (b * Hk + hk) * S + s;
-      const uint8_t* vc = v.codes.data() + row * D;
+      cpu::decode_codes<F>(v.codes.data() + row * D, D, vf);
       const float ws = w * v.scale.data()[row];
-      for (int64_t d = 0; d < D; ++d) acc[d] += ws * table[vc[d]];
+      for (int64_t d = 0; d < D; ++d) acc[d] += ws * vf[d];
     };
     attention_rows(out, q, Hk, S, q_pos, k_pos, p, key_dot, value_axpy);
   }

@@ -125,6 +125,25 @@ __device__ __forceinline__ float warp_sum(float v) {
   return v;
 }
 
+// Mean and 1/sqrt(biased var + eps) of a row of n floats, by one warp (two passes, as the host
+// does: mean first, then the squared deviations).
+struct RowStats {
+  float mu, rstd;
+};
+__device__ __forceinline__ RowStats row_stats(const float* z, int n, float eps) {
+  const int lane = threadIdx.x & 31;
+  float s = 0.f;
+  for (int j = lane; j < n; j += 32) s += z[j];
+  const float mu = warp_sum(s) / float(n);
+  float v = 0.f;
+  for (int j = lane; j < n; j += 32) {
+    const float d = z[j] - mu;
+    v += d * d;
+  }
+  const float var = warp_sum(v) / float(n);
+  return {mu, 1.f / sqrtf(var + eps)};
+}
+
 // Block-wide reduction whose result every thread receives. Callable repeatedly in one
 // kernel: the trailing barrier frees the shared storage for the next call.
 template <int kThreads, class V, class Op>

@@ -141,17 +141,9 @@ __device__ __forceinline__ void col_sums(int n, int w, const float* M, Op op) {
 // passes, as the host's ln_rows).
 __device__ __forceinline__ float ln_row(const float* z, int w, float eps, float* xh) {
   const int lane = threadIdx.x & 31;
-  float s = 0.f;
-  for (int j = lane; j < w; j += 32) s += z[j];
-  const float mu = warp_sum(s) / float(w);
-  float v = 0.f;
-  for (int j = lane; j < w; j += 32) {
-    const float d = z[j] - mu;
-    v += d * d;
-  }
-  const float r = 1.f / sqrtf(warp_sum(v) / float(w) + eps);
-  for (int j = lane; j < w; j += 32) xh[j] = (z[j] - mu) * r;
-  return r;
+  const RowStats st = row_stats(z, w, eps);
+  for (int j = lane; j < w; j += 32) xh[j] = (z[j] - st.mu) * st.rstd;
+  return st.rstd;
 }
 
 // One warp: g = rstd (u − mean u − x̂ mean(u x̂)) for a row (the host's ln_project). g may

@@ -239,24 +239,6 @@ __device__ __forceinline__ float* out_row(const InnerParams& p, int b, int h, in
 __device__ __forceinline__ int item_phase(const InnerParams& p, int b) { return p.phase[b]; }
 __device__ __forceinline__ bool item_commit(const InnerParams& p, int b) { return !p.commit || p.commit[b] != 0; }
 
-// Mean and 1/sqrt(biased var + eps) of a row in shared memory, by one warp (two passes, as
-// the host does).
-struct RowStats {
-  float mu, rstd;
-};
-__device__ __forceinline__ RowStats row_stats(const float* z, int n, float eps) {
-  const int lane = threadIdx.x & 31;
-  float s = 0.f;
-  for (int j = lane; j < n; j += 32) s += z[j];
-  const float mu = warp_sum(s) / float(n);
-  float v = 0.f;
-  for (int j = lane; j < n; j += 32) {
-    const float d = z[j] - mu;
-    v += d * d;
-  }
-  const float var = warp_sum(v) / float(n);
-  return {mu, 1.f / sqrtf(var + eps)};
-}
 
 // The sums of ln_fused_l2_bwd for row z (width n) and target t: Σĝ and Σĝẑ, with
 // ĝ = (γ ẑ + β − t) γ; the gradient is then (n ĝ_j − Σĝ − ẑ_j Σĝẑ) rstd / n.

@@ -333,8 +333,11 @@ __global__ void __launch_bounds__(kKvWriteThreads) kv_write_kernel(const KvWrite
   if (__syncthreads_or(later)) return;
   if (threadIdx.x == 0 && h == 0) p.ring_pos[b * p.C + slot] = p.pos[b * p.ps[0] + t * p.ps[1]];
   const int64_t row = (b * p.H + h) * p.C + slot;
-  kv_store_row<T, KV>(p.ring_k + row * p.D, p.ring_k_scale + row, p.k + b * p.ks[0] + t * p.ks[1] + h * p.ks[2], p.D);
-  kv_store_row<T, KV>(p.ring_v + row * p.D, p.ring_v_scale + row, p.v + b * p.vs[0] + t * p.vs[1] + h * p.vs[2], p.D);
+  float* k_scale = nullptr;
+  float* v_scale = nullptr;
+  if constexpr (KV::quantised) k_scale = p.ring_k_scale + row, v_scale = p.ring_v_scale + row;
+  kv_store_row<T, KV>(p.ring_k + row * p.D, k_scale, p.k + b * p.ks[0] + t * p.ks[1] + h * p.ks[2], p.D);
+  kv_store_row<T, KV>(p.ring_v + row * p.D, v_scale, p.v + b * p.vs[0] + t * p.vs[1] + h * p.vs[2], p.D);
 }
 
 template <class T, class KV>
