@@ -1,6 +1,7 @@
 #pragma once
 // Shared pieces of the Moshi tests.
 #include <cmath>
+#include <string>
 #include <utility>
 #include <vector>
 
@@ -136,3 +137,29 @@ typename M::Output stream_fixture(const std::string& dir, const Tensor<int64_t, 
   io::WeightSource ws(dir + "/model.safetensors");
   return stream_teacher_forced(M::load(cfg, ws), codes, {1});
 }
+
+// A Moshi fixture's codes and reference logits (moshi/<case>), with the error of an engine's
+// output against them and issue 13's argmax count (max_masked_err, argmax_agreement).
+struct FixtureRef {
+  Tensor<int64_t, Cpu> codes;
+  Tensor<float, Cpu> logits, text_logits;
+  Tensor<uint8_t, Cpu> mask, text_mask;
+
+  explicit FixtureRef(const std::string& dir)
+      : codes(io::SafeTensors::open(dir + "/codes.safetensors").load<int64_t>("codes").contiguous()) {
+    auto ref = io::SafeTensors::open(dir + "/out.safetensors");
+    logits = ref.load<float>("logits"), text_logits = ref.load<float>("text_logits");
+    mask = ref.load<uint8_t>("mask"), text_mask = ref.load<uint8_t>("text_mask");
+  }
+  template <class Out>
+  double err(const Out& o) const {
+    return std::max(max_masked_err(o.logits, logits, mask), max_masked_err(o.text_logits, text_logits, text_mask));
+  }
+  // (positions with a top-2 margin above `margin`, how many of them keep the argmax), audio and text.
+  template <class Out>
+  std::pair<int64_t, int64_t> argmax(const Out& o, double margin) const {
+    const auto [c1, a1] = argmax_agreement(o.logits, logits, mask, margin);
+    const auto [c2, a2] = argmax_agreement(o.text_logits, text_logits, text_mask, margin);
+    return {c1 + c2, a1 + a2};
+  }
+};

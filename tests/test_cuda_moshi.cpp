@@ -219,21 +219,13 @@ TEST_CASE("CUDA: an fp8 / int8 KV cache stays within 3x the bf16 engine's error 
           "[cuda][kv]") {
   for (const char* name : {"moshi_small_defaults", "moshi_7b_structure"}) {
     const std::string dir = fixture(std::string("moshi/") + name);
-    auto codes = io::SafeTensors::open(dir + "/codes.safetensors").load<int64_t>("codes").contiguous();
-    auto ref = io::SafeTensors::open(dir + "/out.safetensors");
-    const auto rl = ref.load<float>("logits"), rt = ref.load<float>("text_logits");
-    const auto ml = ref.load<uint8_t>("mask"), mt = ref.load<uint8_t>("text_mask");
-    auto err = [&](const ModelT<bf16>::Output& o) {
-      return std::max(max_masked_err(o.logits, rl, ml), max_masked_err(o.text_logits, rt, mt));
-    };
-    const double eb = err(stream_fixture<ModelT<bf16>>(dir, codes, WeightFormat::dense));
+    const FixtureRef ref(dir);
+    const double eb = ref.err(stream_fixture<ModelT<bf16>>(dir, ref.codes, WeightFormat::dense));
     std::printf("[cuda kv] %-22s bf16 engine, bf16 KV: logits max abs err %.3e (bound 3x = %.3e)\n", name, eb, 3 * eb);
     for (WeightFormat kv : {WeightFormat::fp8_e4m3, WeightFormat::int8}) {
-      const auto o = stream_fixture<ModelT<bf16>>(dir, codes, kv);
-      const double e = err(o), margin = 2 * 3 * eb;
-      const auto [c1, a1] = argmax_agreement(o.logits, rl, ml, margin);
-      const auto [c2, a2] = argmax_agreement(o.text_logits, rt, mt, margin);
-      const int64_t confident = c1 + c2, agree = a1 + a2;
+      const auto o = stream_fixture<ModelT<bf16>>(dir, ref.codes, kv);
+      const double e = ref.err(o), margin = 2 * 3 * eb;
+      const auto [confident, agree] = ref.argmax(o, margin);
       std::printf("[cuda kv] %-22s bf16 engine, %-8s KV: logits max abs err %.3e (%.2fx bf16); argmax equal at %lld / "
                   "%lld positions with margin > %.3g\n",
                   name, std::string(weight_format_name(kv)).c_str(), e, e / eb, (long long)agree, (long long)confident,

@@ -136,30 +136,23 @@ TEST_CASE("a quantised KV cache stays within 3x the bf16 engine's error of the f
           "[kv][moshi]") {
   for (const char* name : {"moshi_small_defaults", "moshi_7b_structure"}) {
     const std::string dir = fixture(std::string("moshi/") + name);
-    auto codes = io::SafeTensors::open(dir + "/codes.safetensors").load<int64_t>("codes").contiguous();
-    auto ref = io::SafeTensors::open(dir + "/out.safetensors");
-    const auto rl = ref.load<float>("logits"), rt = ref.load<float>("text_logits");
-    const auto ml = ref.load<uint8_t>("mask"), mt = ref.load<uint8_t>("text_mask");
-    auto err = [&](const auto& o) {
-      return std::max(max_masked_err(o.logits, rl, ml), max_masked_err(o.text_logits, rt, mt));
-    };
-    const double ef = err(stream_fixture<ModelF>(dir, codes, WeightFormat::dense));
-    const double eb = err(stream_fixture<ModelB>(dir, codes, WeightFormat::dense));
+    const FixtureRef ref(dir);
+    const double ef = ref.err(stream_fixture<ModelF>(dir, ref.codes, WeightFormat::dense));
+    const double eb = ref.err(stream_fixture<ModelB>(dir, ref.codes, WeightFormat::dense));
     std::printf("[kv cpu] %-22s f32 engine, f32 KV  logits max abs err %.3e\n", name, ef);
     std::printf("[kv cpu] %-22s bf16 engine, bf16 KV logits max abs err %.3e (the bound: 3x = %.3e)\n", name, eb, 3 * eb);
     CHECK(ef <= 1e-4);  // the streamed f32 engine is the reference (the test is about the KV storage)
     for (WeightFormat kv : {WeightFormat::fp8_e4m3, WeightFormat::int8}) {
-      const auto q = stream_fixture<ModelB>(dir, codes, kv);
-      const double e = err(q), e_fmt = err(stream_fixture<ModelF>(dir, codes, kv));
+      const auto q = stream_fixture<ModelB>(dir, ref.codes, kv);
+      const double e = ref.err(q), e_fmt = ref.err(stream_fixture<ModelF>(dir, ref.codes, kv));
       const double margin = 2 * 3 * eb;
-      auto [c1, a1] = argmax_agreement(q.logits, rl, ml, margin);
-      auto [c2, a2] = argmax_agreement(q.text_logits, rt, mt, margin);
+      const auto [confident, agree] = ref.argmax(q, margin);
       std::printf("[kv cpu] %-22s bf16 engine, %-8s KV logits max abs err %.3e (%.2fx bf16; f32 engine with this KV "
                   "%.3e); argmax equal at %lld / %lld positions with margin > %.3g\n",
-                  name, std::string(weight_format_name(kv)).c_str(), e, e / eb, e_fmt, (long long)(a1 + a2),
-                  (long long)(c1 + c2), margin);
+                  name, std::string(weight_format_name(kv)).c_str(), e, e / eb, e_fmt, (long long)agree,
+                  (long long)confident, margin);
       CHECK(e <= 3 * eb);
-      CHECK(a1 + a2 == c1 + c2);
+      CHECK(agree == confident);
       CHECK(e_fmt > ef);  // the cache is really quantised
     }
   }
