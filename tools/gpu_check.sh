@@ -85,7 +85,7 @@ fi
 
 if has bench-quant; then
   # Batches 1, 2 and 8 with the default routing (the int8 / fp8 GEMV up to 2 rows, then the
-  # dequantising cuBLAS path), bf16 beside them; then the choices behind the defaults: batch 2
+  # dequantising cuBLAS path), bf16 beside them, and batch 1 with an fp8 KV cache; then the choices behind the defaults: batch 2
   # through the cuBLAS path (TTT_GEMV_Q_MAX_ROWS=1; 0 at batch 1) and batch 8 with dequantised
   # tiles of 64 MiB and of the whole weight (TTT_DEQUANT_TILE_MIB; the default is 16).
   qrun() {  # name, env assignment (or -), dtype, batch, frames
@@ -104,6 +104,10 @@ if has bench-quant; then
   qrun fp8_b2_cublas TTT_GEMV_Q_MAX_ROWS=1 fp8 2 50
   qrun fp8_b8_tile64 TTT_DEQUANT_TILE_MIB=64 fp8 8 50
   qrun fp8_b8_whole TTT_DEQUANT_TILE_MIB=0 fp8 8 50
+  # Goal 2's memory with goal 3's cache: fp8 weights and an fp8 KV ring (the full 3000-frame
+  # ring is allocated at start, so the GiB line is the 12 GB question).
+  qrun fp8_b1_kvfp8 - "fp8 --kv-dtype fp8" 1 100
+  qrun bf16_b1_kvfp8 - "bf16 --kv-dtype fp8" 1 100
 fi
 
 if has bench-train; then
