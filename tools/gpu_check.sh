@@ -19,6 +19,13 @@ out=$(cd "$out" && pwd)
 steps=("$@")
 [ ${#steps[@]} -eq 0 ] && steps=(all)
 has() { for s in "${steps[@]}"; do [ "$s" = "$1" ] || [ "$s" = all ] && return 0; done; return 1; }
+# Kyutai's moshi package (PyTorch anchors) from the wheel carried in .whl when it is missing.
+ensure_moshi() {
+  if [ -d .whl ] && ! python3 -c "import moshi" 2>/dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl && \
+      export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+  fi
+}
 bin=${BIN_DIR:-build-gpu/bin}
 export LD_LIBRARY_PATH=/usr/local/cuda/lib64${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}:$(pwd)/$bin/lib  # last: the machine's own first
 if [ "$(pwd)" != /work/main ] && [ ! -e /work/main ]; then mkdir -p /work && ln -sfn "$(pwd)" /work/main; fi
@@ -151,10 +158,7 @@ if printf '%s\n' "${steps[@]}" | grep -qx max-streams; then
   # PyTorch beside it, searched the same way (bench/moshi_pytorch_streams.py: Kyutai's LMGen with
   # its CUDA graphs, temporal KV caches filled to 3000 frames); the moshi wheel from .whl.
   if [ -z "${MAX_STREAMS_NO_PYTORCH:-}" ]; then
-    if [ -d .whl ] && ! python3 -c "import moshi" 2>/dev/null; then
-      python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl && \
-        export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
-    fi
+    ensure_moshi
     log="$out/max_streams_pytorch.log"
     s=$(date +%s)
     timeout 420 python3 bench/moshi_pytorch_streams.py --config bench/configs/moshi_7b.json --device cuda \
@@ -175,10 +179,7 @@ fi
 
 if has bench-mimi; then
   # Kyutai's PyTorch Mimi as the anchor in the same run: the moshi wheel is carried in .whl.
-  if [ -d .whl ] && ! python3 -c "import moshi" 2>/dev/null; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl && \
-      export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
-  fi
+  ensure_moshi
   for run in "bfloat16 1" "bfloat16 64" "float32 1"; do
     read -r dt b <<< "$run"
     BIN_DIR=$bin FRAMES=${MIMI_FRAMES:-100} timeout 300 bench/mimi.sh --device cuda --dtype "$dt" --batch "$b" \

@@ -38,12 +38,7 @@ struct Bench {
     const std::vector<double> ms = time_frames<B>(gen, s, batch, cfg.card, warmup, frames);
     const double med = ms[ms.size() / 2], p90 = ms[std::min(ms.size() - 1, size_t(0.9 * double(ms.size())))];
     const int64_t filled = std::min<int64_t>(warmup + frames, cfg.transformer.context);
-    // Per cached element: T, or one code plus a 4-byte scale per row of head_dim (--kv-dtype).
-    const double kv_elem = cfg.transformer.kv_format == WeightFormat::dense
-                               ? double(sizeof(T))
-                               : 1.0 + 4.0 / double(cfg.transformer.head_dim());
-    const double kv = double(batch) * double(cfg.transformer.num_layers) * 2 * double(filled) *
-                      double(cfg.dim / cfg.transformer.kv_repeat) * kv_elem;
+    const double kv = double(batch) * kv_cache_bytes(cfg, filled, cfg.transformer.kv_format, double(sizeof(T)));
     const double wbytes = frame_weight_bytes(model, sizeof(T), c.weight_format);
     // Memory first: the bandwidth test below allocates its own buffers.
     double gib = 0;

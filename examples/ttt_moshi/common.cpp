@@ -53,6 +53,12 @@ std::optional<cxxopts::ParseResult> parse_options(cxxopts::Options& o, int argc,
 
 void apply_engine_options(LmConfig& cfg, const Common& c) { cfg.transformer.kv_format = c.kv_format; }
 
+double kv_cache_bytes(const LmConfig& cfg, int64_t frames, WeightFormat kv, double dense_bytes) {
+  const auto& t = cfg.transformer;
+  const double elem = kv == WeightFormat::dense ? dense_bytes : 1.0 + 4.0 / double(t.head_dim());
+  return double(t.num_layers) * 2 * double(frames) * double(cfg.dim / t.kv_repeat) * elem;
+}
+
 LmConfig load_config(const Common& c) {
   LmConfig cfg;
   if (c.config.empty()) {

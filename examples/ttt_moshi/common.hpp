@@ -48,6 +48,10 @@ LmConfig load_config(const Common& c);
 LmConfig load_conversation_config(const Common& c, const char* verb);
 // The options that are the engine's rather than the checkpoint's (--kv-dtype) into a config.
 void apply_engine_options(LmConfig& cfg, const Common& c);
+// Bytes of one conversation's temporal KV cache holding `frames` frames (keys and values of
+// every layer) when stored as `kv`: `dense_bytes` per element, or one code per element plus
+// an fp32 scale per row of head_dim (--kv-dtype).
+double kv_cache_bytes(const LmConfig& cfg, int64_t frames, WeightFormat kv, double dense_bytes);
 // --weights, else seeded random weights (--init-seed).
 io::WeightSource load_weights(const Common& c, const LmConfig& cfg);
 void report_unused(const io::WeightSource& ws);

@@ -45,12 +45,11 @@ int run_info(const Common& c) {
   std::printf("parameters: %lld (%.3f B): temporal %lld, depformer %lld, embeddings %lld, heads %lld\n",
               (long long)total, double(total) / 1e9, (long long)n_temporal, (long long)n_dep, (long long)n_emb,
               (long long)n_heads);
-  const double kv_elems =
-      double(cfg.transformer.num_layers * 2 * cfg.transformer.context * cfg.dim / cfg.transformer.kv_repeat);
+  const int64_t ctx = cfg.transformer.context;
   std::printf("bytes: %.2f GB in bf16, %.2f GB in f32; KV cache per item %.2f GB in bf16, %.2f GB in fp8 / int8 "
               "(--kv-dtype)\n",
-              double(total) * 2 / 1e9, double(total) * 4 / 1e9, kv_elems * 2 / 1e9,
-              kv_elems * (1.0 + 4.0 / double(cfg.transformer.head_dim())) / 1e9);
+              double(total) * 2 / 1e9, double(total) * 4 / 1e9, kv_cache_bytes(cfg, ctx, WeightFormat::dense, 2) / 1e9,
+              kv_cache_bytes(cfg, ctx, WeightFormat::fp8_e4m3, 2) / 1e9);
   if (!c.weights.empty()) {
     auto unused = ws.unused();
     std::printf("checkpoint: %zu tensors, %zu unused%s\n", ws.names().size(), unused.size(), unused.empty() ? " (all keys match)" : ":");

@@ -124,6 +124,7 @@ struct QuantKv {
 
   bool defined() const { return codes.defined(); }
   int64_t size(int i) const { return codes.size(i); }
+  Shape shape() const { return codes.shape(); }
   // All rows decode to zeros (codes 0, scales 0).
   static QuantKv zeros(int64_t batch, int64_t heads, int64_t slots, int64_t dim) {
     return {Tensor<uint8_t, B>::zeros({batch, heads, slots, dim}), Tensor<float, B>::zeros({batch, heads, slots})};

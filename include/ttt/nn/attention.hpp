@@ -61,9 +61,7 @@ struct KvRing {
   bool quantised() const { return format != WeightFormat::dense; }
   // [B, Hk, C, hd] of the keys, whatever the storage.
   Shape shape() const {
-    return format == WeightFormat::dense ? k.shape()
-           : format == WeightFormat::int8 ? k_int8.codes.shape()
-                                           : k_fp8.codes.shape();
+    return visit([](const auto& kk, const auto&) { return kk.shape(); });
   }
   // fn(keys, values) with the storage's own types: Tensor<T, B>, QuantKv<Int8, B> or
   // QuantKv<Fp8E4M3, B> (the ops take each form; see ops::attention and ops::kv_write).

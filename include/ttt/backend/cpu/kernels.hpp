@@ -68,6 +68,18 @@ inline void decode_codes(const uint8_t* codes, int64_t n, float* out) {
   }
 }
 
+// One row of n values quantised in format F (core/quant.hpp): codes F::encode(x / scale) into
+// `codes`, returns scale = max |x| / F::qmax (1 for an all-zero row). quantize_rows and the
+// quantised kv_write both store rows this way, so the same values give the same bytes.
+template <class F, class T>
+inline float quantize_row(const T* x, int64_t n, uint8_t* codes) {
+  float amax = 0.f;
+  for (int64_t k = 0; k < n; ++k) amax = std::max(amax, std::fabs(to_f32(x[k])));
+  const float s = amax > 0.f ? amax / F::qmax : 1.f;
+  for (int64_t k = 0; k < n; ++k) codes[k] = F::encode(to_f32(x[k]) / s);
+  return s;
+}
+
 // q . x over n elements in 8 interleaved fp32 partial sums (lane j sums elements j, j + 8, ...),
 // added at the end: the loop vectorises and no single addition chain is n long.
 template <class T>
@@ -298,13 +310,7 @@ struct Kernels<Cpu> {
     float* scales = out.scale.data();
 #pragma omp parallel for schedule(static) if (N * K > (int64_t(1) << 16))
     for (int64_t n = 0; n < N; ++n) {
-      const T* src = wp + n * K;
-      float amax = 0.f;
-      for (int64_t k = 0; k < K; ++k) amax = std::max(amax, std::fabs(to_f32(src[k])));
-      const float s = amax > 0.f ? amax / F::qmax : 1.f;
-      uint8_t* dst = codes + n * K;
-      for (int64_t k = 0; k < K; ++k) dst[k] = F::encode(to_f32(src[k]) / s);
-      scales[n] = s;
+      scales[n] = cpu::quantize_row<F>(wp + n * K, K, codes + n * K);
     }
   }
   template <class T, class F>
@@ -687,12 +693,7 @@ struct Kernels<Cpu> {
                          const Tensor<int64_t, Cpu>& positions, const Tensor<uint8_t, Cpu>& exec_mask) {
     const int64_t D = ring_k.size(3);
     auto put = [&](const QuantKv<F, Cpu>& ring, int64_t dst, const T* src) {
-      float amax = 0.f;
-      for (int64_t d = 0; d < D; ++d) amax = std::max(amax, std::fabs(to_f32(src[d])));
-      const float s = amax > 0.f ? amax / F::qmax : 1.f;
-      uint8_t* codes = ring.codes.data() + dst * D;
-      for (int64_t d = 0; d < D; ++d) codes[d] = F::encode(to_f32(src[d]) / s);
-      ring.scale.data()[dst] = s;
+      ring.scale.data()[dst] = cpu::quantize_row<F>(src, D, ring.codes.data() + dst * D);
     };
     kv_write_rows(ring_k.codes.shape(), ring_pos, k, v, positions, exec_mask,
                   [&](int64_t dst, const T* sk, const T* sv) {

@@ -11,7 +11,7 @@
 #include "ttt/backend/cuda/context.hpp"
 #include "ttt/backend/cuda/device.cuh"
 #include "ttt/backend/cuda/kernels.hpp"
-#include "ttt/backend/cuda/quant_decode.cuh"
+#include "ttt/backend/cuda/quant_codes.cuh"
 
 namespace ttt {
 namespace cuda::kernels {
@@ -298,17 +298,12 @@ struct KvWriteParams {
 
 constexpr int kKvWriteThreads = 128;
 
-// dst[0, D) = src as T, or quantised as quantize_rows_kernel does (amax over the row, scale
-// amax / qmax, codes F::encode(x / scale)): the same bytes as the CPU.
+// dst[0, D) = src as T, or quantised by quantize_row (as quantize_rows_kernel stores a weight
+// row): the same bytes as the CPU.
 template <class T, class KV>
 __device__ inline void kv_store_row(typename KV::Elem* dst, float* scale, const T* src, int64_t D) {
   if constexpr (KV::quantised) {
-    using F = typename KV::Format;
-    float amax = 0.f;
-    for (int64_t d = threadIdx.x; d < D; d += kKvWriteThreads) amax = fmaxf(amax, fabsf(to_f32(src[d])));
-    amax = block_all_reduce<kKvWriteThreads>(amax, MaxOp{});
-    const float s = amax > 0.f ? amax / F::qmax : 1.f;
-    for (int64_t d = threadIdx.x; d < D; d += kKvWriteThreads) dst[d] = F::encode(to_f32(src[d]) / s);
+    const float s = quantize_row<kKvWriteThreads, typename KV::Format>(src, D, dst);
     if (threadIdx.x == 0) *scale = s;
   } else {
     for (int64_t d = threadIdx.x; d < D; d += kKvWriteThreads) dst[d] = src[d];

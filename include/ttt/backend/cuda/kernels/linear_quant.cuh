@@ -26,7 +26,7 @@
 #include "ttt/backend/cuda/device.cuh"
 #include "ttt/backend/cuda/kernels.hpp"
 #include "ttt/backend/cuda/kernels/linear.cuh"
-#include "ttt/backend/cuda/quant_decode.cuh"
+#include "ttt/backend/cuda/quant_codes.cuh"
 #include "ttt/backend/math.hpp"
 #include "ttt/backend/ops.hpp"
 #include "ttt/core/quant.hpp"
@@ -50,12 +50,7 @@ struct QuantizeParams {
 template <class F, class T>
 __global__ void __launch_bounds__(kRowThreads) quantize_rows_kernel(const QuantizeParams<T> p) {
   for (int64_t n = blockIdx.x; n < p.N; n += gridDim.x) {
-    const T* src = p.w + n * p.K;
-    float amax = 0.f;
-    for (int64_t k = threadIdx.x; k < p.K; k += kRowThreads) amax = fmaxf(amax, fabsf(to_f32(src[k])));
-    amax = block_all_reduce<kRowThreads>(amax, [](float a, float b) { return fmaxf(a, b); });
-    const float s = amax > 0.f ? amax / F::qmax : 1.f;
-    for (int64_t k = threadIdx.x; k < p.K; k += kRowThreads) p.q[n * p.K + k] = F::encode(to_f32(src[k]) / s);
+    const float s = quantize_row<kRowThreads, F>(p.w + n * p.K, p.K, p.q + n * p.K);
     if (threadIdx.x == 0) p.scale[n] = s;
   }
 }

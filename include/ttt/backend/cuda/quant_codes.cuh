@@ -1,6 +1,7 @@
 #pragma once
-// Decoding int8 / fp8 e4m3 codes (core/quant.hpp) in registers, for the kernels that read
-// quantised weights (linear_quant.cuh) and a quantised KV cache (attention.cuh) (nvcc only).
+// int8 / fp8 e4m3 codes (core/quant.hpp) on the device, for the kernels that read and write
+// quantised weights (linear_quant.cuh) and a quantised KV cache (attention.cuh) (nvcc only):
+// decoding in registers, and quantising one row per block.
 #include <cuda_fp16.h>
 #include <cuda_fp8.h>
 #include <cuda_runtime.h>
@@ -8,9 +9,23 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "ttt/backend/cuda/device.cuh"
 #include "ttt/core/quant.hpp"
 
 namespace ttt::cuda::kernels {
+
+// One row of n values quantised by the whole block of kThreads threads (all must call it):
+// codes F::encode(x / scale) into `codes`, returns scale = max |x| / F::qmax (1 for an
+// all-zero row) to every thread. The CPU's cpu::quantize_row formula: the same bytes.
+template <int kThreads, class F, class T>
+__device__ __forceinline__ float quantize_row(const T* x, int64_t n, uint8_t* codes) {
+  float amax = 0.f;
+  for (int64_t k = threadIdx.x; k < n; k += kThreads) amax = fmaxf(amax, fabsf(to_f32(x[k])));
+  amax = device::block_all_reduce<kThreads>(amax, device::MaxOp{});
+  const float s = amax > 0.f ? amax / F::qmax : 1.f;
+  for (int64_t k = threadIdx.x; k < n; k += kThreads) codes[k] = F::encode(to_f32(x[k]) / s);
+  return s;
+}
 
 // int8: byte b biased to unsigned (b ^ 0x80) placed in a float's low mantissa bits:
 // 2^23 + (b + 128) exactly; subtracting 2^23 + 128 leaves b. Two instructions per weight.
