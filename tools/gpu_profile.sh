@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # On the GPU machine: Nsight Compute on the TTT inner-loop kernels of bench_ttt_layer (stall
 # reasons, occupancy, hottest SASS), one launch each, clocks left alone. Logs under $OUT.
-#   BIN_DIR=build-dev/bin tools/gpu_profile.sh [kernels|steps]
+#   BIN_DIR=build-dev/bin tools/gpu_profile.sh [kernels|steps|frame]
+# frame: every kernel of eager Moshi 7B frames (bf16, FRAME_BATCH rows, default 1) with its time
+# and DRAM bytes, summarised per kernel by tools/ncu_frame.py (where a frame's time goes).
 set -uo pipefail
 out=${OUT:-gpu_out}
 mkdir -p "$out"
@@ -29,6 +31,15 @@ steps() {  # name bench-args...
     "$out/ncu_$name.txt" | tail -${TAIL:-12}
 }
 case "${1:-kernels}" in
+  frame)
+    b=${FRAME_BATCH:-1}
+    timeout 300 "$ncu" --clock-control none --csv --page raw \
+      --metrics gpu__time_duration.sum,dram__bytes_read.sum,dram__bytes_write.sum \
+      "$bin/ttt-moshi" bench --preset 7b --backend cuda --dtype ${FRAME_DTYPE:-bf16} --batch "$b" --frames 3 --warmup 1 \
+      --no-graph > "$out/ncu_frame_b$b.csv" 2>&1
+    echo "== frame batch $b rc=$?"
+    python3 tools/ncu_frame.py "$out/ncu_frame_b$b.csv" --bandwidth-tbs "${FRAME_BW_TBS:-4.2}" --top 40 \
+      | tee "$out/ncu_frame_b$b.txt" ;;
   kernels)
     run mlp_tc ttt_mlp_tc --kind mlp --batch 1 --seq 1024 --decode-steps 0 --runs 1
     run linear_tc ttt_linear_tc --kind linear --batch 1 --seq 1024 --decode-steps 0 --runs 1

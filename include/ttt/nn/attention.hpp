@@ -140,14 +140,25 @@ struct KvRing {
       fill(vv, 2);
     });
   }
+  // fn(suffix, tensor) over the tensors that hold the keys and values, named as the session
+  // file names them: ".k", ".v" (T), or the codes ".k", ".v" (u8) with ".k_scale", ".v_scale"
+  // (f32). Self is KvRing or const KvRing; clone, copy_item, save and load are loops over it.
+  template <class Self, class Fn>
+  static void for_each_part(Self& r, Fn&& fn) {
+    auto codes = [&](auto& kk, auto& vv) {
+      fn(".k", kk.codes), fn(".k_scale", kk.scale), fn(".v", vv.codes), fn(".v_scale", vv.scale);
+    };
+    switch (r.format) {
+      case WeightFormat::dense: fn(".k", r.k), fn(".v", r.v); break;
+      case WeightFormat::int8: codes(r.k_int8, r.v_int8); break;
+      case WeightFormat::fp8_e4m3: codes(r.k_fp8, r.v_fp8); break;
+    }
+    fn(".pos", r.pos);
+  }
   KvRing clone() const {
     NoArenaScope<B> persistent;
-    KvRing r;
-    r.format = format;
-    if (k.defined()) r.k = k.clone(), r.v = v.clone();
-    if (k_int8.defined()) r.k_int8 = k_int8.clone(), r.v_int8 = v_int8.clone();
-    if (k_fp8.defined()) r.k_fp8 = k_fp8.clone(), r.v_fp8 = v_fp8.clone();
-    r.pos = pos.clone();
+    KvRing r = *this;
+    for_each_part(r, [](const char*, auto& t) { t = t.clone(); });
     return r;
   }
   // Item src_b of `src` (a ring of the same layer, any batch) into item dst_b of this one.
@@ -157,65 +168,35 @@ struct KvRing {
     const Shape a = src.shape(), b = shape();
     TTT_CHECK(a.d[1] == b.d[1] && src.capacity() == capacity() && a.d[3] == b.d[3],
               "KvRing::copy_item: rings of different layers (", a.str(), " vs ", b.str(), ")");
-    auto item = [&](const auto& dst, const auto& s) {
-      using D = std::decay_t<decltype(dst)>;
-      if constexpr (std::is_same_v<D, Tensor<T, B>>) {
-        dst.select(0, dst_b).copy_from(s.select(0, src_b));
-      } else {
-        dst.codes.select(0, dst_b).copy_from(s.codes.select(0, src_b));
-        dst.scale.select(0, dst_b).copy_from(s.scale.select(0, src_b));
-      }
-    };
-    switch (format) {
-      case WeightFormat::dense: item(k, src.k), item(v, src.v); break;
-      case WeightFormat::int8: item(k_int8, src.k_int8), item(v_int8, src.v_int8); break;
-      case WeightFormat::fp8_e4m3: item(k_fp8, src.k_fp8), item(v_fp8, src.v_fp8); break;
-    }
-    pos.select(0, dst_b).copy_from(src.pos.select(0, src_b));
-  }
-  // Saved as <prefix>.k / .v (T, or the codes as u8 with .k_scale / .v_scale) and .pos; the
-  // format is recorded by which tensors exist, so a session saved with one --kv-dtype does
-  // not load into an engine running another.
-  void save(io::SafeTensorsWriter& w, const std::string& prefix) const {
-    visit([&](const auto& kk, const auto& vv) {
-      using D = std::decay_t<decltype(kk)>;
-      if constexpr (std::is_same_v<D, Tensor<T, B>>) {
-        w.add(prefix + ".k", kk);
-        w.add(prefix + ".v", vv);
-      } else {
-        w.add(prefix + ".k", kk.codes);
-        w.add(prefix + ".k_scale", kk.scale);
-        w.add(prefix + ".v", vv.codes);
-        w.add(prefix + ".v_scale", vv.scale);
-      }
+    // The same format has the same parts in the same order: pair them by position.
+    int i = 0;
+    for_each_part(*this, [&](const char*, const auto& dst) {
+      int j = 0;
+      for_each_part(src, [&](const char*, const auto& from) {
+        if constexpr (std::is_same_v<decltype(&dst), decltype(&from)>)
+          if (j == i) dst.select(0, dst_b).copy_from(from.select(0, src_b));
+        ++j;
+      });
+      ++i;
     });
-    w.add(prefix + ".pos", pos);
+  }
+  // Saved as <prefix> + each part's suffix; the format is recorded by which tensors exist, so a
+  // session saved with one --kv-dtype does not load into an engine running another.
+  void save(io::SafeTensorsWriter& w, const std::string& prefix) const {
+    for_each_part(*this, [&](const char* suffix, const auto& t) { w.add(prefix + suffix, t); });
   }
   void load(const io::SafeTensors& st, const std::string& prefix) {
-    auto get = [&](auto& dst, const std::string& name) {
-      using D = typename std::decay_t<decltype(dst)>::value_type;
-      auto h = st.load<D>(name);
-      TTT_CHECK(h.shape() == dst.shape(), st.path(), ": state tensor '", name, "' has shape ", h.shape().str(),
-                ", this session expects ", dst.shape().str());
-      dst.copy_from(to_backend<B>(h));
-    };
     const bool saved_quantised = st.contains(prefix + ".k_scale");
     TTT_CHECK(saved_quantised == quantised(), st.path(), ": the session's KV cache '", prefix, "' was saved ",
               saved_quantised ? "quantised" : "dense", ", this engine stores it as ", weight_format_name(format),
               " (start it with the --kv-dtype the session was saved with)");
-    visit([&](const auto& kk, const auto& vv) {
-      using D = std::decay_t<decltype(kk)>;
-      if constexpr (std::is_same_v<D, Tensor<T, B>>) {
-        get(kk, prefix + ".k");
-        get(vv, prefix + ".v");
-      } else {
-        get(kk.codes, prefix + ".k");
-        get(kk.scale, prefix + ".k_scale");
-        get(vv.codes, prefix + ".v");
-        get(vv.scale, prefix + ".v_scale");
-      }
+    for_each_part(*this, [&](const char* suffix, const auto& dst) {
+      const std::string name = prefix + suffix;
+      auto h = st.load<typename std::decay_t<decltype(dst)>::value_type>(name);
+      TTT_CHECK(h.shape() == dst.shape(), st.path(), ": state tensor '", name, "' has shape ", h.shape().str(),
+                ", this session expects ", dst.shape().str());
+      dst.copy_from(to_backend<B>(h));
     });
-    get(pos, prefix + ".pos");
   }
 };
 
