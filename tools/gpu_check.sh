@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # On the GPU machine (device tool): the CUDA tests, compute-sanitizer and the CUDA benchmarks,
 # each time-boxed, logs under $OUT (or ./gpu_out), a short summary on stdout.
-#   tools/gpu_check.sh [build|test|sanitize|bench|bench-quant|bench-ttt|bench-train|bench-designs|bench-mimi|serve-load|serve-devices|all]...
+#   tools/gpu_check.sh [build|test|sanitize|bench|bench-pdl|bench-quant|bench-ttt|bench-train|bench-designs|bench-mimi|serve-load|serve-devices|all]...
 # serve-load is left out of `all` (minutes): bench/serve_load.py with the 7B on the GPU (SERVE_CLIENTS)
 # and the small config on the CPU (SERVE_CPU_CLIENTS); Python wheels for its client from .whl/py312.
 # serve-devices (also not in `all`, ~1-2 min): tests/serve/test_engines.py against
@@ -90,6 +90,20 @@ if has bench; then
   done
 fi
 
+# Not part of `all`: Programmatic Dependent Launch off and on (TTT_PDL), the same binary, batch
+# 1 and 8, alternated twice so that drift between runs shows.
+if printf '%s\n' "${steps[@]}" | grep -qx bench-pdl; then
+  for rep in 1 2; do
+    for b in 1 8; do
+      for pdl in 0 1; do
+        TTT_PDL=$pdl timeout 150 "$bin/ttt-moshi" bench --preset 7b --backend cuda --dtype bf16 --batch $b --frames 200 \
+          --warmup 20 > "$out/bench_pdl${pdl}_b${b}_$rep.log" 2>&1
+        echo "== pdl $pdl batch $b (run $rep) rc=$?: $(grep -E '^bench' "$out/bench_pdl${pdl}_b${b}_$rep.log" | head -1)"
+      done
+    done
+  done
+fi
+
 if has bench-quant; then
   # Batches 1, 2 and 8 with the default routing (the int8 / fp8 GEMV up to 2 rows, then the
   # dequantising cuBLAS path), bf16 beside them, and batch 1 with an fp8 KV cache; then the choices behind the defaults: batch 2
@@ -97,6 +111,7 @@ if has bench-quant; then
   # tiles of 64 MiB and of the whole weight (TTT_DEQUANT_TILE_MIB; the default is 16).
   qrun() {  # name, env assignment (or -), dtype, batch, frames
     local name=$1 envs=$2 dt=$3 b=$4 fr=$5
+    [[ -n ${QRUN_ONLY:-} && ! $name =~ $QRUN_ONLY ]] && return  # QRUN_ONLY: a regex on the names, for short runs
     [ "$envs" = - ] && envs=""
     # shellcheck disable=SC2086
     env $envs timeout 150 "$bin/ttt-moshi" bench --preset 7b --backend cuda --dtype $dt --batch $b --frames $fr \

@@ -4,6 +4,7 @@
 #include <cublasLt.h>
 #include <cublas_v2.h>
 #include <cuda_runtime_api.h>
+#include <cstdlib>
 
 #include <memory>
 #include <string>
@@ -96,6 +97,9 @@ class Context {
   void* workspace() const { return workspace_; }
   size_t workspace_bytes() const { return kWorkspace; }
   int sm_count() const { return sm_count_; }
+  // Programmatic Dependent Launch for this library's kernels (device.cuh, launch): Hopper or
+  // newer, and not turned off by TTT_PDL=0.
+  bool pdl() const { return pdl_; }
   void synchronize() const { TTT_CUDA_CHECK(cudaStreamSynchronize(stream_)); }
 
   Context(const Context&) = delete;
@@ -123,13 +127,19 @@ class Context {
     TTT_CUDA_CHECK(cudaMalloc(&workspace_, kWorkspace));
     TTT_CUBLAS_CHECK(cublasSetWorkspace(cublas_, workspace_, kWorkspace));
     TTT_CUDA_CHECK(cudaDeviceGetAttribute(&sm_count_, cudaDevAttrMultiProcessorCount, device_));
+    int major = 0;
+    TTT_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device_));
+    const char* e = std::getenv("TTT_PDL");
+    pdl_ = major >= 9 && (e ? std::atoi(e) != 0 : kPdlDefault);
   }
+  static constexpr bool kPdlDefault = false;
   int device_ = 0;
   cudaStream_t stream_ = nullptr;
   cublasHandle_t cublas_ = nullptr;
   cublasLtHandle_t cublaslt_ = nullptr;
   void* workspace_ = nullptr;
   int sm_count_ = 0;
+  bool pdl_ = false;
 };
 
 }  // namespace ttt::cuda

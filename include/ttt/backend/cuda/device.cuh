@@ -41,30 +41,60 @@ inline unsigned grid_for(int64_t n, int threads, int blocks_per_sm = 32) {
   return unsigned(std::max<int64_t>(1, std::min(want, cap)));
 }
 
+// ---- Programmatic Dependent Launch (sm_90+) ----------------------------------------------
+// A decode frame is ~640 small dependent kernels; between two of them the GPU drains one grid,
+// makes its writes visible and only then launches the next, a few microseconds each. With
+// PDL (Context::pdl(): Hopper, TTT_PDL) each launch carries
+// cudaLaunchAttributeProgrammaticStreamSerialization, so the next grid is launched once every
+// CTA of this one has started, and its CTAs wait on the GPU instead of on the launch path.
+// It is correct because every kernel of the library begins with pdl_begin(): griddepcontrol.wait
+// returns only when the preceding grid has completed and its memory is visible, before the
+// kernel reads or writes anything (so read-after-write and write-after-read both hold, and
+// transitively: a grid completes only after its own wait). launch_dependents then lets the next
+// grid launch. Kernels launched without the attribute (cuBLAS, CUB) order as usual; on them,
+// and without PDL, both instructions are no-ops.
+__device__ __forceinline__ void pdl_begin() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
 // A launch of grid x block threads with smem bytes of dynamic shared memory, in clusters of
-// `cluster` CTAs along x (1: no cluster attribute; `attr` holds it), on the null stream.
-inline cudaLaunchConfig_t launch_config(dim3 grid, unsigned block, size_t smem, int cluster,
-                                        cudaLaunchAttribute (&attr)[1]) {
+// `cluster` CTAs along x (1: no cluster attribute), programmatic serialisation when `pdl`;
+// `attr` holds the attributes.
+inline cudaLaunchConfig_t launch_config(dim3 grid, unsigned block, size_t smem, int cluster, bool pdl,
+                                        cudaLaunchAttribute (&attr)[2]) {
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = grid;
   cfg.blockDim = dim3(block, 1, 1);
   cfg.dynamicSmemBytes = smem;
-  attr[0].id = cudaLaunchAttributeClusterDimension;
-  attr[0].val.clusterDim.x = unsigned(cluster);
-  attr[0].val.clusterDim.y = 1;
-  attr[0].val.clusterDim.z = 1;
-  cfg.attrs = cluster > 1 ? attr : nullptr;
-  cfg.numAttrs = cluster > 1 ? 1 : 0;
+  cfg.attrs = attr;
+  cfg.numAttrs = 0;
+  if (cluster > 1) {
+    cudaLaunchAttribute& a = attr[cfg.numAttrs++];
+    a.id = cudaLaunchAttributeClusterDimension;
+    a.val.clusterDim.x = unsigned(cluster);
+    a.val.clusterDim.y = 1;
+    a.val.clusterDim.z = 1;
+  }
+  if (pdl) {
+    cudaLaunchAttribute& a = attr[cfg.numAttrs++];
+    a.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    a.val.programmaticStreamSerializationAllowed = 1;
+  }
   return cfg;
 }
 
 // kernel<<<grid, block, smem, stream()>>>(args...) in clusters of `cluster` CTAs along x
-// (1: none), launch errors thrown.
+// (1: none), with PDL where the context has it; launch errors thrown. The kernel must begin
+// with pdl_begin().
 template <class... Params, class... Args>
 void launch(void (*kernel)(Params...), dim3 grid, unsigned block, size_t smem, int cluster, const Args&... args) {
-  cudaLaunchAttribute attr[1];
-  cudaLaunchConfig_t cfg = launch_config(grid, block, smem, cluster, attr);
-  cfg.stream = stream();
+  const Context& ctx = Context::get();
+  cudaLaunchAttribute attr[2];
+  cudaLaunchConfig_t cfg = launch_config(grid, block, smem, cluster, ctx.pdl(), attr);
+  cfg.stream = ctx.stream();
   TTT_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, args...));
   TTT_CUDA_CHECK(cudaGetLastError());
 }

@@ -43,6 +43,7 @@ struct FlagsParams {
 };
 
 __global__ void __launch_bounds__(256) call_flags_kernel(const FlagsParams p) {
+  ::ttt::cuda::device::pdl_begin();  // first: see device.cuh
   const int64_t n = p.B * p.L;
   for (int64_t idx = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; idx < n; idx += int64_t(gridDim.x) * blockDim.x) {
     const int64_t b = idx / p.L, t = idx % p.L;
@@ -57,6 +58,7 @@ __global__ void __launch_bounds__(256) call_flags_kernel(const FlagsParams p) {
 }
 
 __global__ void __launch_bounds__(256) causal_conv_kernel(const ConvParams p) {
+  ::ttt::cuda::device::pdl_begin();  // first: see device.cuh
   const int64_t n = p.B * p.L * p.C;
   for (int64_t idx = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; idx < n; idx += int64_t(gridDim.x) * blockDim.x) {
     const int64_t c = idx % p.C, bt = idx / p.C, t = bt % p.L, b = bt / p.L;
@@ -76,6 +78,7 @@ __global__ void __launch_bounds__(256) causal_conv_kernel(const ConvParams p) {
 // The history of committing items becomes the last kc inputs of [history, x] (after the
 // outputs have read the old one: a separate launch).
 __global__ void __launch_bounds__(256) conv_history_kernel(const ConvParams p) {
+  ::ttt::cuda::device::pdl_begin();  // first: see device.cuh
   const int64_t n = p.B * p.C;
   for (int64_t idx = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; idx < n; idx += int64_t(gridDim.x) * blockDim.x) {
     const int64_t b = idx / p.C, c = idx % p.C;
@@ -96,6 +99,7 @@ struct RowsParams {
 };
 
 __global__ void __launch_bounds__(256) l2_normalize_kernel(const RowsParams p) {
+  ::ttt::cuda::device::pdl_begin();  // first: see device.cuh
   const int warps = blockDim.x >> 5, lane = threadIdx.x & 31;
   for (int64_t r = int64_t(blockIdx.x) * warps + (threadIdx.x >> 5); r < p.rows; r += int64_t(gridDim.x) * warps) {
     int64_t off = 0, rest = r;
@@ -123,6 +127,7 @@ struct LnTargetParams {
 };
 
 __global__ void __launch_bounds__(256) ln_target_kernel(const LnTargetParams p) {
+  ::ttt::cuda::device::pdl_begin();  // first: see device.cuh
   const int warps = blockDim.x >> 5;
   for (int64_t r = int64_t(blockIdx.x) * warps + (threadIdx.x >> 5); r < p.rows; r += int64_t(gridDim.x) * warps) {
     const int h = int(r % p.nh), f = p.f;
@@ -158,6 +163,7 @@ struct PrologueParams {
 // replaces (cast, l2_normalize_kernel, rope_kernel, ln_target_kernel, the lr's sigmoid).
 template <class T>
 __global__ void __launch_bounds__(256) prologue_kernel(const PrologueParams<T> p) {
+  ::ttt::cuda::device::pdl_begin();  // first: see device.cuh
   const int lane = threadIdx.x & 31, f = p.f, half = f / 2;
   const int64_t C = int64_t(p.nh) * f, n = p.B * p.L * p.nh;
   const int64_t step = (int64_t(gridDim.x) * blockDim.x) >> 5;
@@ -225,6 +231,7 @@ struct PostNormParams {
 // output; rows up to 16 values a thread stay in registers (one read of the row, not three).
 template <class T>
 __global__ void __launch_bounds__(kRowThreads) post_norm_kernel(const PostNormParams<T> p) {
+  ::ttt::cuda::device::pdl_begin();  // first: see device.cuh
   constexpr int kPer = 16;
   for (int64_t r = blockIdx.x; r < p.rows; r += gridDim.x) {
     const float* x = p.in + r * p.n;

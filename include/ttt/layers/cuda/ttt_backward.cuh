@@ -428,6 +428,7 @@ struct Head {
 };
 
 __global__ void __launch_bounds__(kThreads) ttt_inner_backward_kernel(const Params p) {
+  ::ttt::cuda::device::pdl_begin();  // first: see device.cuh
   const int task = blockIdx.x, b = task / p.nh, h = task % p.nh;
   const int f = p.f, F = p.F, K = p.K;
   float* sm = smem();

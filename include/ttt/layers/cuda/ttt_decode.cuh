@@ -139,6 +139,7 @@ struct DecodeLayout {
 
 template <class T, int HD, bool kFused>
 __global__ void __launch_bounds__(2 * HD) ttt_linear_decode_kernel(const DecodeParams<T> dp) {
+  ::ttt::cuda::device::pdl_begin();  // first: see device.cuh
   using Lay = DecodeLayout<HD>;
   constexpr int NC = Lay::NC, RPT = Lay::RPT, RG = Lay::RG, CQ = Lay::CQ, NTH = Lay::THREADS;
   static_assert(HD >= 32 && HD % 32 == 0, "column owners fill whole warps");
@@ -397,6 +398,7 @@ __device__ __forceinline__ void fma4(float4& acc, float a, float4 w) {
 }
 
 __global__ void __launch_bounds__(MlpDecodeLayout::THREADS) ttt_mlp_decode_kernel(const InnerParams p) {
+  ::ttt::cuda::device::pdl_begin();  // first: see device.cuh
   using Lay = MlpDecodeLayout;
   constexpr int HD = Lay::HD, FH = Lay::FH, CQ = Lay::CQ, RG = Lay::RG, RPT = Lay::RPT;
   __shared__ float4 part[3][RG][CQ];

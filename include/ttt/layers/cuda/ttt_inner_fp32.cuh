@@ -41,6 +41,7 @@ namespace fp32 {
 // ---- TTT-Linear ---------------------------------------------------------------------------
 
 __global__ void __launch_bounds__(kThreads) ttt_linear_kernel(const InnerParams p) {
+  ::ttt::cuda::device::pdl_begin();  // first: see device.cuh
   float* sm = dynamic_smem();
   const int nc = p.nc, rank = cluster_rank(nc);
   const int64_t bh = blockIdx.x / nc;
@@ -163,6 +164,7 @@ __global__ void __launch_bounds__(kThreads) ttt_linear_kernel(const InnerParams 
 // ---- TTT-MLP ------------------------------------------------------------------------------
 
 __global__ void __launch_bounds__(kThreads) ttt_mlp_kernel(const InnerParams p) {
+  ::ttt::cuda::device::pdl_begin();  // first: see device.cuh
   float* sm = dynamic_smem();
   const int nc = p.nc, rank = cluster_rank(nc);
   const int64_t bh = blockIdx.x / nc;

@@ -55,6 +55,7 @@ struct LinearLayout {
 
 template <int HD>
 __global__ void __launch_bounds__(HD * 2, 1) ttt_linear_tc_kernel(const InnerParams p) {
+  ::ttt::cuda::device::pdl_begin();  // first: see device.cuh
   using Lay = LinearLayout<HD>;
   constexpr int NW = Lay::NW, NT = Lay::NT, KS = Lay::KS, LD = Lay::LD;
   float* sm = dynamic_smem();
@@ -218,6 +219,7 @@ __device__ __forceinline__ void store_w2_bf16(__nv_bfloat16* W2s, const SmemFrag
 }
 
 __global__ void __launch_bounds__(MlpLayout::THREADS, 1) ttt_mlp_tc_kernel(const InnerParams p) {
+  ::ttt::cuda::device::pdl_begin();  // first: see device.cuh
   using Lay = MlpLayout;
   constexpr int NW = Lay::NW, NT = Lay::NT, KS = Lay::KS, LD = Lay::LD, LDW = Lay::LDW, HD = Lay::HD, FC = Lay::FC;
   float* sm = dynamic_smem();

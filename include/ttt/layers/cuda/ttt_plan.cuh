@@ -101,8 +101,8 @@ inline int resident_clusters(InnerKernel k, int nc, int threads, int64_t bytes) 
   for (const Entry& e : cache)
     if (e.device == device && e.kernel == k && e.nc == nc && e.bytes == bytes) return e.count;
   allow_smem(k, bytes);
-  cudaLaunchAttribute attr[1];
-  const cudaLaunchConfig_t cfg = launch_config(unsigned(nc), unsigned(threads), size_t(bytes), nc, attr);
+  cudaLaunchAttribute attr[2];
+  const cudaLaunchConfig_t cfg = launch_config(unsigned(nc), unsigned(threads), size_t(bytes), nc, false, attr);
   int count = 0;
   if (nc > 1) {
     if (cudaOccupancyMaxActiveClusters(&count, k, &cfg) != cudaSuccess) {

@@ -91,6 +91,7 @@ __device__ inline float dot_key(const typename KV::Elem* k, const float* q, int6
 
 template <class T, class KV>
 __global__ void __launch_bounds__(kAttnThreads) attention_kernel(const AttentionKernelParams<T, KV> p) {
+  ::ttt::cuda::device::pdl_begin();  // first: see device.cuh
   extern __shared__ float smem[];
   const int64_t D = p.D;
   float* qf = smem;                // [D]
@@ -190,6 +191,7 @@ __global__ void __launch_bounds__(kAttnThreads) attention_kernel(const Attention
 
 template <class T, class KV>
 __global__ void __launch_bounds__(kAttnThreads) attention_combine_kernel(const AttentionKernelParams<T, KV> p) {
+  ::ttt::cuda::device::pdl_begin();  // first: see device.cuh
   const int64_t row = blockIdx.x, D = p.D, width = D + 2;
   const int64_t h = row % p.H, t = (row / p.H) % p.T_, b = row / (p.H * p.T_);
   const float* part = p.partial + row * p.splits * width;
@@ -315,6 +317,7 @@ __device__ inline void kv_store_row(typename KV::Elem* dst, float* scale, const 
 // (last writer wins).
 template <class T, class KV>
 __global__ void __launch_bounds__(kKvWriteThreads) kv_write_kernel(const KvWriteParams<T, KV> p) {
+  ::ttt::cuda::device::pdl_begin();  // first: see device.cuh
   const int64_t bt = blockIdx.x, h = blockIdx.y;
   const int64_t b = bt / p.T_, t = bt % p.T_;
   if (p.mask && !p.mask[b]) return;

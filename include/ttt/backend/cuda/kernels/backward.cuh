@@ -59,6 +59,7 @@ struct LnBackwardParams {
 // dx = (u − mean u − x̂ mean(u x̂)) rstd, u = dy ⊙ w, one block per row.
 template <class T>
 __global__ void __launch_bounds__(kRowThreads) layer_norm_backward_rows_kernel(const LnBackwardParams<T> p) {
+  ::ttt::cuda::device::pdl_begin();  // first: see device.cuh
   const int64_t n = p.x.n;
   for (int64_t r = blockIdx.x; r < p.x.rows; r += gridDim.x) {
     int64_t xo, oo, dyo, unused;
@@ -98,6 +99,7 @@ __global__ void __launch_bounds__(kRowThreads) layer_norm_backward_rows_kernel(c
 // grid (column blocks, chunks), one thread per column.
 template <class T>
 __global__ void __launch_bounds__(kRowThreads) layer_norm_backward_cols_kernel(const LnBackwardParams<T> p) {
+  ::ttt::cuda::device::pdl_begin();  // first: see device.cuh
   const int64_t n = p.x.n, j = int64_t(blockIdx.x) * kRowThreads + threadIdx.x;
   if (j >= n) return;
   const int64_t r0 = int64_t(blockIdx.y) * p.chunk_rows, r1 = min(p.x.rows, r0 + p.chunk_rows);
@@ -118,6 +120,7 @@ __global__ void __launch_bounds__(kRowThreads) layer_norm_backward_cols_kernel(c
 // dweight / dbias = Σ over chunks (double), one thread per column.
 template <class T>
 __global__ void __launch_bounds__(kRowThreads) layer_norm_backward_sum_kernel(const LnBackwardParams<T> p) {
+  ::ttt::cuda::device::pdl_begin();  // first: see device.cuh
   const int64_t n = p.x.n, j = int64_t(blockIdx.x) * kRowThreads + threadIdx.x;
   if (j >= n) return;
   double sw = 0, sb = 0;

@@ -128,6 +128,7 @@ constexpr int kDirectSteps = 4;
 
 template <class T>
 __global__ void __launch_bounds__(kConvThreads) conv1d_direct_kernel(const ConvParams<T> p) {
+  ::ttt::cuda::device::pdl_begin();  // first: see device.cuh
   constexpr int U = kDirectSteps;
   __shared__ float red[U][kConvThreads];
   const int S = p.R, per = kConvThreads / S;
@@ -189,6 +190,7 @@ __global__ void __launch_bounds__(kConvThreads) conv1d_direct_kernel(const ConvP
 // L1: a few KB shared by every block of the group). Columns past N repeat the last one.
 template <class T, int kQ>
 __global__ void __launch_bounds__(kConvThreads) conv1d_dot_kernel(const ConvParams<T> p) {
+  ::ttt::cuda::device::pdl_begin();  // first: see device.cuh
   constexpr int kR = 2;
   __shared__ float red[kConvThreads / 32][kR * kQ];
   const int g = blockIdx.y, m0 = blockIdx.x * kR;
@@ -262,6 +264,7 @@ __global__ void __launch_bounds__(kConvThreads) conv1d_dot_kernel(const ConvPara
 template <class T, int BM, int BN, int BK, int TM, int TN>
 __global__ void __launch_bounds__(kConvThreads, TM* TN >= 64 || BM * BK >= 16 * kConvThreads ? 1 : 2)
     conv_gemm_kernel(const ConvParams<T> p) {
+  ::ttt::cuda::device::pdl_begin();  // first: see device.cuh
   static_assert((BM / TM) * (BN / TN) == kConvThreads, "256 threads per tile");
   static_assert(BM * BK % kConvThreads == 0 && BK * BN % kConvThreads == 0, "whole loads per thread");
   constexpr int kA = BM * BK / kConvThreads, kB = BK * BN / kConvThreads;
@@ -455,6 +458,7 @@ __global__ void __launch_bounds__(kConvThreads, TM* TN >= 64 || BM * BK >= 16 * 
 // One input channel per group (g = o / M): out[b, o, j] = bias + sum_t x[b, g, t] w[g, o % M, j - t*s].
 template <class T>
 __global__ void __launch_bounds__(kConvThreads) conv_transpose1d_direct_kernel(const ConvParams<T> p) {
+  ::ttt::cuda::device::pdl_begin();  // first: see device.cuh
   const int total = p.B * p.Cout * p.Tout;  // < 2^30 (conv_params)
   for (int i = blockIdx.x * kConvThreads + threadIdx.x; i < total; i += gridDim.x * kConvThreads) {
     const int r = i / p.Tout, j = i - r * p.Tout;
@@ -474,6 +478,7 @@ __global__ void __launch_bounds__(kConvThreads) conv_transpose1d_direct_kernel(c
 // then overlap-added: out[b, o, j] = bias + sum_t Y[(o, j - t*s), (b, t)].
 template <class T, int kQ>
 __global__ void __launch_bounds__(kConvThreads) conv_transpose1d_dot_kernel(const ConvParams<T> p) {
+  ::ttt::cuda::device::pdl_begin();  // first: see device.cuh
   __shared__ float red[kConvThreads * 4 * kQ];  // [slice][nch*4][kQ], at most 32 KB
   const int tid = threadIdx.x;
   const int nblk = (p.M + p.R - 1) / p.R;

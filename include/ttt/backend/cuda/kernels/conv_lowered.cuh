@@ -51,6 +51,7 @@ template <class T>
 __global__ void __launch_bounds__(kLoweredThreads)
     im2col_kernel(const T* __restrict__ x, int64_t xs0, int64_t xs1, int64_t xs2, T* __restrict__ col, unsigned rows,
                   unsigned K, unsigned cols, unsigned Tout, int stride, int dil) {
+  ::ttt::cuda::device::pdl_begin();  // first: see device.cuh
   const int64_t st = stride * xs2;
   for (unsigned r = blockIdx.y; r < rows; r += gridDim.y) {
     const unsigned c = r / K, k = r - c * K;
@@ -68,6 +69,7 @@ template <class T>
 __global__ void __launch_bounds__(kLoweredThreads)
     unfold_bias_kernel(const T* __restrict__ y, const T* __restrict__ bias, T* __restrict__ out, unsigned total,
                        unsigned C, unsigned B, unsigned Tn) {
+  ::ttt::cuda::device::pdl_begin();  // first: see device.cuh
   for (unsigned i = blockIdx.x * kLoweredThreads + threadIdx.x; i < total; i += gridDim.x * kLoweredThreads) {
     const unsigned bc = i / Tn, t = i - bc * Tn, b = bc / C, c = bc - b * C;
     const T v = y[(c * B + b) * Tn + t];
@@ -81,6 +83,7 @@ template <class T>
 __global__ void __launch_bounds__(kLoweredThreads)
     col2im_kernel(const T* __restrict__ col, const T* __restrict__ bias, T* __restrict__ out, unsigned total,
                   unsigned Cout, int K, unsigned B, int Tin, unsigned Tout, int stride) {
+  ::ttt::cuda::device::pdl_begin();  // first: see device.cuh
   for (unsigned i = blockIdx.x * kLoweredThreads + threadIdx.x; i < total; i += gridDim.x * kLoweredThreads) {
     const unsigned bo = i / Tout, b = bo / Cout, o = bo - b * Cout;
     const int j = int(i - bo * Tout);

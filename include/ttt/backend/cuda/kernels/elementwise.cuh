@@ -74,6 +74,7 @@ struct ElementwiseParams {
 
 template <int N, class F>
 __global__ void __launch_bounds__(256) elementwise_kernel(const ElementwiseParams<N, F> p) {
+  ::ttt::cuda::device::pdl_begin();  // first: see device.cuh
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < p.n; i += int64_t(gridDim.x) * blockDim.x) {
     int64_t off[N];
     strided_offsets(p.layout, i, off);
@@ -175,6 +176,7 @@ struct RopeParams {
 
 template <class T>
 __global__ void __launch_bounds__(256) rope_kernel(const RopeParams<T> p) {
+  ::ttt::cuda::device::pdl_begin();  // first: see device.cuh
   const int64_t half = p.D / 2, n = p.B * p.T_ * p.H * half;
   for (int64_t idx = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; idx < n; idx += int64_t(gridDim.x) * blockDim.x) {
     const int64_t i = idx % half;
@@ -204,6 +206,7 @@ struct SinEmbeddingParams {
 
 template <class T>
 __global__ void __launch_bounds__(256) sin_embedding_kernel(const SinEmbeddingParams<T> p) {
+  ::ttt::cuda::device::pdl_begin();  // first: see device.cuh
   const int64_t half = p.C / 2, n = p.B * p.T_ * half;
   for (int64_t idx = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; idx < n; idx += int64_t(gridDim.x) * blockDim.x) {
     const int64_t i = idx % half, bt = idx / half, b = bt / p.T_, t = bt % p.T_;
@@ -260,6 +263,7 @@ struct EmbeddingParams {
 
 template <class T>
 __global__ void __launch_bounds__(256) embedding_kernel(const EmbeddingParams<T> p) {
+  ::ttt::cuda::device::pdl_begin();  // first: see device.cuh
   const int64_t total = p.n * p.D;
   for (int64_t idx = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; idx < total;
        idx += int64_t(gridDim.x) * blockDim.x) {

@@ -225,6 +225,7 @@ __device__ __forceinline__ T gemv_norm_value(const P& p, int r, int64_t k, float
 
 template <class T, int kR>
 __global__ void __launch_bounds__(kGemvThreads) gemv_kernel(const GemvParams<T> p) {
+  ::ttt::cuda::device::pdl_begin();  // first: see device.cuh
   constexpr int kTile = kGemvTileBytes / int(sizeof(T));
   constexpr int kV = kVec<T>;
   __shared__ __align__(16) unsigned char xs_raw[kR * kGemvTileBytes];

@@ -49,6 +49,7 @@ struct QuantizeParams {
 // One block per row: |w| maximum, then the codes (the CPU's formula, same bytes).
 template <class F, class T>
 __global__ void __launch_bounds__(kRowThreads) quantize_rows_kernel(const QuantizeParams<T> p) {
+  ::ttt::cuda::device::pdl_begin();  // first: see device.cuh
   for (int64_t n = blockIdx.x; n < p.N; n += gridDim.x) {
     const float s = quantize_row<kRowThreads, F>(p.w + n * p.K, p.K, p.q + n * p.K);
     if (threadIdx.x == 0) p.scale[n] = s;
@@ -65,6 +66,7 @@ struct DequantizeParams {
 
 template <class F, class T>
 __global__ void dequantize_kernel(const DequantizeParams<T> p) {
+  ::ttt::cuda::device::pdl_begin();  // first: see device.cuh
   const int64_t total = p.N * p.K;
   for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x)
     p.out[i] = from_f32<T>(p.scale[i / p.K] * F::decode(p.q[i]));
@@ -120,6 +122,7 @@ struct GemvQParams {
 // tile. A lane's 16-byte chunk holds 16 codes, matched with 16 x values from shared memory.
 template <class T, class F, int kR>
 __global__ void __launch_bounds__(kGemvQThreads) gemv_q_kernel(const GemvQParams<T> p) {
+  ::ttt::cuda::device::pdl_begin();  // first: see device.cuh
   constexpr int kTile = kGemvQTileBytes / int(sizeof(T));  // elements of x (and codes) per tile
   constexpr int kLoads = kTile / 16 / 32;
   constexpr int kXv = kVec<T>;
@@ -357,6 +360,7 @@ inline char* dequant_scratch(size_t bytes) {
 // and 16-byte load when q is 16-byte aligned.
 template <class F, class T>
 __global__ void decode_codes_kernel(const uint8_t* __restrict__ q, T* __restrict__ out, int64_t n, bool vec) {
+  ::ttt::cuda::device::pdl_begin();  // first: see device.cuh
   const int64_t stride = int64_t(gridDim.x) * blockDim.x, tid = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   int64_t done = 0;
   if (vec) {
@@ -392,6 +396,7 @@ struct QuantEpilogueParams {
 // first: the GEMV's epilogue, element for element.
 template <class T>
 __global__ void quant_epilogue_kernel(const QuantEpilogueParams<T> p) {
+  ::ttt::cuda::device::pdl_begin();  // first: see device.cuh
   const int64_t outs = p.glu ? p.N / 2 : p.N, total = p.R * outs;
   for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
     const int64_t r = i / outs, o = i - r * outs;

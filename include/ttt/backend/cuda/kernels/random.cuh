@@ -54,6 +54,7 @@ __device__ inline uint32_t order_key(float x) {
 
 template <class T>
 __global__ void __launch_bounds__(kSampleThreads) sample_kernel(const SampleKernelParams<T> p) {
+  ::ttt::cuda::device::pdl_begin();  // first: see device.cuh
   const int64_t r = blockIdx.x, V = p.V;
   const T* l = p.logits + r * p.ld;
   // The row's parameters (uniform over the block, so the branches below stay uniform).
@@ -170,6 +171,7 @@ namespace cuda::kernels {
 
 template <class T>
 __global__ void random_normal_kernel(T* out, int64_t n, float std, uint64_t seed, uint64_t key) {
+  ::ttt::cuda::device::pdl_begin();  // first: see device.cuh
   for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
     out[i] = from_f32<T>(std * math::truncated_normal(seed, key, uint64_t(i)));
 }

@@ -73,6 +73,7 @@ struct RowParams {
 
 template <class T>
 __global__ void __launch_bounds__(kRowThreads) reduce_kernel(const RowParams<T> p) {
+  ::ttt::cuda::device::pdl_begin();  // first: see device.cuh
   const RowLayout& L = p.L;
   for (int64_t r = blockIdx.x; r < L.rows; r += gridDim.x) {
     int64_t io, oo;
@@ -95,6 +96,7 @@ __global__ void __launch_bounds__(kRowThreads) reduce_kernel(const RowParams<T> 
 
 template <class T>
 __global__ void __launch_bounds__(kRowThreads) argmax_kernel(const RowParams<T> p) {
+  ::ttt::cuda::device::pdl_begin();  // first: see device.cuh
   const RowLayout& L = p.L;
   for (int64_t r = blockIdx.x; r < L.rows; r += gridDim.x) {
     int64_t io, oo;
@@ -110,6 +112,7 @@ __global__ void __launch_bounds__(kRowThreads) argmax_kernel(const RowParams<T> 
 
 template <class T>
 __global__ void __launch_bounds__(kRowThreads) softmax_kernel(const RowParams<T> p) {
+  ::ttt::cuda::device::pdl_begin();  // first: see device.cuh
   const RowLayout& L = p.L;
   for (int64_t r = blockIdx.x; r < L.rows; r += gridDim.x) {
     int64_t io, oo;
@@ -130,6 +133,7 @@ __global__ void __launch_bounds__(kRowThreads) softmax_kernel(const RowParams<T>
 // Two passes (mean, then squared deviations) like the CPU: no cancellation in E[x^2]-mu^2.
 template <class T>
 __global__ void __launch_bounds__(kRowThreads) layer_norm_kernel(const RowParams<T> p) {
+  ::ttt::cuda::device::pdl_begin();  // first: see device.cuh
   const RowLayout& L = p.L;
   for (int64_t r = blockIdx.x; r < L.rows; r += gridDim.x) {
     int64_t io, oo;
@@ -157,6 +161,7 @@ __global__ void __launch_bounds__(kRowThreads) layer_norm_kernel(const RowParams
 
 template <class T>
 __global__ void __launch_bounds__(kRowThreads) rms_norm_kernel(const RowParams<T> p) {
+  ::ttt::cuda::device::pdl_begin();  // first: see device.cuh
   const RowLayout& L = p.L;
   for (int64_t r = blockIdx.x; r < L.rows; r += gridDim.x) {
     int64_t io, oo;
@@ -179,6 +184,7 @@ __global__ void __launch_bounds__(kRowThreads) rms_norm_kernel(const RowParams<T
 // the output's outer coordinates through in_stride. blockIdx.y spreads a row's columns.
 template <class T>
 __global__ void __launch_bounds__(kRowThreads) glu_kernel(const RowParams<T> p) {
+  ::ttt::cuda::device::pdl_begin();  // first: see device.cuh
   const RowLayout& L = p.L;
   for (int64_t r = blockIdx.x; r < L.rows; r += gridDim.x) {
     int64_t io, oo;

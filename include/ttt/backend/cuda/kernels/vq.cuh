@@ -54,6 +54,7 @@ __device__ __forceinline__ unsigned long long vq_key(float dist, int v) {
 // registers; kI == 0: any d, x read through L1.
 template <class T, int kI>
 __global__ void __launch_bounds__(kVqThreads) vq_search_kernel(const VqParams<T> p) {
+  ::ttt::cuda::device::pdl_begin();  // first: see device.cuh
   __shared__ unsigned long long red[kVqWarps][kVqRows];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int n0 = blockIdx.y * kVqRows, rows = min(kVqRows, p.N - n0);
@@ -138,6 +139,7 @@ __global__ void __launch_bounds__(kVqThreads) vq_search_kernel(const VqParams<T>
 // A warp per row: the minimum over the entry blocks' keys.
 template <class T>
 __global__ void __launch_bounds__(kVqThreads) vq_finish_kernel(const VqParams<T> p) {
+  ::ttt::cuda::device::pdl_begin();  // first: see device.cuh
   const int lane = threadIdx.x & 31;
   for (int n = (blockIdx.x * kVqThreads + threadIdx.x) / 32; n < p.N; n += gridDim.x * (kVqThreads / 32)) {
     unsigned long long b = ~0ull;
