@@ -134,6 +134,10 @@ def main():
             r = ("ok" if p50 <= a.limit_ms else "slow", p50, p99, gib)
         except torch.OutOfMemoryError:
             r = ("oom", 0.0, 0.0, 0.0)
+            # An OOM inside LMGen.streaming()'s own set-up leaves the modules reached so far
+            # streaming (its exit callback is registered only after them): stop them all.
+            gen._stop_streaming()
+            model._stop_streaming()
         release(device)
         tried[batch] = r
         state, p50, p99, gib = r

@@ -480,11 +480,17 @@ TEMPLATE_TEST_CASE("linear (GEMV and GEMM paths)", "[backend]", float, bf16, f16
   std::mt19937 g(32);
   const double tol = 2 * unit<T>();
   Kernels<Cuda>::set_gemv_max_rows(8);  // the GEMV kernel up to 8 rows, cuBLAS above
+  // Rows 1-2 run the streaming GEMV where it fits (mode 1), and again the tiled one (mode 0);
+  // mode 2 with no GEMV rows: the streaming GEMV in place of cuBLAS.
+  for (int mode : {1, 0, 2})
   for (int64_t R : {1, 2, 3, 5, 8, 9, 33})
     for (int64_t K : {7, 64, 1000, 4104})
       for (int64_t N : {1, 5, 130, 513}) {
-        if (R * K * N > int64_t(40) << 20) continue;
-        const std::string tag = "R " + std::to_string(R) + " K " + std::to_string(K) + " N " + std::to_string(N);
+        if (R * K * N > int64_t(40) << 20 || (mode != 1 && R > 2)) continue;
+        Kernels<Cuda>::set_gemv_stream(mode);
+        Kernels<Cuda>::set_gemv_max_rows(mode == 2 ? 0 : 8);
+        const std::string tag = "R " + std::to_string(R) + " K " + std::to_string(K) + " N " + std::to_string(N) +
+                                " stream " + std::to_string(mode);
         auto x = make<T>({R, K}, Layout::contiguous, g);
         auto w = make<T>({N, K}, Layout::contiguous, g);
         Both<T> y{ops::linear(x.cpu, w.cpu), ops::linear(x.gpu, w.gpu)};
@@ -495,6 +501,8 @@ TEMPLATE_TEST_CASE("linear (GEMV and GEMM paths)", "[backend]", float, bf16, f16
         ops::linear(y1.gpu, x.gpu, w.gpu, 1.f);
         record("linear", dname<T>(), error(y1), tol, tag + " beta 1");
       }
+  Kernels<Cuda>::set_gemv_stream(-1);
+  Kernels<Cuda>::set_gemv_max_rows(8);
   // A weight starting one element past a 16-byte boundary (scalar loads), and a batched
   // input [2, 3, K].
   for (int64_t K : {64, 1000}) {
@@ -511,10 +519,12 @@ TEMPLATE_TEST_CASE("fused_linear (norm prologue, glu epilogue, split GEMV)", "[b
   std::mt19937 g(33);
   const double tol = 4 * unit<T>();
   Kernels<Cuda>::set_gemv_max_rows(8);  // the fused GEMV kernel up to 8 rows, composition above
+  for (int mode : {1, 0})  // rows 1-2: the streaming GEMV where it fits, then the tiled one
   for (int64_t R : {1, 2, 5, 8, 9})
     for (int64_t K : {64, 1000, 1024, 4104})
       for (int64_t N : {2, 130, 1024, 4096}) {
-        if (R * K * N > int64_t(40) << 20) continue;
+        if (R * K * N > int64_t(40) << 20 || (mode == 0 && R > 2)) continue;
+        Kernels<Cuda>::set_gemv_stream(mode);
         auto x = make<T>({R, K}, Layout::contiguous, g, -3, 3);
         auto w = make<T>({N, K}, Layout::contiguous, g);
         auto nw = make<T>({K}, Layout::contiguous, g, 0.5f, 1.5f), nb = make<T>({K}, Layout::contiguous, g);
@@ -522,7 +532,8 @@ TEMPLATE_TEST_CASE("fused_linear (norm prologue, glu epilogue, split GEMV)", "[b
           for (bool glu : {false, true}) {
             auto [fc, fg] = fused_options(norm, glu, nw, nb);
             const std::string tag = "R " + std::to_string(R) + " K " + std::to_string(K) + " N " + std::to_string(N) +
-                                    " norm " + std::to_string(int(norm)) + (glu ? " glu" : "");
+                                    " norm " + std::to_string(int(norm)) + (glu ? " glu" : "") + " stream " +
+                                    std::to_string(mode);
             Both<T> y{ops::fused_linear(x.cpu, w.cpu, fc), ops::fused_linear(x.gpu, w.gpu, fg)};
             record("fused_linear", dname<T>(), error(y), tol, tag);
             if (!glu) {
@@ -534,6 +545,7 @@ TEMPLATE_TEST_CASE("fused_linear (norm prologue, glu epilogue, split GEMV)", "[b
             }
           }
       }
+  Kernels<Cuda>::set_gemv_stream(-1);
 }
 
 // Quantised weights (core/quant.hpp): both backends quantise a weight to the same bytes and
@@ -544,17 +556,20 @@ void quant_cases(std::mt19937& g) {
   const double tol = 4 * unit<T>();
   const std::string dt = dname<T>() + (std::is_same_v<F, Int8> ? " int8" : " fp8");
   Kernels<Cuda>::set_gemv_q_max_rows(8);
+  for (int mode : {1, 0})  // rows 1-2: the streaming GEMV where it fits, then the tiled one
   for (int64_t R : {1, 2, 5, 8, 9, 33})
     for (int64_t K : {16, 64, 1000, 4096, 4104})
       for (int64_t N : {2, 130, 4096}) {
-        if (R * K * N > int64_t(40) << 20) continue;
+        if (R * K * N > int64_t(40) << 20 || (mode == 0 && R > 2)) continue;
+        Kernels<Cuda>::set_gemv_stream(mode);
         auto x = make<T>({R, K}, Layout::contiguous, g, -3, 3);
         auto w = make<T>({N, K}, Layout::contiguous, g, -0.2, 0.2);
         auto qc = ops::quantize_rows<F>(w.cpu);
         auto qg = ops::quantize_rows<F>(w.gpu);
         Both<uint8_t> codes{qc.data, qg.data};
         Both<float> scales{qc.scale, qg.scale};
-        const std::string tag = "R " + std::to_string(R) + " K " + std::to_string(K) + " N " + std::to_string(N);
+        const std::string tag = "R " + std::to_string(R) + " K " + std::to_string(K) + " N " + std::to_string(N) +
+                                " stream " + std::to_string(mode);
         record("quantize_rows", dt, std::max(error(codes), error(scales)), 0, tag);
         Both<T> dq{Tensor<T, Cpu>::empty({N, K}), Tensor<T, Cuda>::empty({N, K})};
         ops::dequantize(dq.cpu, qc);
@@ -575,6 +590,7 @@ void quant_cases(std::mt19937& g) {
             }
           }
       }
+  Kernels<Cuda>::set_gemv_stream(-1);
 }
 
 TEMPLATE_TEST_CASE("quantised weights: quantize_rows, dequantize, linear / fused_linear (int8, fp8 e4m3)", "[backend]",

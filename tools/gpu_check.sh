@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # On the GPU machine (device tool): the CUDA tests, compute-sanitizer and the CUDA benchmarks,
 # each time-boxed, logs under $OUT (or ./gpu_out), a short summary on stdout.
-#   tools/gpu_check.sh [build|test|sanitize|bench|bench-pdl|bench-quant|bench-ttt|bench-train|bench-designs|bench-mimi|serve-load|serve-devices|all]...
+#   tools/gpu_check.sh [build|test|sanitize|bench|bench-pdl|bench-gemv|bench-quant|bench-ttt|bench-train|bench-designs|bench-mimi|serve-load|serve-devices|all]...
 # serve-load is left out of `all` (minutes): bench/serve_load.py with the 7B on the GPU (SERVE_CLIENTS)
 # and the small config on the CPU (SERVE_CPU_CLIENTS); Python wheels for its client from .whl/py312.
 # serve-devices (also not in `all`, ~1-2 min): tests/serve/test_engines.py against
@@ -102,6 +102,22 @@ if printf '%s\n' "${steps[@]}" | grep -qx bench-pdl; then
       done
     done
   done
+fi
+
+# Not part of `all`: the streaming GEMV (kernels/gemv_stream.cuh) against what it replaces, the
+# same binary, alternated twice: fp8 / int8 batch 1-2 with the tiled GEMV (TTT_GEMV_STREAM=0)
+# and the streaming one (1, the default), bf16 batch 1-2 on cuBLAS (default) and on the
+# streaming GEMV (2). GEMV_REPS: how many alternations (default 2).
+if printf '%s\n' "${steps[@]}" | grep -qx bench-gemv; then
+  for rep in $(seq 1 "${GEMV_REPS:-2}"); do
+    for cfg in "fp8 1 0" "fp8 1 1" "int8 1 0" "int8 1 1" "bf16 1 1" "bf16 1 2" "fp8 2 0" "fp8 2 1" "bf16 2 1" "bf16 2 2"; do
+      set -- $cfg
+      TTT_GEMV_STREAM=$3 timeout 100 "$bin/ttt-moshi" bench --preset 7b --backend cuda --dtype $1 --batch $2 --frames 100 \
+        --warmup 10 > "$out/bench_gemv_$1_b$2_s$3_$rep.log" 2>&1
+      echo "== gemv stream $3 $1 batch $2 (run $rep) rc=$?: $(grep -E '^bench' "$out/bench_gemv_$1_b$2_s$3_$rep.log" | head -1)"
+    done
+  done
+  grep -hE "floor" "$out"/bench_gemv_*_1.log | sort -u
 fi
 
 if has bench-quant; then

@@ -8,6 +8,7 @@ set -uo pipefail
 out=${OUT:-gpu_out}
 mkdir -p "$out"
 bin=${BIN_DIR:-build-gpu/bin}
+export LD_LIBRARY_PATH=/usr/local/cuda/lib64${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}:$(pwd)/$bin/lib  # a prebuilt tree's libsndfile etc.
 ncu=$(command -v ncu || ls /usr/local/cuda/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
 [ -n "$ncu" ] || { echo "no ncu"; exit 1; }
 sections="--section SpeedOfLight --section WarpStateStats --section Occupancy --section LaunchStats --section SourceCounters"
@@ -32,14 +33,15 @@ steps() {  # name bench-args...
 }
 case "${1:-kernels}" in
   frame)
-    b=${FRAME_BATCH:-1}
+    b=${FRAME_BATCH:-1} dt=${FRAME_DTYPE:-bf16}
+    name=${dt}_b$b${FRAME_TAG:+_$FRAME_TAG}  # FRAME_TAG: tells runs with other TTT_* settings apart
     timeout 300 "$ncu" --clock-control none --csv --page raw \
       --metrics gpu__time_duration.sum,dram__bytes_read.sum,dram__bytes_write.sum \
-      "$bin/ttt-moshi" bench --preset 7b --backend cuda --dtype ${FRAME_DTYPE:-bf16} --batch "$b" --frames 3 --warmup 1 \
-      --no-graph > "$out/ncu_frame_b$b.csv" 2>&1
-    echo "== frame batch $b rc=$?"
-    python3 tools/ncu_frame.py "$out/ncu_frame_b$b.csv" --bandwidth-tbs "${FRAME_BW_TBS:-4.2}" --top 40 \
-      | tee "$out/ncu_frame_b$b.txt" ;;
+      "$bin/ttt-moshi" bench --preset 7b --backend cuda --dtype "$dt" --batch "$b" --frames 3 --warmup 1 \
+      --no-graph > "$out/ncu_frame_$name.csv" 2>&1
+    echo "== frame $name rc=$?"
+    python3 tools/ncu_frame.py "$out/ncu_frame_$name.csv" --bandwidth-tbs "${FRAME_BW_TBS:-4.2}" --top ${FRAME_TOP:-40} \
+      | tee "$out/ncu_frame_$name.txt" ;;
   kernels)
     run mlp_tc ttt_mlp_tc --kind mlp --batch 1 --seq 1024 --decode-steps 0 --runs 1
     run linear_tc ttt_linear_tc --kind linear --batch 1 --seq 1024 --decode-steps 0 --runs 1

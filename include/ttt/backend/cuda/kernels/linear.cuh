@@ -13,6 +13,7 @@
 #include "ttt/backend/cuda/context.hpp"
 #include "ttt/backend/cuda/device.cuh"
 #include "ttt/backend/cuda/kernels.hpp"
+#include "ttt/backend/cuda/kernels/gemv_stream.cuh"
 #include "ttt/backend/math.hpp"
 #include "ttt/backend/ops.hpp"
 
@@ -144,7 +145,6 @@ constexpr int kGemvMaxRows = 8;
 // stays, tested, behind TTT_GEMV_MAX_ROWS for that work to continue (docs/perf.md).
 constexpr int kGemvDefaultRows = 0;
 
-enum class GemvNorm : uint8_t { none, rms, layer };
 
 // Rows up to which linear uses the GEMV kernel instead of cuBLAS (TTT_GEMV_MAX_ROWS or
 // Kernels<Cuda>::set_gemv_max_rows override the default).
@@ -155,6 +155,14 @@ inline int64_t& gemv_max_rows() {
     return std::max<int64_t>(0, std::min<int64_t>(n, kGemvMaxRows));
   }();
   return v;
+}
+
+// Rows up to which a dense product of R rows takes a GEMV: gemv_max_rows(), and with
+// TTT_GEMV_STREAM=2 also wherever the streaming GEMV fits (gemv_stream.cuh).
+template <class T>
+int64_t gemv_dense_rows(const T* w, int64_t R, int64_t K) {
+  if (gemv_stream_mode() >= 2 && gemv_stream_fits<T>(DenseRows<T>{w}, R, K)) return std::max<int64_t>(R, gemv_max_rows());
+  return gemv_max_rows();
 }
 
 template <class T>
@@ -174,54 +182,6 @@ struct GemvParams {
   Unary act = Unary::identity;
   int split = 1;
 };
-
-// The GEMV's fused norm, shared by the bf16 and the quantised-weight kernels (any params struct
-// with x, K, norm, norm_w, norm_b, eps). Statistics of one row by one warp, in fp32, mean first
-// then squared deviations: mu (0 for RMSNorm) and scale = 1 / sqrt(var + eps), where var is the
-// mean square for RMSNorm and the variance for LayerNorm. Lane 0 gets the result.
-template <class T, class P>
-__device__ __forceinline__ void gemv_norm_stats(const P& p, int row, int lane, float& mu_out, float& scale_out) {
-  constexpr int kV = kVec<T>;
-  const T* xr = p.x + row * p.K;
-  const bool vx = aligned16(xr) && p.K % kV == 0;
-  auto each = [&](auto&& f) {  // f(value) over the row, 16-byte loads when aligned
-    if (vx) {
-      for (int64_t c = lane; c < p.K / kV; c += 32) {
-        float v[kV];
-        load16(xr + c * kV, v);
-#pragma unroll
-        for (int j = 0; j < kV; ++j) f(v[j]);
-      }
-    } else {
-      for (int64_t j = lane; j < p.K; j += 32) f(to_f32(xr[j]));
-    }
-  };
-  float s = 0.f, ss = 0.f;
-  if (p.norm == GemvNorm::layer) {
-    each([&](float v) { s += v; });
-    s = warp_sum(s);
-  }
-  const float mu = p.norm == GemvNorm::layer ? s / float(p.K) : 0.f;
-  each([&](float v) { ss += (v - mu) * (v - mu); });
-  ss = warp_sum(ss);
-  mu_out = mu;
-  scale_out = p.norm == GemvNorm::layer ? 1.f / sqrtf(ss / float(p.K) + p.eps) : 1.f / sqrtf(p.eps + ss / float(p.K));
-}
-
-// x[r, k] through the norm, rounded to T as the unfused norm kernel stores it.
-template <class T, class P>
-__device__ __forceinline__ T gemv_norm_value(const P& p, int r, int64_t k, float mu, float scale) {
-  T v = p.x[r * p.K + k];
-  if (p.norm == GemvNorm::rms) {
-    v = from_f32<T>(to_f32(v) * (to_f32(p.norm_w[k]) * scale));
-  } else if (p.norm == GemvNorm::layer) {
-    float f = (to_f32(v) - mu) * scale;
-    if (p.norm_w) f *= to_f32(p.norm_w[k]);
-    if (p.norm_b) f += to_f32(p.norm_b[k]);
-    v = from_f32<T>(f);
-  }
-  return v;
-}
 
 template <class T, int kR>
 __global__ void __launch_bounds__(kGemvThreads) gemv_kernel(const GemvParams<T> p) {
@@ -262,16 +222,7 @@ __global__ void __launch_bounds__(kGemvThreads) gemv_kernel(const GemvParams<T> 
   };
   if (p.vec) load_w(0, int(min64(kTile, p.K)));
 
-  if (p.norm != GemvNorm::none) {
-    // Warp r reduces row r (rows are at most 8, warps 8): no block-wide reductions in front
-    // of the weight stream. Statistics in fp32, mean first then squared deviations.
-    if (warp < p.R) {
-      float mu, scale;
-      gemv_norm_stats<T>(p, warp, lane, mu, scale);
-      if (lane == 0) stat_mu[warp] = mu, stat_scale[warp] = scale;
-    }
-    __syncthreads();
-  }
+  gemv_norm_prologue<T>(p, warp, lane, stat_mu, stat_scale);
 
   float acc[kGemvRowsPerWarp][kR];
 #pragma unroll
@@ -322,51 +273,31 @@ __global__ void __launch_bounds__(kGemvThreads) gemv_kernel(const GemvParams<T> 
       }
     }
   }
-#pragma unroll
-  for (int i = 0; i < kGemvRowsPerWarp; ++i)
-#pragma unroll
-    for (int r = 0; r < kR; ++r) {
-      acc[i][r] = warp_sum(acc[i][r]);
-      if (S > 1 && lane == 0) partial[warp][i][r] = acc[i][r];
-    }
-  if (S > 1) {
-    __syncthreads();
-    if (slice == 0 && lane == 0)
-#pragma unroll
-      for (int i = 0; i < kGemvRowsPerWarp; ++i)
-#pragma unroll
-        for (int r = 0; r < kR; ++r) {
-          float v = 0.f;
-          for (int s2 = 0; s2 < S; ++s2) v += partial[group * S + s2][i][r];  // fixed order: deterministic
-          acc[i][r] = v;
-        }
-  }
+  gemv_reduce(acc, partial, warp, lane, S, group, slice);
   if (slice != 0 || lane != 0) return;
   if (p.glu) {
     if (o0 >= H) return;
 #pragma unroll
     for (int r = 0; r < kR; ++r) {
       if (r >= p.R) break;
-      const float g = to_f32(from_f32<T>(acc[0][r])), u = to_f32(from_f32<T>(acc[1][r]));
-      p.y[r * H + o0] = from_f32<T>(math::apply(p.act, g, 1.f) * u);
+      gemv_store_glu(p.y + r * H + o0, p.act, acc[0][r], acc[1][r]);
     }
     return;
   }
 #pragma unroll
   for (int i = 0; i < kGemvRowsPerWarp; ++i)
 #pragma unroll
-    for (int r = 0; r < kR; ++r) {
-      const int64_t n = wrow[i];
-      if (wok[i] && r < p.R) {
-        T* y = p.y + r * p.N + n;
-        const float v = acc[i][r];
-        *y = from_f32<T>(p.beta != 0.f ? v + p.beta * to_f32(*y) : v);
-      }
-    }
+    for (int r = 0; r < kR; ++r)
+      if (wok[i] && r < p.R) gemv_store(p.y + r * p.N + wrow[i], acc[i][r], p.beta);
 }
 
 template <class T>
 void launch_gemv(GemvParams<T> p) {
+  if (p.vec && gemv_stream_fits<T>(DenseRows<T>{p.w}, p.R, p.K)) {
+    launch_gemv_stream(GemvStreamParams<T, DenseRows<T>>{DenseRows<T>{p.w}, p.x, p.y, p.N, p.K, p.R, p.beta, p.norm,
+                                                         p.norm_w, p.norm_b, p.eps, p.glu, p.act});
+    return;
+  }
   // Enough blocks to fill the GPU: split a row group over more warps for small matrices
   // (as long as a tile has chunks for every warp of the group).
   const int64_t outs = p.glu ? p.N / 2 : p.N;
@@ -393,7 +324,7 @@ template <class T>
 void Kernels<Cuda>::linear(const Tensor<T, Cuda>& y, const Tensor<T, Cuda>& x, const Tensor<T, Cuda>& w, float beta) {
   using namespace cuda::kernels;
   const int64_t R = x.size(0), K = x.size(1), N = w.size(0);
-  if (R <= gemv_max_rows()) {
+  if (R <= gemv_dense_rows<T>(w.data(), R, K)) {
     const bool vec = aligned16(w.data()) && K % kVec<T> == 0;
     launch_gemv(GemvParams<T>{w.data(), x.data(), y.data(), N, K, int(R), beta, vec});
     return;
@@ -402,6 +333,15 @@ void Kernels<Cuda>::linear(const Tensor<T, Cuda>& y, const Tensor<T, Cuda>& x, c
   const int64_t ld = std::max<int64_t>(1, K);
   run_gemm(GemmCall<T>{x.data(), {CUBLAS_OP_N, ld, true}, 0, w.data(), {CUBLAS_OP_T, ld, true}, 0, y.data(), N, 0, R,
                        N, K, 1, 1.f, beta});
+}
+
+void Kernels<Cuda>::set_gemv_stream(int mode) {
+  using namespace cuda::kernels;
+  if (mode < 0) {
+    const char* e = std::getenv("TTT_GEMV_STREAM");
+    mode = e ? std::atoi(e) : 1;
+  }
+  gemv_stream_mode() = std::max(0, std::min(2, mode));
 }
 
 void Kernels<Cuda>::set_gemv_max_rows(int rows) {
@@ -414,7 +354,7 @@ void Kernels<Cuda>::fused_linear(const Tensor<T, Cuda>& y, const Tensor<T, Cuda>
                                  const FusedLinear<T, Cuda>& f) {
   using namespace cuda::kernels;
   const int64_t R = x.size(0), K = x.size(1), N = w.size(0);
-  if (R > gemv_max_rows()) {
+  if (R > gemv_dense_rows<T>(w.data(), R, K)) {
     ops::fused_linear_unfused(y, x, w, f);
     return;
   }

@@ -158,15 +158,7 @@ __global__ void __launch_bounds__(kGemvQThreads) gemv_q_kernel(const GemvQParams
   };
   if (p.vec) load_w(0, int(min64(kTile, p.K)));
 
-  if (p.norm != GemvNorm::none) {
-    // Statistics as the bf16 GEMV (and the standalone norm kernels) compute them.
-    if (warp < p.R) {
-      float mu, scale;
-      gemv_norm_stats<T>(p, warp, lane, mu, scale);
-      if (lane == 0) stat_mu[warp] = mu, stat_scale[warp] = scale;
-    }
-    __syncthreads();
-  }
+  gemv_norm_prologue<T>(p, warp, lane, stat_mu, stat_scale);
 
   float acc[kGemvQRowsPerWarp][kR];
 #pragma unroll
@@ -220,25 +212,7 @@ __global__ void __launch_bounds__(kGemvQThreads) gemv_q_kernel(const GemvQParams
       }
     }
   }
-#pragma unroll
-  for (int i = 0; i < kGemvQRowsPerWarp; ++i)
-#pragma unroll
-    for (int r = 0; r < kR; ++r) {
-      acc[i][r] = warp_sum(acc[i][r]);
-      if (S > 1 && lane == 0) partial[warp][i][r] = acc[i][r];
-    }
-  if (S > 1) {
-    __syncthreads();
-    if (slice == 0 && lane == 0)
-#pragma unroll
-      for (int i = 0; i < kGemvQRowsPerWarp; ++i)
-#pragma unroll
-        for (int r = 0; r < kR; ++r) {
-          float v = 0.f;
-          for (int s2 = 0; s2 < S; ++s2) v += partial[group * S + s2][i][r];
-          acc[i][r] = v;
-        }
-  }
+  gemv_reduce(acc, partial, warp, lane, S, group, slice);
   if (slice != 0 || lane != 0) return;
   float sc[kGemvQRowsPerWarp];
 #pragma unroll
@@ -248,25 +222,25 @@ __global__ void __launch_bounds__(kGemvQThreads) gemv_q_kernel(const GemvQParams
 #pragma unroll
     for (int r = 0; r < kR; ++r) {
       if (r >= p.R) break;
-      const float g = to_f32(from_f32<T>(sc[0] * acc[0][r])), u = to_f32(from_f32<T>(sc[1] * acc[1][r]));
-      p.y[r * H + o0] = from_f32<T>(math::apply(p.act, g, 1.f) * u);
+      gemv_store_glu(p.y + r * H + o0, p.act, sc[0] * acc[0][r], sc[1] * acc[1][r]);
     }
     return;
   }
 #pragma unroll
   for (int i = 0; i < kGemvQRowsPerWarp; ++i)
 #pragma unroll
-    for (int r = 0; r < kR; ++r) {
-      if (wok[i] && r < p.R) {
-        T* y = p.y + r * p.N + wrow[i];
-        const float v = sc[i] * acc[i][r];
-        *y = from_f32<T>(p.beta != 0.f ? v + p.beta * to_f32(*y) : v);
-      }
-    }
+    for (int r = 0; r < kR; ++r)
+      if (wok[i] && r < p.R) gemv_store(p.y + r * p.N + wrow[i], sc[i] * acc[i][r], p.beta);
 }
 
 template <class T, class F>
 void launch_gemv_q(GemvQParams<T> p) {
+  const CodeRows<F> rows{p.w, p.scale};
+  if (p.vec && gemv_stream_fits<T>(rows, p.R, p.K)) {
+    launch_gemv_stream(GemvStreamParams<T, CodeRows<F>>{rows, p.x, p.y, p.N, p.K, p.R, p.beta, p.norm, p.norm_w,
+                                                        p.norm_b, p.eps, p.glu, p.act});
+    return;
+  }
   const int64_t outs = p.glu ? p.N / 2 : p.N;
   const int64_t per_group = p.glu ? 1 : kGemvQRowsPerWarp;
   const int64_t chunk_groups =
