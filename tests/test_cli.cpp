@@ -123,6 +123,23 @@ TEST_CASE("ttt-moshi errors exit non-zero with one clear message and no output f
   }
 }
 
+// bench --context-frames N: the session starts as after N frames (LmGen::fill_as_after, whose
+// state test_ttt_moshi "[fill]" checks), so the frames it times attend to N + the frames before
+// them, capped at the config's context; the bytes line says so. A negative N is refused.
+TEST_CASE("ttt-moshi bench --context-frames times frames after a filled context", "[cli][streams]") {
+  const std::string base = "ttt-moshi bench --config " + test_data("../../examples/configs/small.json") +
+                           " --backend cpu --frames 2 --warmup 1";
+  for (const auto& [n, want] : std::vector<std::pair<long long, long long>>{{0, 3}, {500, 503}, {5000, 3000}}) {
+    const auto r = run_tool(base + " --context-frames " + std::to_string(n));
+    INFO("--context-frames " << n << "\nstdout: " << r.out << "\nstderr: " << r.err);
+    REQUIRE(r.code == 0);
+    REQUIRE(r.out.find("(" + std::to_string(want) + " frames of context") != std::string::npos);
+  }
+  const auto bad = run_tool(base + " --context-frames -1");
+  REQUIRE(bad.code != 0);
+  REQUIRE(bad.err.find("--context-frames must be >= 0") != std::string::npos);
+}
+
 // bench --max-streams on the CPU (small config, full 3000-frame context): the limit is set
 // from a first run's batch-1 frame so that the search grows past 1 and has to stop; whatever
 // the host's speed, the answer must agree with the batches it tried: the reported batch fit

@@ -35,9 +35,14 @@ struct Bench {
     moshi::LmGen<T, B, moshi::DefaultPolicies> gen(model, opt);
     if (r.count("no-graph")) gen.set_graphs(false);
     auto s = gen.start(batch);
+    // --context-frames N: start as after N frames (every KV ring holding N positions of random
+    // keys and values, as --max-streams fills them), so a short run times full-context frames.
+    const int64_t ctx0 = r.count("context-frames") ? r["context-frames"].as<int64_t>() : 0;
+    if (ctx0 < 0) fail("--context-frames must be >= 0, got ", ctx0);
+    if (ctx0 > 0) gen.fill_as_after(s, ctx0, 1234 + uint64_t(batch));
     const std::vector<double> ms = time_frames<B>(gen, s, batch, cfg.card, warmup, frames);
     const double med = ms[ms.size() / 2], p90 = ms[std::min(ms.size() - 1, size_t(0.9 * double(ms.size())))];
-    const int64_t filled = std::min<int64_t>(warmup + frames, cfg.transformer.context);
+    const int64_t filled = std::min<int64_t>(ctx0 + warmup + frames, cfg.transformer.context);
     const double kv = double(batch) * kv_cache_bytes(cfg, filled, cfg.transformer.kv_format, double(sizeof(T)));
     const double wbytes = frame_weight_bytes(model, sizeof(T), c.weight_format);
     // Memory first: the bandwidth test below allocates its own buffers.
@@ -160,7 +165,8 @@ int cmd_bench(int argc, char** argv) {
       "stream-limit-ms", "--max-streams: the real-time budget per frame (median)",
       cxxopts::value<double>()->default_value("80"))(
       "max-batch-cap", "--max-streams: the largest batch tried", cxxopts::value<int64_t>()->default_value("4096"))(
-      "context-frames", "--max-streams: frames of context to fill (default: the config's context)",
+      "context-frames", "frames of context to fill before timing (--max-streams: default the config's context; "
+      "otherwise 0)",
       cxxopts::value<int64_t>());
   auto r = parse_options(o, argc, argv);
   if (!r) return 0;
