@@ -185,14 +185,16 @@ constexpr int kGemvStreamThreads = 256, kGemvStreamWarps = kGemvStreamThreads / 
 constexpr int kGemvStreamInFlight = 8;  // 16-byte loads per lane requested before the first is used
 constexpr int64_t kGemvStreamSmemBytes = 48 << 10;  // x staged for all of K: R * K * sizeof(T) at most
 
-// TTT_GEMV_STREAM (or Kernels<Cuda>::set_gemv_stream): 0 = off (the tiled kernels take these
-// products again: for comparison in bench and for the tests of both); 1 (default) = wherever a
-// GEMV runs (the quantised products of 1-2 rows; dense ones only where TTT_GEMV_MAX_ROWS routes
-// them to a GEMV, cuBLAS otherwise); 2 = also the dense 1-2 row products cuBLAS takes by default.
+// TTT_GEMV_STREAM (or Kernels<Cuda>::set_gemv_stream): 0 = off (the tiled kernels and cuBLAS
+// take these products); 1 = wherever a GEMV runs (the quantised products of 1-2 rows; dense
+// ones only where TTT_GEMV_MAX_ROWS routes them to a GEMV, cuBLAS otherwise); 2 = also the dense
+// 1-2 row products cuBLAS takes by default. Default 0 until this (persistent) version is
+// measured: the first version lost to both (docs/perf.md, "int8 / fp8 weights").
+constexpr int kGemvStreamDefaultMode = 0;
 inline int& gemv_stream_mode() {
   static int v = [] {
     const char* e = std::getenv("TTT_GEMV_STREAM");
-    return e ? std::max(0, std::min(2, std::atoi(e))) : 1;
+    return e ? std::max(0, std::min(2, std::atoi(e))) : kGemvStreamDefaultMode;
   }();
   return v;
 }

@@ -339,7 +339,7 @@ void Kernels<Cuda>::set_gemv_stream(int mode) {
   using namespace cuda::kernels;
   if (mode < 0) {
     const char* e = std::getenv("TTT_GEMV_STREAM");
-    mode = e ? std::atoi(e) : 1;
+    mode = e ? std::atoi(e) : kGemvStreamDefaultMode;
   }
   gemv_stream_mode() = std::max(0, std::min(2, mode));
 }
