@@ -12,7 +12,8 @@
 // every warp streams its rows alone: kInFlight 16-byte loads per lane requested before any is
 // consumed, no further barrier until the split-K combine. Little's law: a warp keeps 4 KiB in
 // flight, ~24 warps per SM ~96 KiB, above the ~40 KiB per SM that HBM3e's latency x bandwidth
-// asks for.
+// asks for. Blocks are persistent (a first version with a block per 8 rows lost to the tiled
+// kernel: its prologue outweighed its rows). Off by default until measured (TTT_GEMV_STREAM).
 //
 //   y[r, n] = scale(n) * sum_k decode(W[n, k]) * xn[r, k]      (fp32 sums)
 //   glu:   y[r, n] = act(round_T(y_gate)) * round_T(y_value),  gate row n, value row n + N/2
