@@ -106,7 +106,7 @@ fi
 
 # Not part of `all`: the streaming GEMV (kernels/gemv_stream.cuh) against what it replaces, the
 # same binary, alternated twice: fp8 / int8 batch 1-2 with the tiled GEMV (TTT_GEMV_STREAM=0)
-# and the streaming one (1, the default), bf16 batch 1-2 on cuBLAS (default) and on the
+# (the default) and the streaming one (1), bf16 batch 1-2 on cuBLAS (the default) and on the
 # streaming GEMV (2). GEMV_REPS: how many alternations (default 2).
 if printf '%s\n' "${steps[@]}" | grep -qx bench-gemv; then
   for rep in $(seq 1 "${GEMV_REPS:-2}"); do

@@ -192,11 +192,16 @@ constexpr int64_t kGemvStreamSmemBytes = 48 << 10;  // x staged for all of K: R 
 // 1-2 row products cuBLAS takes by default. Default 0 until this (persistent) version is
 // measured: the first version lost to both (docs/perf.md, "int8 / fp8 weights").
 constexpr int kGemvStreamDefaultMode = 0;
-inline int& gemv_stream_mode() {
-  static int v = [] {
+// A mode clamped to 0..2; negative: TTT_GEMV_STREAM, else the default.
+inline int gemv_stream_mode_or_env(int mode) {
+  if (mode < 0) {
     const char* e = std::getenv("TTT_GEMV_STREAM");
-    return e ? std::max(0, std::min(2, std::atoi(e))) : kGemvStreamDefaultMode;
-  }();
+    mode = e ? std::atoi(e) : kGemvStreamDefaultMode;
+  }
+  return std::max(0, std::min(2, mode));
+}
+inline int& gemv_stream_mode() {
+  static int v = gemv_stream_mode_or_env(-1);
   return v;
 }
 

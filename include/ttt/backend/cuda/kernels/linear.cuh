@@ -145,7 +145,6 @@ constexpr int kGemvMaxRows = 8;
 // stays, tested, behind TTT_GEMV_MAX_ROWS for that work to continue (docs/perf.md).
 constexpr int kGemvDefaultRows = 0;
 
-
 // Rows up to which linear uses the GEMV kernel instead of cuBLAS (TTT_GEMV_MAX_ROWS or
 // Kernels<Cuda>::set_gemv_max_rows override the default).
 inline int64_t& gemv_max_rows() {
@@ -337,11 +336,7 @@ void Kernels<Cuda>::linear(const Tensor<T, Cuda>& y, const Tensor<T, Cuda>& x, c
 
 void Kernels<Cuda>::set_gemv_stream(int mode) {
   using namespace cuda::kernels;
-  if (mode < 0) {
-    const char* e = std::getenv("TTT_GEMV_STREAM");
-    mode = e ? std::atoi(e) : kGemvStreamDefaultMode;
-  }
-  gemv_stream_mode() = std::max(0, std::min(2, mode));
+  gemv_stream_mode() = gemv_stream_mode_or_env(mode);
 }
 
 void Kernels<Cuda>::set_gemv_max_rows(int rows) {
