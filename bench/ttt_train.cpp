@@ -3,7 +3,8 @@
 // parameter's gradient and grad.x), tokens per second.
 //
 //   bench_ttt_train [--kind linear|mlp|both] [--seq L] [--batch N] [--runs N] [--warmup N]
-//                   [--group G] [--dtype bf16|f32]
+//                   [--group G] [--dtype bf16|f32] [--threads 256|512|1024] [--carry-smem 0|1]
+//                   [--inner-sweep]
 //
 // Default: issue 15's shape, C 4096, 32 heads of 128, K 16, L 8192, batch 1, bf16 storage
 // (the inner loop, its state and the gradients in fp32), checkpoint group 1 (TTT-Linear) and 4
@@ -198,6 +199,11 @@ int main(int argc, char** argv) {
       ("warmup", "untimed runs first", cxxopts::value<int>()->default_value("2"))
       ("group", "checkpoint group (0: 1 for linear, 4 for mlp)", cxxopts::value<int64_t>()->default_value("0"))
       ("dtype", "bf16 | f32 (storage; the inner loop is f32)", cxxopts::value<std::string>()->default_value("bf16"))
+      ("threads", "the inner backward's block size: 256 | 512 | 1024 (0: the library's per-kind default)",
+       cxxopts::value<int>()->default_value("0"))
+      ("carry-smem", "the inner backward's carry in shared memory where it fits: 0 | 1",
+       cxxopts::value<int>()->default_value("0"))
+      ("inner-sweep", "first time the inner loop's backward alone for every block size and carry placement")
       ("h,help", "this help");
   try {
     const auto r = opts.parse(argc, argv);
@@ -217,14 +223,41 @@ int main(int argc, char** argv) {
     if (o.dtype != "bf16" && o.dtype != "f32") fail("--dtype must be bf16 or f32, got '", o.dtype, "'");
     if (o.seq < 1 || o.batch < 1 || o.runs < 1 || o.warmup < 0 || o.group < 0)
       fail("--seq, --batch and --runs must be >= 1, --warmup and --group >= 0");
+    const int threads = r["threads"].as<int>();
+    if (threads != 0 && threads != 256 && threads != 512 && threads != 1024)
+      fail("--threads must be 256, 512 or 1024, got ", threads);
+    auto& tune = TttBackwardKernels<Cuda>::tuning();
+    if (threads != 0) tune.threads = threads;
+    tune.carry_in_smem = r["carry-smem"].as<int>() != 0;
     if (!cuda::device_available()) {
       std::printf("SKIPPED: no CUDA device\n");
       return 77;
     }
     const double bw = copy_bandwidth_gbs();
     std::printf("bench_ttt_train on %s: copy bandwidth %.0f GB/s\n", cuda::device_name().c_str(), bw);
+    const auto wanted = [&](Kind k) { return kind == "both" || kind == (k == Kind::mlp ? "mlp" : "linear"); };
+    if (r.count("inner-sweep")) {
+      const TttBackwardCudaTuning keep = tune;
+      for (const Kind k : {Kind::linear, Kind::mlp}) {
+        if (!wanted(k)) continue;
+        const auto cfg = TttConfig::make(k, 4096, 32, 16);
+        const int64_t group = o.group > 0 ? o.group : (k == Kind::mlp ? 4 : 1);
+        for (const bool carry : {false, true})
+          for (const int nt : {256, 512, 1024}) {
+            tune.threads = nt, tune.carry_in_smem = carry;
+            const double ms = inner_backward_ms(k, o.batch, 32, o.seq, cfg.head_dim, cfg.inner_dim(), 16, group,
+                                                std::max(o.runs, 3));
+            std::printf("inner backward %-6s L %lld group %lld: threads %4d carry %s: %.2f ms\n", cfg.kind_name(),
+                        (long long)o.seq, (long long)group, nt, carry ? "smem  " : "global", ms);
+          }
+      }
+      tune = keep;
+    }
+    std::printf("inner backward tuning: threads %s, carry in shared memory where it fits: %s\n",
+                tune.threads == 0 ? "per kind (256 linear, 1024 mlp)" : std::to_string(tune.threads).c_str(),
+                tune.carry_in_smem ? "yes" : "no");
     for (const Kind k : {Kind::linear, Kind::mlp}) {
-      if (kind != "both" && kind != (k == Kind::mlp ? "mlp" : "linear")) continue;
+      if (!wanted(k)) continue;
       if (o.dtype == "bf16") bench<bf16>(k, o, bw);
       else bench<float>(k, o, bw);
     }

@@ -160,19 +160,43 @@ TEST_CASE("CUDA TTT backward matches the CPU backward on random shapes", "[ttt_g
     TttTrainOptions opt;
     opt.checkpoint_group = c.group;
     const auto want = ttt_grad(ph, x, dy, opt);
-    // The per-mini-batch buffers in shared memory (where they fit) and in global scratch.
-    for (const bool smem : {true, false}) {
-      TttBackwardKernels<Cuda>::tuning().local_in_smem = smem;
+    // The per-mini-batch buffers and the carry each in shared memory (where they fit) and in
+    // global scratch, at every block size (0: the per-kind default).
+    struct Variant {
+      bool local, carry;
+      int threads;
+    };
+    for (const Variant v : {Variant{true, true, 256}, Variant{false, true, 512}, Variant{true, false, 1024},
+                            Variant{false, false, 0}}) {
+      auto& tune = TttBackwardKernels<Cuda>::tuning();
+      const TttBackwardCudaTuning keep = tune;
+      tune.local_in_smem = v.local, tune.carry_in_smem = v.carry, tune.threads = v.threads;
       const auto got = ttt_grad(pd, x.to<Cuda>(), dy.to<Cuda>(), opt);
-      TttBackwardKernels<Cuda>::tuning().local_in_smem = true;
+      tune = keep;
       const Worst w = compare(got, want);
       std::printf("[ttt grad cuda vs cpu] %-6s C %3lld nh %lld K %2lld B %lld L %3lld group %lld gate %d bias %d "
-                  "%s: worst %.2e (%s)\n",
+                  "local %s carry %s threads %4d: worst %.2e (%s)\n",
                   cfg.kind_name(), (long long)c.C, (long long)c.nh, (long long)c.K, (long long)c.B, (long long)c.L,
-                  (long long)c.group, int(c.gate), int(c.bias), smem ? "smem" : "global", w.all, w.name.c_str());
-      INFO(cfg.kind_name() << " L " << c.L << (smem ? " smem" : " global") << ": worst " << w.name);
+                  (long long)c.group, int(c.gate), int(c.bias), v.local ? "smem  " : "global", v.carry ? "smem  " : "global",
+                  v.threads, w.all, w.name.c_str());
+      INFO(cfg.kind_name() << " L " << c.L << " local " << (v.local ? "smem" : "global") << " carry "
+                           << (v.carry ? "smem" : "global") << " threads " << v.threads << ": worst " << w.name);
       CHECK(w.all <= 2e-5);
     }
+  }
+  // A block size the kernel is not built for is refused, naming the knob.
+  {
+    auto cfg = TttConfig::make(Kind::linear, 32, 1, 4);
+    const auto tensors = random_tensors(cfg, 3);
+    auto ws = weight_source(tensors);
+    const auto pd = TttParams<float, Cuda>::load(ws, "", cfg, true);
+    std::mt19937 g{7};
+    const auto x = ref::random<float>({1, 8, 32}, g).to<Cuda>(), dy = ref::random<float>({1, 8, 32}, g).to<Cuda>();
+    auto& tune = TttBackwardKernels<Cuda>::tuning();
+    const int keep = tune.threads;
+    tune.threads = 300;
+    CHECK_THROWS_WITH(ttt_grad(pd, x, dy), TTT_CONTAINS("tuning().threads must be 256, 512 or 1024"));
+    tune.threads = keep;
   }
 }
 

@@ -149,7 +149,9 @@ if has bench-quant; then
 fi
 
 if has bench-train; then
-  timeout 300 "$bin/bench_ttt_train" 2>&1 | tee "$out/bench_ttt_train.log" | tail -20
+  # TRAIN_ARGS: e.g. "--inner-sweep" (block sizes x carry placement first) or "--kind linear".
+  # shellcheck disable=SC2086
+  timeout 300 "$bin/bench_ttt_train" ${TRAIN_ARGS:-} 2>&1 | tee "$out/bench_ttt_train.log" | tail -20
 fi
 
 if has bench-designs; then

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # On the GPU machine: Nsight Compute on the TTT inner-loop kernels of bench_ttt_layer (stall
 # reasons, occupancy, hottest SASS), one launch each, clocks left alone. Logs under $OUT.
-#   BIN_DIR=build-dev/bin tools/gpu_profile.sh [kernels|steps|frame]
+#   BIN_DIR=build-dev/bin tools/gpu_profile.sh [kernels|steps|frame|backward]
+# backward: the TTT inner loop's backward kernel (bench_ttt_train, L 1024, one launch per kind;
+# TRAIN_ARGS passes e.g. "--threads 1024"), stall reasons and memory traffic.
 # frame: every kernel of eager Moshi 7B frames (bf16, FRAME_BATCH rows, default 1) with its time
 # and DRAM bytes, summarised per kernel by tools/ncu_frame.py (where a frame's time goes).
 set -uo pipefail
@@ -44,6 +46,16 @@ case "${1:-kernels}" in
     echo "== frame $name rc=$?"
     python3 tools/ncu_frame.py "$out/ncu_frame_$name.csv" --bandwidth-tbs "${FRAME_BW_TBS:-4.2}" --top ${FRAME_TOP:-40} \
       | tee "$out/ncu_frame_$name.txt" ;;
+  backward)
+    for kind in linear mlp; do
+      # shellcheck disable=SC2086
+      timeout 150 "$ncu" --clock-control none -k "regex:ttt_inner_backward" -c 1 $sections \
+        --section MemoryWorkloadAnalysis "$bin/bench_ttt_train" --kind $kind --seq 1024 --runs 1 --warmup 0 \
+        ${TRAIN_ARGS:-} > "$out/ncu_backward_$kind.txt" 2>&1
+      echo "== backward $kind rc=$?"
+      grep -E "Duration|Registers Per|Achieved Occupancy|Warp Cycles Per Issued|Stall|stall|L1/TEX Hit|L2 Hit|Mem Busy|Max Bandwidth|Memory Throughput|Compute \(SM\)" \
+        "$out/ncu_backward_$kind.txt" | head -40
+    done ;;
   kernels)
     run mlp_tc ttt_mlp_tc --kind mlp --batch 1 --seq 1024 --decode-steps 0 --runs 1
     run linear_tc ttt_linear_tc --kind linear --batch 1 --seq 1024 --decode-steps 0 --runs 1

@@ -181,6 +181,19 @@ Tensor<T, B> ttt_forward_train(const TttParams<T, B>& p, const Tensor<T, B>& x_i
     b2c = Tensor<float, B>::empty({Mc * Bn, nh, 1, f});
   }
   const auto o = Tensor<float, B>::empty({Bn, L, nh, f});
+  // The inner loop's inputs of the Mf full groups in group-major order, [Mf, B nh, G K w], so
+  // that each group's piece is a contiguous slice: one copy per tensor instead of one per
+  // group (at group 1 the per-group launches, not the arithmetic, set the forward's time).
+  // The last group, when shorter, is sliced and copied on its own.
+  const int64_t span = G * K, Mf = Mc > 1 ? L / span : 0;
+  auto grouped = [&](const Tensor<float, B>& t, int64_t w) {  // [B, nh, L(, w)] -> [Mf, B nh, span w]
+    Tensor<float, B> full = t.reshape({Bn * nh, L * w});
+    if (Mf * span != L) full = full.slice(1, 0, Mf * span * w).contiguous();
+    return full.reshape({Bn * nh, Mf, span * w}).transpose(0, 1).contiguous();
+  };
+  Tensor<float, B> gq, gk, gv, gl;
+  if (Mf > 0) gq = grouped(pr.xq, f), gk = grouped(pr.xk, f), gv = grouped(pr.xv, f), gl = grouped(pr.lr, 1);
+  ops::fill(a.phase, 0.0);  // every piece but the last is whole mini-batches: each starts at phase 0
   for (int64_t ci = 0; ci < Mc; ++ci) {
     W1c.slice(0, ci * Bn, (ci + 1) * Bn).copy_from(fw.W1);
     b1c.slice(0, ci * Bn, (ci + 1) * Bn).copy_from(fw.b1);
@@ -188,11 +201,15 @@ Tensor<T, B> ttt_forward_train(const TttParams<T, B>& p, const Tensor<T, B>& x_i
       W2c.slice(0, ci * Bn, (ci + 1) * Bn).copy_from(fw.W2);
       b2c.slice(0, ci * Bn, (ci + 1) * Bn).copy_from(fw.b2);
     }
-    const int64_t t0 = ci * G * K, t1 = std::min(L, t0 + G * K);
-    auto piece = [&](const Tensor<float, B>& t) { return Mc == 1 ? t : t.slice(2, t0, t1).contiguous(); };
-    a.xq = piece(pr.xq), a.xk = piece(pr.xk), a.xv = piece(pr.xv), a.lr = piece(pr.lr);
+    const int64_t t0 = ci * span, t1 = std::min(L, t0 + span);
+    if (ci < Mf) {
+      a.xq = gq.select(0, ci).reshape({Bn, nh, span, f}), a.xk = gk.select(0, ci).reshape({Bn, nh, span, f});
+      a.xv = gv.select(0, ci).reshape({Bn, nh, span, f}), a.lr = gl.select(0, ci).reshape({Bn, nh, span});
+    } else {
+      auto piece = [&](const Tensor<float, B>& t) { return Mc == 1 ? t : t.slice(2, t0, t1).contiguous(); };
+      a.xq = piece(pr.xq), a.xk = piece(pr.xk), a.xv = piece(pr.xv), a.lr = piece(pr.lr);
+    }
     a.out = o.transpose(1, 2).slice(2, t0, t1);  // [B, nh, n, f] view
-    ops::fill(a.phase, 0.0);
     TttKernels<B>::inner(a, fw);
   }
 

@@ -3,16 +3,18 @@
 // program): the backward of the TTT inner loop (contract: layers/ttt_backward_kernels.hpp;
 // math and notation: layers/cpu/ttt_backward_kernels.hpp, which this follows step by step).
 //
-// Grid: one block of 256 threads per (b, h). The block walks the checkpoint groups in
-// reverse; per group it rebuilds the start states of the group's mini-batches from the
-// checkpoint (key path + update, into a per-(b, h) global scratch; group 1 reads the
-// checkpoint itself), then walks the group's mini-batches in reverse: recompute the
-// mini-batch's forward from its start state (key path, query path), then its backward.
-// The carry (d loss / d start state) lives in the outputs dW1 / db1 (/ dW2 / db2) of the
-// (b, h): it starts at zero and the backward of mini-batch m turns the gradient of the state
-// after m into that of the state before m IN PLACE. That works because the update's
-// backward (the only reader of the old carry) runs first in each mini-batch, and every other
-// term only adds to the carry (W' = W − ..., so d W += d W').
+// Grid: one block per (b, h) (256, 512 or 1024 threads: TttBackwardCudaTuning). The block
+// walks the checkpoint groups in reverse; per group it rebuilds the start states of the
+// group's mini-batches from the checkpoint (key path + update, into a per-(b, h) global
+// scratch; group 1 reads the checkpoint itself), then walks the group's mini-batches in
+// reverse: recompute the mini-batch's forward from its start state (key path, query path),
+// then its backward.
+// The carry (d loss / d start state) lives in shared memory when it fits (TTT-Linear), else
+// in the outputs dW1 / db1 (/ dW2 / db2) of the (b, h): it starts at zero and the backward
+// of mini-batch m turns the gradient of the state after m into that of the state before m
+// IN PLACE. That works because the update's backward (the only reader of the old carry)
+// runs first in each mini-batch, and every other term only adds to the carry (W' = W − ...,
+// so d W += d W').
 //
 // Per-mini-batch intermediates ([n, F], [n, f], [n, n]; 17 K F floats for TTT-Linear, 30 for
 // TTT-MLP) live in shared memory when they fit (TTT-Linear up to f = 128), else in a per-(b, h)
@@ -81,6 +83,7 @@ struct Params {
   float *dxq, *dxk, *dxv, *dlr, *dtau, *dln_w, *dln_b, *dW1, *db1, *dW2, *db2;
   float* ws_states;  // [B nh][w.states_total] (group > 1)
   float* ws_local;   // [B nh][w.local_total], or null: the buffers live in shared memory
+  bool carry_in_smem;  // the carry in shared memory (after the local buffers), copied out at the end
   Workspace w;
   int64_t L;
   int B, nh, f, F, K, group;
@@ -118,7 +121,7 @@ struct Head {
     const float* X = k + t0 * f;
     const float* V = v + t0 * f;
     float *T = buf(o.T), *Z1 = buf(o.Z1), *A1 = buf(o.A1), *Z2 = buf(o.Z2);
-    for (int e = threadIdx.x; e < n * f; e += kThreads) T[e] = V[e] - X[e];
+    for (int e = threadIdx.x; e < n * f; e += nthreads()) T[e] = V[e] - X[e];
     const float* b1 = w.b1;
     const bool mlp = p.mlp;
     mm<false, false>(n, F, f, X, f, w.W1, F, [&](int i, int c, float a) {
@@ -135,7 +138,7 @@ struct Head {
     const float* Zk = mlp ? Z2 : Z1;
     float *xh = buf(o.xh), *gh = buf(o.gh), *rstd = buf(o.rstd), *G = mlp ? buf(o.G2) : buf(o.G1);
     const int lane = threadIdx.x & 31;
-    for (int i = threadIdx.x >> 5; i < n; i += kWarps) {
+    for (int i = threadIdx.x >> 5; i < n; i += nwarps()) {
       const float r = ln_row(Zk + i * f, f, p.eps, xh + i * f);
       for (int j = lane; j < f; j += 32) gh[i * f + j] = (gam[j] * xh[i * f + j] + bet[j] - T[i * f + j]) * gam[j];
       ln_project_row(G + i * f, gh + i * f, xh + i * f, r, f);
@@ -176,7 +179,7 @@ struct Head {
     const float* Zb = Zb1;
     if (p.mlp) {
       float *Ab = buf(o.Ab), *S2 = buf(o.S2), *E2 = buf(o.E2), *Zb2 = buf(o.Zb2);
-      for (int e = threadIdx.x; e < n * F; e += kThreads) Ab[e] = gelu_f(Zb1[e]);
+      for (int e = threadIdx.x; e < n * F; e += nthreads()) Ab[e] = gelu_f(Zb1[e]);
       __syncthreads();
       const float* b2 = w.b2;
       mm<false, true>(n, n, F, Ab, F, buf(o.A1), F, [&](int i, int j, float s) { eta(i, j, s, S2, E2); });
@@ -187,7 +190,7 @@ struct Head {
       Zb = Zb2;
     }
     float *xb = buf(o.xb), *rstdb = buf(o.rstdb);
-    for (int i = threadIdx.x >> 5; i < n; i += kWarps) {
+    for (int i = threadIdx.x >> 5; i < n; i += nwarps()) {
       const float r = ln_row(Zb + i * f, f, p.eps, xb + i * f);
       if ((threadIdx.x & 31) == 0) rstdb[i] = r;
     }
@@ -201,7 +204,7 @@ struct Head {
     auto step = [&](const float* W, const float* b, float* Wn, float* bn, const float* X, int xw, const float* G,
                     int gw) {
       float* LG = buf(o.LG);
-      for (int e = threadIdx.x; e < n * gw; e += kThreads) LG[e] = lr[t0 + e / gw] * G[e];
+      for (int e = threadIdx.x; e < n * gw; e += nthreads()) LG[e] = lr[t0 + e / gw] * G[e];
       __syncthreads();
       mm<true, false>(xw, gw, n, X, xw, LG, gw, [&](int d, int c, float a) { Wn[d * gw + c] = W[d * gw + c] - tl * a; });
       col_sums(n, gw, LG, [&](int c, float s) { bn[c] = b[c] - tl * s; });
@@ -219,13 +222,13 @@ struct Head {
     const Workspace& o = p.w;
     const float tl = tau[K - 1];
     float *LG = buf(o.LG), *U = buf(o.U);
-    for (int e = threadIdx.x; e < n * gw; e += kThreads) LG[e] = lr[t0 + e / gw] * G[e];
+    for (int e = threadIdx.x; e < n * gw; e += nthreads()) LG[e] = lr[t0 + e / gw] * G[e];
     __syncthreads();
     mm<false, true>(n, xw, gw, LG, gw, dWn, gw, [&](int i, int d, float a) { dX[i * xw + d] -= tl * a; });
     mm<false, false>(n, gw, xw, X, xw, dWn, gw, [&](int i, int c, float a) { U[i * gw + c] = a + dbn[c]; });
     __syncthreads();
     const int lane = threadIdx.x & 31;
-    for (int i = threadIdx.x >> 5; i < n; i += kWarps) {
+    for (int i = threadIdx.x >> 5; i < n; i += nwarps()) {
       float sug = 0.f, slu = 0.f;
       for (int c = lane; c < gw; c += 32) {
         const float u = U[i * gw + c];
@@ -284,7 +287,7 @@ struct Head {
     const float *xh = buf(o.xh), *gh = buf(o.gh), *rstd = buf(o.rstd), *T = buf(o.T);
     float *dgh = buf(o.dgh), *dxh = buf(o.dxh);
     const int lane = threadIdx.x & 31;
-    for (int i = threadIdx.x >> 5; i < n; i += kWarps) {
+    for (int i = threadIdx.x >> 5; i < n; i += nwarps()) {
       const int r0 = i * f;
       const float r = rstd[i];
       ln_project_row(dgh + r0, dG + r0, xh + r0, r, f);
@@ -305,7 +308,7 @@ struct Head {
       for (int j = lane; j < f; j += 32) dZ[r0 + j] += (dsig / float(f)) * xh[r0 + j];
     }
     __syncthreads();
-    for (int j = threadIdx.x; j < f; j += kThreads) {
+    for (int j = threadIdx.x; j < f; j += nthreads()) {
       float sg = 0.f, sb = 0.f;
       for (int i = 0; i < n; ++i) {
         const float d = dgh[i * f + j];
@@ -329,7 +332,7 @@ struct Head {
     float *dA1 = buf(o.dA1), *dAb = buf(o.dAb);
     const float *xb = buf(o.xb), *rstdb = buf(o.rstdb), *G1 = buf(o.G1), *G2 = buf(o.G2), *A1 = buf(o.A1);
     // out = Q + γ x̄ + β: dQ = dO, dγ, dβ; dZ̄ = LN-backward(dO ⊙ γ).
-    for (int e = threadIdx.x; e < n * f; e += kThreads) {
+    for (int e = threadIdx.x; e < n * f; e += nthreads()) {
       const int i = e / f, j = e - i * f;
       const float g = dout[i * p.dout_st + j];
       dQ[e] = g;
@@ -337,12 +340,12 @@ struct Head {
       dK[e] = 0.f;
       if (mlp) dG2[e] = 0.f;
     }
-    for (int e = threadIdx.x; e < n * F; e += kThreads) {
+    for (int e = threadIdx.x; e < n * F; e += nthreads()) {
       dG1[e] = 0.f;
       if (mlp) dA1[e] = 0.f;
     }
     if (threadIdx.x < K) dlr[threadIdx.x] = 0.f;
-    for (int j = threadIdx.x; j < f; j += kThreads) {
+    for (int j = threadIdx.x; j < f; j += nthreads()) {
       float sg = 0.f, sb = 0.f;
       for (int i = 0; i < n; ++i) {
         const float g = dout[i * p.dout_st + j];
@@ -353,7 +356,7 @@ struct Head {
       dbet[j] += sb;
     }
     __syncthreads();
-    for (int i = threadIdx.x >> 5; i < n; i += kWarps) ln_project_row(dZq + i * f, dZq + i * f, xb + i * f, rstdb[i], f);
+    for (int i = threadIdx.x >> 5; i < n; i += nwarps()) ln_project_row(dZq + i * f, dZq + i * f, xb + i * f, rstdb[i], f);
     // The update's backward reads the carry before anything is added to it.
     if (full) {
       update_backward(d.W1, d.b1, X, f, G1, F, dK, dG1);
@@ -373,7 +376,7 @@ struct Head {
       eta_backward(dZq, G2, f, buf(o.S2), buf(o.E2), Ab, A1, F, dG2, dAb, dA1);
       float *dZb = buf(o.dZb1);
       const float* Zb1 = buf(o.Zb1);
-      for (int e = threadIdx.x; e < n * F; e += kThreads) dZb[e] = dAb[e] * gelu_grad(Zb1[e]);
+      for (int e = threadIdx.x; e < n * F; e += nthreads()) dZb[e] = dAb[e] * gelu_grad(Zb1[e]);
       __syncthreads();
       dZb1 = dZb;
     }
@@ -392,7 +395,7 @@ struct Head {
       float *dP = buf(o.dP), *dZ2 = buf(o.dZ2);
       const float *P = buf(o.P), *H = buf(o.H), *Z1 = buf(o.Z1);
       // G1 = P ⊙ H, P = G2 W2ᵀ, H = gelu_bwd(Z1)
-      for (int e = threadIdx.x; e < n * F; e += kThreads) {
+      for (int e = threadIdx.x; e < n * F; e += nthreads()) {
         dP[e] = dG1[e] * H[e];
         dZ1[e] = dG1[e] * P[e] * gelu_bwd_trunc_grad(Z1[e]);
       }
@@ -417,7 +420,7 @@ struct Head {
     mm<false, true>(n, f, F, dZ1, F, w.W1, F, [&](int i, int e, float a) { dK[i * f + e] += a; });
     __syncthreads();
     const int64_t row = (int64_t(blockIdx.x) * p.L + t0) * f;
-    for (int e = threadIdx.x; e < n * f; e += kThreads) {
+    for (int e = threadIdx.x; e < n * f; e += nthreads()) {
       p.dxq[row + e] = dQ[e];
       p.dxk[row + e] = dK[e] - dT[e];
       p.dxv[row + e] = dT[e];
@@ -427,7 +430,8 @@ struct Head {
   }
 };
 
-__global__ void __launch_bounds__(kThreads) ttt_inner_backward_kernel(const Params p) {
+template <int NT>
+__global__ void __launch_bounds__(NT) ttt_inner_backward_kernel(const Params p) {
   ::ttt::cuda::device::pdl_begin();  // first: see device.cuh
   const int task = blockIdx.x, b = task / p.nh, h = task % p.nh;
   const int f = p.f, F = p.F, K = p.K;
@@ -439,22 +443,30 @@ __global__ void __launch_bounds__(kThreads) ttt_inner_backward_kernel(const Para
   hd.lr = p.lr + int64_t(task) * p.L;
   hd.tau = sm, hd.gam = sm + K, hd.bet = sm + K + f, hd.dtau = sm + K + 2 * f, hd.dgam = sm + 2 * K + 2 * f;
   hd.dbet = sm + 2 * K + 3 * f, hd.dlr = sm + 2 * K + 4 * f, hd.rowk = sm + 3 * K + 4 * f;
-  hd.ws = p.ws_local ? p.ws_local + int64_t(task) * p.w.local_total : sm + small_smem_floats(f, K);
-  for (int i = threadIdx.x; i < K; i += kThreads) hd.tau[i] = p.tau[i], hd.dtau[i] = 0.f;
-  for (int j = threadIdx.x; j < f; j += kThreads) {
+  float* const after_small = sm + small_smem_floats(f, K);
+  hd.ws = p.ws_local ? p.ws_local + int64_t(task) * p.w.local_total : after_small;
+  for (int i = threadIdx.x; i < K; i += nthreads()) hd.tau[i] = p.tau[i], hd.dtau[i] = 0.f;
+  for (int j = threadIdx.x; j < f; j += nthreads()) {
     hd.gam[j] = p.ln_w[h * f + j], hd.bet[j] = p.ln_b[h * f + j];
     hd.dgam[j] = 0.f, hd.dbet[j] = 0.f;
   }
-  // The carry: this (b, h)'s outputs, from zero.
-  const State d{p.dW1 + int64_t(task) * f * F, p.db1 + int64_t(task) * F, p.mlp ? p.dW2 + int64_t(task) * F * f : nullptr,
-                p.mlp ? p.db2 + int64_t(task) * f : nullptr};
-  for (int e = threadIdx.x; e < f * F; e += kThreads) {
+  // The carry, from zero: this (b, h)'s outputs, or a shared-memory copy of them (after the
+  // local buffers) written out at the end. The carry is read by two products and added to by
+  // two more in every mini-batch: in global memory those are L2 round trips on the sequential
+  // path.
+  const State out{p.dW1 + int64_t(task) * f * F, p.db1 + int64_t(task) * F,
+                  p.mlp ? p.dW2 + int64_t(task) * F * f : nullptr, p.mlp ? p.db2 + int64_t(task) * f : nullptr};
+  float* const cs = p.carry_in_smem ? after_small + (p.ws_local ? 0 : p.w.local_total) : nullptr;
+  const State d = cs ? State{cs, cs + f * F, p.mlp ? cs + f * F + F : nullptr,
+                             p.mlp ? cs + f * F + F + int64_t(F) * f : nullptr}
+                     : out;
+  for (int e = threadIdx.x; e < f * F; e += nthreads()) {
     d.W1[e] = 0.f;
     if (p.mlp) d.W2[e] = 0.f;
   }
-  for (int e = threadIdx.x; e < F; e += kThreads) d.b1[e] = 0.f;
+  for (int e = threadIdx.x; e < F; e += nthreads()) d.b1[e] = 0.f;
   if (p.mlp)
-    for (int e = threadIdx.x; e < f; e += kThreads) d.b2[e] = 0.f;
+    for (int e = threadIdx.x; e < f; e += nthreads()) d.b2[e] = 0.f;
   __syncthreads();
 
   const int64_t L = p.L, M = (L + K - 1) / K, G = p.group, Mc = (M + G - 1) / G;
@@ -485,8 +497,17 @@ __global__ void __launch_bounds__(kThreads) ttt_inner_backward_kernel(const Para
       hd.backward(w, d, hd.n == K && m + 1 < M, dout);
     }
   }
-  for (int i = threadIdx.x; i < K; i += kThreads) p.dtau[int64_t(task) * K + i] = hd.dtau[i];
-  for (int j = threadIdx.x; j < f; j += kThreads) {
+  if (cs) {
+    for (int e = threadIdx.x; e < f * F; e += nthreads()) {
+      out.W1[e] = d.W1[e];
+      if (p.mlp) out.W2[e] = d.W2[e];
+    }
+    for (int e = threadIdx.x; e < F; e += nthreads()) out.b1[e] = d.b1[e];
+    if (p.mlp)
+      for (int e = threadIdx.x; e < f; e += nthreads()) out.b2[e] = d.b2[e];
+  }
+  for (int i = threadIdx.x; i < K; i += nthreads()) p.dtau[int64_t(task) * K + i] = hd.dtau[i];
+  for (int j = threadIdx.x; j < f; j += nthreads()) {
     p.dln_w[int64_t(task) * f + j] = hd.dgam[j];
     p.dln_b[int64_t(task) * f + j] = hd.dbet[j];
   }
@@ -532,7 +553,15 @@ void TttBackwardKernels<Cuda>::inner_backward(const TttInnerBackwardArgs<Cuda>& 
   TTT_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
   const int64_t small = small_smem_floats(f, K) * int64_t(sizeof(float));
   const int64_t local = p.w.local_total * int64_t(sizeof(float));
-  const bool in_smem = TttBackwardKernels<Cuda>::tuning().local_in_smem && small + local <= optin;
+  const TttBackwardCudaTuning& tune = TttBackwardKernels<Cuda>::tuning();
+  TTT_CHECK(tune.threads == 0 || tune.threads == 256 || tune.threads == 512 || tune.threads == 1024, where,
+            ": tuning().threads must be 256, 512 or 1024 (0: per kind), got ", tune.threads);
+  const int threads = tune.threads != 0 ? tune.threads : mlp ? 1024 : 256;
+  const bool in_smem = tune.local_in_smem && small + local <= optin;
+  // The carry (one state's floats) after them when it fits too: TTT-Linear at f 128 with the
+  // local buffers (~208 KiB in all); TTT-MLP's two matrices only for small heads (not f 128).
+  const int64_t carry = p.w.state_n * int64_t(sizeof(float));
+  p.carry_in_smem = tune.carry_in_smem && small + (in_smem ? local : 0) + carry <= optin;
   const auto ws_states = Tensor<float, Cuda>::empty({std::max<int64_t>(1, Bn * nh * p.w.states_total)});
   const auto ws_local = Tensor<float, Cuda>::empty({in_smem ? 1 : Bn * nh * p.w.local_total});
   p.xq = a.xq.data(), p.xk = a.xk.data(), p.xv = a.xv.data(), p.lr = a.lr.data();
@@ -548,9 +577,14 @@ void TttBackwardKernels<Cuda>::inner_backward(const TttInnerBackwardArgs<Cuda>& 
   p.ws_local = in_smem ? nullptr : ws_local.data();
   p.L = L, p.B = int(Bn), p.nh = int(nh), p.f = int(f), p.F = int(F), p.K = int(K), p.group = int(G);
   p.mlp = mlp, p.eps = a.eps;
-  const size_t smem = size_t(small + (in_smem ? local : 0));
-  TTT_CUDA_CHECK(cudaFuncSetAttribute(ttt_inner_backward_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
-  ::ttt::cuda::device::launch(ttt_inner_backward_kernel, unsigned(Bn * nh), unsigned(kThreads), smem, 1, p);
+  const size_t smem = size_t(small + (in_smem ? local : 0) + (p.carry_in_smem ? carry : 0));
+  auto run = [&](auto kernel, int threads) {
+    TTT_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+    ::ttt::cuda::device::launch(kernel, unsigned(Bn * nh), unsigned(threads), smem, 1, p);
+  };
+  if (threads == 1024) run(ttt_inner_backward_kernel<1024>, 1024);
+  else if (threads == 512) run(ttt_inner_backward_kernel<512>, 512);
+  else run(ttt_inner_backward_kernel<256>, 256);
 }
 
 }  // namespace ttt::layers

@@ -12,8 +12,12 @@ namespace ttt::layers::cuda_kernels::bwd {
 
 using namespace ::ttt::cuda::device;
 
-constexpr int kThreads = 256;
-constexpr int kWarps = kThreads / 32;
+// The block size is a launch choice (TttBackwardCudaTuning::threads: 256, 512 or 1024; the
+// kernel is instantiated per size for its register budget), so the device code strides by
+// blockDim rather than by a constant.
+constexpr int kMaxThreads = 1024;
+__device__ __forceinline__ int nthreads() { return int(blockDim.x); }
+__device__ __forceinline__ int nwarps() { return int(blockDim.x) >> 5; }
 
 // C = A B over a block: acc(m, n) = Σ_k A(m, k) B(k, n) with A(m, k) = A[m lda + k] (or
 // A[k lda + m] with TA), B(k, n) = B[k ldb + n] (or B[n ldb + k] with TB); epi(m, n, acc)
@@ -29,7 +33,7 @@ template <bool TA, bool TB, class Epi>
 __device__ __forceinline__ void mm_generic(int M, int N, int Kd, const float* __restrict__ A, int lda,
                                            const float* __restrict__ B, int ldb, Epi& epi) {
   const int N4 = (N + 3) >> 2, total = M * N4;
-  for (int idx = threadIdx.x; idx < total; idx += kThreads) {
+  for (int idx = threadIdx.x; idx < total; idx += nthreads()) {
     const int m = idx / N4, n0 = (idx - m * N4) * 4;
     float acc[4] = {0.f, 0.f, 0.f, 0.f};
     for (int k = 0; k < Kd; ++k) {
@@ -48,7 +52,7 @@ template <int TM, bool TA, class Epi>
 __device__ __forceinline__ void mm_tiles(int M, int N, int Kd, const float* __restrict__ A, int lda,
                                          const float* __restrict__ B, int ldb, Epi& epi) {
   const int NT = N >> 2, total = (M / TM) * NT;
-  for (int idx = threadIdx.x; idx < total; idx += kThreads) {
+  for (int idx = threadIdx.x; idx < total; idx += nthreads()) {
     const int mt = idx / NT, m0 = mt * TM, n0 = (idx - mt * NT) * 4;
     float acc[TM][4];
 #pragma unroll
@@ -85,7 +89,7 @@ template <class Epi>
 __device__ __forceinline__ void mm_dots(int M, int N, int Kd, const float* __restrict__ A, int lda,
                                         const float* __restrict__ B, int ldb, Epi& epi) {
   const int nch = Kd >> 2, total = M * N, start = (threadIdx.x & 31) % nch;
-  for (int idx = threadIdx.x; idx < total; idx += kThreads) {
+  for (int idx = threadIdx.x; idx < total; idx += nthreads()) {
     const int m = idx / N, n = idx - m * N;
     const float* a = A + m * lda;
     const float* b = B + n * ldb;
@@ -118,8 +122,8 @@ __device__ __forceinline__ void mm(int M, int N, int Kd, const float* __restrict
   } else if constexpr (!TB) {
     if (N % 4 == 0 && ldb % 4 == 0 && al16(B)) {
       const bool a4 = !TA || (lda % 4 == 0 && al16(A));
-      if (M % 4 == 0 && a4 && (M / 4) * (N / 4) >= kThreads) mm_tiles<4, TA>(M, N, Kd, A, lda, B, ldb, epi);
-      else if (M % 2 == 0 && (M / 2) * (N / 4) >= kThreads / 2) mm_tiles<2, TA>(M, N, Kd, A, lda, B, ldb, epi);
+      if (M % 4 == 0 && a4 && (M / 4) * (N / 4) >= nthreads()) mm_tiles<4, TA>(M, N, Kd, A, lda, B, ldb, epi);
+      else if (M % 2 == 0 && (M / 2) * (N / 4) >= nthreads() / 2) mm_tiles<2, TA>(M, N, Kd, A, lda, B, ldb, epi);
       else mm_tiles<1, TA>(M, N, Kd, A, lda, B, ldb, epi);
       return;
     }
@@ -130,7 +134,7 @@ __device__ __forceinline__ void mm(int M, int N, int Kd, const float* __restrict
 // Σ over the rows of M [n, w] into out[c] (op(c, sum)), one thread per column.
 template <class Op>
 __device__ __forceinline__ void col_sums(int n, int w, const float* M, Op op) {
-  for (int c = threadIdx.x; c < w; c += kThreads) {
+  for (int c = threadIdx.x; c < w; c += nthreads()) {
     float s = 0.f;
     for (int i = 0; i < n; ++i) s += M[i * w + c];
     op(c, s);

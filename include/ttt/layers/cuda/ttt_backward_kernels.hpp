@@ -15,7 +15,12 @@ namespace ttt::layers {
 
 // Knobs for tests and benchmarks (process-wide).
 struct TttBackwardCudaTuning {
-  bool local_in_smem = true;  // per-mini-batch buffers in shared memory where they fit
+  bool local_in_smem = true;   // per-mini-batch buffers in shared memory where they fit
+  bool carry_in_smem = false;  // the carry (d loss / d state) in shared memory where it fits too
+  // Block size: 256, 512 or 1024; 0 picks per kind what measured fastest (H100, C 4096, 32
+  // heads, L 8192; docs/training.md): 256 for TTT-Linear, 1024 for TTT-MLP. The carry in
+  // shared memory measured slower (TTT-Linear 80.7 ms against 75.0 in global at 256 threads).
+  int threads = 0;
 };
 
 template <>
