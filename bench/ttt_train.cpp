@@ -4,7 +4,7 @@
 //
 //   bench_ttt_train [--kind linear|mlp|both] [--seq L] [--batch N] [--runs N] [--warmup N]
 //                   [--group G] [--dtype bf16|f32] [--threads 256|512|1024] [--carry-smem 0|1]
-//                   [--inner-sweep]
+//                   [--state-smem 0|1] [--inner-sweep]
 //
 // Default: issue 15's shape, C 4096, 32 heads of 128, K 16, L 8192, batch 1, bf16 storage
 // (the inner loop, its state and the gradients in fp32), checkpoint group 1 (TTT-Linear) and 4
@@ -203,7 +203,9 @@ int main(int argc, char** argv) {
        cxxopts::value<int>()->default_value("0"))
       ("carry-smem", "the inner backward's carry in shared memory where it fits: 0 | 1",
        cxxopts::value<int>()->default_value("0"))
-      ("inner-sweep", "first time the inner loop's backward alone for every block size and carry placement")
+      ("state-smem", "the inner backward's start state staged in shared memory where it fits: 0 | 1",
+       cxxopts::value<int>()->default_value("0"))
+      ("inner-sweep", "first time the inner loop's backward alone for every block size and placement")
       ("h,help", "this help");
   try {
     const auto r = opts.parse(argc, argv);
@@ -229,6 +231,7 @@ int main(int argc, char** argv) {
     auto& tune = TttBackwardKernels<Cuda>::tuning();
     if (threads != 0) tune.threads = threads;
     tune.carry_in_smem = r["carry-smem"].as<int>() != 0;
+    tune.state_in_smem = r["state-smem"].as<int>() != 0;
     if (!cuda::device_available()) {
       std::printf("SKIPPED: no CUDA device\n");
       return 77;
@@ -242,20 +245,24 @@ int main(int argc, char** argv) {
         if (!wanted(k)) continue;
         const auto cfg = TttConfig::make(k, 4096, 32, 16);
         const int64_t group = o.group > 0 ? o.group : (k == Kind::mlp ? 4 : 1);
-        for (const bool carry : {false, true})
+        // Placements: 0 all in global memory, 1 the carry in shared memory, 2 the staged start
+        // state in shared memory (each only where it fits: TTT-Linear at f 128, not TTT-MLP).
+        for (const int place : {0, 1, 2})
           for (const int nt : {256, 512, 1024}) {
-            tune.threads = nt, tune.carry_in_smem = carry;
+            if (place > 0 && k == Kind::mlp) continue;
+            tune.threads = nt, tune.carry_in_smem = place == 1, tune.state_in_smem = place == 2;
             const double ms = inner_backward_ms(k, o.batch, 32, o.seq, cfg.head_dim, cfg.inner_dim(), 16, group,
                                                 std::max(o.runs, 3));
-            std::printf("inner backward %-6s L %lld group %lld: threads %4d carry %s: %.2f ms\n", cfg.kind_name(),
-                        (long long)o.seq, (long long)group, nt, carry ? "smem  " : "global", ms);
+            std::printf("inner backward %-6s L %lld group %lld: threads %4d, shared memory holds %s: %.2f ms\n",
+                        cfg.kind_name(), (long long)o.seq, (long long)group, nt,
+                        place == 0 ? "no state    " : place == 1 ? "the carry   " : "start state", ms);
           }
       }
       tune = keep;
     }
-    std::printf("inner backward tuning: threads %s, carry in shared memory where it fits: %s\n",
+    std::printf("inner backward tuning: threads %s; in shared memory where they fit: carry %s, start state %s\n",
                 tune.threads == 0 ? "per kind (256 linear, 1024 mlp)" : std::to_string(tune.threads).c_str(),
-                tune.carry_in_smem ? "yes" : "no");
+                tune.carry_in_smem ? "yes" : "no", tune.state_in_smem ? "yes" : "no");
     for (const Kind k : {Kind::linear, Kind::mlp}) {
       if (!wanted(k)) continue;
       if (o.dtype == "bf16") bench<bf16>(k, o, bw);

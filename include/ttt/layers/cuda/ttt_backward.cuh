@@ -19,7 +19,9 @@
 // Per-mini-batch intermediates ([n, F], [n, f], [n, n]; 17 K F floats for TTT-Linear, 30 for
 // TTT-MLP) live in shared memory when they fit (TTT-Linear up to f = 128), else in a per-(b, h)
 // global scratch (L1 / L2 resident); τ, γ, β and the running dτ / dγ / dβ / dlr in shared
-// memory. All products are fp32 FMA (block-wide small GEMMs).
+// memory. All products are fp32 FMA (block-wide small GEMMs). Optionally (tuning) the carry
+// or each mini-batch's start state, which four products read, sit in shared memory after the
+// local buffers where they fit.
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -84,6 +86,9 @@ struct Params {
   float* ws_states;  // [B nh][w.states_total] (group > 1)
   float* ws_local;   // [B nh][w.local_total], or null: the buffers live in shared memory
   bool carry_in_smem;  // the carry in shared memory (after the local buffers), copied out at the end
+  // Each mini-batch's start state copied into shared memory (after the carry) before its four
+  // products read it, instead of four passes over the checkpoint in L2.
+  bool state_in_smem;
   Workspace w;
   int64_t L;
   int B, nh, f, F, K, group;
@@ -95,6 +100,17 @@ struct Params {
 struct State {
   float *W1, *b1, *W2, *b2;
 };
+
+__host__ __device__ inline int64_t round4(int64_t n) { return (n + 3) / 4 * 4; }
+
+// Block-wide copy of a state (W1 [f, F], b1 [F] (, W2 [F, f], b2 [f])).
+__device__ inline void copy_state(const State& from, const State& to, int f, int F, bool mlp) {
+  auto copy = [](const float* a, float* b, int64_t n) {
+    for (int64_t e = threadIdx.x; e < n; e += nthreads()) b[e] = a[e];
+  };
+  copy(from.W1, to.W1, int64_t(f) * F), copy(from.b1, to.b1, F);
+  if (mlp) copy(from.W2, to.W2, int64_t(F) * f), copy(from.b2, to.b2, f);
+}
 
 // Shared memory: τ, γ, β [K], [f], [f]; running dτ [K], dγ, dβ [f], this mini-batch's dlr [K]
 // and a [K] per-row scratch; then the local buffers when they fit.
@@ -456,7 +472,11 @@ __global__ void __launch_bounds__(NT) ttt_inner_backward_kernel(const Params p) 
   // path.
   const State out{p.dW1 + int64_t(task) * f * F, p.db1 + int64_t(task) * F,
                   p.mlp ? p.dW2 + int64_t(task) * F * f : nullptr, p.mlp ? p.db2 + int64_t(task) * f : nullptr};
-  float* const cs = p.carry_in_smem ? after_small + (p.ws_local ? 0 : p.w.local_total) : nullptr;
+  float* region = after_small + (p.ws_local ? 0 : p.w.local_total);  // what follows the local buffers
+  float* const cs = p.carry_in_smem ? region : nullptr;
+  if (cs) region += round4(p.w.state_n);
+  // The start state of the current mini-batch, staged in shared memory (see Params).
+  float* const ss = p.state_in_smem ? region : nullptr;
   const State d = cs ? State{cs, cs + f * F, p.mlp ? cs + f * F + F : nullptr,
                              p.mlp ? cs + f * F + F + int64_t(F) * f : nullptr}
                      : out;
@@ -490,7 +510,13 @@ __global__ void __launch_bounds__(NT) ttt_inner_backward_kernel(const Params p) 
     for (int64_t m = m1 - 1; m >= m0; --m) {
       hd.t0 = m * K;
       hd.n = int(min(int64_t(K), L - hd.t0));
-      const State w = state(m);
+      State w = state(m);
+      if (ss) {
+        const State to{ss, ss + f * F, p.mlp ? ss + f * F + F : nullptr, p.mlp ? ss + f * F + F + int64_t(F) * f : nullptr};
+        copy_state(w, to, f, F, p.mlp);
+        __syncthreads();
+        w = to;
+      }
       hd.keys(w);
       hd.queries(w);
       const float* dout = p.dout + b * p.dout_sb + h * p.dout_sh + hd.t0 * p.dout_st;
@@ -560,8 +586,12 @@ void TttBackwardKernels<Cuda>::inner_backward(const TttInnerBackwardArgs<Cuda>& 
   const bool in_smem = tune.local_in_smem && small + local <= optin;
   // The carry (one state's floats) after them when it fits too: TTT-Linear at f 128 with the
   // local buffers (~208 KiB in all); TTT-MLP's two matrices only for small heads (not f 128).
-  const int64_t carry = p.w.state_n * int64_t(sizeof(float));
-  p.carry_in_smem = tune.carry_in_smem && small + (in_smem ? local : 0) + carry <= optin;
+  const int64_t state_bytes = round4(p.w.state_n) * int64_t(sizeof(float));
+  p.carry_in_smem = tune.carry_in_smem && small + (in_smem ? local : 0) + state_bytes <= optin;
+  // The staged start state after them when it fits too (TTT-Linear at f 128 with the local
+  // buffers and the carry in global memory: ~210 KiB).
+  const int64_t used = small + (in_smem ? local : 0) + (p.carry_in_smem ? state_bytes : 0);
+  p.state_in_smem = tune.state_in_smem && used + state_bytes <= optin;
   const auto ws_states = Tensor<float, Cuda>::empty({std::max<int64_t>(1, Bn * nh * p.w.states_total)});
   const auto ws_local = Tensor<float, Cuda>::empty({in_smem ? 1 : Bn * nh * p.w.local_total});
   p.xq = a.xq.data(), p.xk = a.xk.data(), p.xv = a.xv.data(), p.lr = a.lr.data();
@@ -577,7 +607,7 @@ void TttBackwardKernels<Cuda>::inner_backward(const TttInnerBackwardArgs<Cuda>& 
   p.ws_local = in_smem ? nullptr : ws_local.data();
   p.L = L, p.B = int(Bn), p.nh = int(nh), p.f = int(f), p.F = int(F), p.K = int(K), p.group = int(G);
   p.mlp = mlp, p.eps = a.eps;
-  const size_t smem = size_t(small + (in_smem ? local : 0) + (p.carry_in_smem ? carry : 0));
+  const size_t smem = size_t(used + (p.state_in_smem ? state_bytes : 0));
   auto run = [&](auto kernel, int threads) {
     TTT_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
     ::ttt::cuda::device::launch(kernel, unsigned(Bn * nh), unsigned(threads), smem, 1, p);

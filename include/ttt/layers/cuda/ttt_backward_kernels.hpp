@@ -17,6 +17,7 @@ namespace ttt::layers {
 struct TttBackwardCudaTuning {
   bool local_in_smem = true;   // per-mini-batch buffers in shared memory where they fit
   bool carry_in_smem = false;  // the carry (d loss / d state) in shared memory where it fits too
+  bool state_in_smem = false;  // each mini-batch's start state staged in shared memory where it fits
   // Block size: 256, 512 or 1024; 0 picks per kind what measured fastest (H100, C 4096, 32
   // heads, L 8192; docs/training.md): 256 for TTT-Linear, 1024 for TTT-MLP. The carry in
   // shared memory measured slower (TTT-Linear 80.7 ms against 75.0 in global at 256 threads).
