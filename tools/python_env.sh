@@ -12,9 +12,20 @@ root=$(cd "$(dirname "$0")/.." && pwd)
 venv=${TTT_VENV:-$HOME/.cache/ttt/venv}
 req=$root/tools/requirements.txt
 [ -f "$req" ] || exit 0
+# The distribution's interpreter when there is one: only it sees the distribution's packages
+# (python3-torch); a pyenv or conda python3 first on PATH would make every torch test skip.
+py=/usr/bin/python3
+[ -x "$py" ] || py=$(command -v python3 || echo python3)
+# An environment made from another interpreter is made again.
+if [ -x "$venv/bin/python" ] && [ "$(cat "$venv/.ttt-python" 2>/dev/null)" != "$py" ]; then
+  echo "python_env: remaking $venv from $py" >&2
+  rm -rf "$venv"
+fi
 if [ ! -x "$venv/bin/python" ]; then
   mkdir -p "$(dirname "$venv")"
-  if ! python3 -m venv --system-site-packages "$venv" >/dev/null 2>&1; then
+  if "$py" -m venv --system-site-packages "$venv" >/dev/null 2>&1; then
+    echo "$py" > "$venv/.ttt-python"
+  else
     echo "python_env: could not create $venv (python3-venv missing?); Python tests will skip" >&2
     rm -rf "$venv"
     exit 0
