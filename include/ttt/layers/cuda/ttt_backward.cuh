@@ -9,8 +9,8 @@
 // scratch; group 1 reads the checkpoint itself), then walks the group's mini-batches in
 // reverse: recompute the mini-batch's forward from its start state (key path, query path),
 // then its backward.
-// The carry (d loss / d start state) lives in shared memory when it fits (TTT-Linear), else
-// in the outputs dW1 / db1 (/ dW2 / db2) of the (b, h): it starts at zero and the backward
+// The carry (d loss / d start state) lives in the outputs dW1 / db1 (/ dW2 / db2) of the
+// (b, h) (or, by the tuning, in shared memory where it fits): it starts at zero and the backward
 // of mini-batch m turns the gradient of the state after m into that of the state before m
 // IN PLACE. That works because the update's backward (the only reader of the old carry)
 // runs first in each mini-batch, and every other term only adds to the carry (W' = W − ...,
@@ -467,9 +467,9 @@ __global__ void __launch_bounds__(NT) ttt_inner_backward_kernel(const Params p) 
     hd.dgam[j] = 0.f, hd.dbet[j] = 0.f;
   }
   // The carry, from zero: this (b, h)'s outputs, or a shared-memory copy of them (after the
-  // local buffers) written out at the end. The carry is read by two products and added to by
-  // two more in every mini-batch: in global memory those are L2 round trips on the sequential
-  // path.
+  // local buffers) written out at the end. It is read by two products and added to by two more
+  // in every mini-batch; in shared memory it measured slower for TTT-Linear (the L1 keeps much
+  // of it, and the local buffers' traffic already loads shared memory), so it is off by default.
   const State out{p.dW1 + int64_t(task) * f * F, p.db1 + int64_t(task) * F,
                   p.mlp ? p.dW2 + int64_t(task) * F * f : nullptr, p.mlp ? p.db2 + int64_t(task) * f : nullptr};
   float* region = after_small + (p.ws_local ? 0 : p.w.local_total);  // what follows the local buffers
