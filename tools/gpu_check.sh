@@ -149,7 +149,7 @@ if has bench-quant; then
 fi
 
 if has bench-train; then
-  # TRAIN_ARGS: e.g. "--inner-sweep" (block sizes x carry placement first) or "--kind linear".
+  # TRAIN_ARGS: e.g. "--inner-sweep" (block sizes x shared-memory placements first) or "--kind linear".
   # shellcheck disable=SC2086
   timeout 300 "$bin/bench_ttt_train" ${TRAIN_ARGS:-} 2>&1 | tee "$out/bench_ttt_train.log" | tail -20
 fi

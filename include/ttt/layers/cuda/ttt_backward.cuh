@@ -49,12 +49,15 @@ struct Workspace {
   int64_t local_total = 0;
 };
 
+// n floats rounded up to whole 16-byte chunks (each buffer starts 16-byte aligned).
+__host__ __device__ inline int64_t round4(int64_t n) { return (n + 3) / 4 * 4; }
+
 inline Workspace make_workspace(bool mlp, int64_t f, int64_t F, int64_t K, int64_t group) {
   Workspace w;
   int64_t at = 0;
   auto take = [&](int64_t n) {
     const int64_t o = at;
-    at += (n + 3) / 4 * 4;
+    at += round4(n);
     return o;
   };
   w.state_n = f * F + F + (mlp ? F * f + f : 0);
@@ -100,8 +103,6 @@ struct Params {
 struct State {
   float *W1, *b1, *W2, *b2;
 };
-
-__host__ __device__ inline int64_t round4(int64_t n) { return (n + 3) / 4 * 4; }
 
 // Block-wide copy of a state (W1 [f, F], b1 [F] (, W2 [F, f], b2 [f])).
 __device__ inline void copy_state(const State& from, const State& to, int f, int F, bool mlp) {
@@ -523,15 +524,7 @@ __global__ void __launch_bounds__(NT) ttt_inner_backward_kernel(const Params p) 
       hd.backward(w, d, hd.n == K && m + 1 < M, dout);
     }
   }
-  if (cs) {
-    for (int e = threadIdx.x; e < f * F; e += nthreads()) {
-      out.W1[e] = d.W1[e];
-      if (p.mlp) out.W2[e] = d.W2[e];
-    }
-    for (int e = threadIdx.x; e < F; e += nthreads()) out.b1[e] = d.b1[e];
-    if (p.mlp)
-      for (int e = threadIdx.x; e < f; e += nthreads()) out.b2[e] = d.b2[e];
-  }
+  if (cs) copy_state(d, out, f, F, p.mlp);
   for (int i = threadIdx.x; i < K; i += nthreads()) p.dtau[int64_t(task) * K + i] = hd.dtau[i];
   for (int j = threadIdx.x; j < f; j += nthreads()) {
     p.dln_w[int64_t(task) * f + j] = hd.dgam[j];

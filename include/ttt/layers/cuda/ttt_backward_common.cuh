@@ -15,7 +15,6 @@ using namespace ::ttt::cuda::device;
 // The block size is a launch choice (TttBackwardCudaTuning::threads: 256, 512 or 1024; the
 // kernel is instantiated per size for its register budget), so the device code strides by
 // blockDim rather than by a constant.
-constexpr int kMaxThreads = 1024;
 __device__ __forceinline__ int nthreads() { return int(blockDim.x); }
 __device__ __forceinline__ int nwarps() { return int(blockDim.x) >> 5; }
 
