@@ -4,7 +4,8 @@
 //
 //   bench_ttt_train [--kind linear|mlp|both] [--seq L] [--batch N] [--runs N] [--warmup N]
 //                   [--group G] [--dtype bf16|f32] [--threads 256|512|1024] [--carry-smem 0|1]
-//                   [--state-smem 0|1] [--inner-sweep]
+//                   [--state-smem 0|1] [--split 0|1] [--split-chunk N] [--split-overlap 0|1] [--inner-sweep]
+//                   [--anchor-linear TOK_S] [--anchor-mlp TOK_S]
 //
 // Default: issue 15's shape, C 4096, 32 heads of 128, K 16, L 8192, batch 1, bf16 storage
 // (the inner loop, its state and the gradients in fp32), checkpoint group 1 (TTT-Linear) and 4
@@ -15,9 +16,10 @@
 //           peak (989 TFLOP/s, the spec sheet's number, not measured), and the bytes the
 //           step must move at least (x, dy, y, grad.x, the tape, the weights and their
 //           gradients once) over the copy bandwidth measured in the same run; the larger.
-//   anchor  ttt-lm-pytorch's forward+backward on the H200 as issue 15 records it (6.0k tokens/s
-//           TTT-Linear, 2.9k TTT-MLP; not measured here: its ttt.py needs `transformers`,
-//           which the device machine lacks), and the issue's goals (>= 300k, >= 145k).
+//   anchor  ttt-lm-pytorch's forward+backward measured in the same run when --anchor-linear /
+//           --anchor-mlp pass it (tools/gpu_check.sh bench-train runs bench/ttt_train_pytorch.py
+//           first and passes its numbers), else the H200 figures issue 15 records (6.0k tokens/s
+//           TTT-Linear, 2.9k TTT-MLP); and the issue's goals (>= 300k, >= 145k).
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -42,6 +44,7 @@ struct Options {
   int64_t seq = 8192, batch = 1, group = 0;  // group 0: 1 linear, 4 mlp
   int runs = 10, warmup = 2;
   std::string dtype = "bf16";
+  double anchor_linear = 0, anchor_mlp = 0;  // ttt-lm-pytorch tokens/s measured in the same run (0: none)
 };
 
 double median(std::vector<double> v) {
@@ -172,7 +175,9 @@ void bench(Kind kind, const Options& o, double bw_gbs) {
   const double params = (P + double(C)) * double(C) * es + (P + double(C)) * double(C) * 4.0;  // weights, grads
   const double bytes = tokens * double(C) * es * 4.0 + double(tape_bytes) + params;
   const double floor_ms = std::max(gemm_flops / peak, bytes / (bw_gbs * 1e9)) * 1e3;
-  const double anchor = kind == Kind::mlp ? 2.9e3 : 6.0e3, goal = kind == Kind::mlp ? 145e3 : 300e3;
+  const double measured = kind == Kind::mlp ? o.anchor_mlp : o.anchor_linear;
+  const double anchor = measured > 0 ? measured : kind == Kind::mlp ? 2.9e3 : 6.0e3;
+  const double goal = kind == Kind::mlp ? 145e3 : 300e3;
   std::printf("%-6s %s C %lld nh %lld K %lld B %lld L %lld group %lld: forward %.2f ms + backward %.2f ms = %.2f ms "
               "(median of %d) -> %.1fk tokens/s | inner loop's backward alone %.2f ms | tape %.1f MiB\n",
               cfg.kind_name(), std::is_same_v<T, float> ? "f32" : "bf16", (long long)C, (long long)nh, (long long)K,
@@ -182,9 +187,14 @@ void bench(Kind kind, const Options& o, double bw_gbs) {
               "%.0f GB/s = %.2f ms; we are at %.1fx the floor\n",
               floor_ms, tokens / (floor_ms * 1e-3) / 1e3, gemm_flops / 1e12, peak / 1e12, gemm_flops / peak * 1e3,
               bytes / 1e9, bw_gbs, bytes / (bw_gbs * 1e9) * 1e3, t_ms / floor_ms);
-  std::printf("       anchor (issue 15, not measured here) ttt-lm-pytorch forward+backward on the H200: %.1fk tokens/s "
-              "-> we are %.1fx; goal >= %.0fk tokens/s (50x): %s\n",
-              anchor / 1e3, tok_s / anchor, goal / 1e3, tok_s >= goal ? "met" : "MISSED");
+  if (measured > 0)
+    std::printf("       anchor ttt-lm-pytorch forward+backward measured in this run (bench/ttt_train_pytorch.py): "
+                "%.2fk tokens/s -> we are %.1fx; issue 15's goal >= %.0fk tokens/s (50x its H200 figure): %s\n",
+                anchor / 1e3, tok_s / anchor, goal / 1e3, tok_s >= goal ? "met" : "MISSED");
+  else
+    std::printf("       anchor (issue 15, not measured here) ttt-lm-pytorch forward+backward on the H200: %.1fk tokens/s "
+                "-> we are %.1fx; goal >= %.0fk tokens/s (50x): %s\n",
+                anchor / 1e3, tok_s / anchor, goal / 1e3, tok_s >= goal ? "met" : "MISSED");
 }
 
 }  // namespace
@@ -205,6 +215,16 @@ int main(int argc, char** argv) {
        cxxopts::value<int>()->default_value("0"))
       ("state-smem", "the inner backward's start state staged in shared memory where it fits: 0 | 1",
        cxxopts::value<int>()->default_value("0"))
+      ("split", "TTT-Linear at group 1: the split inner backward (free + chain kernels): 0 | 1",
+       cxxopts::value<int>()->default_value("1"))
+      ("split-chunk", "mini-batches per chunk of the split path (0: by its memory budget)",
+       cxxopts::value<int>()->default_value("0"))
+      ("split-overlap", "the split path's free kernels on a side stream beside the chain: 0 | 1",
+       cxxopts::value<int>()->default_value("1"))
+      ("anchor-linear", "ttt-lm-pytorch TTT-Linear tokens/s measured in the same run (printed beside ours)",
+       cxxopts::value<double>()->default_value("0"))
+      ("anchor-mlp", "ttt-lm-pytorch TTT-MLP tokens/s measured in the same run",
+       cxxopts::value<double>()->default_value("0"))
       ("inner-sweep", "first time the inner loop's backward alone for every block size and placement")
       ("h,help", "this help");
   try {
@@ -220,6 +240,9 @@ int main(int argc, char** argv) {
     o.warmup = r["warmup"].as<int>();
     o.group = r["group"].as<int64_t>();
     o.dtype = r["dtype"].as<std::string>();
+    o.anchor_linear = r["anchor-linear"].as<double>();
+    o.anchor_mlp = r["anchor-mlp"].as<double>();
+    if (o.anchor_linear < 0 || o.anchor_mlp < 0) fail("--anchor-linear and --anchor-mlp must be >= 0");
     const std::string kind = r["kind"].as<std::string>();
     if (kind != "linear" && kind != "mlp" && kind != "both") fail("--kind must be linear, mlp or both, got '", kind, "'");
     if (o.dtype != "bf16" && o.dtype != "f32") fail("--dtype must be bf16 or f32, got '", o.dtype, "'");
@@ -232,6 +255,10 @@ int main(int argc, char** argv) {
     if (threads != 0) tune.threads = threads;
     tune.carry_in_smem = r["carry-smem"].as<int>() != 0;
     tune.state_in_smem = r["state-smem"].as<int>() != 0;
+    tune.split = r["split"].as<int>() != 0;
+    tune.split_chunk = r["split-chunk"].as<int>();
+    tune.split_overlap = r["split-overlap"].as<int>() != 0;
+    if (tune.split_chunk < 0) fail("--split-chunk must be >= 0, got ", tune.split_chunk);
     if (!cuda::device_available()) {
       std::printf("SKIPPED: no CUDA device\n");
       return 77;
@@ -247,22 +274,33 @@ int main(int argc, char** argv) {
         const int64_t group = o.group > 0 ? o.group : (k == Kind::mlp ? 4 : 1);
         // Placements: 0 all in global memory, 1 the carry in shared memory, 2 the staged start
         // state in shared memory (each only where it fits: TTT-Linear at f 128, not TTT-MLP).
-        for (const int place : {0, 1, 2})
+        // Placements 0-2 on the one-kernel path; the split path (TTT-Linear, group 1, 256 / 512
+        // threads): 3 its free kernels beside the chain on a side stream, 4 in order.
+        for (const int place : {0, 1, 2, 3, 4})
           for (const int nt : {256, 512, 1024}) {
             if (place > 0 && k == Kind::mlp) continue;
+            if (place >= 3 && (group != 1 || nt == 1024)) continue;
             tune.threads = nt, tune.carry_in_smem = place == 1, tune.state_in_smem = place == 2;
+            tune.split = place >= 3, tune.split_overlap = place == 3;
             const double ms = inner_backward_ms(k, o.batch, 32, o.seq, cfg.head_dim, cfg.inner_dim(), 16, group,
                                                 std::max(o.runs, 3));
             std::printf("inner backward %-6s L %lld group %lld: threads %4d, shared memory holds %s: %.2f ms\n",
                         cfg.kind_name(), (long long)o.seq, (long long)group, nt,
-                        place == 0 ? "no state    " : place == 1 ? "the carry   " : "start state", ms);
+                        place == 0   ? "no state    "
+                        : place == 1 ? "the carry   "
+                        : place == 2 ? "start state"
+                        : place == 3 ? "split: free kernels beside the chain"
+                                     : "split: free and chain kernels in order",
+                        ms);
           }
       }
       tune = keep;
     }
-    std::printf("inner backward tuning: threads %s; in shared memory where they fit: carry %s, start state %s\n",
+    std::printf("inner backward tuning: threads %s; in shared memory where they fit: carry %s, start state %s; "
+                "TTT-Linear group 1 split into free + chain kernels: %s%s\n",
                 tune.threads == 0 ? "per kind (256 linear, 1024 mlp)" : std::to_string(tune.threads).c_str(),
-                tune.carry_in_smem ? "yes" : "no", tune.state_in_smem ? "yes" : "no");
+                tune.carry_in_smem ? "yes" : "no", tune.state_in_smem ? "yes" : "no", tune.split ? "yes" : "no",
+                tune.split ? (tune.split_overlap ? " (overlapped)" : " (in order)") : "");
     for (const Kind k : {Kind::linear, Kind::mlp}) {
       if (!wanted(k)) continue;
       if (o.dtype == "bf16") bench<bf16>(k, o, bw);

@@ -161,29 +161,37 @@ TEST_CASE("CUDA TTT backward matches the CPU backward on random shapes", "[ttt_g
     opt.checkpoint_group = c.group;
     const auto want = ttt_grad(ph, x, dy, opt);
     // The per-mini-batch buffers, the carry and the staged start state each in shared memory
-    // (where they fit) and in global memory, at every block size (0: the per-kind default).
+    // (where they fit) and in global memory, at every block size (0: the per-kind default);
+    // TTT-Linear at group 1 also through the split kernels (split; at 256 and 512 threads), in
+    // one chunk and in chunks of 2 mini-batches (the carry and the sums handed between chunks).
     struct Variant {
       bool local, carry, state;
       int threads;
+      bool split;
+      int chunk;
+      bool overlap;
     };
-    for (const Variant v : {Variant{true, true, true, 256}, Variant{false, true, false, 512},
-                            Variant{true, false, true, 1024}, Variant{false, false, true, 0},
-                            Variant{true, false, false, 0}}) {
+    for (const Variant v : {Variant{true, true, true, 256, false, 0, false}, Variant{true, false, false, 512, true, 0, true},
+                            Variant{true, false, true, 1024, true, 0, true}, Variant{false, false, true, 0, true, 0, true},
+                            Variant{true, false, false, 0, true, 0, false}, Variant{true, false, false, 256, true, 2, true},
+                            Variant{false, true, false, 512, false, 0, false}, Variant{true, false, false, 0, true, 2, false}}) {
       auto& tune = TttBackwardKernels<Cuda>::tuning();
       const TttBackwardCudaTuning keep = tune;
       tune.local_in_smem = v.local, tune.carry_in_smem = v.carry, tune.state_in_smem = v.state;
-      tune.threads = v.threads;
+      tune.threads = v.threads, tune.split = v.split, tune.split_chunk = v.chunk, tune.split_overlap = v.overlap;
       const auto got = ttt_grad(pd, x.to<Cuda>(), dy.to<Cuda>(), opt);
       tune = keep;
       const Worst w = compare(got, want);
       std::printf("[ttt grad cuda vs cpu] %-6s C %3lld nh %lld K %2lld B %lld L %3lld group %lld gate %d bias %d "
-                  "local %s carry %s state %s threads %4d: worst %.2e (%s)\n",
+                  "local %s carry %s state %s threads %4d split %d chunk %d overlap %d: worst %.2e (%s)\n",
                   cfg.kind_name(), (long long)c.C, (long long)c.nh, (long long)c.K, (long long)c.B, (long long)c.L,
                   (long long)c.group, int(c.gate), int(c.bias), v.local ? "smem  " : "global", v.carry ? "smem  " : "global",
-                  v.state ? "smem  " : "global", v.threads, w.all, w.name.c_str());
+                  v.state ? "smem  " : "global", v.threads, int(v.split), v.chunk, int(v.overlap), w.all,
+                  w.name.c_str());
       INFO(cfg.kind_name() << " L " << c.L << " local " << (v.local ? "smem" : "global") << " carry "
                            << (v.carry ? "smem" : "global") << " state " << (v.state ? "smem" : "global")
-                           << " threads " << v.threads << ": worst " << w.name);
+                           << " threads " << v.threads << " split " << v.split << " chunk " << v.chunk
+                           << " overlap " << v.overlap << ": worst " << w.name);
       CHECK(w.all <= 2e-5);
     }
   }

@@ -149,9 +149,23 @@ if has bench-quant; then
 fi
 
 if has bench-train; then
+  # The anchor first, in the same run: ttt-lm-pytorch's own layers (TTT_PY: its ttt.py, carried
+  # in an ignored folder; default .ttt_ref/ttt.py) forward + backward at the same shape; its
+  # tokens/s go to bench_ttt_train, which prints them beside ours.
+  anchors=()
+  if [ -f "${TTT_PY:-.ttt_ref/ttt.py}" ]; then
+    timeout 240 python3 bench/ttt_train_pytorch.py --ttt-py "${TTT_PY:-.ttt_ref/ttt.py}" 2>&1 |
+      tee "$out/bench_ttt_train_pytorch.log" | grep -vi warn
+    for k in linear mlp; do
+      v=$(awk -v k=$k '$1 == "ANCHOR" && $2 == k {print $3}' "$out/bench_ttt_train_pytorch.log")
+      [ -n "$v" ] && anchors+=(--anchor-$k "$v")
+    done
+  else
+    echo "ttt-lm-pytorch anchor not measured: no ${TTT_PY:-.ttt_ref/ttt.py} (TTT_PY)"
+  fi
   # TRAIN_ARGS: e.g. "--inner-sweep" (block sizes x shared-memory placements first) or "--kind linear".
   # shellcheck disable=SC2086
-  timeout 300 "$bin/bench_ttt_train" ${TRAIN_ARGS:-} 2>&1 | tee "$out/bench_ttt_train.log" | tail -20
+  timeout 300 "$bin/bench_ttt_train" ${TRAIN_ARGS:-} "${anchors[@]}" 2>&1 | tee "$out/bench_ttt_train.log" | tail -20
 fi
 
 if has bench-designs; then

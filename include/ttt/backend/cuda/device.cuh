@@ -86,17 +86,24 @@ inline cudaLaunchConfig_t launch_config(dim3 grid, unsigned block, size_t smem, 
   return cfg;
 }
 
-// kernel<<<grid, block, smem, stream()>>>(args...) in clusters of `cluster` CTAs along x
-// (1: none), with PDL where the context has it; launch errors thrown. The kernel must begin
-// with pdl_begin().
+// kernel<<<grid, block, smem, stream>>>(args...) in clusters of `cluster` CTAs along x (1:
+// none), with PDL where the context has it; launch errors thrown. The kernel must begin with
+// pdl_begin(). `stream`: the context's (launch below) or a side stream the caller orders
+// against it with events.
 template <class... Params, class... Args>
-void launch(void (*kernel)(Params...), dim3 grid, unsigned block, size_t smem, int cluster, const Args&... args) {
-  const Context& ctx = Context::get();
+void launch_on(cudaStream_t stream, void (*kernel)(Params...), dim3 grid, unsigned block, size_t smem, int cluster,
+               const Args&... args) {
   cudaLaunchAttribute attr[2];
-  cudaLaunchConfig_t cfg = launch_config(grid, block, smem, cluster, ctx.pdl(), attr);
-  cfg.stream = ctx.stream();
+  cudaLaunchConfig_t cfg = launch_config(grid, block, smem, cluster, Context::get().pdl(), attr);
+  cfg.stream = stream;
   TTT_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, args...));
   TTT_CUDA_CHECK(cudaGetLastError());
+}
+
+// launch_on(Context::get().stream(), ...).
+template <class... Params, class... Args>
+void launch(void (*kernel)(Params...), dim3 grid, unsigned block, size_t smem, int cluster, const Args&... args) {
+  launch_on(Context::get().stream(), kernel, grid, block, smem, cluster, args...);
 }
 
 // ---- small helpers ------------------------------------------------------------------------

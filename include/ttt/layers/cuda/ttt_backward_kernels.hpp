@@ -22,6 +22,15 @@ struct TttBackwardCudaTuning {
   // heads, L 8192; docs/training.md): 256 for TTT-Linear, 1024 for TTT-MLP. The carry in
   // shared memory measured slower (TTT-Linear 80.7 ms against 75.0 in global at 256 threads).
   int threads = 0;
+  // TTT-Linear with a checkpoint per mini-batch (group 1): the carry-free work of all
+  // mini-batches as one parallel kernel, then the chain alone (ttt_backward_split.cuh), at 256
+  // or 512 threads, its buffers and carry in shared memory. Off: the one-kernel path (also for
+  // threads 1024 or local_in_smem off).
+  bool split = true;
+  int split_chunk = 0;  // mini-batches per chunk of the split path (0: by its memory budget)
+  // The split path's free kernel of chunk c - 1 on a side stream beside the chain of chunk c
+  // (two slot buffers of 128 MiB at most, chunks of ~M / 8 mini-batches).
+  bool split_overlap = true;
 };
 
 template <>
