@@ -101,8 +101,10 @@ Tensor<float, Cuda> random_normal(Shape s, uint32_t seed) {
 
 // The inner loop's backward alone (TttBackwardKernels<Cuda>::inner_backward) on random inputs of
 // the layer's shapes: the share of the backward the sequential per-head chain takes.
-double inner_backward_ms(Kind kind, int64_t Bn, int64_t nh, int64_t L, int64_t f, int64_t F, int64_t K, int64_t group,
-                         int runs) {
+// Random inputs of the inner loop's backward (made once: at L 8192 the checkpoints alone are
+// 268M floats drawn on the host, ~10 s).
+TttInnerBackwardArgs<Cuda> inner_backward_args(Kind kind, int64_t Bn, int64_t nh, int64_t L, int64_t f, int64_t F,
+                                               int64_t K, int64_t group) {
   const bool mlp = kind == Kind::mlp;
   const int64_t Mc = ttt_num_checkpoints(L, K, group);
   auto small = [](Shape s, uint32_t seed, float scale) {
@@ -131,6 +133,11 @@ double inner_backward_ms(Kind kind, int64_t Bn, int64_t nh, int64_t L, int64_t f
   a.dln_weight = Tensor<float, Cuda>::empty({Bn, nh, f}), a.dln_bias = Tensor<float, Cuda>::empty({Bn, nh, f});
   a.dW1 = Tensor<float, Cuda>::empty({Bn, nh, f, F}), a.db1 = Tensor<float, Cuda>::empty({Bn, nh, 1, F});
   if (mlp) a.dW2 = Tensor<float, Cuda>::empty({Bn, nh, F, f}), a.db2 = Tensor<float, Cuda>::empty({Bn, nh, 1, f});
+  return a;
+}
+
+// The inner loop's backward alone under the current tuning: median of runs after one warm-up.
+double inner_backward_ms(const TttInnerBackwardArgs<Cuda>& a, int runs) {
   Events ev;
   std::vector<double> t;
   for (int r = 0; r < runs + 1; ++r) {
@@ -165,8 +172,8 @@ void bench(Kind kind, const Options& o, double bw_gbs) {
     for (size_t i = 0; i < fwd.size(); ++i) t.push_back(fwd[i] + bwd[i]);
     return t;
   }());
-  const double inner_ms =
-      inner_backward_ms(kind, Bn, nh, L, cfg.head_dim, cfg.inner_dim(), K, opt.checkpoint_group, std::min(o.runs, 3));
+  const double inner_ms = inner_backward_ms(
+      inner_backward_args(kind, Bn, nh, L, cfg.head_dim, cfg.inner_dim(), K, opt.checkpoint_group), std::min(o.runs, 3));
   const double tokens = double(Bn * L), tok_s = tokens / (t_ms * 1e-3);
   // The floor: projections' FLOPs at the tensor-core peak; bytes at the measured bandwidth.
   const double P = double(3 * C + nh), gemm_flops = 3.0 * 2.0 * tokens * double(C) * (P + double(C));
@@ -227,6 +234,7 @@ int main(int argc, char** argv) {
        cxxopts::value<double>()->default_value("0"))
       ("inner-sweep", "first time the inner loop's backward alone for every block size and placement")
       ("h,help", "this help");
+  std::setvbuf(stdout, nullptr, _IOLBF, 0);  // each line out as it is made (runs under `timeout`)
   try {
     const auto r = opts.parse(argc, argv);
     if (r.count("help")) {
@@ -272,6 +280,7 @@ int main(int argc, char** argv) {
         if (!wanted(k)) continue;
         const auto cfg = TttConfig::make(k, 4096, 32, 16);
         const int64_t group = o.group > 0 ? o.group : (k == Kind::mlp ? 4 : 1);
+        const auto args = inner_backward_args(k, o.batch, 32, o.seq, cfg.head_dim, cfg.inner_dim(), 16, group);
         // Placements: 0 all in global memory, 1 the carry in shared memory, 2 the staged start
         // state in shared memory (each only where it fits: TTT-Linear at f 128, not TTT-MLP).
         // Placements 0-2 on the one-kernel path; the split path (TTT-Linear, group 1, 256 / 512
@@ -282,8 +291,7 @@ int main(int argc, char** argv) {
             if (place >= 3 && (group != 1 || nt == 1024)) continue;
             tune.threads = nt, tune.carry_in_smem = place == 1, tune.state_in_smem = place == 2;
             tune.split = place >= 3, tune.split_overlap = place == 3;
-            const double ms = inner_backward_ms(k, o.batch, 32, o.seq, cfg.head_dim, cfg.inner_dim(), 16, group,
-                                                std::max(o.runs, 3));
+            const double ms = inner_backward_ms(args, std::max(o.runs, 3));
             std::printf("inner backward %-6s L %lld group %lld: threads %4d, shared memory holds %s: %.2f ms\n",
                         cfg.kind_name(), (long long)o.seq, (long long)group, nt,
                         place == 0   ? "no state    "

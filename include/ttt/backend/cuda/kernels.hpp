@@ -12,7 +12,7 @@ struct Kernels<Cuda> {
   // linear / fused_linear use the GEMV kernel up to this many rows, cuBLAS above.
   static void set_gemv_max_rows(int rows);
   // The streaming GEMV (kernels/gemv_stream.cuh): 0 off, 1 wherever a GEMV runs, 2 also dense
-  // products cuBLAS would take; negative: the default (TTT_GEMV_STREAM, else 0).
+  // products cuBLAS would take; negative: the default (TTT_GEMV_STREAM, else 1).
   static void set_gemv_stream(int mode);
   // Tests and benchmarks: conv1d / conv_transpose1d always on the implicit-GEMM kernel with
   // tile `tile` (0..3: 128x128, 64x128, 32x128, 64x64) and `splits` splits of the reduction

@@ -35,14 +35,19 @@ struct Workspace {
 // n floats rounded up to whole 16-byte chunks (each buffer starts 16-byte aligned).
 __host__ __device__ inline int64_t round4(int64_t n) { return (n + 3) / 4 * 4; }
 
-inline Workspace make_workspace(bool mlp, int64_t f, int64_t F, int64_t K, int64_t group) {
-  Workspace w;
+// Hands out consecutive 16-byte aligned offsets (floats) of a layout.
+struct Bump {
   int64_t at = 0;
-  auto take = [&](int64_t n) {
+  int64_t operator()(int64_t n) {
     const int64_t o = at;
     at += round4(n);
     return o;
-  };
+  }
+};
+
+inline Workspace make_workspace(bool mlp, int64_t f, int64_t F, int64_t K, int64_t group) {
+  Workspace w;
+  Bump take;
   w.state_n = f * F + F + (mlp ? F * f + f : 0);
   w.states_total = group > 1 ? group * w.state_n : 0;
   for (int64_t* o : {&w.Z1, &w.G1, &w.Zb1, &w.dG1, &w.LG, &w.U, &w.dZ1}) *o = take(K * F);
@@ -55,7 +60,7 @@ inline Workspace make_workspace(bool mlp, int64_t f, int64_t F, int64_t K, int64
   if (mlp)
     for (int64_t* o : {&w.S2, &w.E2}) *o = take(K * K);
   w.rstd = take(K), w.rstdb = take(K);
-  w.local_total = at;
+  w.local_total = take.at;
   return w;
 }
 
@@ -321,25 +326,27 @@ struct Head {
     __syncthreads();
   }
 
-  // The carry-free part of a TTT-Linear mini-batch's backward (after keys(w), queries(w)):
-  // everything but the update's backward and what flows from it. Leaves dQ (final), dK (its
-  // η-path part), dG1 = −Eᵀ dZ̄ (η path), dZ̄ (= dZq) in the buffers; dlr [n] this mini-batch's
-  // η-path part; adds its dτ (η path), dγ, dβ (output path) to the running sums. The chain
-  // (backward_chain) adds the rest; together they are backward() up to the order of the sums.
-  __device__ __forceinline__ void backward_free(const State& w, const float* dout) {
+  // The output path's backward, the start of every mini-batch's backward: out = Q + γ x̄ + β
+  // gives dQ = dO, dγ += Σ dO x̄, dβ += Σ dO and dZq = LN-backward(dO ⊙ γ) (each row by its warp,
+  // not followed by a barrier); dK, dG1 (dG2, dA1) and dlr start at zero.
+  __device__ __forceinline__ void output_backward(const float* dout) {
     const Workspace& o = p.w;
-    const float* Q = q + t0 * f;
-    const float* X = k + t0 * f;
-    float *dQ = buf(o.dQ), *dK = buf(o.dK), *dZq = buf(o.dZq), *dG1 = buf(o.dG1);
-    const float *xb = buf(o.xb), *rstdb = buf(o.rstdb), *G1 = buf(o.G1);
+    const bool mlp = p.mlp;
+    float *dQ = buf(o.dQ), *dK = buf(o.dK), *dZq = buf(o.dZq), *dG1 = buf(o.dG1), *dG2 = buf(o.dG2);
+    float* dA1 = buf(o.dA1);
+    const float *xb = buf(o.xb), *rstdb = buf(o.rstdb);
     for (int e = threadIdx.x; e < n * f; e += nthreads()) {
       const int i = e / f, j = e - i * f;
       const float g = dout[i * p.dout_st + j];
       dQ[e] = g;
       dZq[e] = g * gam[j];
       dK[e] = 0.f;
+      if (mlp) dG2[e] = 0.f;
     }
-    for (int e = threadIdx.x; e < n * F; e += nthreads()) dG1[e] = 0.f;
+    for (int e = threadIdx.x; e < n * F; e += nthreads()) {
+      dG1[e] = 0.f;
+      if (mlp) dA1[e] = 0.f;
+    }
     if (threadIdx.x < K) dlr[threadIdx.x] = 0.f;
     for (int j = threadIdx.x; j < f; j += nthreads()) {
       float sg = 0.f, sb = 0.f;
@@ -353,6 +360,20 @@ struct Head {
     }
     __syncthreads();
     for (int i = threadIdx.x >> 5; i < n; i += nwarps()) ln_project_row(dZq + i * f, dZq + i * f, xb + i * f, rstdb[i], f);
+  }
+
+  // The carry-free part of a TTT-Linear mini-batch's backward (after keys(w), queries(w)):
+  // everything but the update's backward and what flows from it. Leaves dQ (final), dK (its
+  // η-path part), dG1 = −Eᵀ dZ̄ (η path), dZ̄ (= dZq) in the buffers; dlr [n] this mini-batch's
+  // η-path part; adds its dτ (η path), dγ, dβ (output path) to the running sums. The chain
+  // (backward_chain) adds the rest; together they are backward() up to the order of the sums.
+  __device__ __forceinline__ void backward_free(const State& w, const float* dout) {
+    const Workspace& o = p.w;
+    const float* Q = q + t0 * f;
+    const float* X = k + t0 * f;
+    float *dQ = buf(o.dQ), *dK = buf(o.dK), *dZq = buf(o.dZq), *dG1 = buf(o.dG1);
+    const float* G1 = buf(o.G1);
+    output_backward(dout);
     __syncthreads();
     // Z̄1 = Q W1 + b1 − E1 G1 (F = f): dQ += dZ̄ W1ᵀ; the η path.
     mm<false, true>(n, f, F, dZq, F, w.W1, F, [&](int i, int e, float a) { dQ[i * f + e] += a; });
@@ -394,33 +415,8 @@ struct Head {
     const bool mlp = p.mlp;
     float *dQ = buf(o.dQ), *dK = buf(o.dK), *dZq = buf(o.dZq), *dG1 = buf(o.dG1), *dG2 = buf(o.dG2);
     float *dA1 = buf(o.dA1), *dAb = buf(o.dAb);
-    const float *xb = buf(o.xb), *rstdb = buf(o.rstdb), *G1 = buf(o.G1), *G2 = buf(o.G2), *A1 = buf(o.A1);
-    // out = Q + γ x̄ + β: dQ = dO, dγ, dβ; dZ̄ = LN-backward(dO ⊙ γ).
-    for (int e = threadIdx.x; e < n * f; e += nthreads()) {
-      const int i = e / f, j = e - i * f;
-      const float g = dout[i * p.dout_st + j];
-      dQ[e] = g;
-      dZq[e] = g * gam[j];
-      dK[e] = 0.f;
-      if (mlp) dG2[e] = 0.f;
-    }
-    for (int e = threadIdx.x; e < n * F; e += nthreads()) {
-      dG1[e] = 0.f;
-      if (mlp) dA1[e] = 0.f;
-    }
-    if (threadIdx.x < K) dlr[threadIdx.x] = 0.f;
-    for (int j = threadIdx.x; j < f; j += nthreads()) {
-      float sg = 0.f, sb = 0.f;
-      for (int i = 0; i < n; ++i) {
-        const float g = dout[i * p.dout_st + j];
-        sg += g * xb[i * f + j];
-        sb += g;
-      }
-      dgam[j] += sg;
-      dbet[j] += sb;
-    }
-    __syncthreads();
-    for (int i = threadIdx.x >> 5; i < n; i += nwarps()) ln_project_row(dZq + i * f, dZq + i * f, xb + i * f, rstdb[i], f);
+    const float *G1 = buf(o.G1), *G2 = buf(o.G2), *A1 = buf(o.A1);
+    output_backward(dout);
     // The update's backward reads the carry before anything is added to it.
     if (full) {
       update_backward(d.W1, d.b1, X, f, G1, F, dK, dG1);

@@ -34,15 +34,10 @@ struct Slot {
 
 inline Slot make_slot(int64_t f, int64_t F, int64_t K) {
   Slot s;
-  int64_t at = 0;
-  auto take = [&](int64_t n) {
-    const int64_t o = at;
-    at += round4(n);
-    return o;
-  };
+  Bump take;
   s.G1 = take(K * F), s.xh = take(K * f), s.dG1 = take(K * F), s.dZb = take(K * F);
   s.rstd = take(K), s.dtau = take(K), s.dgam = take(f), s.dbet = take(f);
-  s.total = at;
+  s.total = take.at;
   return s;
 }
 
@@ -51,18 +46,13 @@ inline Slot make_slot(int64_t f, int64_t F, int64_t K) {
 // ~140, so that two blocks share an SM and hide each other's latency.
 inline Workspace make_free_workspace(int64_t f, int64_t F, int64_t K) {
   Workspace w;
-  int64_t at = 0;
-  auto take = [&](int64_t n) {
-    const int64_t o = at;
-    at += round4(n);
-    return o;
-  };
+  Bump take;
   w.state_n = f * F + F;
   for (int64_t* o : {&w.Z1, &w.G1, &w.Zb1, &w.dG1}) *o = take(K * F);
   for (int64_t* o : {&w.T, &w.xh, &w.gh, &w.xb, &w.dQ, &w.dK, &w.dZq}) *o = take(K * f);
   for (int64_t* o : {&w.S1, &w.E1, &w.dS, &w.dE}) *o = take(K * K);
   w.rstd = take(K), w.rstdb = take(K);
-  w.local_total = at;
+  w.local_total = take.at;
   return w;
 }
 

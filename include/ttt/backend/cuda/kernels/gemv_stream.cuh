@@ -13,7 +13,8 @@
 // consumed, no further barrier until the split-K combine. Little's law: a warp keeps 4 KiB in
 // flight, ~24 warps per SM ~96 KiB, above the ~40 KiB per SM that HBM3e's latency x bandwidth
 // asks for. Blocks are persistent (a first version with a block per 8 rows lost to the tiled
-// kernel: its prologue outweighed its rows). Off by default until measured (TTT_GEMV_STREAM).
+// kernel: its prologue outweighed its rows). On by default for the quantised products (mode 1:
+// 14-17% off the fp8 / int8 frame on an H100, docs/perf.md); cuBLAS keeps the dense ones.
 //
 //   y[r, n] = scale(n) * sum_k decode(W[n, k]) * xn[r, k]      (fp32 sums)
 //   glu:   y[r, n] = act(round_T(y_gate)) * round_T(y_value),  gate row n, value row n + N/2
@@ -189,9 +190,11 @@ constexpr int64_t kGemvStreamSmemBytes = 48 << 10;  // x staged for all of K: R 
 // TTT_GEMV_STREAM (or Kernels<Cuda>::set_gemv_stream): 0 = off (the tiled kernels and cuBLAS
 // take these products); 1 = wherever a GEMV runs (the quantised products of 1-2 rows; dense
 // ones only where TTT_GEMV_MAX_ROWS routes them to a GEMV, cuBLAS otherwise); 2 = also the dense
-// 1-2 row products cuBLAS takes by default. Default 0 until this (persistent) version is
-// measured: the first version lost to both (docs/perf.md, "int8 / fp8 weights").
-constexpr int kGemvStreamDefaultMode = 0;
+// 1-2 row products cuBLAS takes by default. Default 1: measured on an H100 (2026-12-05, 7B,
+// 100 frames, docs/perf.md "int8 / fp8 weights"), this persistent version takes the fp8 frame
+// at batch 1 from 8.13 to 6.98 ms (int8 8.20 -> 7.04, fp8 batch 2 10.97 -> 9.10) against the
+// tiled GEMV, but loses to cuBLAS on dense bf16 (8.70 -> 9.26 ms at batch 1), so not mode 2.
+constexpr int kGemvStreamDefaultMode = 1;
 // A mode clamped to 0..2; negative: TTT_GEMV_STREAM, else the default.
 inline int gemv_stream_mode_or_env(int mode) {
   if (mode < 0) {
