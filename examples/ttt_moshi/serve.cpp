@@ -113,7 +113,7 @@ class BatchEngine final : public serve::Engine {
     const auto outs = batch_.step(pcm_, ready, out_);
     std::copy(out_.data(), out_.data() + n, reply);
     std::vector<serve::StepOut> r(outs.size());
-    for (size_t i = 0; i < outs.size(); ++i) r[i] = {outs[i].text, outs[i].has_audio};
+    for (size_t i = 0; i < outs.size(); ++i) r[i] = {outs[i].text, outs[i].has_audio, outs[i].audio};
     return r;
   }
   std::string text_piece(int64_t token) const override { return text_->piece(token); }

@@ -198,6 +198,8 @@ void Ticker::handle_join(JoinRequest& r) {
 
 void Ticker::finish(Live& l, const char* why, bool close_client, const std::string& error) {
   const int64_t frames = engine_->frames(l.slot);
+  std::fprintf(stderr, "serve: session %s tokens %016llx over %lld frames\n", short_id(l.id).c_str(),
+               (unsigned long long)l.token_digest, (long long)l.digest_frames);
   std::function<void()> write;
   if (!opt_.session_dir.empty()) {
     if (l.on_disk->load() == frames) {
@@ -314,6 +316,14 @@ void Ticker::periodic_save() {
   });
 }
 
+namespace {
+// One FNV-1a step per byte of v (little-endian).
+uint64_t fnv1a(uint64_t h, int64_t v) {
+  for (int byte = 0; byte < 8; ++byte) h = (h ^ uint64_t((uint64_t(v) >> (8 * byte)) & 0xff)) * 1099511628211ull;
+  return h;
+}
+}  // namespace
+
 void Ticker::tick(std::vector<float>& pcm, std::vector<float>& reply, std::vector<uint8_t>& ready) {
   const int64_t fs = engine_->frame_size();
   std::fill(ready.begin(), ready.end(), uint8_t(0));
@@ -338,6 +348,10 @@ void Ticker::tick(std::vector<float>& pcm, std::vector<float>& reply, std::vecto
     OutFrame f;
     const StepOut& o = outs[size_t(slot)];
     if (o.has_audio) f.pcm.assign(reply.begin() + slot * fs, reply.begin() + (slot + 1) * fs);
+    l.token_digest = fnv1a(l.token_digest, o.text);
+    l.token_digest = fnv1a(l.token_digest, o.has_audio ? int64_t(o.audio.size()) : -1);
+    for (const int64_t a : o.audio) l.token_digest = fnv1a(l.token_digest, a);
+    ++l.digest_frames;
     if (o.text >= 0) f.text = engine_->text_piece(o.text);
     l.session->push_out(std::move(f));
     if (auto c = l.conn) c->drain();

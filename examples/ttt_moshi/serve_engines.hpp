@@ -128,6 +128,11 @@ class Ticker {
     // ends there needs no second copy of the same state.
     std::shared_ptr<std::atomic<int64_t>> on_disk;
     Clock::time_point next_save;  // when --save-every next saves it
+    // FNV-1a over every frame's text token and audio tokens since it joined (or resumed), logged
+    // when it ends: what a conversation said, independent of how Opus coded its audio (tests
+    // compare a conversation beside others with the same one alone by it).
+    uint64_t token_digest = 1469598103934665603ull;
+    int64_t digest_frames = 0;
   };
   void handle_join(JoinRequest& r);
   void finish(Live& l, const char* why, bool close_client, const std::string& error);

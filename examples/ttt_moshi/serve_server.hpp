@@ -15,8 +15,9 @@
 namespace ttt_moshi::serve {
 
 struct StepOut {
-  int64_t text = -1;       // the text token of the frame, -1 for none
-  bool has_audio = false;  // the reply row holds a frame of audio
+  int64_t text = -1;          // the text token of the frame, -1 for none
+  bool has_audio = false;     // the reply row holds a frame of audio
+  std::vector<int64_t> audio;  // with has_audio: the frame's audio tokens (the session's token digest)
 };
 
 // The conversation batch, as the server uses it. Built, called and destroyed on its engine

@@ -7,7 +7,8 @@ config and random weights on the CPU, and checks (docs/serving.md, "What the tes
              session id; the reply audio decodes (sphn) to exactly one 80 ms frame per frame sent
              after the codebook delays, is not silent; text pieces arrive
   batching   two concurrent clients with different seeds: each gets the reply it gets alone
-             (text equal; audio bitwise or within 40 dB SNR: client.same_reply says why), and the two differ
+             (text equal and the same tokens, by the digest the server logs when a conversation
+             ends; the audio's SNR is reported: client.same_reply says why), and the two differ
   limits     --max-sessions 1: a second client gets kind 5 "server full" and a clean close while
              the first continues undisturbed; --auth-token: a client without it is refused; a
              client silent past --idle-timeout is dropped with its state saved
@@ -48,7 +49,7 @@ except ImportError as e:
     sys.exit(77)
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from client import FRAME, RATE, converse, read_wav, same_reply  # noqa: E402
+from client import FRAME, RATE, converse, read_wav, same_reply, token_digest  # noqa: E402
 
 failures = []
 IDLE = 8  # --idle-timeout of the main server: longer than any pause of its other clients
@@ -160,9 +161,13 @@ async def scenario_main(srv, pcm, delay, oversize):
     a, b = await asyncio.gather(converse(srv.url, pcm, params={"seed": 11}),
                                 converse(srv.url, pcm, params={"text_seed": 5, "audio_seed": 6}))
     print("concurrent seed 11:", a.summary(), "| concurrent seeds 5/6:", b.summary())
-    ok, how = same_reply(a, ref)
+    ref_digest = await token_digest(srv, ref)
+    ok, how = same_reply(a, ref, digests=(await token_digest(srv, a), ref_digest))
     check(ok, f"seed 11 beside another conversation = seed 11 alone ({how})")
     check(len(b.pcm) == want and b.text != a.text, "the other seed completes and differs")
+    other_digest = await token_digest(srv, b)
+    check(other_digest is not None and other_digest != ref_digest,
+          f"its token digest differs too ({other_digest} vs {ref_digest})")
 
     # --- resume by session id ----------------------------------------------------------------------
     k = 20
@@ -225,7 +230,7 @@ async def scenario_main(srv, pcm, delay, oversize):
     good, results = await asyncio.gather(converse(srv.url, pcm, params={"seed": 11}), faults())
     for what, ok, r in results:
         check(ok, what + ("" if r is None else f" ({r.errors[:2]}, close {r.close_code})"))
-    ok, how = same_reply(good, ref)
+    ok, how = same_reply(good, ref, digests=(await token_digest(srv, good), ref_digest))
     check(ok, f"the conversation beside all the faults = the same conversation alone ({how}; {good.summary()}, "
               f"{good.errors[:2]})")
 
