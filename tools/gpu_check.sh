@@ -65,10 +65,13 @@ if has sanitize; then
   set -f  # Catch filters are not globs
   cs=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
   # memcheck over the CUDA suites (the long cases left out: 10-100x slower under the tool);
-  # racecheck (shared memory) over the kernels that share it: TTT inner loops, attention, sampling.
+  # racecheck (shared memory) over the kernels that share it: TTT inner loops (forward; the
+  # backward's TTT-Linear cases, one-kernel and split), attention, sampling.
   for run in "memcheck|test_ttt_cuda|~[long]" "memcheck|test_cuda_moshi|~[bf16]" "memcheck|test_backend_ops|" \
              "memcheck|test_cuda_mimi|~[bf16]" \
-             "racecheck|test_ttt_cuda|[inner]~[long]" "racecheck|test_backend_ops|attention*,sample*"; do
+             "memcheck|test_ttt_grad_cuda|" \
+             "racecheck|test_ttt_cuda|[inner]~[long]" "racecheck|test_backend_ops|attention*,sample*" \
+             "racecheck|test_ttt_grad_cuda|[linear]"; do
     IFS='|' read -r tool name args <<< "$run"
     case " ${CS_TOOLS:-memcheck racecheck} " in *" $tool "*) ;; *) continue ;; esac
     s=$(date +%s)
