@@ -306,7 +306,7 @@ int main(int argc, char** argv) {
     }
     std::printf("inner backward tuning: threads %s; in shared memory where they fit: carry %s, start state %s; "
                 "TTT-Linear group 1 split into free + chain kernels: %s%s\n",
-                tune.threads == 0 ? "per kind (256 linear, 1024 mlp)" : std::to_string(tune.threads).c_str(),
+                tune.threads == 0 ? "per path (512 split, 256 linear, 1024 mlp)" : std::to_string(tune.threads).c_str(),
                 tune.carry_in_smem ? "yes" : "no", tune.state_in_smem ? "yes" : "no", tune.split ? "yes" : "no",
                 tune.split ? (tune.split_overlap ? " (overlapped)" : " (in order)") : "");
     for (const Kind k : {Kind::linear, Kind::mlp}) {

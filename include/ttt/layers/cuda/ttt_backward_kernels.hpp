@@ -18,14 +18,15 @@ struct TttBackwardCudaTuning {
   bool local_in_smem = true;   // per-mini-batch buffers in shared memory where they fit
   bool carry_in_smem = false;  // the carry (d loss / d state) in shared memory where it fits too
   bool state_in_smem = false;  // each mini-batch's start state staged in shared memory where it fits
-  // Block size: 256, 512 or 1024; 0 picks per kind what measured fastest (H100, C 4096, 32
-  // heads, L 8192; docs/training.md): 256 for TTT-Linear, 1024 for TTT-MLP. The carry in
-  // shared memory measured slower (TTT-Linear 80.7 ms against 75.0 in global at 256 threads).
+  // Block size: 256, 512 or 1024; 0 picks per path what measured fastest (H100, C 4096, 32
+  // heads, L 8192; docs/training.md): 512 for the split path, 256 for TTT-Linear's one-kernel
+  // path, 1024 for TTT-MLP. The carry in shared memory measured slower (TTT-Linear 71.2 ms
+  // against 63.7 in global at 256 threads).
   int threads = 0;
   // TTT-Linear with a checkpoint per mini-batch (group 1): the carry-free work of all
-  // mini-batches as one parallel kernel, then the chain alone (ttt_backward_split.cuh), at 256
-  // or 512 threads, its buffers and carry in shared memory. Off: the one-kernel path (also for
-  // threads 1024 or local_in_smem off).
+  // mini-batches as one parallel kernel, then the chain alone (ttt_backward_split.cuh), at 512
+  // threads (256 where `threads` says so), its buffers and carry in shared memory. Off: the
+  // one-kernel path (also for threads 1024 or local_in_smem off).
   bool split = true;
   int split_chunk = 0;  // mini-batches per chunk of the split path (0: by its memory budget)
   // The split path's free kernel of chunk c - 1 on a side stream beside the chain of chunk c
