@@ -38,7 +38,7 @@ case "${1:-kernels}" in
     b=${FRAME_BATCH:-1} dt=${FRAME_DTYPE:-bf16}
     name=${dt}_b$b${FRAME_TAG:+_$FRAME_TAG}  # FRAME_TAG: tells runs with other TTT_* settings apart
     # FRAME_CONTEXT: frames of KV context filled first (3000: the attention of a full ring).
-    timeout 300 "$ncu" --clock-control none --csv --page raw \
+    timeout "${FRAME_TIMEOUT:-300}" "$ncu" --clock-control none --csv --page raw \
       --metrics gpu__time_duration.sum,dram__bytes_read.sum,dram__bytes_write.sum \
       "$bin/ttt-moshi" bench --preset 7b --backend cuda --dtype "$dt" --batch "$b" --frames 3 --warmup 1 \
       --context-frames "${FRAME_CONTEXT:-0}" \
