@@ -16,7 +16,10 @@
 //   chain kernel  grid (b, h): the chunk's mini-batches in reverse, the carry in shared memory
 //                 (loaded from / stored to dW1 / db1 between chunks), backward_chain from the
 //                 slots, dxk, dxv and dlr completed.
-// Chunks of mini-batches (latest first) bound the slots' memory (kSplitSlotBudget).
+// Chunks of mini-batches (latest first) bound the slots' memory (kSplitSlotBudget); with
+// TttBackwardCudaTuning::split_overlap the free kernel of the next chunk runs on a side stream
+// beside the chain (two slot buffers; ttt_backward.cuh). Measured (H100, C 4096, 32 heads,
+// L 8192, 512 threads): 31.2 ms against 63.7 for the one-kernel path (docs/training.md).
 #include <cuda_runtime.h>
 
 #include <algorithm>
