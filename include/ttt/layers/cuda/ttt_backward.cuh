@@ -151,8 +151,9 @@ int64_t TttBackwardKernels<Cuda>::workspace_bytes(TttConfig::Kind kind, int64_t 
   const auto w = make_workspace(kind == TttConfig::Kind::mlp, f, F, K, group);
   const int64_t one = batch * heads * (w.states_total + w.local_total) * int64_t(sizeof(float));
   if (kind == TttConfig::Kind::mlp || group != 1 || F != f) return one;
-  // The split path's slots (at most one chunk of them), when it is taken.
-  return std::max(one, batch * heads * kSplitSlotBudget / std::max<int64_t>(batch * heads, 1));
+  // The split path's slots when it is taken: at most kSplitSlotBudget (one chunk, or two
+  // half-budget buffers when overlapped).
+  return std::max(one, kSplitSlotBudget);
 }
 
 void TttBackwardKernels<Cuda>::inner_backward(const TttInnerBackwardArgs<Cuda>& a) {
