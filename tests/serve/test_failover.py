@@ -13,8 +13,10 @@ session id when its connection ends. Checked:
      conversations already on instance 2 are not interrupted.
   3. Instance 1 restarted, then SIGKILL to instance 2 (no save at exit): every conversation,
      also the two that never ended before, resumes on instance 1 from instance 2's last periodic
-     save (--save-every 1): exactly the frame instance 2 last logged saving it, past the
-     conversation's earlier save, its seed restored; only the time since that save is lost.
+     save (--save-every 1): the frame instance 2 last logged saving it (or, when the kill fell
+     between a save's rename and its log line, that later save, within what the client sent),
+     past the conversation's earlier save, its seed restored; only the time since that save is
+     lost.
 
   test_failover.py --bin build/bin/ttt-moshi [--config examples/deploy/haproxy.cfg] [--wav W]
 Exit 77 (skipped) when haproxy, sphn, aiohttp, numpy or the binary is missing.
@@ -292,9 +294,15 @@ async def run(args):
                 prev, s2 = c.segments[after[c.name] - 1], c.segments[after[c.name]]
                 check(s2.served_by == "moshi1" and s2.meta["resumed"] and s2.meta["seed"] == str(c.seed) and not s2.errors,
                       f"{c.name}: after SIGKILL, resumed on the restarted moshi1, seed {s2.meta['seed']} ({s2.errors})")
-                check(s2.meta["frame"] == last[c.name] > floor[c.name],
-                      f"{c.name}: from instance 2's last periodic save, frame {s2.meta['frame']} (logged {last[c.name]}; "
-                      f"saved before: {floor[c.name]}; received {frames_received(prev):.0f} frames on moshi2)")
+                # Instance 2 logs a save after its rename lands, so SIGKILL can fall between the two:
+                # then the file holds a newer save than the log names (seen in CI: logged 27, file
+                # 40). Such a save was still taken on instance 2 from frames the client sent it.
+                f, sent_to_b = s2.meta["frame"], floor[c.name] + prev.sent_frames
+                exact = f == last[c.name]
+                check(last[c.name] > floor[c.name] and (exact or last[c.name] < f <= sent_to_b),
+                      f"{c.name}: from instance 2's last periodic save, frame {f} (logged {last[c.name]}"
+                      f"{'' if exact else ', a later save whose log line the kill cut off'}; saved before: "
+                      f"{floor[c.name]}; received {frames_received(prev):.0f} frames on moshi2, sent {prev.sent_frames})")
             for c in convs:
                 c.stop.set()
             # Every check is done; the clients close (a server behind on its input answers the
