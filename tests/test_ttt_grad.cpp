@@ -305,6 +305,77 @@ TEST_CASE("the layer's backward matches float32 finite differences with projecti
   }
 }
 
+// The training forward's checkpoints written by the inner loop in one call
+// (TttKernels<Cpu>::inner_checkpointed) against the loop one checkpoint group at a time from a
+// copy of the state (detail::inner_by_groups, what backends without such a kernel run): the
+// outputs, every checkpoint and the final state bit for bit, for groups that divide the
+// mini-batches, that do not, and one longer than the sequence, with a last partial mini-batch.
+TEST_CASE("inner_checkpointed writes the checkpoints the group-by-group loop stores", "[ttt][grad]") {
+  for (const auto kind : {TttConfig::Kind::linear, TttConfig::Kind::mlp}) {
+    const bool mlp = kind == TttConfig::Kind::mlp;
+    const int64_t Bn = 2, nh = 3, f = 8, F = mlp ? 4 * f : f, K = 4, L = 5 * K + 3, M = (L + K - 1) / K;
+    std::mt19937 g{77};
+    TttInnerArgs<Cpu> a;
+    a.kind = kind;
+    a.mini_batch_size = K;
+    a.xq = ref::random<float>({Bn, nh, L, f}, g), a.xk = ref::random<float>({Bn, nh, L, f}, g);
+    a.xv = ref::random<float>({Bn, nh, L, f}, g), a.lr = ref::random<float>({Bn, nh, L}, g, 0.f, 0.2f);
+    a.tau = ref::random<float>({K}, g, 0.1f, 1.f);
+    a.ln_weight = ref::random<float>({nh, f}, g, 0.5f, 1.5f), a.ln_bias = ref::random<float>({nh, f}, g);
+    a.phase = Tensor<int32_t, Cpu>::zeros({Bn});
+    TttFastWeights<Cpu> w0;
+    w0.W1 = ref::random<float>({Bn, nh, f, F}, g, -0.3f, 0.3f), w0.b1 = ref::random<float>({Bn, nh, 1, F}, g, -0.1f, 0.1f);
+    w0.W1_grad = Tensor<float, Cpu>::zeros(w0.W1.shape()), w0.b1_grad = Tensor<float, Cpu>::zeros(w0.b1.shape());
+    if (mlp) {
+      w0.W2 = ref::random<float>({Bn, nh, F, f}, g, -0.3f, 0.3f), w0.b2 = ref::random<float>({Bn, nh, 1, f}, g, -0.1f, 0.1f);
+      w0.W2_grad = Tensor<float, Cpu>::zeros(w0.W2.shape()), w0.b2_grad = Tensor<float, Cpu>::zeros(w0.b2.shape());
+    }
+    auto copy = [](const TttFastWeights<Cpu>& w) {
+      auto c = [](const Tensor<float, Cpu>& t) { return t.defined() ? t.clone() : t; };
+      return TttFastWeights<Cpu>{c(w.W1), c(w.b1), c(w.W2), c(w.b2), c(w.W1_grad), c(w.b1_grad), c(w.W2_grad), c(w.b2_grad)};
+    };
+    for (const int64_t G : {int64_t(1), int64_t(2), int64_t(4), int64_t(M + 3)}) {
+      const int64_t Mc = ttt_num_checkpoints(L, K, G);
+      auto checkpoints = [&] {
+        TttCheckpoints<Cpu> ck{G, Tensor<float, Cpu>::zeros({Mc * Bn, nh, f, F}), Tensor<float, Cpu>::zeros({Mc * Bn, nh, 1, F}),
+                               {}, {}};
+        if (mlp) ck.W2 = Tensor<float, Cpu>::zeros({Mc * Bn, nh, F, f}), ck.b2 = Tensor<float, Cpu>::zeros({Mc * Bn, nh, 1, f});
+        return ck;
+      };
+      const auto one = checkpoints(), groups = checkpoints();
+      const auto w_one = copy(w0), w_groups = copy(w0);
+      TttInnerArgs<Cpu> a1 = a, a2 = a;
+      a1.out = Tensor<float, Cpu>::zeros({Bn, nh, L, f}), a2.out = Tensor<float, Cpu>::zeros({Bn, nh, L, f});
+      REQUIRE(TttKernels<Cpu>::inner_checkpointed(a1, w_one, one));
+      layers::detail::inner_by_groups(a2, w_groups, groups);
+      INFO((mlp ? "mlp" : "linear") << ", group " << G << " (" << Mc << " checkpoints)");
+      auto same = [](const Tensor<float, Cpu>& x, const Tensor<float, Cpu>& y) {
+        return x.numel() == y.numel() && std::equal(x.data(), x.data() + x.numel(), y.data());
+      };
+      CHECK(same(a1.out, a2.out));
+      CHECK(same(one.W1, groups.W1));
+      CHECK(same(one.b1, groups.b1));
+      CHECK(same(w_one.W1, w_groups.W1));
+      CHECK(same(w_one.b1, w_groups.b1));
+      if (mlp) {
+        CHECK(same(one.W2, groups.W2));
+        CHECK(same(one.b2, groups.b2));
+        CHECK(same(w_one.W2, w_groups.W2));
+      }
+      // Checkpoint 0 is the initial state; a later one is not (the state moved).
+      CHECK(same(one.W1.slice(0, 0, Bn).contiguous(), w0.W1));
+      if (Mc > 1) CHECK_FALSE(same(one.W1.slice(0, Bn, 2 * Bn).contiguous(), w0.W1));
+    }
+    // A call that does not start a mini-batch is refused by name.
+    TttInnerArgs<Cpu> bad = a;
+    bad.out = Tensor<float, Cpu>::zeros({Bn, nh, L, f});
+    bad.phase = Tensor<int32_t, Cpu>::from_vector({Bn}, {0, 1});
+    TttCheckpoints<Cpu> ck{1, Tensor<float, Cpu>::zeros({M * Bn, nh, f, F}), Tensor<float, Cpu>::zeros({M * Bn, nh, 1, F}), {}, {}};
+    if (mlp) ck.W2 = Tensor<float, Cpu>::zeros({M * Bn, nh, F, f}), ck.b2 = Tensor<float, Cpu>::zeros({M * Bn, nh, 1, f});
+    CHECK_THROWS_WITH(TttKernels<Cpu>::inner_checkpointed(bad, copy(w0), ck), TTT_CONTAINS("item 1 starts at phase 1"));
+  }
+}
+
 TEST_CASE("the backward refuses the options it does not cover", "[ttt][grad]") {
   for (const int opt : {0, 1, 2}) {
     auto cfg = TttConfig::make(TttConfig::Kind::linear, 16, 2, 4);

@@ -140,6 +140,46 @@ void run_prologue(const TttParams<T, B>& p, const Tensor<T, B>& proj, int64_t Bn
   TttKernels<B>::prologue(pr);
 }
 
+
+// TttKernels<B>::inner_checkpointed by pieces, for backends without a kernel for it: the inner
+// loop one checkpoint group of ck.every mini-batches at a time, the state copied into the
+// group's checkpoint before each. `a` spans the whole sequence (phase 0, out a [B, nh, L, f]
+// view). The inputs of the Mf full groups are first copied in group-major order, [Mf, B nh,
+// G K w], so that each group's piece is a contiguous slice: one copy per tensor instead of one
+// per group (at group 1 the per-group launches, not the arithmetic, set the time). The last
+// group, when shorter, is sliced and copied on its own.
+template <class B>
+void inner_by_groups(const TttInnerArgs<B>& a, const TttFastWeights<B>& fw, const TttCheckpoints<B>& ck) {
+  const int64_t Bn = a.xq.size(0), nh = a.xq.size(1), L = a.xq.size(2), f = a.xq.size(3), K = a.mini_batch_size;
+  const int64_t G = ck.every, Mc = ttt_num_checkpoints(L, K, G), span = G * K, Mf = Mc > 1 ? L / span : 0;
+  const bool mlp = a.kind == TttConfig::Kind::mlp;
+  auto grouped = [&](const Tensor<float, B>& t, int64_t w) {  // [B, nh, L(, w)] -> [Mf, B nh, span w]
+    Tensor<float, B> full = t.reshape({Bn * nh, L * w});
+    if (Mf * span != L) full = full.slice(1, 0, Mf * span * w).contiguous();
+    return full.reshape({Bn * nh, Mf, span * w}).transpose(0, 1).contiguous();
+  };
+  Tensor<float, B> gq, gk, gv, gl;
+  if (Mf > 0) gq = grouped(a.xq, f), gk = grouped(a.xk, f), gv = grouped(a.xv, f), gl = grouped(a.lr, 1);
+  TttInnerArgs<B> piece = a;
+  for (int64_t ci = 0; ci < Mc; ++ci) {
+    ck.W1.slice(0, ci * Bn, (ci + 1) * Bn).copy_from(fw.W1);
+    ck.b1.slice(0, ci * Bn, (ci + 1) * Bn).copy_from(fw.b1);
+    if (mlp) {
+      ck.W2.slice(0, ci * Bn, (ci + 1) * Bn).copy_from(fw.W2);
+      ck.b2.slice(0, ci * Bn, (ci + 1) * Bn).copy_from(fw.b2);
+    }
+    const int64_t t0 = ci * span, t1 = std::min(L, t0 + span);
+    if (ci < Mf) {
+      piece.xq = gq.select(0, ci).reshape({Bn, nh, span, f}), piece.xk = gk.select(0, ci).reshape({Bn, nh, span, f});
+      piece.xv = gv.select(0, ci).reshape({Bn, nh, span, f}), piece.lr = gl.select(0, ci).reshape({Bn, nh, span});
+    } else {
+      auto cut = [&](const Tensor<float, B>& t) { return Mc == 1 ? t : t.slice(2, t0, t1).contiguous(); };
+      piece.xq = cut(a.xq), piece.xk = cut(a.xk), piece.xv = cut(a.xv), piece.lr = cut(a.lr);
+    }
+    piece.out = a.out.slice(2, t0, t1);  // [B, nh, n, f] view
+    TttKernels<B>::inner(piece, fw);
+  }
+}
 }  // namespace detail
 
 // The layer on x [B, L, C] from its initial fast weights (a fresh stream), exactly as
@@ -168,8 +208,10 @@ Tensor<T, B> ttt_forward_train(const TttParams<T, B>& p, const Tensor<T, B>& x_i
   pr.commit = a.commit;
   detail::run_prologue(p, proj, Bn, L, pr);
 
-  // The inner loop one checkpoint group at a time from the initial weights; each group
-  // starts at phase 0 with zero running sums, so the pieces are the one-call numbers.
+  // The inner loop from the initial weights over the whole sequence, writing the state before
+  // every G-th mini-batch (TttKernels<B>::inner_checkpointed), or, where the backend has no
+  // kernel for that, one checkpoint group at a time: each group starts at phase 0 with zero
+  // running sums, so the pieces are the one-call numbers.
   auto s = TttState<B>::init(p, Bn);
   const TttFastWeights<B> fw = s.fast_weights();
   const int64_t G = opt.checkpoint_group, Mc = ttt_num_checkpoints(L, K, G);
@@ -181,37 +223,11 @@ Tensor<T, B> ttt_forward_train(const TttParams<T, B>& p, const Tensor<T, B>& x_i
     b2c = Tensor<float, B>::empty({Mc * Bn, nh, 1, f});
   }
   const auto o = Tensor<float, B>::empty({Bn, L, nh, f});
-  // The inner loop's inputs of the Mf full groups in group-major order, [Mf, B nh, G K w], so
-  // that each group's piece is a contiguous slice: one copy per tensor instead of one per
-  // group (at group 1 the per-group launches, not the arithmetic, set the forward's time).
-  // The last group, when shorter, is sliced and copied on its own.
-  const int64_t span = G * K, Mf = Mc > 1 ? L / span : 0;
-  auto grouped = [&](const Tensor<float, B>& t, int64_t w) {  // [B, nh, L(, w)] -> [Mf, B nh, span w]
-    Tensor<float, B> full = t.reshape({Bn * nh, L * w});
-    if (Mf * span != L) full = full.slice(1, 0, Mf * span * w).contiguous();
-    return full.reshape({Bn * nh, Mf, span * w}).transpose(0, 1).contiguous();
-  };
-  Tensor<float, B> gq, gk, gv, gl;
-  if (Mf > 0) gq = grouped(pr.xq, f), gk = grouped(pr.xk, f), gv = grouped(pr.xv, f), gl = grouped(pr.lr, 1);
-  ops::fill(a.phase, 0.0);  // every piece but the last is whole mini-batches: each starts at phase 0
-  for (int64_t ci = 0; ci < Mc; ++ci) {
-    W1c.slice(0, ci * Bn, (ci + 1) * Bn).copy_from(fw.W1);
-    b1c.slice(0, ci * Bn, (ci + 1) * Bn).copy_from(fw.b1);
-    if (mlp) {
-      W2c.slice(0, ci * Bn, (ci + 1) * Bn).copy_from(fw.W2);
-      b2c.slice(0, ci * Bn, (ci + 1) * Bn).copy_from(fw.b2);
-    }
-    const int64_t t0 = ci * span, t1 = std::min(L, t0 + span);
-    if (ci < Mf) {
-      a.xq = gq.select(0, ci).reshape({Bn, nh, span, f}), a.xk = gk.select(0, ci).reshape({Bn, nh, span, f});
-      a.xv = gv.select(0, ci).reshape({Bn, nh, span, f}), a.lr = gl.select(0, ci).reshape({Bn, nh, span});
-    } else {
-      auto piece = [&](const Tensor<float, B>& t) { return Mc == 1 ? t : t.slice(2, t0, t1).contiguous(); };
-      a.xq = piece(pr.xq), a.xk = piece(pr.xk), a.xv = piece(pr.xv), a.lr = piece(pr.lr);
-    }
-    a.out = o.transpose(1, 2).slice(2, t0, t1);  // [B, nh, n, f] view
-    TttKernels<B>::inner(a, fw);
-  }
+  ops::fill(a.phase, 0.0);  // a fresh stream: the first mini-batch starts at phase 0
+  a.xq = pr.xq, a.xk = pr.xk, a.xv = pr.xv, a.lr = pr.lr;
+  a.out = o.transpose(1, 2);  // [B, nh, L, f] view
+  const TttCheckpoints<B> ck{G, W1c, b1c, W2c, b2c};
+  if (!TttKernels<B>::inner_checkpointed(a, fw, ck)) detail::inner_by_groups(a, fw, ck);
 
   Tensor<T, B> y = Tensor<T, B>::empty({Bn, L, C});
   TttKernels<B>::post_norm(y, o.reshape({Bn, L, C}), p.post_norm_weight, p.post_norm_bias, c.post_norm_eps);

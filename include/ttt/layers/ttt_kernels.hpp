@@ -74,6 +74,18 @@ struct TttInnerArgs {
   Tensor<uint8_t, B> commit;  // [B]; undefined: every item commits
 };
 
+// Where TttKernels<B>::inner_checkpointed writes the state for the backward (ttt_forward_train):
+// the call starts at phase 0, and before its mini-batch m (m = 0, every, 2 every, ...) the
+// state (W1, b1 and, for TTT-MLP, W2, b2) goes to checkpoint ci = m / every, rows [ci B + b]:
+// exactly what running the inner loop one group of `every` mini-batches at a time, from a copy
+// of the state taken before each group, would store.
+template <class B>
+struct TttCheckpoints {
+  int64_t every = 1;
+  Tensor<float, B> W1, b1;  // [Mc B, nh, f, F], [Mc B, nh, 1, F]
+  Tensor<float, B> W2, b2;  // [Mc B, nh, F, f], [Mc B, nh, 1, f] (mlp only)
+};
+
 // Arguments of TttKernels<B>::prologue: everything between the projection and the inner loop.
 //   q, k, v = columns [0, C), [C, 2C), [2C, 3C) of proj, as float, per head:
 //   l2-normalised (l2_norm_qk), rotated by interleaved RoPE at position (positions[b, t] mod K),

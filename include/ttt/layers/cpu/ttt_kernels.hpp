@@ -122,7 +122,8 @@ struct HeadState {
 };
 
 // Runs the whole call for one (b, h): segments cut at mini-batch boundaries.
-inline void run_head(const TttInnerArgs<Cpu>& a, const TttFastWeights<Cpu>& s, int64_t b, int64_t h, Scratch& sc) {
+inline void run_head(const TttInnerArgs<Cpu>& a, const TttFastWeights<Cpu>& s, int64_t b, int64_t h, Scratch& sc,
+                     const TttCheckpoints<Cpu>* ck = nullptr) {
   const bool mlp = a.kind == TttConfig::Kind::mlp;
   const int64_t nh = a.xq.size(1), L = a.xq.size(2), f = a.xq.size(3), K = a.mini_batch_size;
   const int64_t F = s.W1.size(3);
@@ -167,8 +168,17 @@ inline void run_head(const TttInnerArgs<Cpu>& a, const TttFastWeights<Cpu>& s, i
   RowVecMap b2(st.b2, mlp ? f : 0), Sb2(st.Sb2, mlp ? f : 0);
 
   int64_t p = ((int64_t(a.phase.data()[b]) % K) + K) % K;
-  for (int64_t t = 0; t < L;) {
+  for (int64_t t = 0, m = 0; t < L;) {
     const int64_t n = std::min(L - t, K - p);
+    if (ck && p == 0 && m++ % ck->every == 0) {  // the state before this mini-batch, as a checkpoint
+      const int64_t row = ((m - 1) / ck->every * a.xq.size(0) + b) * nh + h;
+      std::copy(st.W1, st.W1 + n_w1, ck->W1.data() + row * n_w1);
+      std::copy(st.b1, st.b1 + F, ck->b1.data() + row * F);
+      if (mlp) {
+        std::copy(st.W2, st.W2 + n_w2, ck->W2.data() + row * n_w2);
+        std::copy(st.b2, st.b2 + n_b2, ck->b2.data() + row * n_b2);
+      }
+    }
     ConstMatMap Q(q + t * f, n, f), Kx(k + t * f, n, f), V(v + t * f, n, f);
     const float* lr_t = lr + t;
     const float* tau_p = tau + p;
@@ -270,6 +280,38 @@ struct TttKernels<Cpu> {
 #pragma omp for schedule(dynamic, 1)
       for (int64_t i = 0; i < tasks; ++i) cpu_detail::run_head(a, s, i / nh, i % nh, sc);
     }
+  }
+
+  // inner() writing checkpoints on the way (TttCheckpoints); true: done (the host always can).
+  static bool inner_checkpointed(const TttInnerArgs<Cpu>& a, const TttFastWeights<Cpu>& s,
+                                 const TttCheckpoints<Cpu>& ck) {
+    const int64_t Bn = a.xq.size(0), nh = a.xq.size(1), L = a.xq.size(2), K = a.mini_batch_size;
+    TTT_CHECK(ck.every >= 1, "TttKernels<Cpu>::inner_checkpointed: every must be >= 1, got ", ck.every);
+    TTT_CHECK(a.phase.defined() && a.phase.numel() == Bn && a.phase.is_contiguous(),
+              "TttKernels<Cpu>::inner_checkpointed: phase must be contiguous [", Bn, "]");
+    for (int64_t b = 0; b < Bn; ++b)
+      TTT_CHECK(a.phase.data()[b] == 0, "TttKernels<Cpu>::inner_checkpointed: item ", b, " starts at phase ",
+                a.phase.data()[b], ", checkpoints need phase 0");
+    const bool mlp = a.kind == TttConfig::Kind::mlp;
+    const int64_t Mc = ((L + K - 1) / K + ck.every - 1) / ck.every;
+    auto need = [&](const Tensor<float, Cpu>& c, const Tensor<float, Cpu>& w, const char* name) {
+      Shape want = w.shape();
+      want.d[0] = Mc * Bn;
+      TTT_CHECK(c.shape() == want && c.is_contiguous() && w.is_contiguous(), "TttKernels<Cpu>::inner_checkpointed: ",
+                name, " must be contiguous ", want.str(), ", got ", c.shape().str());
+    };
+    need(ck.W1, s.W1, "W1"), need(ck.b1, s.b1, "b1");
+    if (mlp) need(ck.W2, s.W2, "W2"), need(ck.b2, s.b2, "b2");
+    const int64_t tasks = Bn * nh;
+    [[maybe_unused]] const int nt =
+        tasks * L * a.xq.size(3) * s.W1.size(3) >= (int64_t(1) << 20) ? int(std::min<int64_t>(cpu::num_threads(), tasks)) : 1;
+#pragma omp parallel num_threads(nt) if (nt > 1)
+    {
+      cpu_detail::Scratch sc;
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t i = 0; i < tasks; ++i) cpu_detail::run_head(a, s, i / nh, i % nh, sc, &ck);
+    }
+    return true;
   }
 
   // Causal depthwise convs of share_qk on xqk [B, L, C] with history [B, C, kc] (the last kc

@@ -123,6 +123,11 @@ void TttKernels<Cuda>::inner(const TttInnerArgs<Cuda>& a, const TttFastWeights<C
   }
 }
 
+bool TttKernels<Cuda>::inner_checkpointed(const TttInnerArgs<Cuda>&, const TttFastWeights<Cuda>&,
+                                          const TttCheckpoints<Cuda>&) {
+  return false;  // no kernel writes checkpoints yet: ttt_forward_train runs one group per call
+}
+
 void TttKernels<Cuda>::causal_conv(const Tensor<float, Cuda>& out_q, const Tensor<float, Cuda>& out_k,
                                           const Tensor<float, Cuda>& x, const Tensor<float, Cuda>& history,
                                           const Tensor<float, Cuda>& wq, const Tensor<float, Cuda>& bq,

@@ -45,6 +45,10 @@ struct TttCudaPlan {
 template <>
 struct TttKernels<Cuda> {
   static void inner(const TttInnerArgs<Cuda>& a, const TttFastWeights<Cuda>& s);
+  // inner() writing checkpoints on the way (TttCheckpoints), where a kernel can; false (nothing
+  // run) otherwise: the caller then runs inner() one checkpoint group at a time.
+  static bool inner_checkpointed(const TttInnerArgs<Cuda>& a, const TttFastWeights<Cuda>& s,
+                                 const TttCheckpoints<Cuda>& ck);
   // `operands` bf16 may pick the tensor-core kernels; fp32 never does.
   static TttCudaPlan plan(TttConfig::Kind kind, int64_t batch, int64_t heads, int64_t L, int64_t f, int64_t F,
                           int64_t K, TttOperands operands = TttOperands::fp32);
