@@ -11,7 +11,6 @@
 #include <string>
 #include <vector>
 
-#include <sys/wait.h>
 #include <unistd.h>
 
 #include "catch.hpp"
@@ -724,19 +723,8 @@ TEST_CASE("Gating multiplies by tanh(alpha) per channel", "[ttt][gating]") {
 // ---- the ttt-layer CLI (registered separately: ctest -R ttt_layer_cli) ---------------------
 
 #ifdef TTT_LAYER_BIN
-namespace {
-// Runs a shell command, returns (exit status, combined output).
-std::pair<int, std::string> run_command(const std::string& cmd) {
-  std::string out;
-  FILE* fp = ::popen((cmd + " 2>&1").c_str(), "r");
-  REQUIRE(fp != nullptr);
-  char buf[512];
-  while (std::fgets(buf, sizeof buf, fp)) out += buf;
-  const int status = ::pclose(fp);
-  return {WIFEXITED(status) ? WEXITSTATUS(status) : 128, out};
-}
-std::string quoted(const std::string& s) { return "'" + s + "'"; }
-}  // namespace
+using ttt_test::quoted;
+using ttt_test::run_command;
 
 TEST_CASE("ttt-layer CLI reproduces a fixture in every mode", "[.cli]") {
   // CUDA too where a GPU answers: a probe run tells (without one the tool fails naming CUDA).

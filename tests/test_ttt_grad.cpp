@@ -14,8 +14,6 @@
 #include <string>
 #include <vector>
 
-#include <sys/wait.h>
-
 #include "catch.hpp"
 #include "reference.hpp"
 #include "ttt_helpers.hpp"
@@ -469,18 +467,8 @@ TEST_CASE("layer_norm_backward and unary_backward match float64", "[ops][grad]")
 // ---- ttt-layer --mode grad ---------------------------------------------------------------------
 
 #ifdef TTT_LAYER_BIN
-namespace {
-std::pair<int, std::string> run_command(const std::string& cmd) {
-  std::string out;
-  FILE* fp = ::popen((cmd + " 2>&1").c_str(), "r");
-  REQUIRE(fp != nullptr);
-  char buf[512];
-  while (std::fgets(buf, sizeof buf, fp)) out += buf;
-  const int status = ::pclose(fp);
-  return {WIFEXITED(status) ? WEXITSTATUS(status) : 128, out};
-}
-std::string quoted(const std::string& s) { return "'" + s + "'"; }
-}  // namespace
+using ttt_test::quoted;
+using ttt_test::run_command;
 
 TEST_CASE("ttt-layer --mode grad writes y, grad.x and every grad.<name>", "[ttt][grad][cli]") {
   const std::string out = std::string(TTT_TEST_OUT) + "/cli_grad.safetensors";

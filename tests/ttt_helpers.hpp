@@ -1,14 +1,19 @@
 #pragma once
 // Random TTT-layer parameters shared by the layer tests (test_ttt, test_ttt_cuda) and the
 // backward tests (test_ttt_grad, test_ttt_grad_cuda): deliberately non-trivial (LayerNorm,
-// token index, lr bias and every bias perturbed), O(1) projections of an O(1) input.
+// token index, lr bias and every bias perturbed), O(1) projections of an O(1) input. And the
+// shell runner of their ttt-layer CLI cases.
+#include <sys/wait.h>
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdio>
 #include <filesystem>
 #include <map>
 #include <random>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "reference.hpp"
@@ -16,6 +21,20 @@
 #include "ttt/layers/ttt_config.hpp"
 
 namespace ttt_test {
+
+// Runs a shell command: (exit status, its stdout and stderr together); 128 when it did not exit
+// normally, -1 when it could not be started.
+inline std::pair<int, std::string> run_command(const std::string& cmd) {
+  std::string out;
+  FILE* fp = ::popen((cmd + " 2>&1").c_str(), "r");
+  if (!fp) return {-1, "popen failed: " + cmd};
+  char buf[512];
+  while (std::fgets(buf, sizeof buf, fp)) out += buf;
+  const int status = ::pclose(fp);
+  return {WIFEXITED(status) ? WEXITSTATUS(status) : 128, out};
+}
+// A shell word (paths in the tests hold no quote).
+inline std::string quoted(const std::string& s) { return "'" + s + "'"; }
 
 using ttt::HostTensor;
 using ttt::Shape;
