@@ -5,7 +5,8 @@
 #   BASE=/tmp/base/bin NEW=/tmp/new/bin tools/gpu_ab.sh [tests] [frames] [train] [profile]
 # tests    the CUDA suites of NEW (test_backend_ops, test_ttt_grad_cuda, test_cuda_moshi,
 #          test_cuda_conversation, test_ttt_cuda), each time-boxed
-# frames   `ttt-moshi bench` 7B frames, bf16 b1, fp8 b1, bf16 b8, BASE and NEW alternated twice
+# frames   `ttt-moshi bench` 7B frames, bf16 b1, fp8 b1, bf16 b8, BASE and NEW alternated twice;
+#          then NEW at bf16 b1 with TTT_GEMV_DENSE_SMALL_MIB 0 and 16, alternated twice
 # train    bench_ttt_train TTT-Linear and TTT-MLP, BASE and NEW alternated twice
 # profile  tools/gpu_profile.sh split with NEW (ncu of the split backward's kernels)
 # Logs under $OUT (or ./gpu_out), a line per run on stdout. Nothing here changes GPU settings.
@@ -44,6 +45,14 @@ if has frames; then
           > "$out/frame_$1_b$2_${v}_$rep.log" 2>&1
         echo "== frame $v $1 b$2 run $rep rc=$?: $(grep -E '^bench' "$out/frame_$1_b$2_${v}_$rep.log" | head -1)"
       done
+    done
+  done
+  # The experiment knob of NEW: the depformer's small matrices on our GEMV instead of cuBLAS.
+  for rep in 1 2; do
+    for mib in 0 16; do
+      TTT_GEMV_DENSE_SMALL_MIB=$mib timeout 120 "$new/ttt-moshi" bench --preset 7b --backend cuda --dtype bf16 --batch 1 \
+        --frames 100 --warmup 10 > "$out/frame_small${mib}_$rep.log" 2>&1
+      echo "== frame new bf16 b1 TTT_GEMV_DENSE_SMALL_MIB=$mib run $rep rc=$?: $(grep -E '^bench' "$out/frame_small${mib}_$rep.log" | head -1)"
     done
   done
   echo "frames done ($(elapsed))"
