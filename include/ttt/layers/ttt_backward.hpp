@@ -140,7 +140,6 @@ void run_prologue(const TttParams<T, B>& p, const Tensor<T, B>& proj, int64_t Bn
   TttKernels<B>::prologue(pr);
 }
 
-
 // TttKernels<B>::inner_checkpointed by pieces, for backends without a kernel for it: the inner
 // loop one checkpoint group of ck.every mini-batches at a time, the state copied into the
 // group's checkpoint before each. `a` spans the whole sequence (phase 0, out a [B, nh, L, f]
@@ -180,6 +179,7 @@ void inner_by_groups(const TttInnerArgs<B>& a, const TttFastWeights<B>& fw, cons
     TttKernels<B>::inner(piece, fw);
   }
 }
+
 }  // namespace detail
 
 // The layer on x [B, L, C] from its initial fast weights (a fresh stream), exactly as

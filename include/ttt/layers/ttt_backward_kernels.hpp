@@ -36,6 +36,7 @@
 #include "ttt/core/backend.hpp"
 #include "ttt/core/tensor.hpp"
 #include "ttt/layers/ttt_config.hpp"
+#include "ttt/layers/ttt_kernels.hpp"
 
 namespace ttt::layers {
 
@@ -74,11 +75,5 @@ struct TttBackwardKernels {
                 "no TttBackwardKernels<B> for this backend: include ttt/layers/cpu/ttt_backward_kernels.hpp (cpu) "
                 "or ttt/cuda.hpp (cuda)");
 };
-
-// Number of checkpoints for L tokens in mini-batches of K, one every `group` mini-batches.
-inline int64_t ttt_num_checkpoints(int64_t L, int64_t K, int64_t group) {
-  const int64_t M = (L + K - 1) / K;
-  return (M + group - 1) / group;
-}
 
 }  // namespace ttt::layers

@@ -79,6 +79,12 @@ struct TttInnerArgs {
 // state (W1, b1 and, for TTT-MLP, W2, b2) goes to checkpoint ci = m / every, rows [ci B + b]:
 // exactly what running the inner loop one group of `every` mini-batches at a time, from a copy
 // of the state taken before each group, would store.
+// Number of checkpoints for L tokens in mini-batches of K, one every `group` mini-batches.
+inline int64_t ttt_num_checkpoints(int64_t L, int64_t K, int64_t group) {
+  const int64_t M = (L + K - 1) / K;
+  return (M + group - 1) / group;
+}
+
 template <class B>
 struct TttCheckpoints {
   int64_t every = 1;

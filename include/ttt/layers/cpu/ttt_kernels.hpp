@@ -258,42 +258,44 @@ inline void run_head(const TttInnerArgs<Cpu>& a, const TttFastWeights<Cpu>& s, i
   }
 }
 
+// inner / inner_checkpointed: run_head for every (b, h), in parallel when worth it.
+inline void run_heads(const TttInnerArgs<Cpu>& a, const TttFastWeights<Cpu>& s, const TttCheckpoints<Cpu>* ck) {
+  TTT_CHECK(a.phase.defined() && a.phase.numel() == a.xq.size(0) && a.phase.is_contiguous() &&
+                (!a.commit.defined() || (a.commit.numel() == a.xq.size(0) && a.commit.is_contiguous())),
+            "TttKernels<Cpu>::inner: phase / commit must be contiguous [", a.xq.size(0), "]");
+  const int64_t Bn = a.xq.size(0), nh = a.xq.size(1), L = a.xq.size(2), f = a.xq.size(3);
+  const int64_t F = s.W1.size(3);
+  const int64_t tasks = Bn * nh;
+  const int64_t work = tasks * L * f * F;
+  // Threads only for work worth a fork/join (~1 ms): on a busy machine a parallel region
+  // can wait tens of ms for a core, which would dominate a decode step.
+  [[maybe_unused]] const int nt = work >= (int64_t(1) << 20) ? int(std::min<int64_t>(cpu::num_threads(), tasks)) : 1;
+#pragma omp parallel num_threads(nt) if (nt > 1)
+  {
+    Scratch sc;
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t i = 0; i < tasks; ++i) run_head(a, s, i / nh, i % nh, sc, ck);
+  }
+}
+
 }  // namespace cpu_detail
 
 template <>
 struct TttKernels<Cpu> {
   // The inner loop over a call for every (b, h); see ttt_kernels.hpp for the contract.
-  static void inner(const TttInnerArgs<Cpu>& a, const TttFastWeights<Cpu>& s) {
-    TTT_CHECK(a.phase.defined() && a.phase.numel() == a.xq.size(0) && a.phase.is_contiguous() &&
-                  (!a.commit.defined() || (a.commit.numel() == a.xq.size(0) && a.commit.is_contiguous())),
-              "TttKernels<Cpu>::inner: phase / commit must be contiguous [", a.xq.size(0), "]");
-    const int64_t Bn = a.xq.size(0), nh = a.xq.size(1), L = a.xq.size(2), f = a.xq.size(3);
-    const int64_t F = s.W1.size(3);
-    const int64_t tasks = Bn * nh;
-    const int64_t work = tasks * L * f * F;
-    // Threads only for work worth a fork/join (~1 ms): on a busy machine a parallel region
-    // can wait tens of ms for a core, which would dominate a decode step.
-    [[maybe_unused]] const int nt = work >= (int64_t(1) << 20) ? int(std::min<int64_t>(cpu::num_threads(), tasks)) : 1;
-#pragma omp parallel num_threads(nt) if (nt > 1)
-    {
-      cpu_detail::Scratch sc;
-#pragma omp for schedule(dynamic, 1)
-      for (int64_t i = 0; i < tasks; ++i) cpu_detail::run_head(a, s, i / nh, i % nh, sc);
-    }
-  }
+  static void inner(const TttInnerArgs<Cpu>& a, const TttFastWeights<Cpu>& s) { cpu_detail::run_heads(a, s, nullptr); }
 
   // inner() writing checkpoints on the way (TttCheckpoints); true: done (the host always can).
   static bool inner_checkpointed(const TttInnerArgs<Cpu>& a, const TttFastWeights<Cpu>& s,
                                  const TttCheckpoints<Cpu>& ck) {
-    const int64_t Bn = a.xq.size(0), nh = a.xq.size(1), L = a.xq.size(2), K = a.mini_batch_size;
+    const int64_t Bn = a.xq.size(0), L = a.xq.size(2), K = a.mini_batch_size;
     TTT_CHECK(ck.every >= 1, "TttKernels<Cpu>::inner_checkpointed: every must be >= 1, got ", ck.every);
     TTT_CHECK(a.phase.defined() && a.phase.numel() == Bn && a.phase.is_contiguous(),
               "TttKernels<Cpu>::inner_checkpointed: phase must be contiguous [", Bn, "]");
     for (int64_t b = 0; b < Bn; ++b)
       TTT_CHECK(a.phase.data()[b] == 0, "TttKernels<Cpu>::inner_checkpointed: item ", b, " starts at phase ",
                 a.phase.data()[b], ", checkpoints need phase 0");
-    const bool mlp = a.kind == TttConfig::Kind::mlp;
-    const int64_t Mc = ((L + K - 1) / K + ck.every - 1) / ck.every;
+    const int64_t Mc = ttt_num_checkpoints(L, K, ck.every);
     auto need = [&](const Tensor<float, Cpu>& c, const Tensor<float, Cpu>& w, const char* name) {
       Shape want = w.shape();
       want.d[0] = Mc * Bn;
@@ -301,16 +303,8 @@ struct TttKernels<Cpu> {
                 name, " must be contiguous ", want.str(), ", got ", c.shape().str());
     };
     need(ck.W1, s.W1, "W1"), need(ck.b1, s.b1, "b1");
-    if (mlp) need(ck.W2, s.W2, "W2"), need(ck.b2, s.b2, "b2");
-    const int64_t tasks = Bn * nh;
-    [[maybe_unused]] const int nt =
-        tasks * L * a.xq.size(3) * s.W1.size(3) >= (int64_t(1) << 20) ? int(std::min<int64_t>(cpu::num_threads(), tasks)) : 1;
-#pragma omp parallel num_threads(nt) if (nt > 1)
-    {
-      cpu_detail::Scratch sc;
-#pragma omp for schedule(dynamic, 1)
-      for (int64_t i = 0; i < tasks; ++i) cpu_detail::run_head(a, s, i / nh, i % nh, sc, &ck);
-    }
+    if (a.kind == TttConfig::Kind::mlp) need(ck.W2, s.W2, "W2"), need(ck.b2, s.b2, "b2");
+    cpu_detail::run_heads(a, s, &ck);
     return true;
   }
 
