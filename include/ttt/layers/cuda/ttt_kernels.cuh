@@ -52,6 +52,18 @@ inline InnerParams state_params(const TttInnerArgs<Cuda>& a, const TttFastWeight
   return p;
 }
 
+// An inner call's params for the kernels of plan pl (all but the fp32 kernels' smem layout).
+inline InnerParams call_params(const TttInnerArgs<Cuda>& a, const TttFastWeights<Cuda>& s, const TttCudaPlan& pl) {
+  const int64_t F = s.W1.size(3);
+  InnerParams p = state_params(a, s, a.kind == TttConfig::Kind::mlp, a.xq.size(0), a.xq.size(1), a.xq.size(2),
+                               a.xq.size(3), F);
+  p.phase = a.phase.data();
+  p.commit = a.commit.defined() ? a.commit.data() : nullptr;
+  p.xq = a.xq.data(), p.xk = a.xk.data(), p.xv = a.xv.data(), p.lr = a.lr.data();
+  p.R = pl.rows, p.nc = pl.cluster, p.Fc = int(F) / pl.cluster;
+  return p;
+}
+
 // The inner loop through the host: q/k/v and the state go down, the results come back.
 inline void inner_on_host(const TttInnerArgs<Cuda>& a, const TttFastWeights<Cuda>& s) {
   auto h = [](const Tensor<float, Cuda>& t) { return t.defined() ? t.to<Cpu>() : Tensor<float, Cpu>{}; };
@@ -102,11 +114,7 @@ void TttKernels<Cuda>::inner(const TttInnerArgs<Cuda>& a, const TttFastWeights<C
     return;
   }
 
-  InnerParams p = state_params(a, s, mlp, Bn, nh, L, f, F);
-  p.phase = a.phase.data();
-  p.commit = a.commit.defined() ? a.commit.data() : nullptr;
-  p.xq = a.xq.data(), p.xk = a.xk.data(), p.xv = a.xv.data(), p.lr = a.lr.data();
-  p.R = pl.rows, p.nc = pl.cluster, p.Fc = int(F) / pl.cluster;
+  InnerParams p = call_params(a, s, pl);
   p.sm = pl.tensor_cores || pl.decode ? InnerSmem{} : inner_smem(mlp, p.f, p.F, p.nc, p.R, p.K);
   const InnerKernel kernel = pl.tensor_cores ? tc_kernel(mlp, f) : inner_kernel(mlp);
   const unsigned threads = unsigned(pl.tensor_cores ? tc_threads(mlp, f) : kThreads);
@@ -140,16 +148,12 @@ bool TttKernels<Cuda>::inner_checkpointed(const TttInnerArgs<Cuda>& a, const Ttt
                 (!a.commit.defined() || (a.commit.numel() == Bn && a.commit.is_contiguous())),
             "TttKernels<Cuda>::inner_checkpointed: phase / commit must be contiguous [", Bn, "]");
   TTT_CHECK(ck.every >= 1, "TttKernels<Cuda>::inner_checkpointed: every must be >= 1, got ", ck.every);
-  const int64_t Mc = ((L + K - 1) / K + ck.every - 1) / ck.every;
+  const int64_t Mc = ttt_num_checkpoints(L, K, ck.every);
   TTT_CHECK(ck.W1.shape() == Shape({Mc * Bn, nh, f, F}) && ck.b1.shape() == Shape({Mc * Bn, nh, 1, F}) &&
                 ck.W1.is_contiguous() && ck.b1.is_contiguous(),
             "TttKernels<Cuda>::inner_checkpointed: checkpoints must be contiguous [", Mc * Bn, ", ", nh, ", ", f, ", ",
             F, "] and [", Mc * Bn, ", ", nh, ", 1, ", F, "], got ", ck.W1.shape().str(), " and ", ck.b1.shape().str());
-  InnerParams p = state_params(a, s, mlp, Bn, nh, L, f, F);
-  p.phase = a.phase.data();
-  p.commit = a.commit.defined() ? a.commit.data() : nullptr;
-  p.xq = a.xq.data(), p.xk = a.xk.data(), p.xv = a.xv.data(), p.lr = a.lr.data();
-  p.R = pl.rows, p.nc = pl.cluster, p.Fc = int(F) / pl.cluster;
+  InnerParams p = call_params(a, s, pl);
   p.ck_W1 = ck.W1.data(), p.ck_b1 = ck.b1.data(), p.ck_every = int(std::min<int64_t>(ck.every, 1 << 30));
   const InnerKernel kernel = tc_kernel(false, f);
   allow_smem(kernel, pl.smem_bytes);
