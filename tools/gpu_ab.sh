@@ -9,6 +9,8 @@
 #          then NEW at bf16 b1 with TTT_GEMV_DENSE_SMALL_MIB 0 and 16, alternated twice
 # train    bench_ttt_train TTT-Linear and TTT-MLP, BASE and NEW alternated twice
 # profile  tools/gpu_profile.sh split with NEW (ncu of the split backward's kernels)
+# prefill  NEW's bench_ttt_layer (C 4096, 32 heads, bf16, L 8192, decode steps) for both kinds, then
+#          tools/gpu_profile.sh kernels (ncu of the tensor-core prefill and the decode kernels)
 # Logs under $OUT (or ./gpu_out), a line per run on stdout. Nothing here changes GPU settings.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -73,4 +75,14 @@ fi
 if has profile; then
   OUT=$out BIN_DIR=$new timeout 200 tools/gpu_profile.sh split 2>&1 | tail -60
   echo "profile done ($(elapsed))"
+fi
+
+if has prefill; then
+  for kind in linear mlp; do
+    timeout 150 "$new/bench_ttt_layer" --backend cuda --kind $kind --batch 1 --seq 8192 --decode-steps 64 \
+      > "$out/layer_$kind.log" 2>&1
+    echo "== bench_ttt_layer $kind rc=$?"; grep -vE "^\s*$" "$out/layer_$kind.log" | tail -12
+  done
+  OUT=$out BIN_DIR=$new timeout 300 tools/gpu_profile.sh kernels 2>&1 | tail -80
+  echo "prefill done ($(elapsed))"
 fi
