@@ -766,6 +766,16 @@ TEMPLATE_TEST_CASE("layer_norm and rms_norm", "[backend]", float, bf16, f16) {
       Both<T> r{ops::rms_norm(xr.cpu, w.cpu, 1e-8f), ops::rms_norm(xr.gpu, w.gpu, 1e-8f)};
       record("rms_norm", dname<T>(), error(r), 2 * unit<T>(), shape_str(s) + " " + name(l));
     }
+  // Moshi's widths (temporal 4096, depformer 1024) and the register kernel's limit in bf16 / f16
+  // (8192; f32 takes the general kernel there): aligned contiguous rows take rms_norm_row_kernel.
+  for (Shape s : {Shape{1, 4096}, Shape{3, 1024}, Shape{2, 8192}, Shape{2, 8200}})
+    for (Layout l : kLayouts) {
+      const int64_t n = s.back();
+      auto w = make<T>({n}, Layout::contiguous, g, 0.5, 1.5);
+      auto xr = make<T>(s, l, g, -3, 3);
+      Both<T> r{ops::rms_norm(xr.cpu, w.cpu, 1e-5f), ops::rms_norm(xr.gpu, w.gpu, 1e-5f)};
+      record("rms_norm", dname<T>(), error(r), 2 * unit<T>(), shape_str(s) + " " + name(l));
+    }
 }
 
 // The backward of unary and layer_norm (training): dx, and layer_norm's dweight / dbias (sums

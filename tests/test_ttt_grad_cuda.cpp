@@ -6,7 +6,8 @@
 //   (b) CUDA against the CPU backend on random weights and inputs: both kinds, the gate and the
 //       projection biases, remainder tokens, batch 2, checkpoint groups 1 and 3;
 //   (c) bf16 storage (fp32 inner state and gradients) against fp32 on CUDA: measured, printed,
-//       bounded.
+//       bounded;
+//   (d) the tensor-core TTT-Linear kernel's own checkpoints against the group-by-group loop.
 // Without a CUDA device the binary prints "SKIPPED: no CUDA device" and exits 77 (CTest: skipped).
 #include <algorithm>
 #include <cmath>
@@ -254,6 +255,67 @@ TEST_CASE("CUDA bf16 TTT backward stays within bf16 rounding of fp32", "[ttt_gra
     CHECK(w32.all <= 2e-5);
     CHECK(w16.all <= 5e-2);
   }
+}
+
+// The training forward's checkpoints from the TTT-Linear tensor-core kernel in one call
+// (TttKernels<Cuda>::inner_checkpointed) against the same kernel run one checkpoint group at a
+// time (detail::inner_by_groups, the path it replaces): outputs, checkpoints and final state bit
+// for bit (the fast weights stay fp32 accumulators in both), groups 1, 3 and longer than the
+// sequence, a partial last mini-batch, head_dim 64 and 128.
+TEST_CASE("CUDA tensor-core TTT-Linear writes the checkpoints the group loop stores", "[ttt_grad_cuda][checkpoints]") {
+  for (const int64_t f : {int64_t(64), int64_t(128)}) {
+    const int64_t Bn = 2, nh = 3, K = 16, L = 9 * K + 5, M = (L + K - 1) / K;
+    std::mt19937 g{91};
+    auto dev = [&](const Shape& s, float lo, float hi) { return ref::random<float>(s, g, lo, hi).to<Cuda>(); };
+    TttInnerArgs<Cuda> a;
+    a.kind = Kind::linear;
+    a.mini_batch_size = K;
+    a.operands = TttOperands::bf16;
+    a.xq = dev({Bn, nh, L, f}, -0.2f, 0.2f), a.xk = dev({Bn, nh, L, f}, -0.2f, 0.2f);
+    a.xv = dev({Bn, nh, L, f}, -0.2f, 0.2f), a.lr = dev({Bn, nh, L}, 0.f, 0.05f);
+    a.tau = dev({K}, 0.05f, 1.f), a.ln_weight = dev({nh, f}, 0.5f, 1.5f), a.ln_bias = dev({nh, f}, -0.5f, 0.5f);
+    a.phase = Tensor<int32_t, Cuda>::zeros({Bn});
+    const auto W0 = dev({Bn, nh, f, f}, -0.1f, 0.1f), b0 = dev({Bn, nh, 1, f}, -0.1f, 0.1f);
+    auto fresh = [&] {
+      return TttFastWeights<Cuda>{W0.clone(), b0.clone(), {}, {}, Tensor<float, Cuda>::zeros(W0.shape()),
+                                  Tensor<float, Cuda>::zeros(b0.shape()), {}, {}};
+    };
+    for (const int64_t G : {int64_t(1), int64_t(3), int64_t(M + 2)}) {
+      const int64_t Mc = ttt_num_checkpoints(L, K, G);
+      auto checkpoints = [&] {
+        return TttCheckpoints<Cuda>{G, Tensor<float, Cuda>::zeros({Mc * Bn, nh, f, f}),
+                                    Tensor<float, Cuda>::zeros({Mc * Bn, nh, 1, f}), {}, {}};
+      };
+      const auto one = checkpoints(), groups = checkpoints();
+      const auto w_one = fresh(), w_groups = fresh();
+      TttInnerArgs<Cuda> a1 = a, a2 = a;
+      a1.out = Tensor<float, Cuda>::zeros({Bn, nh, L, f}), a2.out = Tensor<float, Cuda>::zeros({Bn, nh, L, f});
+      INFO("head_dim " << f << ", group " << G << " (" << Mc << " checkpoints)");
+      REQUIRE(TttKernels<Cuda>::inner_checkpointed(a1, w_one, one));
+      layers::detail::inner_by_groups(a2, w_groups, groups);
+      auto same = [](const Tensor<float, Cuda>& x, const Tensor<float, Cuda>& y) {
+        const auto hx = x.to<Cpu>(), hy = y.to<Cpu>();
+        return hx.numel() == hy.numel() && std::equal(hx.data(), hx.data() + hx.numel(), hy.data());
+      };
+      CHECK(same(a1.out, a2.out));
+      CHECK(same(one.W1, groups.W1));
+      CHECK(same(one.b1, groups.b1));
+      CHECK(same(w_one.W1, w_groups.W1));
+      CHECK(same(w_one.b1, w_groups.b1));
+      CHECK(same(one.W1.slice(0, 0, Bn).contiguous(), W0));
+      if (Mc > 1) CHECK_FALSE(same(one.W1.slice(0, Bn, 2 * Bn).contiguous(), W0));
+    }
+  }
+  // Plans without such a kernel leave the work to the caller (fp32 operands, TTT-MLP).
+  TttInnerArgs<Cuda> fp32;
+  fp32.kind = Kind::linear;
+  fp32.operands = TttOperands::fp32;
+  fp32.xq = Tensor<float, Cuda>::zeros({1, 1, 32, 64});
+  fp32.xk = fp32.xq, fp32.xv = fp32.xq, fp32.out = fp32.xq, fp32.lr = Tensor<float, Cuda>::zeros({1, 1, 32});
+  fp32.phase = Tensor<int32_t, Cuda>::zeros({1});
+  TttFastWeights<Cuda> w;
+  w.W1 = Tensor<float, Cuda>::zeros({1, 1, 64, 64}), w.b1 = Tensor<float, Cuda>::zeros({1, 1, 1, 64});
+  CHECK_FALSE(TttKernels<Cuda>::inner_checkpointed(fp32, w, TttCheckpoints<Cuda>{}));
 }
 
 int main(int argc, char** argv) {

@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # On the GPU machine: Nsight Compute on the TTT inner-loop kernels of bench_ttt_layer (stall
 # reasons, occupancy, hottest SASS), one launch each, clocks left alone. Logs under $OUT.
-#   BIN_DIR=build-dev/bin tools/gpu_profile.sh [kernels|steps|frame|backward]
+#   BIN_DIR=build-dev/bin tools/gpu_profile.sh [kernels|steps|frame|backward|split]
 # backward: the TTT inner loop's backward kernel (bench_ttt_train, L 1024, one launch per kind;
 # TRAIN_ARGS passes e.g. "--threads 1024"), stall reasons and memory traffic.
+# split: the TTT-Linear split backward's two kernels (free: parallel over mini-batches; chain: one
+# block per head), one launch each at L 1024, with the hottest source lines.
 # frame: every kernel of eager Moshi 7B frames (bf16, FRAME_BATCH rows, default 1) with its time
 # and DRAM bytes, summarised per kernel by tools/ncu_frame.py (where a frame's time goes).
 set -uo pipefail
@@ -56,10 +58,24 @@ case "${1:-kernels}" in
       grep -E "Duration|Registers Per|Achieved Occupancy|Warp Cycles Per Issued|Stall|stall|L1/TEX Hit|L2 Hit|Mem Busy|Max Bandwidth|Memory Throughput|Compute \(SM\)" \
         "$out/ncu_backward_$kind.txt" | head -40
     done ;;
+  split)
+    for k in ttt_linear_free_kernel ttt_linear_chain_kernel; do
+      # shellcheck disable=SC2086
+      timeout 150 "$ncu" --clock-control none -k "regex:$k" -c 1 $sections --section MemoryWorkloadAnalysis \
+        --print-source sass --page source --print-summary none "$bin/bench_ttt_train" --kind linear --seq 1024 \
+        --runs 1 --warmup 0 ${TRAIN_ARGS:-} > "$out/ncu_src_$k.txt" 2>&1
+      # shellcheck disable=SC2086
+      timeout 150 "$ncu" --clock-control none -k "regex:$k" -c 1 $sections --section MemoryWorkloadAnalysis \
+        "$bin/bench_ttt_train" --kind linear --seq 1024 --runs 1 --warmup 0 ${TRAIN_ARGS:-} > "$out/ncu_$k.txt" 2>&1
+      echo "== $k rc=$?"
+      grep -E "Duration|Registers Per|Achieved Occupancy|Warp Cycles Per Issued|Stall|stall|L1/TEX Hit|L2 Hit|Mem Busy|Max Bandwidth|Memory Throughput|Compute \(SM\)|Grid Size|Block Size" \
+        "$out/ncu_$k.txt" | head -40
+    done ;;
   kernels)
     run mlp_tc ttt_mlp_tc --kind mlp --batch 1 --seq 1024 --decode-steps 0 --runs 1
     run linear_tc ttt_linear_tc --kind linear --batch 1 --seq 1024 --decode-steps 0 --runs 1
-    run linear_decode ttt_linear_decode --kind linear --batch 1 --seq 0 --decode-steps 16 --runs 1 ;;
+    run linear_decode ttt_linear_decode --kind linear --batch 1 --seq 0 --decode-steps 16 --runs 1
+    run mlp_decode ttt_mlp_decode --kind mlp --batch 1 --seq 0 --decode-steps 16 --runs 1 ;;
   steps)
     steps linear_fused --kind linear
     steps linear_unfused --kind linear --fused-step 0

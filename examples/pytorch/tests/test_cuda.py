@@ -26,11 +26,12 @@ for kind, gate, L in (("linear", False, 64), ("linear", True, 37), ("mlp", False
     for dev in ("cpu", "cuda"):
         md = m.to(dev)
         md.zero_grad()
-        xd = x.to(dev).requires_grad_(True)
+        xd = x.detach().clone().to(dev).requires_grad_(True)  # a leaf on each device
         y = md(xd)
         (y * dy.to(dev)).sum().backward()
-        res[dev] = {"y": y.detach().cpu(), "grad.x": xd.grad.cpu(),
-                    **{"grad." + n: p.grad.cpu() for n, p in md.named_parameters()}}
+        # Copies: on the CPU .cpu() aliases, and Module.to moves the gradients' storage in place.
+        res[dev] = {"y": y.detach().cpu().clone(), "grad.x": xd.grad.cpu().clone(),
+                    **{"grad." + n: p.grad.cpu().clone() for n, p in md.named_parameters()}}
     worst = max(rel_err(res["cuda"][k], res["cpu"][k]) for k in res["cpu"])
     ok = worst <= 1e-5
     failures += 0 if ok else 1

@@ -237,18 +237,26 @@ void TttBackwardKernels<Cuda>::inner_backward(const TttInnerBackwardArgs<Cuda>& 
     const size_t free_smem = size_t(split_free_smem(f, F, K)), chain_smem = size_t(split_chain_smem(p.w, f, K));
     auto go = [&](auto free_kernel, auto chain_kernel, int nt) {
       using ::ttt::cuda::device::launch_on;
+      auto post_kernel = ttt_linear_post_kernel<kSplitPostThreads>;
       TTT_CUDA_CHECK(cudaFuncSetAttribute(free_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(free_smem)));
       // The whole carve-out as shared memory, so that two free blocks fit on an SM.
       TTT_CUDA_CHECK(cudaFuncSetAttribute(free_kernel, cudaFuncAttributePreferredSharedMemoryCarveout, 100));
       TTT_CUDA_CHECK(cudaFuncSetAttribute(chain_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(chain_smem)));
       const cudaStream_t ms = ::ttt::cuda::Context::get().stream();
-      // Without overlap everything runs on the context's stream, in order. With it, the free
-      // kernels run on a side stream: free(c) after the main stream's work so far and after the
-      // chain that last read its slot buffer; chain(c) after free(c). So free(c - 1) runs
-      // beside chain(c), on the SMs the chain (one block per (b, h)) leaves idle.
+      // Without overlap everything runs on the context's stream, in order: free(c), chain(c),
+      // post(c). With it, free and post kernels run on a side stream, in the order free(c),
+      // post(c + 1) (the chunk before, in processing order), free(c - 1), ...: free(c) after the
+      // main stream's work so far; chain(c) on the main stream after free(c); post(c) after
+      // chain(c). So free(c - 1) runs beside chain(c) on the SMs the chain (one block per
+      // (b, h)) leaves idle, post(c) right after it, and a slot buffer is rewritten (free(c - 2))
+      // only after the post that last read it, which itself waited for its chain.
       SideStream side(overlap);
       if (overlap) TTT_CUDA_CHECK(cudaStreamWaitEvent(side.stream, side.record(ms)));
-      cudaEvent_t chain_done[2] = {nullptr, nullptr};
+      SplitParams prev = sp;
+      cudaEvent_t prev_chain = nullptr;
+      auto post = [&](cudaStream_t st, const SplitParams& q) {
+        launch_on(st, post_kernel, unsigned(BH * (q.m_hi - q.m_lo)), unsigned(kSplitPostThreads), 0, 1, q);
+      };
       int64_t c = 0;
       for (int64_t hi = M; hi > 0; hi -= chunk, ++c) {  // the latest chunk first: the carry flows backwards
         sp.m_lo = std::max<int64_t>(0, hi - chunk), sp.m_hi = hi, sp.first = hi == M;
@@ -258,13 +266,23 @@ void TttBackwardKernels<Cuda>::inner_backward(const TttInnerBackwardArgs<Cuda>& 
         if (!overlap) {
           launch_on(ms, free_kernel, free_grid, unsigned(nt), free_smem, 1, sp);
           launch_on(ms, chain_kernel, unsigned(BH), unsigned(nt), chain_smem, 1, sp);
+          post(ms, sp);
           continue;
         }
-        if (chain_done[buf]) TTT_CUDA_CHECK(cudaStreamWaitEvent(side.stream, chain_done[buf]));
         launch_on(side.stream, free_kernel, free_grid, unsigned(nt), free_smem, 1, sp);
         TTT_CUDA_CHECK(cudaStreamWaitEvent(ms, side.record(side.stream)));
+        if (prev_chain) {  // the previous chunk's post, behind this chunk's free kernel
+          TTT_CUDA_CHECK(cudaStreamWaitEvent(side.stream, prev_chain));
+          post(side.stream, prev);
+        }
         launch_on(ms, chain_kernel, unsigned(BH), unsigned(nt), chain_smem, 1, sp);
-        chain_done[buf] = side.record(ms);
+        prev_chain = side.record(ms);
+        prev = sp;
+      }
+      if (overlap && prev_chain) {  // the last chunk's post; the main stream goes on after it
+        TTT_CUDA_CHECK(cudaStreamWaitEvent(side.stream, prev_chain));
+        post(side.stream, prev);
+        TTT_CUDA_CHECK(cudaStreamWaitEvent(ms, side.record(side.stream)));
       }
     };
     // 512 threads unless the tuning names 256: measured on an H100 (C 4096, 32 heads, L 8192,

@@ -384,8 +384,11 @@ struct Head {
   // The chain part of a TTT-Linear mini-batch's backward: given the carry d (d / d(state after)),
   // the buffers G1, x̂, ĝ, rstd, T (key path), dZq (= dZ̄), dG1 and dK (backward_free's parts),
   // and dlr zeroed: the update's backward, the key path's LayerNorm backward, the carry turned
-  // into d / d(start state w) in place, dK and dT completed.
-  __device__ __forceinline__ void backward_chain(const State& w, const State& d, bool full) {
+  // into d / d(start state) in place, dT, and dK but for its dZ1 W1ᵀ term: that one feeds
+  // nothing later in the chain, so the split path adds it in a kernel of its own
+  // (ttt_linear_post_kernel) from dZ1, which this leaves in buf(o.dZ1). It is the one product
+  // of the chain that reads the start state (W1's 64 KiB once per row of dZ1, from L2).
+  __device__ __forceinline__ void backward_chain(const State& d, bool full) {
     const Workspace& o = p.w;
     const float* Q = q + t0 * f;
     const float* X = k + t0 * f;
@@ -402,7 +405,6 @@ struct Head {
       for (int i = 0; i < n; ++i) s += dZ1[i * F + c] + dZb[i * F + c];
       d.b1[c] += s;
     }
-    mm<false, true>(n, f, F, dZ1, F, w.W1, F, [&](int i, int e, float a) { dK[i * f + e] += a; });
     __syncthreads();
   }
 

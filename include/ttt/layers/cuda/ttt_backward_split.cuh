@@ -15,7 +15,9 @@
 //                 dK to dxk, the η-path dlr to dlr);
 //   chain kernel  grid (b, h): the chunk's mini-batches in reverse, the carry in shared memory
 //                 (loaded from / stored to dW1 / db1 between chunks), backward_chain from the
-//                 slots, dxk, dxv and dlr completed.
+//                 slots, dxv and dlr completed, dxk but for dZ1 W1ᵀ (dZ1 into the slot);
+//   post kernel   grid (b, h) x mini-batch of a chunk: dxk += dZ1 W1ᵀ (the chain's one read of
+//                 the start state, which nothing in the chain needs).
 // Chunks of mini-batches (latest first) bound the slots' memory (kSplitSlotBudget); with
 // TttBackwardCudaTuning::split_overlap the free kernel of the next chunk runs on a side stream
 // beside the chain (two slot buffers; ttt_backward.cuh). Measured (H100, C 4096, 32 heads,
@@ -147,7 +149,7 @@ __global__ void __launch_bounds__(NT, 1) ttt_linear_chain_kernel(const __grid_co
     const int64_t m = sp.m_lo + ml;
     hd.t0 = m * K;
     const int n = hd.n = int(min(int64_t(K), L - hd.t0));
-    const float* slot = sp.slots + (int64_t(task) * mc + ml) * sp.s.total;
+    float* slot = sp.slots + (int64_t(task) * mc + ml) * sp.s.total;
     const int64_t row = (int64_t(task) * L + hd.t0) * f;
     const float *X = hd.k + hd.t0 * f, *V = hd.v + hd.t0 * f;
     float *G1 = hd.buf(o.G1), *dG1 = hd.buf(o.dG1), *dZb = hd.buf(o.dZq), *xh = hd.buf(o.xh), *T = hd.buf(o.T);
@@ -173,12 +175,14 @@ __global__ void __launch_bounds__(NT, 1) ttt_linear_chain_kernel(const __grid_co
     }
     for (int j = threadIdx.x; j < f; j += nthreads()) hd.dgam[j] += slot[sp.s.dgam + j], hd.dbet[j] += slot[sp.s.dbet + j];
     __syncthreads();
-    hd.backward_chain(checkpoint_state(p, task, m), d, n == K && m + 1 < M);
-    const float* dT = hd.buf(o.dT);
+    hd.backward_chain(d, n == K && m + 1 < M);
+    const float *dT = hd.buf(o.dT), *dZ1 = hd.buf(o.dZ1);
     for (int e = threadIdx.x; e < n * f; e += nthreads()) {
       p.dxk[row + e] = dK[e] - dT[e];
       p.dxv[row + e] = dT[e];
     }
+    // dZ1 over the slot's dG1, read above: ttt_linear_post_kernel adds dZ1 W1ᵀ to dxk.
+    for (int e = threadIdx.x; e < n * F; e += nthreads()) slot[sp.s.dG1 + e] = dZ1[e];
     if (threadIdx.x < n) p.dlr[int64_t(task) * L + hd.t0 + threadIdx.x] += hd.dlr[threadIdx.x];
     __syncthreads();
   }
@@ -189,6 +193,24 @@ __global__ void __launch_bounds__(NT, 1) ttt_linear_chain_kernel(const __grid_co
     p.dln_b[int64_t(task) * f + j] = hd.dbet[j];
   }
 }
+
+// The last term of dK that the chain leaves out (Head::backward_chain): Z1 = K W1 + b1 gives
+// dK += dZ1 W1ᵀ, with dZ1 in the slot (over dG1) and W1 the mini-batch's stored start state.
+// Every (b, h, m) of a chunk at once, after that chunk's chain; off the chain's path, on the
+// side stream beside the next chain when overlapped.
+template <int NT>
+__global__ void __launch_bounds__(NT) ttt_linear_post_kernel(const __grid_constant__ SplitParams sp) {
+  ::ttt::cuda::device::pdl_begin();  // first: see device.cuh
+  const Params& p = sp.p;
+  const int64_t mc = sp.m_hi - sp.m_lo;
+  const int task = int(blockIdx.x / mc);
+  const int64_t ml = blockIdx.x - int64_t(task) * mc, m = sp.m_lo + ml, t0 = m * p.K;
+  const int f = p.f, F = p.F, n = int(min(int64_t(p.K), p.L - t0));
+  const float* dZ1 = sp.slots + (int64_t(task) * mc + ml) * sp.s.total + sp.s.dG1;  // [n, F]
+  float* dK = p.dxk + (int64_t(task) * p.L + t0) * f;                                // [n, f]
+  mm<false, true>(n, f, F, dZ1, F, checkpoint_state(p, task, m).W1, F, [&](int i, int e, float a) { dK[i * f + e] += a; });
+}
+constexpr int kSplitPostThreads = 256;
 
 // Shared memory of the two kernels: the small part, then the free kernel's compact buffers, or
 // the chain kernel's full ones (w) and the carry (one state) after them.

@@ -98,6 +98,12 @@ struct InnerParams {
   const int32_t* phase;   // [B] each item's mini-batch phase, made on the device
   const uint8_t* commit;  // [B] or null (every item commits)
   InnerSmem sm;
+  // Checkpoints (TttCheckpoints; null: none): the state before every ck_every-th mini-batch of
+  // the call, into rows [(m / ck_every) B + b] of ck_W1 [Mc B, nh, f, F] / ck_b1 [Mc B, nh, 1, F].
+  // Written by ttt_linear_tc_kernel only (TttKernels<Cuda>::inner_checkpointed).
+  float* ck_W1;
+  float* ck_b1;
+  int ck_every;
 };
 
 // ---- device helpers -----------------------------------------------------------------------

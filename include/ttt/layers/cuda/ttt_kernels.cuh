@@ -52,6 +52,18 @@ inline InnerParams state_params(const TttInnerArgs<Cuda>& a, const TttFastWeight
   return p;
 }
 
+// An inner call's params for the kernels of plan pl (all but the fp32 kernels' smem layout).
+inline InnerParams call_params(const TttInnerArgs<Cuda>& a, const TttFastWeights<Cuda>& s, const TttCudaPlan& pl) {
+  const int64_t F = s.W1.size(3);
+  InnerParams p = state_params(a, s, a.kind == TttConfig::Kind::mlp, a.xq.size(0), a.xq.size(1), a.xq.size(2),
+                               a.xq.size(3), F);
+  p.phase = a.phase.data();
+  p.commit = a.commit.defined() ? a.commit.data() : nullptr;
+  p.xq = a.xq.data(), p.xk = a.xk.data(), p.xv = a.xv.data(), p.lr = a.lr.data();
+  p.R = pl.rows, p.nc = pl.cluster, p.Fc = int(F) / pl.cluster;
+  return p;
+}
+
 // The inner loop through the host: q/k/v and the state go down, the results come back.
 inline void inner_on_host(const TttInnerArgs<Cuda>& a, const TttFastWeights<Cuda>& s) {
   auto h = [](const Tensor<float, Cuda>& t) { return t.defined() ? t.to<Cpu>() : Tensor<float, Cpu>{}; };
@@ -102,11 +114,7 @@ void TttKernels<Cuda>::inner(const TttInnerArgs<Cuda>& a, const TttFastWeights<C
     return;
   }
 
-  InnerParams p = state_params(a, s, mlp, Bn, nh, L, f, F);
-  p.phase = a.phase.data();
-  p.commit = a.commit.defined() ? a.commit.data() : nullptr;
-  p.xq = a.xq.data(), p.xk = a.xk.data(), p.xv = a.xv.data(), p.lr = a.lr.data();
-  p.R = pl.rows, p.nc = pl.cluster, p.Fc = int(F) / pl.cluster;
+  InnerParams p = call_params(a, s, pl);
   p.sm = pl.tensor_cores || pl.decode ? InnerSmem{} : inner_smem(mlp, p.f, p.F, p.nc, p.R, p.K);
   const InnerKernel kernel = pl.tensor_cores ? tc_kernel(mlp, f) : inner_kernel(mlp);
   const unsigned threads = unsigned(pl.tensor_cores ? tc_threads(mlp, f) : kThreads);
@@ -123,9 +131,34 @@ void TttKernels<Cuda>::inner(const TttInnerArgs<Cuda>& a, const TttFastWeights<C
   }
 }
 
-bool TttKernels<Cuda>::inner_checkpointed(const TttInnerArgs<Cuda>&, const TttFastWeights<Cuda>&,
-                                          const TttCheckpoints<Cuda>&) {
-  return false;  // no kernel writes checkpoints yet: ttt_forward_train runs one group per call
+// The TTT-Linear tensor-core kernel writes the checkpoints itself (ttt_mma.cuh): the training
+// forward at group 1 is one launch instead of one per mini-batch (512 at L 8192) and the
+// state's copies. Every other plan returns false: the caller runs inner() group by group.
+bool TttKernels<Cuda>::inner_checkpointed(const TttInnerArgs<Cuda>& a, const TttFastWeights<Cuda>& s,
+                                          const TttCheckpoints<Cuda>& ck) {
+  using namespace cuda_kernels;
+  const bool mlp = a.kind == TttConfig::Kind::mlp;
+  if (mlp) return false;
+  const int64_t Bn = a.xq.size(0), nh = a.xq.size(1), L = a.xq.size(2), f = a.xq.size(3), K = a.mini_batch_size;
+  const int64_t F = s.W1.size(3);
+  if (L == 0 || Bn == 0 || nh == 0 || F != f) return false;
+  const TttCudaPlan pl = plan(a.kind, Bn, nh, L, f, F, K, a.operands);
+  if (!pl.device || !pl.tensor_cores || !device_layout_problem(a, s, mlp).empty()) return false;
+  TTT_CHECK(a.phase.defined() && a.phase.numel() == Bn && a.phase.is_contiguous() &&
+                (!a.commit.defined() || (a.commit.numel() == Bn && a.commit.is_contiguous())),
+            "TttKernels<Cuda>::inner_checkpointed: phase / commit must be contiguous [", Bn, "]");
+  TTT_CHECK(ck.every >= 1, "TttKernels<Cuda>::inner_checkpointed: every must be >= 1, got ", ck.every);
+  const int64_t Mc = ttt_num_checkpoints(L, K, ck.every);
+  TTT_CHECK(ck.W1.shape() == Shape({Mc * Bn, nh, f, F}) && ck.b1.shape() == Shape({Mc * Bn, nh, 1, F}) &&
+                ck.W1.is_contiguous() && ck.b1.is_contiguous(),
+            "TttKernels<Cuda>::inner_checkpointed: checkpoints must be contiguous [", Mc * Bn, ", ", nh, ", ", f, ", ",
+            F, "] and [", Mc * Bn, ", ", nh, ", 1, ", F, "], got ", ck.W1.shape().str(), " and ", ck.b1.shape().str());
+  InnerParams p = call_params(a, s, pl);
+  p.ck_W1 = ck.W1.data(), p.ck_b1 = ck.b1.data(), p.ck_every = int(std::min<int64_t>(ck.every, 1 << 30));
+  const InnerKernel kernel = tc_kernel(false, f);
+  allow_smem(kernel, pl.smem_bytes);
+  launch(kernel, unsigned(Bn * nh * pl.cluster), unsigned(tc_threads(false, f)), size_t(pl.smem_bytes), pl.cluster, p);
+  return true;
 }
 
 void TttKernels<Cuda>::causal_conv(const Tensor<float, Cuda>& out_q, const Tensor<float, Cuda>& out_k,

@@ -88,9 +88,15 @@ __global__ void __launch_bounds__(HD * 2, 1) ttt_linear_tc_kernel(const InnerPar
   bool s_live = true;  // S in global memory may be non-zero (until a mini-batch completes)
 
   int buf = 0;
+  int64_t mb = 0;  // mini-batches started in this call (checkpoints)
   for (int64_t t0 = 0; t0 < p.L;) {
     const int n = n_next;
     const bool complete = pp + n == K;
+    if (p.ck_W1 && pp == 0 && mb++ % p.ck_every == 0) {  // the state before this mini-batch
+      const int64_t row = ((mb - 1) / p.ck_every * p.batch + b) * p.nh + h;
+      store_frags<NT>(Wt, p.ck_W1 + row * HD * HD, HD, o0, t);
+      if (t == 0) p.ck_b1[row * HD + o0] = bias0, p.ck_b1[row * HD + o1] = bias1;
+    }
     cp_async_wait_all();
     __syncthreads();
     if (t0 + n < p.L) {  // this segment completes its mini-batch; the next one starts at phase 0

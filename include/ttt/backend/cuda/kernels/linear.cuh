@@ -156,11 +156,25 @@ inline int64_t& gemv_max_rows() {
   return v;
 }
 
-// Rows up to which a dense product of R rows takes a GEMV: gemv_max_rows(), and with
-// TTT_GEMV_STREAM=2 also wherever the streaming GEMV fits (gemv_stream.cuh).
+// Matrices of at most this many MiB take our GEMV (up to kGemvMaxRows rows) whatever
+// gemv_max_rows() says (TTT_GEMV_DENSE_SMALL_MIB, default 0: none). An experiment, not measured
+// yet: the depformer's 2-12 MB matrices run on cuBLAS at 0.4-1.5 TB/s, with a split-K reduce
+// kernel after 120 of them per frame (docs/perf.md, the bf16 frame profile).
+inline double gemv_dense_small_mib() {
+  static const double v = [] {
+    const char* e = std::getenv("TTT_GEMV_DENSE_SMALL_MIB");
+    return e ? std::max(0.0, std::atof(e)) : 0.0;
+  }();
+  return v;
+}
+
+// Rows up to which a dense product of R rows (an [N, K] weight) takes a GEMV: gemv_max_rows(),
+// with TTT_GEMV_STREAM=2 also wherever the streaming GEMV fits (gemv_stream.cuh), and up to
+// kGemvMaxRows for matrices within gemv_dense_small_mib().
 template <class T>
-int64_t gemv_dense_rows(const T* w, int64_t R, int64_t K) {
+int64_t gemv_dense_rows(const T* w, int64_t R, int64_t K, int64_t N) {
   if (gemv_stream_mode() >= 2 && gemv_stream_fits<T>(DenseRows<T>{w}, R, K)) return std::max<int64_t>(R, gemv_max_rows());
+  if (double(N) * double(K) * sizeof(T) <= gemv_dense_small_mib() * double(1 << 20)) return kGemvMaxRows;
   return gemv_max_rows();
 }
 
@@ -323,7 +337,7 @@ template <class T>
 void Kernels<Cuda>::linear(const Tensor<T, Cuda>& y, const Tensor<T, Cuda>& x, const Tensor<T, Cuda>& w, float beta) {
   using namespace cuda::kernels;
   const int64_t R = x.size(0), K = x.size(1), N = w.size(0);
-  if (R <= gemv_dense_rows<T>(w.data(), R, K)) {
+  if (R <= gemv_dense_rows<T>(w.data(), R, K, N)) {
     const bool vec = aligned16(w.data()) && K % kVec<T> == 0;
     launch_gemv(GemvParams<T>{w.data(), x.data(), y.data(), N, K, int(R), beta, vec});
     return;
@@ -349,7 +363,7 @@ void Kernels<Cuda>::fused_linear(const Tensor<T, Cuda>& y, const Tensor<T, Cuda>
                                  const FusedLinear<T, Cuda>& f) {
   using namespace cuda::kernels;
   const int64_t R = x.size(0), K = x.size(1), N = w.size(0);
-  if (R > gemv_dense_rows<T>(w.data(), R, K)) {
+  if (R > gemv_dense_rows<T>(w.data(), R, K, N)) {
     ops::fused_linear_unfused(y, x, w, f);
     return;
   }

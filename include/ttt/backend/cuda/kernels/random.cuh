@@ -30,7 +30,14 @@ using namespace device;
 //  3. the exponential race over the set: argmax of (l - m) / temperature - log(E_i), ties
 //     to the smaller index, NaN never winning; when the top's own score is NaN (m
 //     infinite) the CPU keeps the top, and so does this.
+// At batch 1 the depformer samples its 8 audio rows one after another, so a row's latency is
+// on the frame's critical path: rows of up to kSampleCache x kSampleThreads logits (Moshi's
+// audio 2048) sit in registers for all passes; each radix pass counts its histogram with one
+// shared-memory atomic per distinct bin per warp (the logits' top bytes are few: a plain atomic
+// per element serialises on them), and the pass's bin is found by a block scan over the 256
+// bins instead of one thread walking them.
 constexpr int kSampleThreads = 512;
+constexpr int kSampleCache = 4;
 
 template <class T>
 struct SampleKernelParams {
@@ -52,7 +59,9 @@ __device__ inline uint32_t order_key(float x) {
   return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
 }
 
-template <class T>
+// kCache > 0: V <= kCache * kSampleThreads, the row read once into registers; 0: any V, read
+// from memory (L1) on each pass.
+template <class T, int kCache>
 __global__ void __launch_bounds__(kSampleThreads) sample_kernel(const SampleKernelParams<T> p) {
   ::ttt::cuda::device::pdl_begin();  // first: see device.cuh
   const int64_t r = blockIdx.x, V = p.V;
@@ -65,14 +74,40 @@ __global__ void __launch_bounds__(kSampleThreads) sample_kernel(const SampleKern
   const uint64_t seed = rows ? uint64_t(p.row_seed[r]) : p.seed;
   const uint64_t ctr = uint64_t(rows ? p.row_counter[r] : p.counter[0]) * 64u + p.salt;
   const uint64_t key0 = rows ? 0 : uint64_t(r * V);
-  auto lv = [&](int64_t i) {
+  auto load = [&](int64_t i) {
     const float x = to_f32(l[i]);
     return isnan(x) ? -INFINITY : x;
+  };
+  float cache[kCache > 0 ? kCache : 1];
+  if constexpr (kCache > 0) {
+#pragma unroll
+    for (int c = 0; c < kCache; ++c) {
+      const int64_t i = int64_t(c) * kSampleThreads + threadIdx.x;
+      cache[c] = i < V ? load(i) : -INFINITY;
+    }
+  }
+  // fn(i, valid, logit) for this thread's elements, in block-uniform steps of kSampleThreads
+  // (every thread takes every step, so warp collectives inside fn see full warps).
+  auto each = [&](auto&& fn) {
+    if constexpr (kCache > 0) {
+#pragma unroll
+      for (int c = 0; c < kCache; ++c) {
+        const int64_t i = int64_t(c) * kSampleThreads + threadIdx.x;
+        fn(i, i < V, cache[c]);
+      }
+    } else {
+      for (int64_t base = 0; base < V; base += kSampleThreads) {
+        const int64_t i = base + threadIdx.x;
+        fn(i, i < V, i < V ? load(i) : -INFINITY);
+      }
+    }
   };
 
   // 1. top (every value is a candidate: -inf ties resolve to the smaller index).
   ArgBest top{0.f, 0, false};
-  for (int64_t i = threadIdx.x; i < V; i += kSampleThreads) offer(top, lv(i), i);
+  each([&](int64_t i, bool valid, float x) {
+    if (valid) offer(top, x, i);
+  });
   top = block_all_reduce<kSampleThreads>(top, ArgBestOp{});
   if (!(temperature > 0.f) || k == 1) {
     if (threadIdx.x == 0) p.out[r] = top.i;
@@ -84,35 +119,40 @@ __global__ void __launch_bounds__(kSampleThreads) sample_kernel(const SampleKern
   uint32_t tau = 0;
   int64_t cut = V;
   if (k < V) {
+    using BinScan = cub::BlockScan<int64_t, kSampleThreads>;
     __shared__ unsigned hist[256];
+    __shared__ typename BinScan::TempStorage bin_tmp;
     __shared__ uint32_t s_prefix;
     __shared__ int64_t s_need;
+    static_assert(kSampleThreads >= 256, "one thread per bin");
+    const unsigned lane = threadIdx.x & 31u;
     uint32_t prefix = 0, mask = 0;
     int64_t need = k;
     for (int shift = 24; shift >= 0; shift -= 8) {
-      for (int j = threadIdx.x; j < 256; j += kSampleThreads) hist[j] = 0;
+      if (threadIdx.x < 256) hist[threadIdx.x] = 0;
       __syncthreads();
-      for (int64_t i = threadIdx.x; i < V; i += kSampleThreads) {
-        const uint32_t key = order_key(lv(i));
-        if ((key & mask) == prefix) atomicAdd(&hist[(key >> shift) & 255u], 1u);
-      }
+      each([&](int64_t, bool valid, float x) {
+        const uint32_t key = order_key(x);
+        // 256: not counted. Lanes holding the same bin add once, through their lowest lane.
+        const unsigned bin = (valid && (key & mask) == prefix) ? (key >> shift) & 255u : 256u;
+        const unsigned peers = __match_any_sync(0xffffffffu, bin);
+        if (bin < 256u && lane == unsigned(__ffs(peers) - 1)) atomicAdd(&hist[bin], unsigned(__popc(peers)));
+      });
       __syncthreads();
-      if (threadIdx.x == 0) {
-        int64_t above = 0;
-        for (int bin = 255; bin >= 0; --bin) {
-          if (above + hist[bin] >= need) {
-            s_prefix = prefix | (uint32_t(bin) << shift);
-            s_need = need - above;
-            break;
-          }
-          above += hist[bin];
-        }
+      // Thread t holds bin 255 - t: the inclusive sum is the count at or above that bin; the
+      // pass's bin is the one where it first reaches `need`.
+      const int64_t cnt = threadIdx.x < 256 ? int64_t(hist[255 - threadIdx.x]) : 0;
+      int64_t incl;
+      BinScan(bin_tmp).InclusiveSum(cnt, incl);
+      if (cnt > 0 && incl >= need && incl - cnt < need) {
+        s_prefix = prefix | (uint32_t(255 - threadIdx.x) << shift);
+        s_need = need - (incl - cnt);
       }
       __syncthreads();
       prefix = s_prefix;
       need = s_need;
       mask |= 0xffu << shift;
-      __syncthreads();  // hist and s_* are rewritten next pass
+      __syncthreads();  // hist, bin_tmp and s_* are rewritten next pass
     }
     tau = prefix;
     // The need-th index (in index order) among the keys equal to tau.
@@ -120,34 +160,36 @@ __global__ void __launch_bounds__(kSampleThreads) sample_kernel(const SampleKern
     __shared__ typename BlockScan::TempStorage scan_tmp;
     __shared__ int64_t s_cut;
     int64_t seen = 0;
-    for (int64_t base = 0; base < V; base += kSampleThreads) {
-      const int64_t i = base + threadIdx.x;
-      const int hit = (i < V && order_key(lv(i)) == tau) ? 1 : 0;
+    bool found = false;
+    each([&](int64_t i, bool valid, float x) {
+      if (found) return;  // uniform: seen is the same in every thread
+      const int hit = (valid && order_key(x) == tau) ? 1 : 0;
       int before, total;
       BlockScan(scan_tmp).ExclusiveSum(hit, before, total);
       if (hit && seen + before == need - 1) s_cut = i;
       seen += total;
       __syncthreads();
-      if (seen >= need) break;
-    }
+      found = seen >= need;
+    });
     cut = s_cut;
   }
 
   // 3. the race.
-  auto score = [&](int64_t i) {
+  auto score = [&](int64_t i, float x) {
     const float e = Philox::exponential(seed, ctr, key0 + uint64_t(i));
-    return (lv(i) - m) / temperature - logf(e);
+    return (x - m) / temperature - logf(e);
   };
   ArgBest best{0.f, 0, false};
-  for (int64_t i = threadIdx.x; i < V; i += kSampleThreads) {
+  each([&](int64_t i, bool valid, float x) {
+    if (!valid) return;
     if (i != top.i && k < V) {
-      const uint32_t key = order_key(lv(i));
-      if (key < tau || (key == tau && i > cut)) continue;
+      const uint32_t key = order_key(x);
+      if (key < tau || (key == tau && i > cut)) return;
     }
-    offer(best, score(i), i);
-  }
+    offer(best, score(i, x), i);
+  });
   best = block_all_reduce<kSampleThreads>(best, ArgBestOp{});
-  if (threadIdx.x == 0) p.out[r] = isnan(score(top.i)) || !best.valid ? top.i : best.i;
+  if (threadIdx.x == 0) p.out[r] = isnan(score(top.i, load(top.i))) || !best.valid ? top.i : best.i;
 }
 
 }  // namespace cuda::kernels
@@ -162,7 +204,8 @@ void Kernels<Cuda>::sample(const Tensor<int64_t, Cuda>& out, const Tensor<T, Cud
                                 out.data(),    counter.data(),   sp.temperature, sp.seed,
                                 sp.salt,       sp.row_temperature, sp.row_top_k, sp.row_seed,
                                 sp.row_counter};
-  launch(sample_kernel<T>, unsigned(N), kSampleThreads, 0, 1, p);
+  if (V <= int64_t(kSampleCache) * kSampleThreads) launch(sample_kernel<T, kSampleCache>, unsigned(N), kSampleThreads, 0, 1, p);
+  else launch(sample_kernel<T, 0>, unsigned(N), kSampleThreads, 0, 1, p);
 }
 
 namespace cuda::kernels {

@@ -180,6 +180,68 @@ __global__ void __launch_bounds__(kRowThreads) rms_norm_kernel(const RowParams<T
   }
 }
 
+// The same norm for rows short enough to sit in registers (unit stride, 16-byte aligned rows
+// of n <= kRmsVecs * kVec<T> * kRowThreads: Moshi's 4096 / 1024 in bf16 or f32): the row and alpha are loaded
+// once, together, before the block's one reduction, so a row costs one round trip to memory
+// instead of the general kernel's two (x for the sum of squares, then x and alpha again). At
+// batch 1 the decode frame runs 161 of these one-block norms back to back (bf16: the norm
+// before every cuBLAS product), each bound by that latency, not by bandwidth. The sum of squares
+// is taken in another order than rms_norm_kernel's (per thread over its 16-byte pieces).
+constexpr int kRmsVecs = 4;
+
+template <class T>
+__global__ void __launch_bounds__(kRowThreads) rms_norm_row_kernel(const RowParams<T> p) {
+  ::ttt::cuda::device::pdl_begin();  // first: see device.cuh
+  constexpr int V = kVec<T>;
+  const RowLayout& L = p.L;
+  for (int64_t r = blockIdx.x; r < L.rows; r += gridDim.x) {
+    int64_t io, oo;
+    row_offsets(L, r, io, oo);
+    const T* x = p.in + io;
+    T* o = p.out + oo;
+    float xv[kRmsVecs][V], wv[kRmsVecs][V];
+    float ss = 0.f;
+#pragma unroll
+    for (int q = 0; q < kRmsVecs; ++q) {
+      const int64_t j = (int64_t(q) * kRowThreads + threadIdx.x) * V;
+      if (j < L.n) {
+        load16<T>(x + j, xv[q]);
+        load16<T>(p.weight + j, wv[q]);
+      }
+    }
+#pragma unroll
+    for (int q = 0; q < kRmsVecs; ++q) {
+      if ((int64_t(q) * kRowThreads + threadIdx.x) * V < L.n) {
+#pragma unroll
+        for (int e = 0; e < V; ++e) ss += xv[q][e] * xv[q][e];
+      }
+    }
+    ss = block_all_reduce<kRowThreads>(ss, SumOp{});
+    const float rs = 1.f / sqrtf(p.eps + ss / float(L.n));
+#pragma unroll
+    for (int q = 0; q < kRmsVecs; ++q) {
+      const int64_t j = (int64_t(q) * kRowThreads + threadIdx.x) * V;
+      if (j < L.n) {
+        if constexpr (sizeof(T) == 4) {
+          float4 v;
+          v.x = xv[q][0] * (wv[q][0] * rs), v.y = xv[q][1] * (wv[q][1] * rs);
+          v.z = xv[q][2] * (wv[q][2] * rs), v.w = xv[q][3] * (wv[q][3] * rs);
+          *reinterpret_cast<float4*>(o + j) = v;
+        } else {
+          uint32_t w[4];
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const T lo = from_f32<T>(xv[q][2 * e] * (wv[q][2 * e] * rs));
+            const T hi = from_f32<T>(xv[q][2 * e + 1] * (wv[q][2 * e + 1] * rs));
+            w[e] = uint32_t(lo.bits) | (uint32_t(hi.bits) << 16);
+          }
+          *reinterpret_cast<uint4*>(o + j) = make_uint4(w[0], w[1], w[2], w[3]);
+        }
+      }
+    }
+  }
+}
+
 // L describes the output rows (width H); the input row (width 2H, unit stride) shares
 // the output's outer coordinates through in_stride. blockIdx.y spreads a row's columns.
 template <class T>
@@ -266,7 +328,14 @@ void Kernels<Cuda>::rms_norm(const Tensor<T, Cuda>& out, const Tensor<T, Cuda>& 
   RowParams<T> p = row_params(out, in);
   p.weight = alpha.data();
   p.eps = eps;
-  launch_rows(rms_norm_kernel<T>, p);
+  // The register kernel wherever every row and alpha are 16-byte aligned, contiguous pieces.
+  const int64_t V = kVec<T>;
+  bool rows_aligned = p.L.in_inner == 1 && p.L.n % V == 0 && p.L.n <= kRmsVecs * V * kRowThreads &&
+                      aligned16(p.in) && aligned16(p.out) && aligned16(p.weight);
+  for (int j = 0; j < 3; ++j)
+    rows_aligned = rows_aligned && (p.L.outer[j] == 1 || (p.L.in_stride[j] % V == 0 && p.L.out_stride[j] % V == 0));
+  if (rows_aligned) launch_rows(rms_norm_row_kernel<T>, p);
+  else launch_rows(rms_norm_kernel<T>, p);
 }
 
 }  // namespace ttt
