@@ -157,9 +157,10 @@ inline int64_t& gemv_max_rows() {
 }
 
 // Matrices of at most this many MiB take our GEMV (up to kGemvMaxRows rows) whatever
-// gemv_max_rows() says (TTT_GEMV_DENSE_SMALL_MIB, default 0: none). An experiment, not measured
-// yet: the depformer's 2-12 MB matrices run on cuBLAS at 0.4-1.5 TB/s, with a split-K reduce
-// kernel after 120 of them per frame (docs/perf.md, the bf16 frame profile).
+// gemv_max_rows() says (TTT_GEMV_DENSE_SMALL_MIB, default 0: none). An experiment: the
+// depformer's 2-12 MB matrices run on cuBLAS at 0.4-1.5 TB/s with a split-K reduce after 120 of
+// them per frame, yet at 16 MiB our GEMV made the 7B bf16 frame slower (8.19 against 8.14 ms,
+// H100, docs/perf.md), so it stays off.
 inline double gemv_dense_small_mib() {
   static const double v = [] {
     const char* e = std::getenv("TTT_GEMV_DENSE_SMALL_MIB");
