@@ -31,11 +31,17 @@ if [ ! -x "$venv/bin/python" ]; then
     exit 0
   fi
 fi
+# tools/requirements-nodeps.txt: packages installed without their declared dependencies (Kyutai's
+# moshi declares torch >= 2.2, which would pull PyPI's 3.8 GB CUDA torch over Debian's; the tests
+# run its LMModel on Debian's torch 1.13, examples/pytorch/tests/common.py says how).
+nodeps=$root/tools/requirements-nodeps.txt
 stamp=$venv/.ttt-requirements
-if [ -f "$stamp" ] && cmp -s "$stamp" "$req"; then exit 0; fi
-echo "python_env: installing $(grep -cv '^\s*\(#\|$\)' "$req") packages from tools/requirements.txt into $venv" >&2
-if "$venv/bin/python" -m pip install -q --disable-pip-version-check -r "$req" >&2; then
-  cp "$req" "$stamp"
+want=$(cat "$req" "$nodeps" 2>/dev/null)
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then exit 0; fi
+echo "python_env: installing $(cat "$req" "$nodeps" 2>/dev/null | grep -cv '^\s*\(#\|$\)') packages from tools/requirements*.txt into $venv" >&2
+if "$venv/bin/python" -m pip install -q --disable-pip-version-check -r "$req" >&2 &&
+   { [ ! -f "$nodeps" ] || "$venv/bin/python" -m pip install -q --disable-pip-version-check --no-deps -r "$nodeps" >&2; }; then
+  printf '%s' "$want" > "$stamp"
 else
   echo "python_env: pip install failed (offline?); the Python tests that need these packages will skip" >&2
 fi

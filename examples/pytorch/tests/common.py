@@ -30,6 +30,48 @@ def require_torch(min_version=None):
     return torch
 
 
+def _sdpa_math(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None):
+    """torch.nn.functional.scaled_dot_product_attention as PyTorch documents it (its math
+    backend): softmax(Q Kᵀ · scale + mask) V, a boolean mask keeping where True. For torch < 2.0,
+    which lacks it; no dropout (the tests run in eval mode)."""
+    import math
+    import torch
+    if dropout_p != 0.0:
+        raise NotImplementedError("the test shim of scaled_dot_product_attention has no dropout")
+    L, S = query.shape[-2], key.shape[-2]
+    s = (1.0 / math.sqrt(query.shape[-1])) if scale is None else scale
+    scores = torch.matmul(query, key.transpose(-2, -1)) * s
+    if is_causal:
+        keep = torch.ones(L, S, dtype=torch.bool, device=query.device).tril()
+        scores = scores.masked_fill(~keep, float("-inf"))
+    if attn_mask is not None:
+        scores = scores.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else scores + attn_mask
+    return torch.matmul(torch.softmax(scores, dim=-1), value)
+
+
+def require_moshi():
+    """torch, with Kyutai's moshi package importable, or a skip saying what is missing. moshi
+    0.2.13 declares torch >= 2.2, but its LMModel (what these tests use: teacher-forced forward)
+    runs on Debian 12's torch 1.13 given scaled_dot_product_attention, which torch gained in 2.0:
+    there the test provides PyTorch's documented math for it and says so, and turns moshi's
+    torch.compile off (NO_TORCH_COMPILE, moshi's own switch; compiling changes no result)."""
+    torch = require_torch()
+    import torch.nn.functional as F
+    if not hasattr(F, "scaled_dot_product_attention"):
+        F.scaled_dot_product_attention = _sdpa_math
+        print(f"note: torch {torch.__version__} has no scaled_dot_product_attention: moshi runs on the "
+              "test's math version of it (common._sdpa_math)", flush=True)
+    if not hasattr(torch, "compile"):  # moshi wraps its norms in torch.compile unless told not to
+        os.environ["NO_TORCH_COMPILE"] = "1"
+    try:
+        import moshi  # noqa: F401
+        from moshi.models import lm  # noqa: F401
+    except Exception as e:
+        skip(f"moshi is not importable ({type(e).__name__}: {e}); pip install moshi==0.2.13, or with "
+             "Debian's torch: tools/python_env.sh installs it without its dependencies")
+    return torch
+
+
 _DTYPES = {"F32": ("<f4", 4), "F64": ("<f8", 8), "I64": ("<i8", 8), "I32": ("<i4", 4), "U8": ("|u1", 1)}
 
 

@@ -14,13 +14,9 @@ import subprocess
 import sys
 import tempfile
 
-from common import FIXTURES, ROOT, load_json, read_safetensors, rel_err, require_torch, skip, threads, write_safetensors
+from common import FIXTURES, ROOT, load_json, read_safetensors, rel_err, require_moshi, skip, threads, write_safetensors
 
-torch = require_torch(min_version=(2, 2))
-try:
-    import moshi  # noqa: F401
-except Exception as e:
-    skip(f"moshi is not importable ({e}); pip install moshi==0.2.13 (needs torch >= 2.2)")
+torch = require_moshi()
 threads()
 from ttt_torch.moshi_designs import build_lm, export_state_dict  # noqa: E402
 

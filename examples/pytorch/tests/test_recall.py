@@ -14,13 +14,9 @@ import sys
 import tempfile
 import time
 
-from common import PYTORCH_DIR, ROOT, require_torch, skip, threads
+from common import PYTORCH_DIR, ROOT, require_moshi, skip, threads
 
-torch = require_torch(min_version=(2, 2))
-try:
-    import moshi  # noqa: F401
-except Exception as e:
-    skip(f"moshi is not importable ({e}); pip install moshi==0.2.13 (needs torch >= 2.2)")
+torch = require_moshi()
 exe = sys.argv[sys.argv.index("--ttt-moshi") + 1] if "--ttt-moshi" in sys.argv else None
 if exe is None or not os.path.exists(exe):
     skip(f"no ttt-moshi binary ({exe}); pass --ttt-moshi build/bin/ttt-moshi")
