@@ -68,7 +68,13 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ttt-py", help="path to ttt-lm-pytorch's ttt.py")
     ap.add_argument("--download", action="store_true", help=f"download ttt.py from {URL}")
+    ap.add_argument("--skip-missing", action="store_true",
+                    help="exit 77 (a CTest skip) with a message when --ttt-py does not exist")
     args = ap.parse_args()
+    if args.ttt_py and not os.path.exists(args.ttt_py) and args.skip_missing:
+        print(f"SKIPPED: no ttt-lm-pytorch ttt.py at {args.ttt_py} (copy it from a checkout of "
+              "github.com/test-time-training/ttt-lm-pytorch, or set TTT_PY at configure time)", flush=True)
+        return 77
     import torch
     import ttt_torch
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
