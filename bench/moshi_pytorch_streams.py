@@ -13,6 +13,11 @@ a batch is too slow or does not fit (torch.OutOfMemoryError), then bisects. The 
   python3 bench/moshi_pytorch_streams.py --config bench/configs/moshi_7b.json --device cuda --dtype bfloat16
   python3 bench/moshi_pytorch_streams.py --config examples/configs/small.json --device cpu --dtype float32 \
       --context-frames 300 --limit-ms 200        (a quick check on the CPU)
+
+--batches 1,8 times just those batches instead of searching (the anchor of `ttt-moshi bench`,
+which tools/gpu_check.sh bench measures in the same run: --context-frames 110 --frames 100
+--warmup 10 is what `ttt-moshi bench --frames 100 --warmup 10` attends to) and prints one
+`pytorch frame result: batch=B p50=MS p99=MS gib=G` line per batch.
 """
 import argparse
 import gc
@@ -104,6 +109,7 @@ def main():
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--max-batch", type=int, default=1024)
     p.add_argument("--label", default="pytorch")
+    p.add_argument("--batches", help="comma-separated batches to time (no search), e.g. 1,8")
     a = p.parse_args()
     device = torch.device(a.device)
     dtype = getattr(torch, a.dtype)
@@ -122,6 +128,13 @@ def main():
           f"({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}), {a.dtype}, "
           f"frame <= {a.limit_ms:.1f} ms (median of {a.frames} frames after {a.warmup} warm-up) with {context} "
           f"frames of context; model {model_gib:.2f} GiB in use", flush=True)
+
+    if a.batches:
+        for batch in (int(v) for v in a.batches.split(",")):
+            release(device)
+            p50, p99, gib = time_batch(gen, model, batch, context, a.warmup, a.frames, device)
+            print(f"pytorch frame result: batch={batch} p50={p50:.3f} p99={p99:.3f} gib={gib:.2f}", flush=True)
+        return
 
     tried = {}
 

@@ -86,9 +86,24 @@ if has bench-ttt; then
 fi
 
 if has bench; then
+  # The anchor in the same run: Kyutai's PyTorch moshi (LMGen, its CUDA graphs) at batches 1 and
+  # 8 with the context ours attends to (110 frames), when its wheel is carried in .whl; else
+  # issue 13's H200 figures, said to be such.
+  ensure_moshi
+  declare -A anchor=([1]=10.95 [8]=14.64)
+  src="issue 13's H200 figures (PyTorch not run here)"
+  if python3 -c "import moshi" 2>/dev/null; then
+    timeout 300 python3 bench/moshi_pytorch_streams.py --config bench/configs/moshi_7b.json --device cuda \
+      --dtype bfloat16 --batches 1,8 --context-frames 110 --frames 100 --warmup 10 > "$out/bench_7b_pytorch.log" 2>&1
+    for b in 1 8; do
+      v=$(awk -v b="batch=$b" '$1 == "pytorch" && $2 == "frame" && $4 == b {sub("p50=", "", $5); print $5}' "$out/bench_7b_pytorch.log")
+      [ -n "$v" ] && anchor[$b]=$v && src="PyTorch moshi measured in this run ($out/bench_7b_pytorch.log)"
+    done
+  fi
+  echo "anchors: batch 1 ${anchor[1]} ms, batch 8 ${anchor[8]} ms: $src"
   for b in 1 8; do
     timeout 150 "$bin/ttt-moshi" bench --preset 7b --backend cuda --dtype bf16 --batch $b --frames 100 --warmup 10 \
-      --anchor-ms $([ $b = 1 ] && echo 12.56 || echo 16.49) --mimi > "$out/bench_7b_b$b.log" 2>&1
+      --anchor-ms "${anchor[$b]}" --mimi > "$out/bench_7b_b$b.log" 2>&1
     tail -13 "$out/bench_7b_b$b.log"
   done
 fi
