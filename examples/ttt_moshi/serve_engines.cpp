@@ -216,29 +216,39 @@ void Ticker::finish(Live& l, const char* why, bool close_client, const std::stri
     }
   }
   engine_->leave(l.slot);
+  // The client is told the conversation ended (its connection closed) only once the state is on
+  // disk: a client that reconnects at once, through a load balancer to another instance (a
+  // separate process, which cannot wait on this one's saver), then finds the file. Closing first
+  // let such a resume race the write and be refused as an unknown session (test_serve_failover
+  // under load, 2026-12-05).
+  std::function<void()> close_it;
+  if (close_client)
+    if (auto c = l.conn) {
+      const bool abort = l.session->queued_frames() > opt_.limits.max_queue_frames;
+      const std::string reason = why;
+      close_it = [c, abort, error, reason] {
+        if (abort) c->abort();
+        else c->close(error, error.empty() ? CloseCode::going_away : CloseCode::policy_error, reason);
+      };
+    }
   if (write) {
     const std::string sid = short_id(l.id), reason = why;
-    pool_.saver().push(l.id, std::move(write), [sid, reason, frames](bool ok, const std::string& e) {
+    pool_.saver().push(l.id, std::move(write), [sid, reason, frames, close_it](bool ok, const std::string& e) {
       if (ok)
         std::fprintf(stderr, "serve: session %s ended (%s) at frame %lld, state saved\n", sid.c_str(), reason.c_str(),
                      (long long)frames);
       else
         std::fprintf(stderr, "serve: session %s ended (%s) at frame %lld; saving failed: %s\n", sid.c_str(),
                      reason.c_str(), (long long)frames, e.c_str());
+      if (close_it) close_it();  // Conn::close / abort post to the connection's executor: any thread
     });
   } else {
     std::fprintf(stderr, "serve: session %s ended (%s) at frame %lld\n", short_id(l.id).c_str(), why, (long long)frames);
+    if (close_it) close_it();
   }
   // After the save is queued: a resume of this id (on any engine) now waits for the file.
   pool_.release(l.id);
   --load_;
-  if (close_client)
-    if (auto c = l.conn) {
-      if (l.session->queued_frames() > opt_.limits.max_queue_frames)
-        c->abort();
-      else
-        c->close(error, error.empty() ? CloseCode::going_away : CloseCode::policy_error, why);
-    }
 }
 
 // Conversations whose connection ended, or that must be dropped.
