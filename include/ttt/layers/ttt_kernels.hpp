@@ -74,17 +74,17 @@ struct TttInnerArgs {
   Tensor<uint8_t, B> commit;  // [B]; undefined: every item commits
 };
 
-// Where TttKernels<B>::inner_checkpointed writes the state for the backward (ttt_forward_train):
-// the call starts at phase 0, and before its mini-batch m (m = 0, every, 2 every, ...) the
-// state (W1, b1 and, for TTT-MLP, W2, b2) goes to checkpoint ci = m / every, rows [ci B + b]:
-// exactly what running the inner loop one group of `every` mini-batches at a time, from a copy
-// of the state taken before each group, would store.
 // Number of checkpoints for L tokens in mini-batches of K, one every `group` mini-batches.
 inline int64_t ttt_num_checkpoints(int64_t L, int64_t K, int64_t group) {
   const int64_t M = (L + K - 1) / K;
   return (M + group - 1) / group;
 }
 
+// Where TttKernels<B>::inner_checkpointed writes the state for the backward (ttt_forward_train):
+// the call starts at phase 0, and before its mini-batch m (m = 0, every, 2 every, ...) the
+// state (W1, b1 and, for TTT-MLP, W2, b2) goes to checkpoint ci = m / every, rows [ci B + b]:
+// exactly what running the inner loop one group of `every` mini-batches at a time, from a copy
+// of the state taken before each group, would store.
 template <class B>
 struct TttCheckpoints {
   int64_t every = 1;
