@@ -470,6 +470,27 @@ TEST_CASE("layer_norm_backward and unary_backward match float64", "[ops][grad]")
 using ttt_test::quoted;
 using ttt_test::run_command;
 
+// The tensors ttt-layer wrote to `out` against the fixture `dir`'s: every y, grad.x and
+// grad.<name> present and within tol of its max |reference|. Returns the worst error and how
+// many tensors were compared.
+namespace {
+std::pair<double, int> check_cli_grad(const std::string& out, const std::string& dir, double tol) {
+  const auto res = io::SafeTensors::open(out), st = io::SafeTensors::open(dir + "/io.safetensors");
+  double worst = 0;
+  int n = 0;
+  for (const auto& ti : st.tensors()) {
+    if (ti.name == "x" || ti.name == "dy") continue;
+    REQUIRE(res.contains(ti.name));
+    const double e = rel_error(res.load<float>(ti.name), st.load<float>(ti.name));
+    INFO(ti.name << ": " << e);
+    CHECK(e <= tol);
+    worst = std::max(worst, e);
+    ++n;
+  }
+  return {worst, n};
+}
+}  // namespace
+
 TEST_CASE("ttt-layer --mode grad writes y, grad.x and every grad.<name>", "[ttt][grad][cli]") {
   const std::string out = std::string(TTT_TEST_OUT) + "/cli_grad.safetensors";
   for (const auto& name : grad_cases()) {
@@ -481,19 +502,8 @@ TEST_CASE("ttt-layer --mode grad writes y, grad.x and every grad.<name>", "[ttt]
     const auto [rc, text] = run_command(cmd);
     INFO(cmd << "\n" << text);
     REQUIRE(rc == 0);
-    const auto res = io::SafeTensors::open(out), st = io::SafeTensors::open(dir + "/io.safetensors");
-    double worst = 0;
-    int n = 0;
-    for (const auto& ti : st.tensors()) {
-      if (ti.name == "x" || ti.name == "dy") continue;
-      REQUIRE(res.contains(ti.name));
-      const double e = rel_error(res.load<float>(ti.name), st.load<float>(ti.name));
-      INFO(ti.name << ": " << e);
-      CHECK(e <= 1e-5);
-      worst = std::max(worst, e);
-      ++n;
-    }
-    CHECK(int(res.tensors().size()) == n);  // nothing beyond y, grad.x and grad.<name>
+    const auto [worst, n] = check_cli_grad(out, dir, 1e-5);
+    CHECK(int(io::SafeTensors::open(out).tensors().size()) == n);  // nothing beyond y, grad.x and grad.<name>
     std::printf("[ttt grad cli] %-34s %d tensors, worst %.2e\n", name.c_str(), n, worst);
   }
   std::filesystem::remove(out);
@@ -526,17 +536,8 @@ TEST_CASE("ttt-layer --mode grad writes y, grad.x and every grad.<name>", "[ttt]
           const auto [crc, ctext] = run_command(cmd);
           INFO(cmd << "\n" << ctext);
           REQUIRE(crc == 0);
-          const auto res = io::SafeTensors::open(out), st = io::SafeTensors::open(cdir + "/io.safetensors");
           const double tol = std::string(dtype) == "f32" ? 1e-5 : 5e-2;
-          double worst = 0;
-          for (const auto& ti : st.tensors()) {
-            if (ti.name == "x" || ti.name == "dy") continue;
-            REQUIRE(res.contains(ti.name));
-            const double e = rel_error(res.load<float>(ti.name), st.load<float>(ti.name));
-            INFO(ti.name << ": " << e);
-            CHECK(e <= tol);
-            worst = std::max(worst, e);
-          }
+          const double worst = check_cli_grad(out, cdir, tol).first;
           std::printf("[ttt grad cli cuda %s] %-34s worst %.2e (bound %.0e)\n", dtype, name.c_str(), worst, tol);
         }
       std::filesystem::remove(out);
