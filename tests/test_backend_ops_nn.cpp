@@ -243,6 +243,9 @@ TEMPLATE_TEST_CASE("attention", "[backend]", float, bf16, f16) {
       {1, 1, 4, 4, 1, 16, 0},      {2, 3, 4, 2, 7, 16, 3},     {1, 1, 8, 8, 300, 64, 0},  {1, 4, 4, 2, 2500, 128, 250},
       {2, 2, 2, 1, 33, 80, 0},     {1, 1, 2, 2, 5000, 64, 0},  {1, 2, 3, 3, 19, 7, 0},    {2, 64, 8, 8, 300, 64, 100},
       {1, 70, 8, 4, 2100, 16, 0},  {1, 3, 2, 2, 40, 300, 0},
+      // Enough rows for one split per row (the vector kernel's large-batch decode), and a
+      // decode batch over a 3000-key ring (several splits per row).
+      {3, 24, 16, 16, 1000, 128, 500}, {4, 1, 32, 32, 3000, 128, 0},
   };
   for (const Case& c : cases)
     for (bool strided : {false, true}) {

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # On the GPU machine (device tool): the CUDA tests, compute-sanitizer and the CUDA benchmarks,
 # each time-boxed, logs under $OUT (or ./gpu_out), a short summary on stdout.
-#   tools/gpu_check.sh [build|test|sanitize|bench|bench-pdl|bench-gemv|bench-quant|bench-ttt|bench-train|bench-designs|bench-mimi|serve-load|serve-devices|all]...
+#   tools/gpu_check.sh [build|test|sanitize|bench|bench-attn|bench-pdl|bench-gemv|bench-quant|bench-ttt|bench-train|bench-designs|bench-mimi|serve-load|serve-devices|all]...
 # serve-load is left out of `all` (minutes): bench/serve_load.py with the 7B on the GPU (SERVE_CLIENTS)
 # and the small config on the CPU (SERVE_CPU_CLIENTS); Python wheels for its client from .whl/py312.
 # serve-devices (also not in `all`, ~1-2 min): tests/serve/test_engines.py against
@@ -117,6 +117,26 @@ if printf '%s\n' "${steps[@]}" | grep -qx bench-pdl; then
         TTT_PDL=$pdl timeout 150 "$bin/ttt-moshi" bench --preset 7b --backend cuda --dtype bf16 --batch $b --frames 200 \
           --warmup 20 > "$out/bench_pdl${pdl}_b${b}_$rep.log" 2>&1
         echo "== pdl $pdl batch $b (run $rep) rc=$?: $(grep -E '^bench' "$out/bench_pdl${pdl}_b${b}_$rep.log" | head -1)"
+      done
+    done
+  done
+fi
+
+# Not part of `all` (~4 min): the attention kernels, the same binary: TTT_ATTN_VEC=0 (every shape
+# on attention_kernel) against the default (attention_vec_kernel where rows are 16-byte pieces),
+# alternated: 7B frames at batch 1 (110 frames of context) and at full context (3000 frames,
+# every ring filled) with bf16 and fp8 KV rings, ATTN_BATCH streams (default 32), and fp8
+# weights + fp8 KV at 2x that (KV "same": a bf16 ring). ATTN_REPS: alternations (default 2).
+if printf '%s\n' "${steps[@]}" | grep -qx bench-attn; then
+  nb=${ATTN_BATCH:-32}
+  for rep in $(seq 1 "${ATTN_REPS:-2}"); do
+    for cfg in "bf16 same 1 0" "bf16 same $nb 3000" "bf16 fp8 $nb 3000" "fp8 fp8 $((2 * nb)) 3000"; do
+      set -- $cfg
+      for vec in 0 1; do
+        log="$out/bench_attn_$1_kv$2_b$3_c$4_vec${vec}_$rep.log"
+        TTT_ATTN_VEC=$vec timeout 150 "$bin/ttt-moshi" bench --preset 7b --backend cuda --dtype "$1" --kv-dtype "$2" \
+          --batch "$3" --context-frames "$4" --frames 30 --warmup 5 > "$log" 2>&1
+        echo "== attn vec $vec $1 kv $2 batch $3 context $4 (run $rep) rc=$?: $(grep -E '^bench' "$log" | head -1 | sed 's/.*: median/median/') | $(grep -E '^floor' "$log" | sed 's/.*= //')"
       done
     done
   done

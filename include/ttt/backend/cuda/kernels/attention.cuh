@@ -7,6 +7,8 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
+#include <string>
 
 #include "ttt/backend/cuda/context.hpp"
 #include "ttt/backend/cuda/device.cuh"
@@ -35,6 +37,7 @@ struct DenseKv {
   static constexpr bool quantised = false;
   static constexpr int vec = kVec<T>;  // elements per 16-byte load
   __device__ static void load_vec(const Elem* p, float (&out)[kVec<T>]) { load16(p, out); }
+  __device__ static void unpack(const uint4& u, float (&out)[kVec<T>]) { unpack16<T>(u, out); }
   __device__ static float load(const Elem* p) { return to_f32(*p); }
 };
 template <class F>
@@ -46,6 +49,7 @@ struct CodesKv {
   __device__ static void load_vec(const Elem* p, float (&out)[16]) {
     decode16<F>(*reinterpret_cast<const uint4*>(p), out);
   }
+  __device__ static void unpack(const uint4& u, float (&out)[16]) { decode16<F>(u, out); }
   __device__ static float load(const Elem* p) { return decode1<F>(*p); }
 };
 
@@ -209,6 +213,172 @@ __global__ void __launch_bounds__(kAttnThreads) attention_combine_kernel(const A
   }
 }
 
+
+// ---- attention over 16-byte rows ------------------------------------------------------------
+// Decoding at batch > 1 streams every row's keys and values once: nothing is reused, so what
+// counts is keeping the memory system busy. attention_kernel above gives each thread a whole key
+// (a warp's load touches 32 rows) and reads V one element per load. Here a group of
+// L = D * sizeof(Elem) / 16 lanes holds one key: each lane one 16-byte piece of the key row and
+// of the value row, so every load is 16 bytes, a warp's load covers 32 / L whole rows, and the
+// K and V pieces of kAttnVecUnroll keys per group are in flight together. Each group keeps an
+// online softmax over its keys: m = max score, z = sum_s e^(score_s - m),
+// acc = sum_s e^(score_s - m) v_s (its lane's slice; a quantised row's scale joins its weight in
+// acc, not in z), rescaled by e^(m_old - m_new) when the max grows. The block then merges its
+// groups the same way and writes the output or, split, the (m, z, acc) row that
+// attention_combine_kernel merges exactly as it merges attention_kernel's.
+constexpr int kAttnVecThreads = 128, kAttnVecUnroll = 4, kAttnVecMaxChunk = 1024;
+
+template <class T, class KV, int L>
+__global__ void __launch_bounds__(kAttnVecThreads) attention_vec_kernel(const AttentionKernelParams<T, KV> p) {
+  ::ttt::cuda::device::pdl_begin();  // first: see device.cuh
+  constexpr int kV = KV::vec, G = kAttnVecThreads / L, U = kAttnVecUnroll, D = L * kV;
+  __shared__ float s_m[G], s_z[G], s_f[G];
+  __shared__ float s_acc[G * D];  // [G, D]: kAttnVecThreads * kV floats
+  const int lane = int(threadIdx.x) % L, grp = int(threadIdx.x) / L;
+  const int64_t row = blockIdx.x;  // (b * T + t) * H + h
+  const int64_t h = row % p.H, t = (row / p.H) % p.T_, b = row / (p.H * p.T_);
+  const int64_t hk = h / (p.H / p.Hk);
+  const int64_t s0 = int64_t(blockIdx.y) * p.chunk, s1 = min64(p.S, s0 + p.chunk);
+  const typename KV::Elem* kb = p.k + b * p.ks[0] + hk * p.ks[1] + lane * kV;
+  const typename KV::Elem* vb = p.v + b * p.vs[0] + hk * p.vs[1] + lane * kV;
+  const int64_t srow = (b * p.Hk + hk) * p.S;  // the scales' row of slot 0 (quantised KV)
+  const int64_t* kpos = p.k_pos + b * p.kps[0];
+  const T* qrow = p.q + b * p.qs[0] + t * p.qs[1] + h * p.qs[2] + lane * kV;
+  float qv[kV];
+#pragma unroll
+  for (int j = 0; j < kV; ++j) qv[j] = to_f32(qrow[j]);
+  const int64_t qp = p.q_pos[b * p.qps[0] + t * p.qps[1]];
+  const float bias = p.prefix_bias ? p.prefix_bias[h] : 0.f;
+
+  float m = -INFINITY, z = 0.f, acc[kV];
+#pragma unroll
+  for (int j = 0; j < kV; ++j) acc[j] = 0.f;
+  // Every lane runs the same iterations (the shuffles below need the whole warp); key
+  // base + grp + u * G is this group's u-th key of the step.
+  for (int64_t base = s0; base < s1; base += int64_t(G) * U) {
+    bool ok[U];
+    uint4 kr[U], vr[U];
+    float ksc[U], vsc[U];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int64_t s = base + grp + int64_t(u) * G;
+      ok[u] = false;
+      if (s < s1) {
+        // kp <= qp before subtracting, as on the CPU: session positions may be arbitrary.
+        const int64_t kp = kpos[s * p.kps[1]];
+        const int64_t ctx = s < p.prefix ? p.prefix_context : p.context;
+        ok[u] = kp >= 0 && kp <= qp && (ctx <= 0 || qp - kp < ctx);
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int64_t s = base + grp + int64_t(u) * G;
+      if (ok[u]) {
+        kr[u] = *reinterpret_cast<const uint4*>(kb + s * p.ks[2]);
+        vr[u] = *reinterpret_cast<const uint4*>(vb + s * p.vs[2]);
+        if constexpr (KV::quantised) ksc[u] = p.k_scale[srow + s], vsc[u] = p.v_scale[srow + s];
+      }
+    }
+    float sc[U];
+    float mu = m;
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      float dot = 0.f;
+      if (ok[u]) {
+        float kf[kV];
+        KV::unpack(kr[u], kf);
+#pragma unroll
+        for (int j = 0; j < kV; ++j) dot += qv[j] * kf[j];
+      }
+#pragma unroll
+      for (int o = L / 2; o > 0; o >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, o);
+      if constexpr (KV::quantised) dot *= ok[u] ? ksc[u] : 0.f;
+      const int64_t s = base + grp + int64_t(u) * G;
+      sc[u] = ok[u] ? dot * p.scale + (s < p.prefix ? bias : 0.f) : -INFINITY;
+      mu = fmaxf(mu, sc[u]);
+    }
+    if (mu == -INFINITY) continue;  // nothing valid yet (the same for the whole group)
+    const float c = expf(m - mu);   // 0 while m is -inf
+    z *= c;
+#pragma unroll
+    for (int j = 0; j < kV; ++j) acc[j] *= c;
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      if (!ok[u]) continue;
+      const float e = expf(sc[u] - mu);  // a valid key scoring -inf weighs 0
+      z += e;
+      float w = e;
+      if constexpr (KV::quantised) w *= vsc[u];
+      float vf[kV];
+      KV::unpack(vr[u], vf);
+#pragma unroll
+      for (int j = 0; j < kV; ++j) acc[j] += w * vf[j];
+    }
+    m = mu;
+  }
+
+  // Merge the groups: M = max m_g, each group's sums scaled by e^(m_g - M).
+  if (lane == 0) s_m[grp] = m, s_z[grp] = z;
+#pragma unroll
+  for (int j = 0; j < kV; ++j) s_acc[grp * D + lane * kV + j] = acc[j];
+  __syncthreads();
+  float M = -INFINITY;
+  for (int g = 0; g < G; ++g) M = fmaxf(M, s_m[g]);
+  if (threadIdx.x < G) s_f[threadIdx.x] = s_m[threadIdx.x] == -INFINITY ? 0.f : expf(s_m[threadIdx.x] - M);
+  __syncthreads();
+  float Z = 0.f;
+  for (int g = 0; g < G; ++g) Z += s_z[g] * s_f[g];
+  const bool single = p.splits == 1;
+  float* part = single ? nullptr : p.partial + (row * p.splits + blockIdx.y) * (D + 2);
+  T* o = p.out + b * p.os[0] + t * p.os[1] + h * p.os[2];
+  for (int d = int(threadIdx.x); d < D; d += kAttnVecThreads) {
+    float a = 0.f;
+    for (int g = 0; g < G; ++g) a += s_acc[g * D + d] * s_f[g];
+    if (single) o[d] = from_f32<T>(M == -INFINITY ? 0.f : a * (1.f / Z));
+    else part[2 + d] = a;
+  }
+  if (!single && threadIdx.x == 0) {
+    part[0] = M;
+    part[1] = Z;
+  }
+}
+
+// TTT_ATTN_VEC=0 keeps every shape on attention_kernel (an A/B switch for the benchmarks).
+inline bool attention_vec_enabled() {
+  static const bool v = [] {
+    const char* e = std::getenv("TTT_ATTN_VEC");
+    return !(e && std::string(e) == "0");
+  }();
+  return v;
+}
+
+// Lanes per key row for attention_vec_kernel (1..32, a power of two), or 0 where the rows are
+// not whole 16-byte pieces at 16-byte aligned addresses (then attention_kernel runs).
+template <class T, class KV>
+int attention_vec_lanes(const AttentionKernelParams<T, KV>& p, int64_t D) {
+  constexpr int kV = KV::vec;
+  const int64_t bytes = D * int64_t(sizeof(typename KV::Elem));
+  if (!attention_vec_enabled() || bytes % 16 != 0) return 0;
+  const int64_t L = bytes / 16;
+  if (L > 32 || (L & (L - 1)) != 0) return 0;
+  for (int i = 0; i < 3; ++i)
+    if (p.ks[i] % kV != 0 || p.vs[i] % kV != 0) return 0;
+  if (!aligned16(p.k) || !aligned16(p.v)) return 0;
+  return int(L);
+}
+
+template <class T, class KV>
+void launch_attention_vec(const AttentionKernelParams<T, KV>& p, int L, dim3 grid) {
+  switch (L) {
+    case 1: launch(attention_vec_kernel<T, KV, 1>, grid, kAttnVecThreads, 0, 1, p); break;
+    case 2: launch(attention_vec_kernel<T, KV, 2>, grid, kAttnVecThreads, 0, 1, p); break;
+    case 4: launch(attention_vec_kernel<T, KV, 4>, grid, kAttnVecThreads, 0, 1, p); break;
+    case 8: launch(attention_vec_kernel<T, KV, 8>, grid, kAttnVecThreads, 0, 1, p); break;
+    case 16: launch(attention_vec_kernel<T, KV, 16>, grid, kAttnVecThreads, 0, 1, p); break;
+    default: launch(attention_vec_kernel<T, KV, 32>, grid, kAttnVecThreads, 0, 1, p); break;
+  }
+}
+
 }  // namespace cuda::kernels
 
 namespace cuda::kernels {
@@ -221,15 +391,19 @@ void launch_attention(AttentionKernelParams<T, KV>& p, const Tensor<T, Cuda>& ou
                       const AttentionParams& ap) {
   const int64_t Bn = q.size(0), Tn = q.size(1), H = q.size(2), D = q.size(3);
   const int64_t rows = Bn * Tn * H;
-  // Enough splits to give the GPU ~4 blocks per SM, each split at least kAttnMinChunk
-  // keys and at most kAttnMaxChunk (the scores live in shared memory).
-  const int64_t target = 4 * int64_t(cuda::Context::get().sm_count());
+  const int lanes = attention_vec_lanes(p, D);
+  // Enough splits to give the GPU ~4 blocks per SM (8 of the smaller vector blocks), each
+  // split at least kAttnMinChunk keys and at most kAttnMaxChunk (attention_kernel keeps the
+  // scores in shared memory) or kAttnVecMaxChunk (so that a large batch still makes several
+  // waves of blocks, not one uneven one).
+  const int64_t target = (lanes ? 8 : 4) * int64_t(cuda::Context::get().sm_count());
+  const int64_t max_chunk = lanes ? kAttnVecMaxChunk : kAttnMaxChunk;
   int64_t splits = rows >= target ? 1 : (target + rows - 1) / rows;
   splits = std::min(splits, (S + kAttnMinChunk - 1) / kAttnMinChunk);
-  splits = std::max({splits, (S + kAttnMaxChunk - 1) / kAttnMaxChunk, int64_t(1)});
+  splits = std::max({splits, (S + max_chunk - 1) / max_chunk, int64_t(1)});
   TTT_CHECK(splits <= 65535, "attention: ", S, " keys is too many for the CUDA kernel");
   const int64_t chunk = (S + splits - 1) / splits;
-  const size_t smem = size_t(D + chunk + kAttnThreads) * sizeof(float);
+  const size_t smem = lanes ? 0 : size_t(D + chunk + kAttnThreads) * sizeof(float);
   TTT_CHECK(smem <= 48 * 1024, "attention: head dimension ", D, " is too large for the CUDA kernel");
 
   p.q = q.data(), p.out = out.data();
@@ -249,7 +423,8 @@ void launch_attention(AttentionKernelParams<T, KV>& p, const Tensor<T, Cuda>& ou
     partial = Tensor<float, Cuda>::empty({rows * splits * (D + 2)});
     p.partial = partial.data();
   }
-  launch(attention_kernel<T, KV>, dim3(unsigned(rows), unsigned(splits)), kAttnThreads, smem, 1, p);
+  if (lanes) launch_attention_vec(p, lanes, dim3(unsigned(rows), unsigned(splits)));
+  else launch(attention_kernel<T, KV>, dim3(unsigned(rows), unsigned(splits)), kAttnThreads, smem, 1, p);
   if (splits > 1) launch(attention_combine_kernel<T, KV>, unsigned(rows), kAttnThreads, 0, 1, p);
 }
 
