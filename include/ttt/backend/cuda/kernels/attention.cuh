@@ -93,13 +93,18 @@ __device__ inline float dot_key(const typename KV::Elem* k, const float* q, int6
   return dot;
 }
 
+__host__ __device__ inline int64_t attention_q_floats(int64_t D) { return (D + 3) / 4 * 4; }
+
 template <class T, class KV>
 __global__ void __launch_bounds__(kAttnThreads) attention_kernel(const AttentionKernelParams<T, KV> p) {
   ::ttt::cuda::device::pdl_begin();  // first: see device.cuh
   extern __shared__ float smem[];
   const int64_t D = p.D;
-  float* qf = smem;                // [D]
-  float* w = smem + D;             // [chunk]: scores, then softmax weights
+  // qf is padded to a multiple of 4 floats: the compiler reads it 16 bytes at a time, also in
+  // the tail of an odd D, and those lanes must not be w's, which other threads are writing
+  // (compute-sanitizer racecheck reported it; the extra values were never used).
+  float* qf = smem;                      // [D], padded to attention_q_floats(D)
+  float* w = smem + attention_q_floats(D);  // [chunk]: scores, then softmax weights
   float* red = w + p.chunk;        // [kAttnThreads]: per-group partial sums of phase 3
   const int64_t row = blockIdx.x;  // (b * T + t) * H + h
   const int64_t h = row % p.H, t = (row / p.H) % p.T_, b = row / (p.H * p.T_);
@@ -403,7 +408,7 @@ void launch_attention(AttentionKernelParams<T, KV>& p, const Tensor<T, Cuda>& ou
   splits = std::max({splits, (S + max_chunk - 1) / max_chunk, int64_t(1)});
   TTT_CHECK(splits <= 65535, "attention: ", S, " keys is too many for the CUDA kernel");
   const int64_t chunk = (S + splits - 1) / splits;
-  const size_t smem = lanes ? 0 : size_t(D + chunk + kAttnThreads) * sizeof(float);
+  const size_t smem = lanes ? 0 : size_t(attention_q_floats(D) + chunk + kAttnThreads) * sizeof(float);
   TTT_CHECK(smem <= 48 * 1024, "attention: head dimension ", D, " is too large for the CUDA kernel");
 
   p.q = q.data(), p.out = out.data();
