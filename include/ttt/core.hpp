@@ -6,5 +6,6 @@
 #include "ttt/core/tensor.hpp"
 #include "ttt/core/workspace.hpp"
 #include "ttt/backend/ops.hpp"
+#include "ttt/backend/ops_conv.hpp"
 #include "ttt/backend/timing.hpp"
 #include "ttt/backend/cpu/kernels.hpp"

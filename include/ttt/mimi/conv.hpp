@@ -19,7 +19,7 @@
 #include <string>
 #include <vector>
 
-#include "ttt/backend/ops.hpp"
+#include "ttt/backend/ops_conv.hpp"
 #include "ttt/io/safetensors.hpp"
 #include "ttt/io/weight_source.hpp"
 #include "ttt/nn/module.hpp"

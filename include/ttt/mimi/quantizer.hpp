@@ -12,7 +12,7 @@
 #include <string>
 #include <vector>
 
-#include "ttt/backend/ops.hpp"
+#include "ttt/backend/ops_conv.hpp"
 #include "ttt/io/weight_source.hpp"
 #include "ttt/mimi/config.hpp"
 #include "ttt/nn/module.hpp"
