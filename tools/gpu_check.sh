@@ -122,11 +122,12 @@ if printf '%s\n' "${steps[@]}" | grep -qx bench-pdl; then
   done
 fi
 
-# Not part of `all` (~4 min): the attention kernels, the same binary: TTT_ATTN_VEC=0 (every shape
-# on attention_kernel) against the default (attention_vec_kernel where rows are 16-byte pieces),
-# alternated: 7B frames at batch 1 (110 frames of context) and at full context (3000 frames,
-# every ring filled) with bf16 and fp8 KV rings, ATTN_BATCH streams (default 32), and fp8
-# weights + fp8 KV at 2x that (KV "same": a bf16 ring). ATTN_REPS: alternations (default 2).
+# Not part of `all` (~1.5 min on an H100): the attention kernels, the same binary: TTT_ATTN_VEC=0
+# (every shape on attention_kernel) against the default (attention_vec_kernel where rows are
+# 16-byte pieces), alternated: 7B frames at batch 1 (an empty ring, then the 35 frames timed and
+# warmed up) and at full context (3000 frames, every ring filled) with bf16 and fp8 KV rings,
+# ATTN_BATCH streams (default 32), and fp8 weights + fp8 KV at 2x that (KV "same": a bf16
+# ring). ATTN_REPS: alternations (default 2).
 if printf '%s\n' "${steps[@]}" | grep -qx bench-attn; then
   nb=${ATTN_BATCH:-32}
   for rep in $(seq 1 "${ATTN_REPS:-2}"); do

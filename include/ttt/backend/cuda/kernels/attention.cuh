@@ -218,7 +218,6 @@ __global__ void __launch_bounds__(kAttnThreads) attention_combine_kernel(const A
   }
 }
 
-
 // ---- attention over 16-byte rows ------------------------------------------------------------
 // Decoding at batch > 1 streams every row's keys and values once: nothing is reused, so what
 // counts is keeping the memory system busy. attention_kernel above gives each thread a whole key
