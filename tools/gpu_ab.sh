@@ -5,8 +5,10 @@
 #   BASE=/tmp/base/bin NEW=/tmp/new/bin tools/gpu_ab.sh [tests] [frames] [train] [profile]
 # tests    the CUDA suites of NEW (test_backend_ops, test_ttt_grad_cuda, test_cuda_moshi,
 #          test_cuda_conversation, test_ttt_cuda), each time-boxed
-# frames   `ttt-moshi bench` 7B frames, bf16 b1, fp8 b1, bf16 b8, BASE and NEW alternated twice;
-#          then NEW at bf16 b1 with TTT_GEMV_DENSE_SMALL_MIB 0 and 16, alternated twice
+# frames   `ttt-moshi bench` 7B frames, BASE and NEW alternated AB_REPS times (default 2): AB_CFGS,
+#          space-separated dtype,kv-dtype,batch,context-frames (default bf16 b1, fp8 b1, bf16 b8
+#          at 110 frames), AB_FRAMES timed frames (default 100) after 10 warm-up
+# small    NEW at bf16 b1 with TTT_GEMV_DENSE_SMALL_MIB 0 and 16, alternated twice
 # train    bench_ttt_train TTT-Linear and TTT-MLP, BASE and NEW alternated twice
 # profile  tools/gpu_profile.sh split with NEW (ncu of the split backward's kernels)
 # prefill  NEW's bench_ttt_layer (C 4096, 32 heads, bf16, L 8192, decode steps) for both kinds, then
@@ -38,17 +40,22 @@ if has tests; then
 fi
 
 if has frames; then
-  for rep in 1 2; do
-    for cfg in "bf16 1" "fp8 1" "bf16 8"; do
-      set -- $cfg
+  for rep in $(seq 1 "${AB_REPS:-2}"); do
+    for cfg in ${AB_CFGS:-bf16,same,1,110 fp8,same,1,110 bf16,same,8,110}; do
+      IFS=, read -r dt kv b ctx <<< "$cfg"
       for v in base new; do
         dir=$base; [ $v = new ] && dir=$new
-        timeout 120 "$dir/ttt-moshi" bench --preset 7b --backend cuda --dtype "$1" --batch "$2" --frames 100 --warmup 10 \
-          > "$out/frame_$1_b$2_${v}_$rep.log" 2>&1
-        echo "== frame $v $1 b$2 run $rep rc=$?: $(grep -E '^bench' "$out/frame_$1_b$2_${v}_$rep.log" | head -1)"
+        log="$out/frame_${dt}_kv${kv}_b${b}_c${ctx}_${v}_$rep.log"
+        timeout 150 "$dir/ttt-moshi" bench --preset 7b --backend cuda --dtype "$dt" --kv-dtype "$kv" --batch "$b" \
+          --context-frames "$ctx" --frames "${AB_FRAMES:-100}" --warmup 10 > "$log" 2>&1
+        echo "== frame $v $dt kv $kv b$b context $ctx run $rep rc=$?: $(grep -E '^bench' "$log" | head -1 | sed 's/.*: median/median/') | $(grep -E '^floor' "$log" | sed 's/.*= //')"
       done
     done
   done
+  echo "frames done ($(elapsed))"
+fi
+
+if has small; then
   # The experiment knob of NEW: the depformer's small matrices on our GEMV instead of cuBLAS.
   for rep in 1 2; do
     for mib in 0 16; do
@@ -57,7 +64,7 @@ if has frames; then
       echo "== frame new bf16 b1 TTT_GEMV_DENSE_SMALL_MIB=$mib run $rep rc=$?: $(grep -E '^bench' "$out/frame_small${mib}_$rep.log" | head -1)"
     done
   done
-  echo "frames done ($(elapsed))"
+  echo "small done ($(elapsed))"
 fi
 
 if has train; then
