@@ -147,7 +147,7 @@ TEST_CASE("TTT designs remember input older than the plain model's receptive fie
   };
   for (const auto& d : designs) {
     io::Json cfg = base;
-    cfg["ttt"] = {d};
+    cfg["ttt"] = io::Json::array({d});  // not {d}: Clang reads a one-element brace list as a copy of d
     const double diff = late_diff(cfg);
     std::printf("[ttt_moshi] late-output change from frame 0: %-16s %.2e\n", d["design"].get<std::string>().c_str(), diff);
     REQUIRE(diff > 1e-4);

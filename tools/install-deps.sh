@@ -9,7 +9,7 @@ set -euo pipefail
 pkgs=(cmake g++ make pkg-config libeigen3-dev catch2 libcxxopts-dev nlohmann-json3-dev
       libbenchmark-dev libsentencepiece-dev libsndfile1-dev libsoxr-dev libopus-dev libogg-dev
       libboost-dev libssl-dev python3 python3-venv haproxy)
-# Extra groups: "sanitize" (clang's runtimes for the fuzzers and sanitizer suite),
+# Extra groups: "sanitize" (clang, its runtimes and OpenMP: the fuzzers and the sanitizer suite),
 # "audio-tools" (espeak-ng and sox, to regenerate examples/audio/: tools/make_example_audio.sh),
 # "browser" (Debian's chromium, ~350 MB, for tests/serve/test_web.py; on Ubuntu the package is a
 # snap stub, use Google's Chrome there). haproxy (above) is for tests/serve/test_failover.py.
@@ -17,7 +17,7 @@ pkgs=(cmake g++ make pkg-config libeigen3-dev catch2 libcxxopts-dev nlohmann-jso
 # extension builds: the PyTorch extension's tests, examples/pytorch; CI installs it).
 for group in "$@"; do
   case "$group" in
-    sanitize) pkgs+=(clang libclang-rt-14-dev) ;;
+    sanitize) pkgs+=(clang libclang-rt-14-dev libomp-dev) ;;
     audio-tools) pkgs+=(espeak-ng sox) ;;
     browser) pkgs+=(chromium) ;;
     torch) pkgs+=(python3-torch libtorch-dev ninja-build) ;;
