@@ -260,7 +260,7 @@ if printf '%s\n' "${steps[@]}" | grep -qx max-streams; then
     echo "$row" | awk '{ v["streams"] = "?"; for (i = 4; i <= NF; ++i) { split($i, kv, "="); v[kv[1]] = kv[2] }
       printf "| %s | %s | %s | %s | %s | %s | %s | %s %s |\n", $1, $2, $3, v["streams"], v["p50"], v["p99"], v["gib"], v["next"], v["next_state"] }'
   done
-  echo "anchor (issue 13's figure, PyTorch moshi 0.2.13 on the H200): 64 streams (batch 32 at 22.0 ms, 64 at 35.1 ms, 128 does not fit)"
+  echo "anchor (PyTorch moshi 0.2.13 on the H200, 2026-12-06, when not measured above): 84 streams (batch 64 at 35.3 ms, 84 at 42.8 ms, 85 does not fit; issue 13 quoted 64)"
 fi
 
 if has bench-mimi; then

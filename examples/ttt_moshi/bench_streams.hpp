@@ -237,8 +237,9 @@ int max_streams(const Common& c, const cxxopts::ParseResult& r, const LmConfig& 
                 B::name, c.dtype.c_str(), tried.front().fits ? "too slow" : "does not fit");
   }
   if (cfg.dim == 4096 && cfg.transformer.num_layers == 32)  // the 7B's shapes: the issue's anchor applies
-    std::printf("anchor: PyTorch moshi 0.2.13, Moshi 7B bf16 on the H200 (issue 13): 64 streams (batch 32 at 22.0 "
-                "ms/frame, 61 GiB; batch 64 at 35.1 ms, 108 GiB; batch 128 does not fit)\n");
+    std::printf("anchor: PyTorch moshi 0.2.13, Moshi 7B bf16 on the H200 (bench/moshi_pytorch_streams.py, "
+                "2026-12-06): 84 streams (batch 64 at 35.3 ms/frame, 109 GiB; batch 84 at 42.8 ms, 138 GiB; 85 does "
+                "not fit; issue 13's 64 came from a search that stopped at its first out-of-memory)\n");
   // One line for scripts (tools/gpu_check.sh max-streams).
   const StreamsTry none;
   const StreamsTry& b = best ? *best : none;
